@@ -1,0 +1,44 @@
+"""The whole exception tree of torpor, in one place (httpcore's habit).
+
+Callers catch these, never a backend's own exceptions: a store or workloads backend
+translates what its library raises into one of these.
+"""
+
+
+class TorporError(Exception):
+    """Base of every error torpor raises on purpose."""
+
+
+class ConfigError(TorporError):
+    """A config file is invalid. The message names the file, the key and the problem."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {problem}")
+
+
+class UnknownServiceError(TorporError):
+    """A name or host is not in the service table."""
+
+
+class InvalidTransitionError(TorporError):
+    """A state change that the service state machine does not allow."""
+
+
+class StoreError(TorporError):
+    """The store could not be read or written."""
+
+
+class ConflictError(StoreError):
+    """A compare-and-set write lost a race: the record changed since it was read."""
+
+
+class WorkloadError(TorporError):
+    """Starting, stopping or scaling a workload failed."""
+
+
+class NotSupportedError(TorporError):
+    """The operation exists in the contract but is not implemented yet."""

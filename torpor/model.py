@@ -1,0 +1,183 @@
+"""Plain data of the service model and its state machine.
+
+Owns: what a service record holds, which state changes are allowed, and how a change is
+written into a record's history. Must not do I/O: the store persists records, the
+reconciler and the activator decide when to change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+
+class ServiceState(enum.StrEnum):
+    """The states of DESIGN.md. The string values are part of the contract (status --json)."""
+
+    ACTIVE = "ACTIVE"
+    HIBERNATING = "HIBERNATING"
+    HIBERNATED = "HIBERNATED"
+    EVICTED = "EVICTED"
+    WAKING = "WAKING"
+
+
+S = ServiceState
+
+#: Allowed state changes. WAKING may fall back to HIBERNATED when a wake fails, and a
+#: hibernation that could not complete returns to ACTIVE.
+ALLOWED_TRANSITIONS: Mapping[ServiceState, frozenset[ServiceState]] = {
+    S.ACTIVE: frozenset({S.HIBERNATING}),
+    S.HIBERNATING: frozenset({S.HIBERNATED, S.ACTIVE}),
+    S.HIBERNATED: frozenset({S.EVICTED, S.WAKING}),
+    S.EVICTED: frozenset({S.WAKING}),
+    S.WAKING: frozenset({S.ACTIVE, S.HIBERNATED, S.EVICTED}),
+}
+
+#: How many transitions a record keeps; older ones are dropped (status shows the recent ones).
+HISTORY_LIMIT = 50
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Endpoint:
+    """One ready address of a service replica."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    """One entry of a service's history."""
+
+    at: float
+    from_state: ServiceState | None
+    to_state: ServiceState
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "from": self.from_state.value if self.from_state else None,
+            "to": self.to_state.value,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Transition:
+        return cls(
+            at=float(data["at"]),
+            from_state=ServiceState(data["from"]) if data.get("from") else None,
+            to_state=ServiceState(data["to"]),
+            reason=str(data.get("reason", "")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceRecord:
+    """What the store keeps about one service.
+
+    `desired_replicas` is how many replicas should run while ACTIVE; `recorded_replicas` is
+    the count saved at hibernation, which a wake restores. `revision` is the store's
+    version of this record, used for compare-and-set writes (0 = not stored yet).
+    """
+
+    name: str
+    state: ServiceState
+    desired_replicas: int
+    recorded_replicas: int
+    created_at: float
+    updated_at: float
+    last_call: float | None = None
+    history: tuple[Transition, ...] = ()
+    revision: int = 0
+
+    @classmethod
+    def new(cls, name: str, replicas: int, now: float, reason: str = "registered") -> ServiceRecord:
+        """A service seen for the first time: ACTIVE, with its first history entry."""
+        first = Transition(at=now, from_state=None, to_state=ServiceState.ACTIVE, reason=reason)
+        return cls(
+            name=name,
+            state=ServiceState.ACTIVE,
+            desired_replicas=replicas,
+            recorded_replicas=replicas,
+            created_at=now,
+            updated_at=now,
+            history=(first,),
+        )
+
+    def with_state(self, to: ServiceState, now: float, reason: str) -> ServiceRecord:
+        """This record moved to state `to`; raises InvalidTransitionError if not allowed."""
+        from torpor.errors import InvalidTransitionError
+
+        if to not in ALLOWED_TRANSITIONS[self.state]:
+            raise InvalidTransitionError(f"{self.name}: {self.state} -> {to} is not allowed")
+        entry = Transition(at=now, from_state=self.state, to_state=to, reason=reason)
+        history = (*self.history, entry)[-HISTORY_LIMIT:]
+        return dataclasses.replace(self, state=to, updated_at=now, history=history)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "desired_replicas": self.desired_replicas,
+            "recorded_replicas": self.recorded_replicas,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "last_call": self.last_call,
+            "history": [t.to_dict() for t in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], revision: int = 0) -> ServiceRecord:
+        return cls(
+            name=str(data["name"]),
+            state=ServiceState(data["state"]),
+            desired_replicas=int(data["desired_replicas"]),
+            recorded_replicas=int(data["recorded_replicas"]),
+            created_at=float(data["created_at"]),
+            updated_at=float(data["updated_at"]),
+            last_call=None if data.get("last_call") is None else float(data["last_call"]),
+            history=tuple(Transition.from_dict(t) for t in data.get("history", [])),
+            revision=revision,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceStatus:
+    """What `torpor status` shows of one service: its record joined with live workload facts.
+
+    `replicas` is how many run now; `recorded_replicas` is what a wake restores.
+    """
+
+    name: str
+    host: str
+    state: ServiceState
+    replicas: int
+    desired_replicas: int
+    recorded_replicas: int
+    ready_endpoints: tuple[Endpoint, ...]
+    last_call: float | None
+    created_at: float
+    updated_at: float
+    history: tuple[Transition, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `status --json` object: contract fields first, then extras."""
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "replicas": self.replicas,
+            "recorded_replicas": self.recorded_replicas,
+            "last_call": self.last_call,
+            "host": self.host,
+            "desired_replicas": self.desired_replicas,
+            "ready_endpoints": [str(e) for e in self.ready_endpoints],
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "history": [t.to_dict() for t in self.history],
+        }

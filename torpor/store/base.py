@@ -1,0 +1,52 @@
+"""The store interface: durable service records with compare-and-set writes.
+
+Owns the contract every backend (sqlite for one machine, etcd for a fleet) implements.
+Writes are compare-and-set on a record's `revision`, never last-writer-wins, so that a
+reconciler and an activator racing on one service cannot silently undo each other.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from torpor.model import ServiceRecord
+
+RecordListener = Callable[[ServiceRecord], None]
+
+
+class Store(abc.ABC):
+    """Service records keyed by name."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect / create the schema. Raises StoreError when the store cannot be used."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Records stay."""
+
+    @abc.abstractmethod
+    async def get(self, name: str) -> ServiceRecord | None:
+        """The record of `name`, or None."""
+
+    @abc.abstractmethod
+    async def list(self) -> list[ServiceRecord]:
+        """Every record, sorted by name."""
+
+    @abc.abstractmethod
+    async def put(self, record: ServiceRecord) -> ServiceRecord:
+        """Write `record` if the stored revision still equals `record.revision`.
+
+        `record.revision == 0` means "create; must not exist". Returns the record with its
+        new revision. Raises ConflictError when the stored record changed meanwhile.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, name: str) -> None:
+        """Forget a service (no error if it is unknown)."""
+
+    @abc.abstractmethod
+    def add_listener(self, listener: RecordListener) -> Callable[[], None]:
+        """Call `listener(record)` after every successful put seen by this store; returns
+        a function that removes the listener. Listeners run on the event loop and must not block."""

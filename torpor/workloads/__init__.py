@@ -1,0 +1,26 @@
+"""Workloads run a service's replicas. `make_workloads(config)` picks the backend once."""
+
+from __future__ import annotations
+
+from torpor.config import Config
+from torpor.errors import ConfigError
+from torpor.workloads.base import Workloads
+
+
+def make_workloads(config: Config) -> Workloads:
+    """The workloads backend the config names (not yet started: call `await w.start()`)."""
+    if config.workloads.kind == "local":
+        from torpor.workloads.local import LocalWorkloads
+
+        return LocalWorkloads(config.services, log_dir=_log_dir(config))
+    raise ConfigError(
+        str(config.path), "workloads.kind", f"{config.workloads.kind!r} is not supported yet"
+    )
+
+
+def _log_dir(config: Config) -> str:
+    base = config.store.path.parent if config.store.path else config.path.parent
+    return str(base / "torpor-logs")
+
+
+__all__ = ["Workloads", "make_workloads"]

@@ -1,0 +1,54 @@
+"""The workloads interface: how many replicas run, scaling, and ready endpoints.
+
+Owns the contract that local processes (one machine) and Kubernetes Deployments (clusters)
+implement alike, so that callers never branch on the backend. Ready endpoints are what EDS
+serves; `wait_ready` is what a wake waits on.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from torpor.model import Endpoint
+
+#: Called with (service name, its ready endpoints now) whenever the ready set changes.
+EndpointListener = Callable[[str, tuple[Endpoint, ...]], None]
+
+
+class Workloads(abc.ABC):
+    """Replicas of the services named in the config."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin managing; no replica is started until `scale` asks for it."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop every process this object started (SIGTERM, then SIGKILL after the grace)."""
+
+    @abc.abstractmethod
+    def running_replicas(self, name: str) -> int:
+        """Replicas whose process runs now (ready or not). Raises UnknownServiceError."""
+
+    @abc.abstractmethod
+    def desired_replicas(self, name: str) -> int:
+        """The count last asked for by `scale` (0 before any). Raises UnknownServiceError."""
+
+    @abc.abstractmethod
+    async def scale(self, name: str, replicas: int) -> None:
+        """Ask for `replicas` replicas. Returns once started/stopped, without waiting for
+        readiness. Raises UnknownServiceError or WorkloadError."""
+
+    @abc.abstractmethod
+    def ready_endpoints(self, name: str) -> tuple[Endpoint, ...]:
+        """Endpoints that answer their readiness probe now, sorted."""
+
+    @abc.abstractmethod
+    async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
+        """Wait until at least `min_ready` endpoints are ready; raises TimeoutError."""
+
+    @abc.abstractmethod
+    def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
+        """Call `listener(name, endpoints)` on every change of a service's ready set;
+        returns a function that removes it. Listeners run on the event loop, must not block."""
