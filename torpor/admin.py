@@ -1,0 +1,34 @@
+"""The admin surface the control plane offers, independent of its transport.
+
+`xds_server/admin_api.py` serves this over gRPC (protos/admin.proto); the CLI reaches it
+through `torpor/admin_client.py`. Keeping the interface here lets the gRPC layer be tested
+with a fake and lets the control plane implement it without knowing gRPC.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torpor.model import ServiceStatus
+
+
+class ServiceAdmin(Protocol):
+    """Operations on the service table. Errors are torpor.errors exceptions:
+    UnknownServiceError for an unknown name, NotSupportedError for what is not built yet,
+    InvalidTransitionError when the service's state does not allow the operation."""
+
+    async def statuses(self) -> list[ServiceStatus]:
+        """Every service, sorted by name."""
+        ...
+
+    async def status(self, name: str) -> ServiceStatus:
+        """One service."""
+        ...
+
+    async def hibernate(self, name: str) -> ServiceStatus:
+        """Put a service to sleep now (make-before-break); returns its new status."""
+        ...
+
+    async def wake(self, name: str) -> ServiceStatus:
+        """Wake a sleeping service now; returns its new status."""
+        ...
