@@ -1,0 +1,219 @@
+"""The CLI's side of the admin API: synchronous gRPC calls and the `torpor status` table.
+
+Owns: calling protos/admin.proto's Admin service, turning its messages into the
+`status --json` dicts (exactly `ServiceStatus.to_json()`), turning gRPC failures into
+AdminError with a message a user can act on, and formatting the human-readable table.
+Must not know how the server implements anything (that is xds_server/admin_api.py), and
+must not print: the CLI decides what goes to stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from protos import admin_pb2, admin_pb2_grpc
+from torpor.errors import TorporError
+from torpor.model import Endpoint, ServiceState, ServiceStatus, Transition
+
+#: Trailing-metadata key the server sets to the torpor error class behind a failed call.
+#: Must equal xds_server.admin_api.ERROR_KIND_KEY (a test checks it); torpor does not
+#: import the server package.
+ERROR_KIND_KEY = "torpor-error"
+
+#: How many recent transitions the table shows under each service.
+TABLE_HISTORY = 3
+
+# The admin API is local or cluster-internal: never route it through an HTTP proxy that
+# the environment may configure for other traffic.
+_CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
+
+
+class AdminError(TorporError):
+    """An admin API call failed. `code` is the gRPC status code name (None if no call was
+    made), `kind` the torpor error class the server reported (None if it reported none)."""
+
+    def __init__(self, message: str, code: str | None = None, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+
+
+def list_statuses(address: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Every service's status dict, sorted by name."""
+    response = _invoke(address, "ListServices", admin_pb2.ListServicesRequest(), timeout, None)
+    return [status_from_message(message) for message in response.services]
+
+
+def get_status(address: str, name: str, timeout: float = 5.0) -> dict[str, Any]:
+    """One service's status dict."""
+    request = admin_pb2.GetServiceRequest(name=name)
+    return status_from_message(_invoke(address, "GetService", request, timeout, name))
+
+
+def hibernate(address: str, name: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Put `name` to sleep now; returns its new status dict. Hibernation waits for every
+    Envoy to acknowledge the flip before scaling down, hence the longer default timeout."""
+    request = admin_pb2.HibernateRequest(name=name)
+    return status_from_message(_invoke(address, "Hibernate", request, timeout, name))
+
+
+def wake(address: str, name: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Wake `name` now; returns its new status dict. A model can take minutes to load,
+    hence the long default timeout (pass the config's activator.wake_timeout plus margin)."""
+    request = admin_pb2.WakeRequest(name=name)
+    return status_from_message(_invoke(address, "Wake", request, timeout, name))
+
+
+def status_from_message(message: Any) -> dict[str, Any]:
+    """admin_pb2.ServiceStatus → the dict of `ServiceStatus.to_json()`."""
+    try:
+        status = ServiceStatus(
+            name=message.name,
+            host=message.host,
+            state=ServiceState(message.state),
+            replicas=int(message.replicas),
+            desired_replicas=int(message.desired_replicas),
+            recorded_replicas=int(message.recorded_replicas),
+            ready_endpoints=tuple(_endpoint(text) for text in message.ready_endpoints),
+            last_call=float(message.last_call) if message.HasField("last_call") else None,
+            created_at=float(message.created_at),
+            updated_at=float(message.updated_at),
+            history=tuple(
+                Transition(
+                    at=float(t.at),
+                    from_state=ServiceState(t.from_state) if t.from_state else None,
+                    to_state=ServiceState(t.to_state),
+                    reason=t.reason,
+                )
+                for t in message.history
+            ),
+        )
+    except ValueError as exc:
+        raise AdminError(
+            f"the admin API returned a status this torpor cannot read ({exc}); "
+            "are the CLI and the control plane the same version?"
+        ) from exc
+    return status.to_json()
+
+
+def _endpoint(text: str) -> Endpoint:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"bad endpoint {text!r}, expected host:port")
+    return Endpoint(host=host.strip("[]"), port=int(port))
+
+
+def _invoke(address: str, method: str, request: Any, timeout: float, name: str | None) -> Any:
+    try:
+        with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+            call = getattr(admin_pb2_grpc.AdminStub(channel), method)
+            return call(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise _error_for(exc, address, name, timeout) from exc
+
+
+def _cannot_reach(address: str) -> str:
+    return (
+        f"cannot reach the torpor admin API at {address} "
+        "(is torpor running? check control_plane.admin_api in the config)"
+    )
+
+
+def _error_for(exc: Any, address: str, name: str | None, timeout: float) -> AdminError:
+    """A failed call → AdminError whose message says what to do about it."""
+    code = exc.code()
+    details = str(exc.details() or "")
+    metadata = {str(key): str(value) for key, value in (exc.trailing_metadata() or ())}
+    kind = metadata.get(ERROR_KIND_KEY)
+    code_name = str(code.name)
+
+    def error(message: str) -> AdminError:
+        return AdminError(message, code=code_name, kind=kind)
+
+    if kind is None:
+        # Not an answer from the torpor servicer: the transport failed, or the peer is not
+        # a torpor admin API at all.
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return error(_cannot_reach(address))
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return error(
+                f"the torpor admin API at {address} did not answer within {timeout:g}s "
+                "(is torpor running? check control_plane.admin_api in the config)"
+            )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return error(
+                f"{address} does not serve this admin call ({details or 'unimplemented'}); "
+                "is control_plane.admin_api the address of the torpor admin API?"
+            )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return error(f"unknown service {name!r}" if name is not None else details)
+    if details:
+        return error(details)
+    return error(f"the admin API call failed with {code_name}")
+
+
+def format_ago(at: float | None, now: float) -> str:
+    """`at` relative to `now`: "never", "12s ago", "5m ago", "3h ago", "2d ago"."""
+    if at is None:
+        return "never"
+    seconds = max(0, int(now - at))
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    if seconds < 86400:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def _format_clock(at: float, now: float) -> str:
+    """Local wall-clock time of `at`; with the date when it is not today."""
+    when = time.localtime(at)
+    if time.strftime("%Y-%m-%d", when) == time.strftime("%Y-%m-%d", time.localtime(now)):
+        return time.strftime("%H:%M:%S", when)
+    return time.strftime("%Y-%m-%d %H:%M:%S", when)
+
+
+def format_transition(transition: Mapping[str, Any], now: float) -> str:
+    """One history line: "  14:02:11 ACTIVE -> HIBERNATING  (idle for 10m)"."""
+    line = (
+        f"  {_format_clock(float(transition['at']), now)} "
+        f"{transition.get('from') or '(new)'} -> {transition['to']}"
+    )
+    reason = transition.get("reason")
+    return f"{line}  ({reason})" if reason else line
+
+
+def format_status_table(statuses: Sequence[Mapping[str, Any]], now: float | None = None) -> str:
+    """The `torpor status` table: one aligned row per service, each followed by its last
+    TABLE_HISTORY transitions. `statuses` are `status --json` dicts."""
+    if not statuses:
+        return "no services"
+    current = time.time() if now is None else now
+    headers = ("NAME", "STATE", "REPLICAS", "RECORDED", "LAST CALL", "HOST")
+    rows = [
+        (
+            str(status["name"]),
+            str(status["state"]),
+            str(status["replicas"]),
+            str(status["recorded_replicas"]),
+            format_ago(status.get("last_call"), current),
+            str(status.get("host") or ""),
+        )
+        for status in statuses
+    ]
+    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+
+    out = [line(headers).rstrip()]
+    for status, row in zip(statuses, rows, strict=True):
+        out.append(line(row).rstrip())
+        history = status.get("history") or []
+        out.extend(format_transition(t, current) for t in history[-TABLE_HISTORY:])
+    return "\n".join(out)

@@ -1,0 +1,74 @@
+"""Every Prometheus metric torpor exports, defined once (prefix `torpor_`).
+
+Owns metric names, labels and help texts, so that dashboards and alert rules have one
+place to check against. Components import the objects they update; nothing else here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from torpor.model import ServiceState
+
+XDS_PUSHES = Counter("torpor_xds_pushes", "xDS responses sent to Envoys", ["type"])
+XDS_ACKS = Counter("torpor_xds_acks", "xDS responses acknowledged by Envoys", ["type"])
+XDS_NACKS = Counter("torpor_xds_nacks", "xDS responses rejected by Envoys (NACK)", ["type"])
+XDS_STALE_NONCES = Counter(
+    "torpor_xds_stale_nonces", "xDS requests ignored because their nonce was stale", ["type"]
+)
+XDS_PUSH_DURATION = Histogram(
+    "torpor_xds_push_duration_seconds",
+    "From a new snapshot to every connected Envoy having applied it",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+XDS_CONNECTED_ENVOYS = Gauge("torpor_xds_connected_envoys", "Envoy ADS streams connected now")
+XDS_SNAPSHOT_VERSION = Gauge("torpor_xds_snapshot_version", "Version of the current snapshot")
+XDS_RESOURCES = Gauge("torpor_xds_resources", "Resources in the current snapshot", ["type"])
+
+SERVICE_STATE = Gauge(
+    "torpor_service_state",
+    "1 for the state a service is in, 0 for the others",
+    ["service", "state"],
+)
+SERVICE_REPLICAS = Gauge("torpor_service_replicas", "Replicas running now", ["service"])
+SERVICE_READY_ENDPOINTS = Gauge(
+    "torpor_service_ready_endpoints", "Ready endpoints of a service", ["service"]
+)
+REQUESTS_SEEN = Counter(
+    "torpor_requests_seen", "Requests Envoy reported in its access log, per service", ["service"]
+)
+LAST_REQUEST = Gauge(
+    "torpor_last_request_timestamp_seconds", "Unix time of the last request seen", ["service"]
+)
+UNKNOWN_HOST_REQUESTS = Counter(
+    "torpor_unknown_host_requests", "Requests for hosts that are not in the service table"
+)
+
+
+def set_service_state(service: str, state: ServiceState) -> None:
+    """Export `state` as the one current state of `service` (an enum as 0/1 gauges)."""
+    for candidate in ServiceState:
+        SERVICE_STATE.labels(service=service, state=candidate.value).set(
+            1 if candidate is state else 0
+        )
+
+
+def forget_service(service: str) -> None:
+    """Drop a removed service's series so dashboards don't show it forever."""
+    for candidate in ServiceState:
+        _remove(SERVICE_STATE, service, candidate.value)
+    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS):
+        _remove(gauge, service)
+
+
+def _remove(metric: Gauge, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Serve /metrics on host:port in a background thread; returns the bound port."""
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_port)

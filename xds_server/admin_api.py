@@ -1,0 +1,180 @@
+"""The admin API over gRPC: serves a torpor.admin.ServiceAdmin as protos/admin.proto.
+
+Owns: converting ServiceStatus to its proto message, translating torpor errors into gRPC
+status codes, and starting the grpc.aio server. Must not decide anything about services:
+every operation is the ServiceAdmin's; this module only carries it over the wire.
+The client side (message → status dict) lives in torpor/admin_client.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from protos import admin_pb2, admin_pb2_grpc
+from torpor.admin import ServiceAdmin
+from torpor.errors import (
+    ConfigError,
+    ConflictError,
+    InvalidTransitionError,
+    NotSupportedError,
+    StoreError,
+    TorporError,
+    UnknownServiceError,
+    WorkloadError,
+)
+from torpor.logs import event
+from torpor.model import ServiceStatus
+
+logger = logging.getLogger(__name__)
+
+#: Trailing-metadata key naming the torpor error class behind a failed call. Lets the client
+#: tell an UNAVAILABLE sent by the server (store down) from a server it cannot reach.
+ERROR_KIND_KEY = "torpor-error"
+
+T = TypeVar("T")
+
+#: Most specific first: the first class the error is an instance of decides the code.
+_ERROR_CODES: tuple[tuple[type[TorporError], Any], ...] = (
+    (UnknownServiceError, grpc.StatusCode.NOT_FOUND),
+    (NotSupportedError, grpc.StatusCode.UNIMPLEMENTED),
+    (InvalidTransitionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ConflictError, grpc.StatusCode.ABORTED),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+    (WorkloadError, grpc.StatusCode.UNAVAILABLE),
+    (ConfigError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_code_for(error: TorporError) -> Any:
+    """The grpc.StatusCode that reports `error` (INTERNAL for a TorporError not listed)."""
+    for error_type, code in _ERROR_CODES:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_to_message(status: ServiceStatus) -> Any:
+    """ServiceStatus → admin_pb2.ServiceStatus (last_call left unset when None)."""
+    message = admin_pb2.ServiceStatus(
+        name=status.name,
+        host=status.host,
+        state=status.state.value,
+        replicas=status.replicas,
+        desired_replicas=status.desired_replicas,
+        recorded_replicas=status.recorded_replicas,
+        ready_endpoints=[str(endpoint) for endpoint in status.ready_endpoints],
+        created_at=status.created_at,
+        updated_at=status.updated_at,
+        history=[
+            admin_pb2.Transition(
+                at=transition.at,
+                from_state=transition.from_state.value if transition.from_state else "",
+                to_state=transition.to_state.value,
+                reason=transition.reason,
+            )
+            for transition in status.history
+        ],
+    )
+    if status.last_call is not None:
+        message.last_call = status.last_call
+    return message
+
+
+def _error_kind(error: BaseException) -> tuple[tuple[str, str], ...]:
+    return ((ERROR_KIND_KEY, type(error).__name__),)
+
+
+class AdminServicer:
+    """Implements the Admin service of protos/admin.proto on top of a ServiceAdmin.
+
+    Registered with `admin_pb2_grpc.add_AdminServicer_to_server`, which only needs the
+    four methods; it does not subclass the generated (untyped) AdminServicer.
+    """
+
+    def __init__(self, admin: ServiceAdmin) -> None:
+        self._admin = admin
+
+    async def ListServices(self, request: Any, context: Any) -> Any:
+        statuses = await self._call("ListServices", "", context, self._admin.statuses)
+        return admin_pb2.ListServicesResponse(services=[status_to_message(s) for s in statuses])
+
+    async def GetService(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        status = await self._call("GetService", name, context, lambda: self._admin.status(name))
+        return status_to_message(status)
+
+    async def Hibernate(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        status = await self._call("Hibernate", name, context, lambda: self._admin.hibernate(name))
+        return status_to_message(status)
+
+    async def Wake(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        status = await self._call("Wake", name, context, lambda: self._admin.wake(name))
+        return status_to_message(status)
+
+    @staticmethod
+    async def _required_name(request: Any, context: Any) -> str:
+        name = str(request.name)
+        if not name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a service name is required")
+        return name
+
+    @staticmethod
+    async def _call(rpc: str, service: str, context: Any, op: Callable[[], Awaitable[T]]) -> T:
+        """Run `op`; a failure ends the call with the matching status code and message."""
+        try:
+            return await op()
+        except TorporError as exc:
+            code = status_code_for(exc)
+            event(
+                logger,
+                "admin_call_failed",
+                level=logging.WARNING,
+                rpc=rpc,
+                service=service,
+                code=code.name,
+                error=str(exc),
+            )
+            await context.abort(code, str(exc) or type(exc).__name__, _error_kind(exc))
+        except Exception as exc:
+            logger.error(
+                "admin_call_crashed",
+                exc_info=True,
+                extra={"rpc": rpc, "service": service, "error": repr(exc)},
+            )
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {rpc}: {exc!r}", _error_kind(exc)
+            )
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+async def start_admin_server(address: str, admin: ServiceAdmin) -> tuple[grpc.aio.Server, int]:
+    """Serve `admin` on `address` ("host:port"; port 0 picks a free one).
+
+    Returns the started server and the bound port. Stop it with `await server.stop(grace)`.
+    Raises TorporError if the address cannot be bound (in use, or not a host:port).
+    """
+    # SO_REUSEPORT off: a second torpor on the same port must fail, not share it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
+    try:
+        port = int(server.add_insecure_port(address))
+    except RuntimeError as exc:
+        port = 0
+        cause: BaseException | None = exc
+    else:
+        cause = None
+    if port == 0:
+        await server.stop(None)
+        raise TorporError(
+            f"cannot serve the torpor admin API on {address!r}: the port is in use or the "
+            "address is not a valid host:port (check control_plane.admin_api in the config)"
+        ) from cause
+    await server.start()
+    event(logger, "admin_api_started", address=address, port=port)
+    return server, port

@@ -1,0 +1,293 @@
+"""State-of-the-world ADS server: streams, nonces, subscriptions, ACK/NACK.
+
+Owns: one gRPC stream per Envoy, what each stream was sent and has applied, and answering
+"has every connected Envoy applied version V?" (hibernation waits on that). Knows nothing
+of what a resource means; reads resources from the cache through `create_watch` and
+`snapshot`. A delta front end would sit beside this module and use the same cache.
+
+Protocol rules (FIELD_NOTES.md): a NACK is logged with Envoy's error and counted, and the
+rejected version is never sent again (only a newer snapshot is); a stale nonce is ignored;
+EDS/RDS responses carry only changed, subscribed resources; streams are not served before
+the cache holds the desired state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+
+from torpor import metrics
+from torpor.logs import event
+from xds_server import types
+from xds_server.cache import Resource, Snapshot, SnapshotCache
+from xds_server.protocol import RequestKind, classify, updates_for
+
+log = logging.getLogger("torpor.xds")
+
+
+@dataclasses.dataclass
+class TypeState:
+    """What one stream asked for and was sent, for one resource type."""
+
+    subscribed: set[str] | None  # None: wildcard (CDS, LDS)
+    sent: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> digest
+    acked: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    last_nonce: str | None = None
+    awaiting: bool = False  # the last response awaits its ACK/NACK
+    sent_version: int = 0
+    nacked_version: int | None = None  # never resend this version
+    last_error: str | None = None
+    synced_version: int = 0  # the newest snapshot version this stream fully applied
+
+
+@dataclasses.dataclass
+class EnvoyStream:
+    """One connected Envoy (one ADS stream)."""
+
+    stream_id: int
+    peer: str
+    node_id: str = ""
+    types: dict[str, TypeState] = dataclasses.field(default_factory=dict)
+    responses_sent: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamInfo:
+    """A read-only view of a stream, for status, tests and benchmarks."""
+
+    node_id: str
+    peer: str
+    responses_sent: int
+    nacks: dict[str, str]  # type -> last error, for types whose last answer was a NACK
+    synced_versions: dict[str, int]
+
+
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """The ADS servicer. Serve it with `start_grpc_server`."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self._cache = cache
+        self._streams: dict[int, EnvoyStream] = {}
+        self._stream_ids = itertools.count(1)
+        self._nonces = itertools.count(1)
+        self._progress = asyncio.Event()
+
+    # --- what callers ask -------------------------------------------------------------
+
+    def streams(self) -> list[StreamInfo]:
+        """Every connected Envoy."""
+        return [_info(s) for s in self._streams.values()]
+
+    def lagging(self, version: int) -> list[str]:
+        """Descriptions of (Envoy, type) pairs that have not applied `version` yet."""
+        behind = []
+        for stream in self._streams.values():
+            for type_url, ts in stream.types.items():
+                if ts.synced_version < version:
+                    why = f" (NACK: {ts.last_error})" if ts.nacked_version is not None else ""
+                    behind.append(
+                        f"{stream.node_id or stream.peer} {types.short(type_url)} "
+                        f"at v{ts.synced_version}{why}"
+                    )
+        return behind
+
+    async def wait_synced(self, version: int, timeout: float) -> list[str]:
+        """Wait until every connected Envoy applied `version` (or a newer one).
+
+        Returns [] on success, else what still lags when `timeout` expired. Envoys that
+        connect meanwhile count too; one with no streams counts as applied.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = self.lagging(version)
+            remaining = deadline - time.monotonic()
+            if not behind or remaining <= 0:
+                return behind
+            progress = self._progress
+            try:
+                await asyncio.wait_for(progress.wait(), remaining)
+            except TimeoutError:
+                return self.lagging(version)
+
+    # --- the gRPC method ----------------------------------------------------------------
+
+    async def StreamAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[DiscoveryResponse]:
+        await self._cache.wait_loaded()
+        stream = EnvoyStream(stream_id=next(self._stream_ids), peer=context.peer())
+        events: asyncio.Queue[DiscoveryRequest | Snapshot | None] = asyncio.Queue()
+        cancel_watch = self._cache.create_watch(events.put_nowait)
+        reader = asyncio.create_task(_read_requests(request_iterator, events))
+        self._streams[stream.stream_id] = stream
+        metrics.XDS_CONNECTED_ENVOYS.set(len(self._streams))
+        try:
+            while (item := await events.get()) is not None:
+                if isinstance(item, DiscoveryRequest):
+                    self._on_request(stream, item)
+                for response in self._due_responses(stream):
+                    yield response
+                self._mark_progress()
+        finally:
+            cancel_watch()
+            reader.cancel()
+            self._streams.pop(stream.stream_id, None)
+            metrics.XDS_CONNECTED_ENVOYS.set(len(self._streams))
+            self._mark_progress()
+            event(log, "xds.stream_closed", node=stream.node_id, peer=stream.peer)
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _on_request(self, stream: EnvoyStream, request: DiscoveryRequest) -> None:
+        if not stream.node_id and request.node.id:
+            stream.node_id = request.node.id
+            event(log, "xds.stream_opened", node=stream.node_id, peer=stream.peer)
+        type_url = request.type_url
+        if type_url not in types.SHORT_NAMES:
+            event(log, "xds.unknown_type", level=logging.WARNING, node=stream.node_id,
+                  type_url=type_url)
+            return
+        ts = stream.types.get(type_url)
+        kind = classify(
+            request.response_nonce,
+            request.HasField("error_detail"),
+            ts.last_nonce if ts else None,
+            ts.awaiting if ts else False,
+        )
+        label = types.short(type_url)
+        if kind is RequestKind.STALE:
+            metrics.XDS_STALE_NONCES.labels(type=label).inc()
+            return
+        if kind is RequestKind.INITIAL or ts is None:
+            ts = stream.types[type_url] = TypeState(subscribed=None)
+        if type_url not in types.WILDCARD_TYPES:
+            ts.subscribed = set(request.resource_names)
+        if kind is RequestKind.ACK:
+            ts.acked = dict(ts.sent)
+            ts.awaiting = False
+            ts.nacked_version = None
+            ts.last_error = None
+            metrics.XDS_ACKS.labels(type=label).inc()
+        elif kind is RequestKind.NACK:
+            self._on_nack(stream, ts, type_url, request)
+
+    def _on_nack(self, stream: EnvoyStream, ts: TypeState, type_url: str,
+                 request: DiscoveryRequest) -> None:
+        """Envoy rejected our last response and keeps its last good config: remember that
+        the rejected version must not be sent again, and go back to what it applied."""
+        ts.awaiting = False
+        ts.nacked_version = ts.sent_version
+        ts.last_error = request.error_detail.message
+        ts.sent = dict(ts.acked)
+        metrics.XDS_NACKS.labels(type=types.short(type_url)).inc()
+        event(log, "xds.nack", level=logging.ERROR, node=stream.node_id,
+              type=types.short(type_url), rejected_version=ts.nacked_version,
+              applied_version=request.version_info, error=ts.last_error)
+
+    # --- responses ----------------------------------------------------------------------
+
+    def _due_responses(self, stream: EnvoyStream) -> list[DiscoveryResponse]:
+        """Responses this stream needs now, in CDS, EDS, LDS, RDS order.
+
+        At most one response per type awaits an answer (go-control-plane's flow control):
+        a type whose last response is unanswered gets nothing until the ACK/NACK.
+        """
+        snapshot = self._cache.snapshot()
+        if snapshot is None:
+            return []
+        out = []
+        for type_url in types.ADD_ORDER:
+            ts = stream.types.get(type_url)
+            if ts is None or ts.awaiting:
+                continue
+            if ts.nacked_version is not None and snapshot.version <= ts.nacked_version:
+                continue
+            if ts.subscribed is not None:
+                ts.sent = {n: d for n, d in ts.sent.items() if n in ts.subscribed}
+            resources = snapshot.of_type(type_url)
+            due = updates_for(resources, ts.sent, ts.subscribed)
+            if due is None:
+                ts.synced_version = snapshot.version
+                continue
+            if type_url == types.CLUSTER:
+                _forget_endpoints_of_changed_clusters(stream, ts, due)
+            out.append(self._respond(stream, ts, type_url, snapshot.version, due))
+        return out
+
+    def _respond(self, stream: EnvoyStream, ts: TypeState, type_url: str, version: int,
+                 due: list[Resource]) -> DiscoveryResponse:
+        nonce = str(next(self._nonces))
+        if ts.subscribed is None:
+            ts.sent = {r.name: r.digest for r in due}
+        else:
+            ts.sent.update({r.name: r.digest for r in due})
+        ts.awaiting = True
+        ts.last_nonce = nonce
+        ts.sent_version = version
+        stream.responses_sent += 1
+        metrics.XDS_PUSHES.labels(type=types.short(type_url)).inc()
+        response: DiscoveryResponse = DiscoveryResponse(
+            version_info=str(version),
+            resources=[r.body for r in due],
+            type_url=type_url,
+            nonce=nonce,
+        )
+        return response
+
+    def _mark_progress(self) -> None:
+        """Wake `wait_synced` callers: some stream's state moved."""
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+
+def _forget_endpoints_of_changed_clusters(
+    stream: EnvoyStream, cds: TypeState, due: list[Resource]
+) -> None:
+    """A changed cluster is re-created by Envoy and warms until it gets its endpoints
+    again: make sure the stream re-sends the ClusterLoadAssignment of every cluster whose
+    definition changed, instead of leaving it to warm for initial_fetch_timeout."""
+    eds = stream.types.get(types.ENDPOINT)
+    if eds is None:
+        return
+    for resource in due:
+        previous = cds.sent.get(resource.name)
+        if previous is not None and previous != resource.digest:
+            eds.sent.pop(resource.name, None)
+
+
+async def _read_requests(
+    requests: AsyncIterator[DiscoveryRequest],
+    events: asyncio.Queue[DiscoveryRequest | Snapshot | None],
+) -> None:
+    """Move requests into the stream's event queue; None marks the end of the stream."""
+    try:
+        async for request in requests:
+            events.put_nowait(request)
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        pass
+    finally:
+        events.put_nowait(None)
+
+
+def _info(stream: EnvoyStream) -> StreamInfo:
+    return StreamInfo(
+        node_id=stream.node_id,
+        peer=stream.peer,
+        responses_sent=stream.responses_sent,
+        nacks={
+            types.short(t): ts.last_error or ""
+            for t, ts in stream.types.items()
+            if ts.nacked_version is not None
+        },
+        synced_versions={types.short(t): ts.synced_version for t, ts in stream.types.items()},
+    )
