@@ -1,0 +1,44 @@
+"""Fixtures that start real processes and always stop them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.backends import Backend
+from tests.support.envoy import Envoy, stop_envoy
+from tests.support.net import free_port
+from tests.support.xds import XdsHarness
+
+
+@pytest.fixture
+async def activator_backend() -> AsyncIterator[Backend]:
+    """Stands in for the activator: answers 'activator' for hosts with no route."""
+    backend = await Backend("activator").start()
+    yield backend
+    await backend.stop()
+
+
+@pytest.fixture
+async def harness(activator_backend: Backend) -> AsyncIterator[XdsHarness]:
+    h = XdsHarness(activator_backend.endpoint)
+    yield h
+    await h.stop()
+
+
+@pytest.fixture
+async def envoys(tmp_path: Path) -> AsyncIterator[Callable[[int, str], Envoy]]:
+    """Factory: envoys(xds_port, node_id) starts an Envoy; all are stopped at teardown."""
+    started: list[Envoy] = []
+
+    def start(xds_port: int, node_id: str = "test-envoy") -> Envoy:
+        envoy = Envoy(tmp_path, node_id, free_port(), xds_port)
+        started.append(envoy)
+        envoy.start()
+        return envoy
+
+    yield start
+    for envoy in started:
+        await stop_envoy(envoy)

