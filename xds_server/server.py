@@ -88,29 +88,31 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     def lagging(self, version: int) -> list[str]:
         """Descriptions of (Envoy, type) pairs that have not applied `version` yet."""
-        behind = []
-        for stream in self._streams.values():
-            for type_url, ts in stream.types.items():
-                if ts.synced_version < version:
-                    why = f" (NACK: {ts.last_error})" if ts.nacked_version is not None else ""
-                    behind.append(
-                        f"{stream.node_id or stream.peer} {types.short(type_url)} "
-                        f"at v{ts.synced_version}{why}"
-                    )
-        return behind
+        return [_describe(stream, type_url, ts) for stream, type_url, ts in self._behind(version)]
+
+    def _behind(self, version: int) -> list[tuple[EnvoyStream, str, TypeState]]:
+        return [
+            (stream, type_url, ts)
+            for stream in self._streams.values()
+            for type_url, ts in stream.types.items()
+            if ts.synced_version < version
+        ]
 
     async def wait_synced(self, version: int, timeout: float) -> list[str]:
         """Wait until every connected Envoy applied `version` (or a newer one).
 
-        Returns [] on success, else what still lags when `timeout` expired. Envoys that
-        connect meanwhile count too; one with no streams counts as applied.
+        Returns [] on success, else what still lags when `timeout` expired, or as soon as
+        every lagging Envoy rejected `version` (it will never apply it). Envoys that
+        connect meanwhile count too; with none connected, there is nothing to wait for.
         """
         deadline = time.monotonic() + timeout
         while True:
-            behind = self.lagging(version)
+            behind = self._behind(version)
             remaining = deadline - time.monotonic()
-            if not behind or remaining <= 0:
-                return behind
+            rejected = all(ts.nacked_version is not None and ts.nacked_version >= version
+                           for _, _, ts in behind)
+            if not behind or rejected or remaining <= 0:
+                return [_describe(*b) for b in behind]
             progress = self._progress
             try:
                 await asyncio.wait_for(progress.wait(), remaining)
@@ -277,6 +279,11 @@ async def _read_requests(
         pass
     finally:
         events.put_nowait(None)
+
+
+def _describe(stream: EnvoyStream, type_url: str, ts: TypeState) -> str:
+    why = f" (NACK: {ts.last_error})" if ts.nacked_version is not None else ""
+    return f"{stream.node_id or stream.peer} {types.short(type_url)} at v{ts.synced_version}{why}"
 
 
 def _info(stream: EnvoyStream) -> StreamInfo:

@@ -92,21 +92,24 @@ async def test_five_snapshots_converge_without_5xx(
         async with aiohttp.ClientSession() as session:
             await wait_until(lambda: converged(session, harness.listen_port, snapshots[0], names),
                              10, "initial snapshot served")
-            loop = asyncio.create_task(traffic.run(session))
+            loops = [asyncio.create_task(traffic.run(session)) for _ in range(2)]
             for number, table in enumerate(snapshots[1:], start=2):
+                total = sum(traffic.results.values())
+                await wait_until(lambda t=total: sum(traffic.results.values()) > t + 100,
+                                 10, "traffic flowing before the push")
                 assert await harness.publish(table), f"snapshot {number} not ACKed"
                 # Staged push returned: every Envoy applied it, so it holds at once.
                 assert await converged(session, harness.listen_port, table, names), (
                     f"snapshot {number} not served right after its push was ACKed"
                 )
             traffic.stop()
-            await loop
+            await asyncio.gather(*loops)
     finally:
         traffic.stop()
         for b in backends.values():
             await b.stop()
     assert not traffic.errors, traffic.errors[:20]
-    assert sum(traffic.results.values()) > 100, traffic.results
+    assert sum(traffic.results.values()) > 400, traffic.results
     assert harness.ads.streams()[0].node_id == "convergence"
     with contextlib.suppress(Exception):
         print("requests during pushes:", dict(traffic.results))

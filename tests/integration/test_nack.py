@@ -70,7 +70,10 @@ async def test_nack_is_counted_logged_not_resent(
             assert "Expected positive duration" in logged_error, logged_error  # Envoy's words
 
             fixed = [svc("model", good.endpoint), svc("other", good.endpoint)]
-            assert await harness.publish(fixed), "a newer good snapshot is applied"
+            await harness.publish(fixed)  # its first stage still carries the bad cluster
+            current = harness.cache.snapshot()
+            assert current is not None
+            assert not harness.ads.lagging(current.version), "a newer good snapshot applies"
             (stream,) = harness.ads.streams()
             assert not stream.nacks
     finally:
