@@ -7,7 +7,16 @@ key and the problem, before anything starts. Must not start anything or touch th
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
+from typing import Any, Generic, NoReturn, TypeVar
+
+import yaml
+
+from torpor.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +115,541 @@ class Config:
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
+
+    def listeners(self) -> dict[str, Address]:
+        """Every address a torpor process binds, by its dotted config key.
+
+        One list so that the port-clash check and `torpor up` agree on what is bound.
+        """
+        return {
+            "gateway.listen": self.gateway.listen,
+            "gateway.admin": self.gateway.admin,
+            "control_plane.xds": self.control_plane.xds,
+            "control_plane.admin_api": self.control_plane.admin_api,
+            "control_plane.metrics": self.control_plane.metrics,
+            "activator.listen": self.activator.listen,
+            "activator.metrics": self.activator.metrics,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------
+
+_DURATION_UNITS: Mapping[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>ms|s|m|h|d)?")
+_DURATION_HELP = (
+    "expected a number of seconds or a number with a unit ms, s, m, h or d "
+    "(250ms, 30s, 10m, 24h, 7d)"
+)
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds in `text`: "250ms", "30s", "10m", "24h", "7d", or a plain number of seconds.
+
+    One number and one unit, no spaces inside, so that "10 minutes" or "1h30m" fail loudly
+    instead of being read as something the operator did not mean. Raises ValueError for
+    negatives, NaN/infinity, booleans, empty or otherwise unreadable input.
+    """
+    if isinstance(text, bool):  # YAML turns "yes"/"on" into True; never a duration
+        raise ValueError(f"{text!r} is not a duration; {_DURATION_HELP}")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    elif isinstance(text, str):
+        if text.strip().startswith("-"):
+            raise ValueError(f"{text!r} is not a duration; it must not be negative")
+        match = _DURATION_RE.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"{text!r} is not a duration; {_DURATION_HELP}")
+        seconds = float(match["number"]) * _DURATION_UNITS[match["unit"] or "s"]
+    else:
+        raise ValueError(f"{text!r} is not a duration; {_DURATION_HELP}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{text!r} is not a duration; it must be a finite number ≥ 0")
+    return seconds
+
+
+# --------------------------------------------------------------------------------------
+# Loading: a small schema per section, read by one generic function
+# --------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+class _Reader:
+    """What every parser needs: the file name for messages, its folder for relative paths."""
+
+    def __init__(self, file: str, folder: Path) -> None:
+        self.file = file
+        self.folder = folder
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ConfigError(self.file, key, problem)
+
+
+#: A parser turns the raw YAML value found at a dotted key into its typed value, or fails.
+_Parser = Callable[[_Reader, str, Any], Any]
+
+_REQUIRED = object()  # marker: the key must be present
+_DATACLASS_DEFAULT = object()  # marker: when absent, the dataclass's own default applies
+
+
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    """One key of a section: how to parse it and what happens when it is absent.
+
+    `default` is a raw YAML value (e.g. "127.0.0.1:8080"), parsed like a given one, so
+    that defaults go through the same validation as the file.
+    """
+
+    parse: _Parser
+    default: object = _DATACLASS_DEFAULT
+    hint: str = ""  # appended to "missing" when a required key is absent
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schema(Generic[_T]):
+    """The keys a section allows and the dataclass they build."""
+
+    build: Callable[..., _T]
+    fields: Mapping[str, _Field]
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def _describe(value: object) -> str:
+    """The YAML type of `value`, with the value when short, for 'expected X, got Y'."""
+    if value is None:
+        return "nothing (null)"
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "the string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+    if isinstance(value, dict | list):
+        return kind if value else kind.replace("a ", "an empty ", 1)
+    shown = repr(value)
+    return f"{kind} {shown}" if len(shown) <= 60 else kind
+
+
+def _mapping(r: _Reader, key: str, value: object) -> dict[str, Any]:
+    """A section's mapping; an empty section (`policy:` with every line commented) is {}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        r.fail(key, f"expected a mapping, got {_describe(value)}")
+    return value
+
+
+def _read(r: _Reader, key: str, raw: object, schema: _Schema[_T]) -> _T:
+    """Check the keys of the section at `key` against `schema`, parse each, build the dataclass."""
+    given = _mapping(r, key, raw)
+    allowed = ", ".join(schema.fields)
+    for name in given:
+        if name not in schema.fields:
+            close = difflib.get_close_matches(str(name), list(schema.fields), n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            r.fail(_join(key, str(name)), f"unknown key{guess}; allowed keys: {allowed}")
+    values: dict[str, Any] = {}
+    for name, field in schema.fields.items():
+        sub = _join(key, name)
+        if name in given:
+            values[name] = field.parse(r, sub, given[name])
+        elif field.default is _REQUIRED:
+            r.fail(sub, f"missing; {field.hint}" if field.hint else "missing (required)")
+        elif field.default is not _DATACLASS_DEFAULT:
+            values[name] = field.parse(r, sub, field.default)
+    return schema.build(**values)
+
+
+def _section(schema: _Schema[Any]) -> _Parser:
+    """A parser for a nested section (e.g. a service's `local:` block)."""
+    return lambda r, key, value: _read(r, key, value, schema)
+
+
+def _string(r: _Reader, key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        r.fail(key, f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _integer(minimum: int, maximum: int | None = None) -> _Parser:
+    """An integer in [minimum, maximum]; booleans and floats like 2.0 are refused."""
+    bounds = f"≥ {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(r: _Reader, key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            r.fail(key, f"expected an integer {bounds}, got {_describe(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            r.fail(key, f"expected an integer {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _duration(positive: bool = False) -> _Parser:
+    """A duration in seconds; `positive` refuses 0 where 0 would mean a busy loop or no wait."""
+
+    def parse(r: _Reader, key: str, value: object) -> float:
+        if value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
+            r.fail(key, f"expected a duration like 30s or 10m, got {_describe(value)}")
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            r.fail(key, str(exc))
+        if positive and seconds == 0:
+            r.fail(key, "must be greater than 0")
+        return seconds
+
+    return parse
+
+
+def _choice(*options: str) -> _Parser:
+    def parse(r: _Reader, key: str, value: object) -> str:
+        if value not in options:
+            r.fail(key, f"expected one of {', '.join(options)}, got {_describe(value)}")
+        return str(value)
+
+    return parse
+
+
+_HOST_PORT_RE = re.compile(r"(?P<host>[^\s:/]+):(?P<port>[0-9]{1,5})")
+
+
+def _split_host_port(r: _Reader, key: str, value: object) -> tuple[str, int]:
+    match = _HOST_PORT_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        r.fail(key, f"expected an address host:port (e.g. 127.0.0.1:8080), got {_describe(value)}")
+    port = int(match["port"])
+    if port > 65535:
+        r.fail(key, f"port {port} is out of range 0..65535")
+    return match["host"], port
+
+
+def _address(r: _Reader, key: str, value: object) -> Address:
+    """host:port with port 0..65535; 0 means 'let the system pick' (tests)."""
+    host, port = _split_host_port(r, key, value)
+    return Address(host, port)
+
+
+def _endpoints(r: _Reader, key: str, value: object) -> tuple[str, ...]:
+    """A non-empty list of "host:port" client endpoints (etcd); port 0 cannot be dialled."""
+    if not isinstance(value, list) or not value:
+        r.fail(key, f"expected a non-empty list of host:port, got {_describe(value)}")
+    for index, item in enumerate(value):
+        _, port = _split_host_port(r, f"{key}[{index}]", item)
+        if port == 0:
+            r.fail(f"{key}[{index}]", "port 0 cannot be connected to; give the real port")
+    return tuple(value)
+
+
+def _path(r: _Reader, key: str, value: object) -> Path:
+    """A path; relative ones are relative to the config file's folder, not to the cwd."""
+    text = _string(r, key, value)
+    return (r.folder / Path(text).expanduser()).resolve()
+
+
+def _command(r: _Reader, key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        r.fail(key, f"expected a non-empty list of strings, got {_describe(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            # Unquoted {port} is a YAML mapping and 8080 an integer: both need quotes.
+            r.fail(f"{key}[{index}]", f"expected a string, got {_describe(item)} (quote it)")
+    return tuple(value)
+
+
+def _env(r: _Reader, key: str, value: object) -> tuple[tuple[str, str], ...]:
+    pairs = _mapping(r, key, value)
+    for name, item in pairs.items():
+        if not isinstance(name, str) or not name or "=" in name:
+            r.fail(key, f"environment variable name {name!r} is not valid")
+        if not isinstance(item, str):
+            r.fail(_join(key, name), f"expected a string, got {_describe(item)} (quote it)")
+    return tuple(pairs.items())
+
+
+def _ready_path(r: _Reader, key: str, value: object) -> str:
+    text = _string(r, key, value)
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        r.fail(key, f"expected a URL path starting with '/' (e.g. /healthz), got {text!r}")
+    return text
+
+
+_SERVICE_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _service_name(r: _Reader, key: str, value: object) -> str:
+    """A DNS-1123 label: it becomes an Envoy cluster name, a metric label and a k8s name."""
+    text = _string(r, key, value)
+    if len(text) > 63 or not _SERVICE_NAME_RE.fullmatch(text):
+        r.fail(
+            key,
+            f"{text!r} is not a valid service name; use lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters",
+        )
+    return text
+
+
+def _service_host(r: _Reader, key: str, value: object) -> str:
+    """The Host header to match, lowercased because Host matching ignores case."""
+    text = _string(r, key, value)
+    if any(c.isspace() for c in text) or ":" in text or "/" in text:
+        r.fail(key, f"expected a bare host name without spaces, port or path, got {text!r}")
+    return text.lower()
+
+
+_GATEWAY = _Schema(
+    GatewayConfig,
+    {"listen": _Field(_address, "127.0.0.1:8080"), "admin": _Field(_address, "127.0.0.1:9901")},
+)
+_CONTROL_PLANE = _Schema(
+    ControlPlaneConfig,
+    {
+        "xds": _Field(_address, "127.0.0.1:18000"),
+        "admin_api": _Field(_address, "127.0.0.1:18001"),
+        "metrics": _Field(_address, "127.0.0.1:19090"),
+        "ack_timeout": _Field(_duration(positive=True)),
+        "node_id": _Field(_string),
+    },
+)
+_ACTIVATOR = _Schema(
+    ActivatorConfig,
+    {
+        "listen": _Field(_address, "127.0.0.1:18080"),
+        "metrics": _Field(_address, "127.0.0.1:19091"),
+        "max_held_per_service": _Field(_integer(1)),
+        "wake_timeout": _Field(_duration(positive=True)),
+    },
+)
+#: The store's keys depend on its kind, so that `path` under etcd is an error, not ignored.
+_STORES: Mapping[str, _Schema[StoreConfig]] = {
+    "sqlite": _Schema(
+        StoreConfig,
+        {
+            "kind": _Field(_choice("sqlite", "etcd"), "sqlite"),
+            "path": _Field(_path, "./torpor-state.db"),
+        },
+    ),
+    "etcd": _Schema(
+        StoreConfig,
+        {
+            "kind": _Field(_choice("sqlite", "etcd")),
+            "endpoints": _Field(
+                _endpoints, _REQUIRED, 'give the etcd servers, e.g. ["127.0.0.1:2379"]'
+            ),
+        },
+    ),
+}
+_WORKLOADS = _Schema(WorkloadsConfig, {"kind": _Field(_choice("local", "kubernetes"), "local")})
+_POLICY = _Schema(
+    PolicyConfig,
+    {
+        "idle_after": _Field(_duration()),
+        "evict_after": _Field(_duration()),
+        "creation_grace": _Field(_duration()),
+        "check_every": _Field(_duration(positive=True)),
+    },
+)
+_LOCAL = _Schema(
+    LocalServiceConfig,
+    {
+        "command": _Field(
+            _command,
+            _REQUIRED,
+            "a local service needs the command that starts one replica, e.g. "
+            '[python, -m, torpor.examples.model_server, --port, "{port}"]',
+        ),
+        "ready_path": _Field(_ready_path),
+        "cwd": _Field(_path, "."),
+        "env": _Field(_env),
+        "stop_grace": _Field(_duration()),
+    },
+)
+_KUBERNETES = _Schema(
+    KubernetesServiceConfig,
+    {
+        "namespace": _Field(_string, _REQUIRED),
+        "deployment": _Field(_string, _REQUIRED),
+        "port": _Field(_integer(1, 65535), _REQUIRED),
+    },
+)
+_SERVICE = _Schema(
+    ServiceConfig,
+    {
+        "name": _Field(_service_name, _REQUIRED),
+        "host": _Field(
+            _service_host, _REQUIRED, "give the Host header it answers, e.g. echo.localhost"
+        ),
+        "replicas": _Field(_integer(0)),
+        "local": _Field(_section(_LOCAL)),
+        "kubernetes": _Field(_section(_KUBERNETES)),
+    },
+)
+_TOP_LEVEL_KEYS = (
+    "gateway",
+    "control_plane",
+    "activator",
+    "store",
+    "workloads",
+    "policy",
+    "services",
+)
+
+
+def _store(r: _Reader, key: str, value: object) -> StoreConfig:
+    kind = _mapping(r, key, value).get("kind", "sqlite")
+    _choice(*_STORES)(r, _join(key, "kind"), kind)
+    return _read(r, key, value, _STORES[kind])
+
+
+def _services(r: _Reader, key: str, value: object, workloads: str) -> tuple[ServiceConfig, ...]:
+    """The service list; names and hosts are unique, each has the block its workloads need."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        r.fail(key, f"expected a list of services, got {_describe(value)}")
+    services: list[ServiceConfig] = []
+    first_by_name: dict[str, str] = {}
+    first_by_host: dict[str, str] = {}
+    for index, item in enumerate(value):
+        at = f"{key}[{index}]"
+        service = _read(r, at, item, _SERVICE)
+        needed, other = ("local", "kubernetes") if workloads == "local" else ("kubernetes", "local")
+        if getattr(service, needed) is None:
+            r.fail(
+                _join(at, needed),
+                f"missing; workloads.kind is {workloads}, so each service needs a {needed}: block",
+            )
+        if getattr(service, other) is not None:
+            r.fail(_join(at, other), f"not used when workloads.kind is {workloads}; remove it")
+        if service.name in first_by_name:
+            r.fail(
+                _join(at, "name"),
+                f"duplicate service name {service.name!r}, already used by "
+                f"{first_by_name[service.name]}",
+            )
+        if service.host in first_by_host:
+            r.fail(
+                _join(at, "host"),
+                f"duplicate host {service.host!r}, already used by {first_by_host[service.host]}",
+            )
+        first_by_name[service.name] = at
+        first_by_host[service.host] = at
+        services.append(service)
+    return tuple(services)
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0"})
+_HOST_ALIASES: Mapping[str, str] = {"localhost": "127.0.0.1"}
+
+
+def _check_port_clashes(r: _Reader, config: Config) -> None:
+    """Two listeners on one port fail at bind time, far from the cause; name both keys now."""
+    seen: list[tuple[str, Address]] = []
+    for key, address in config.listeners().items():
+        if address.port != 0:
+            host = _HOST_ALIASES.get(address.host, address.host)
+            for other_key, other in seen:
+                other_host = _HOST_ALIASES.get(other.host, other.host)
+                same_host = host == other_host or bool({host, other_host} & _WILDCARD_HOSTS)
+                if other.port == address.port and same_host:
+                    r.fail(
+                        key,
+                        f"{address} clashes with {other_key} ({other}); "
+                        "each listener needs its own port",
+                    )
+        seen.append((key, address))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            continue  # SafeLoader's construct_mapping reports unhashable keys itself
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in one mapping", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _at(mark: yaml.Mark | None) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def _while(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's context ("while parsing a flow sequence") and where it began, often the
+    real culprit (an unclosed bracket lines above the point of detection)."""
+    if not exc.context:
+        return ""
+    started = _at(exc.context_mark).replace(" at ", " started at ", 1)
+    return f" ({exc.context}{started})"
+
+
+def _parse_yaml(r: _Reader, text: str) -> object:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no objects
+    except yaml.MarkedYAMLError as exc:
+        r.fail("", f"YAML syntax error{_at(exc.problem_mark)}: {exc.problem}{_while(exc)}")
+    except yaml.YAMLError as exc:
+        r.fail("", f"YAML syntax error: {exc}")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and default the YAML config at `path`.
+
+    Every problem raises ConfigError naming the file, the dotted key and the problem, so a
+    bad file stops `torpor up` before any process starts. Relative paths in the file
+    (store.path, services[].local.cwd) are relative to the file's folder, so the same file
+    works whatever the current directory is.
+    """
+    file = Path(path)
+    r = _Reader(str(path), file.resolve().parent)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        r.fail("", "config file not found")
+    except (OSError, UnicodeDecodeError) as exc:
+        r.fail("", f"cannot read the config file: {exc}")
+    raw = _parse_yaml(r, text)
+    if raw is None:
+        r.fail(
+            "", f"the file is empty; expected a mapping of sections: {', '.join(_TOP_LEVEL_KEYS)}"
+        )
+    if not isinstance(raw, dict):
+        r.fail("", f"expected a mapping of sections at the top level, got {_describe(raw)}")
+    top: dict[Any, Any] = raw
+    for name in top:
+        if name not in _TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(str(name), _TOP_LEVEL_KEYS, n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            r.fail(str(name), f"unknown key{guess}; allowed keys: {', '.join(_TOP_LEVEL_KEYS)}")
+    workloads = _read(r, "workloads", top.get("workloads"), _WORKLOADS)
+    config = Config(
+        path=file.resolve(),
+        gateway=_read(r, "gateway", top.get("gateway"), _GATEWAY),
+        control_plane=_read(r, "control_plane", top.get("control_plane"), _CONTROL_PLANE),
+        activator=_read(r, "activator", top.get("activator"), _ACTIVATOR),
+        store=_store(r, "store", top.get("store")),
+        workloads=workloads,
+        policy=_read(r, "policy", top.get("policy"), _POLICY),
+        services=_services(r, "services", top.get("services"), workloads.kind),
+    )
+    _check_port_clashes(r, config)
+    return config
