@@ -1,0 +1,166 @@
+"""SqliteStore against real sqlite files in a temp folder."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from torpor.errors import ConflictError, StoreError
+from torpor.model import ServiceRecord, ServiceState
+from torpor.store.sqlite import SCHEMA_VERSION, SqliteStore
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "nested" / "state.db")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_create_then_get_and_list(store: SqliteStore) -> None:
+    b = await store.put(ServiceRecord.new("b", replicas=2, now=NOW))
+    a = await store.put(ServiceRecord.new("a", replicas=1, now=NOW))
+
+    assert b.revision > 0
+    assert a.revision > b.revision  # one counter for the whole store
+    assert await store.get("a") == a
+    assert await store.get("missing") is None
+    assert [r.name for r in await store.list()] == ["a", "b"]
+
+
+async def test_put_is_compare_and_set(store: SqliteStore) -> None:
+    created = await store.put(ServiceRecord.new("echo", replicas=2, now=NOW))
+    hibernating = created.with_state(ServiceState.HIBERNATING, NOW + 1, "idle")
+    updated = await store.put(hibernating)
+    assert updated.revision > created.revision
+    assert (await store.get("echo")) == updated
+
+    with pytest.raises(ConflictError, match="changed meanwhile"):
+        await store.put(created.with_state(ServiceState.HIBERNATING, NOW + 2, "stale writer"))
+    with pytest.raises(ConflictError, match="already exists"):
+        await store.put(ServiceRecord.new("echo", replicas=1, now=NOW))
+    assert (await store.get("echo")) == updated  # the losers changed nothing
+
+
+async def test_update_of_deleted_record_conflicts(store: SqliteStore) -> None:
+    created = await store.put(ServiceRecord.new("echo", replicas=1, now=NOW))
+    await store.delete("echo")
+    await store.delete("echo")  # unknown: no error
+
+    assert await store.get("echo") is None
+    with pytest.raises(ConflictError, match="deleted"):
+        await store.put(dataclasses.replace(created, desired_replicas=3))
+    recreated = await store.put(ServiceRecord.new("echo", replicas=1, now=NOW))
+    assert recreated.revision > created.revision + 1  # the delete used a revision too
+
+
+async def test_listeners_see_each_successful_put(store: SqliteStore) -> None:
+    seen: list[ServiceRecord] = []
+    remove = store.add_listener(seen.append)
+
+    stored = await store.put(ServiceRecord.new("echo", replicas=1, now=NOW))
+    with pytest.raises(ConflictError):
+        await store.put(ServiceRecord.new("echo", replicas=1, now=NOW))
+    assert seen == [stored]
+
+    remove()
+    await store.put(dataclasses.replace(stored, desired_replicas=2))
+    assert seen == [stored]
+
+
+async def test_failing_listener_does_not_break_put(store: SqliteStore) -> None:
+    seen: list[ServiceRecord] = []
+
+    def broken(record: ServiceRecord) -> None:
+        raise RuntimeError("listener bug")
+
+    store.add_listener(broken)
+    store.add_listener(seen.append)
+    stored = await store.put(ServiceRecord.new("echo", replicas=1, now=NOW))
+    assert seen == [stored]
+
+
+async def test_records_and_history_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = SqliteStore(path)
+    await first.open()
+    record = await first.put(ServiceRecord.new("echo", replicas=3, now=NOW))
+    record = await first.put(record.with_state(ServiceState.HIBERNATING, NOW + 5, "idle"))
+    record = await first.put(record.with_state(ServiceState.HIBERNATED, NOW + 6, "scaled to 0"))
+    await first.close()
+
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        reopened = await second.get("echo")
+        assert reopened == record
+        assert reopened is not None
+        assert [t.to_state for t in reopened.history] == [
+            ServiceState.ACTIVE,
+            ServiceState.HIBERNATING,
+            ServiceState.HIBERNATED,
+        ]
+        # The revision counter survives too: a new write never reuses an old revision.
+        other = await second.put(ServiceRecord.new("other", replicas=1, now=NOW))
+        assert other.revision > record.revision
+    finally:
+        await second.close()
+
+
+async def test_schema_version_is_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()
+    assert row == (SCHEMA_VERSION,)
+    assert mode == ("wal",)
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE meta SET value = 999 WHERE key = 'schema_version'")
+
+    with pytest.raises(StoreError, match="newer"):
+        await SqliteStore(path).open()
+
+
+async def test_corrupt_file_raises_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database\n" * 100)
+
+    with pytest.raises(StoreError, match=str(path)):
+        await SqliteStore(path).open()
+
+
+async def test_unwritable_path_raises_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # Its parent is a regular file: no permission bits needed (tests may run as root).
+    with pytest.raises(StoreError, match="a-file"):
+        await SqliteStore(blocker / "state.db").open()
+    # The path itself is a folder.
+    with pytest.raises(StoreError, match=str(tmp_path)):
+        await SqliteStore(tmp_path).open()
+
+
+async def test_use_before_open_raises_store_error(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    with pytest.raises(StoreError, match="not open"):
+        await store.get("echo")

@@ -1,0 +1,546 @@
+"""Local workloads: each replica of a service is a process group on this machine.
+
+Owns: starting replicas on free loopback ports, probing their readiness over HTTP,
+restarting crashed replicas with backoff, and stopping whole process groups (SIGTERM, then
+SIGKILL after the grace). Must not know about service states, the store or Envoy: it runs
+what `scale` asks for and tells listeners which endpoints are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from torpor.clock import Clock, SystemClock
+from torpor.config import LocalServiceConfig, ServiceConfig
+from torpor.errors import UnknownServiceError, WorkloadError
+from torpor.logs import event
+from torpor.model import Endpoint
+from torpor.workloads.base import EndpointListener, Workloads
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+#: A readiness probe that has not answered within this many seconds failed.
+PROBE_TIMEOUT = 1.0
+#: How often a stop looks whether a process group is gone: members other than the leader
+#: are not our children, so there is nothing to wait on.
+GROUP_POLL_INTERVAL = 0.05
+#: After SIGKILL, how long a stop waits for the rest of the group before warning.
+KILL_WAIT = 2.0
+
+
+@dataclasses.dataclass(eq=False)
+class _Replica:
+    """One process group started for a service. Compared by identity."""
+
+    port: int
+    process: asyncio.subprocess.Process
+    ready: bool = False
+    ready_since: float | None = None
+    stopping: bool = False
+    probe_task: asyncio.Task[None] | None = None
+    stop_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        """Also the process group id: replicas start in a session of their own."""
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(LOOPBACK, self.port)
+
+
+@dataclasses.dataclass(eq=False)
+class _Service:
+    """What is known about one managed service; changed only on the event loop."""
+
+    name: str
+    config: LocalServiceConfig
+    next_restart_delay: float
+    desired: int = 0
+    # Wanted replicas, oldest first (scaling down stops from the end).
+    replicas: list[_Replica] = dataclasses.field(default_factory=list)
+    # Replicas being stopped: still running, no longer wanted.
+    stopping: set[_Replica] = dataclasses.field(default_factory=set)
+    # Crashed replicas whose restart waits for the backoff.
+    restarts_due: int = 0
+    restart_task: asyncio.Task[None] | None = None
+    published: tuple[Endpoint, ...] = ()
+    # Set (and replaced) whenever `published` changes or the workloads close.
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # Serialises scale, restart and close, so that two of them never count the same replicas.
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
+class LocalWorkloads(Workloads):
+    """Replicas of the services that have a `local` block, run as local processes."""
+
+    def __init__(
+        self,
+        services: Iterable[ServiceConfig],
+        log_dir: str,
+        *,
+        probe_interval: float = 0.2,
+        restart_backoff: tuple[float, float] = (0.5, 30.0),
+        clock: Clock | None = None,
+        backoff_reset_after: float = 10.0,
+    ) -> None:
+        self._services = {
+            s.name: _Service(s.name, s.local, next_restart_delay=restart_backoff[0])
+            for s in services
+            if s.local is not None
+        }
+        self._log_dir = Path(log_dir)
+        self._probe_interval = probe_interval
+        self._restart_backoff = restart_backoff
+        self._backoff_reset_after = backoff_reset_after
+        self._clock: Clock = clock or SystemClock()
+        self._listeners: list[EndpointListener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._closing: asyncio.Task[None] | None = None
+
+    # -- the Workloads contract ------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._check_open()
+
+    async def close(self) -> None:
+        """Idempotent; a second caller waits for the first close, and cancelling a caller
+        does not interrupt the stopping."""
+        self._closed = True
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        await asyncio.gather(*(self._close_service(svc) for svc in self._services.values()))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for svc in self._services.values():
+            _wake_waiters(svc)
+
+    def running_replicas(self, name: str) -> int:
+        svc = self._service(name)
+        return sum(1 for r in (*svc.replicas, *svc.stopping) if r.alive)
+
+    def desired_replicas(self, name: str) -> int:
+        return self._service(name).desired
+
+    async def scale(self, name: str, replicas: int) -> None:
+        svc = self._service(name)
+        if replicas < 0:
+            raise WorkloadError(f"service {name!r}: cannot scale to {replicas} replicas")
+        self._check_open()
+        async with svc.lock:
+            self._check_open()
+            svc.desired = replicas
+            await self._reconcile(svc)
+
+    def ready_endpoints(self, name: str) -> tuple[Endpoint, ...]:
+        return self._service(name).published
+
+    async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
+        svc = self._service(name)
+        try:
+            async with asyncio.timeout(timeout):
+                while len(svc.published) < min_ready:
+                    self._check_open()
+                    await svc.changed.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"service {name!r}: {len(svc.published)} of {min_ready} replicas ready"
+                f" after {timeout}s"
+            ) from None
+        return svc.published
+
+    def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return remove
+
+    # -- extras ----------------------------------------------------------------------------
+
+    def pids(self, name: str) -> list[int]:
+        """Process ids of the wanted replicas that run now, oldest first (for tests and
+        `torpor status`; a pid is also its replica's process group id)."""
+        return [r.pid for r in self._service(name).replicas if r.alive]
+
+    # -- scaling ---------------------------------------------------------------------------
+
+    async def _reconcile(self, svc: _Service) -> None:
+        """Start or stop replicas until `desired` are wanted; crashed replicas waiting for
+        their backoff count as wanted, so that scaling does not skip the backoff."""
+        svc.restarts_due = min(svc.restarts_due, max(0, svc.desired - len(svc.replicas)))
+        for _ in range(svc.desired - len(svc.replicas) - svc.restarts_due):
+            await self._start_replica(svc)
+        await self._stop_all(svc, reversed(svc.replicas[svc.desired :]))
+
+    async def _close_service(self, svc: _Service) -> None:
+        """Stop every replica of `svc`, including those a cancelled scale was stopping;
+        under the lock, so no scale or restart is half done."""
+        async with svc.lock:
+            if svc.restart_task is not None:
+                svc.restart_task.cancel()
+            svc.restarts_due = 0
+            await self._stop_all(svc, [*svc.replicas, *svc.stopping])
+
+    async def _stop_all(self, svc: _Service, replicas: Iterable[_Replica]) -> None:
+        """Stop `replicas` concurrently and wait for them. The stops are tasks of their own
+        (asyncio.wait does not cancel them), so a cancelled caller cannot leave a process
+        signalled but unreaped and untracked."""
+        stops = [self._stop(svc, r) for r in replicas]
+        if not stops:
+            return
+        await asyncio.wait(stops)
+        for stop in stops:
+            stop.result()
+
+    def _schedule_restart(self, svc: _Service) -> float | None:
+        """Restart crashed replicas after the backoff; returns the delay, or None when a
+        restart is already scheduled (it restarts every replica due by then)."""
+        if svc.restart_task is not None and not svc.restart_task.done():
+            return None
+        delay = svc.next_restart_delay
+        svc.next_restart_delay = min(delay * 2, self._restart_backoff[1])
+        svc.restart_task = self._spawn(self._restart_after(svc, delay))
+        return delay
+
+    async def _restart_after(self, svc: _Service, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with svc.lock:
+            if self._closed:
+                return
+            svc.restart_task = None
+            svc.restarts_due = 0
+            try:
+                await self._reconcile(svc)
+            except WorkloadError as exc:
+                svc.restarts_due = max(0, svc.desired - len(svc.replicas))
+                retry_in = self._schedule_restart(svc)
+                event(
+                    logger,
+                    "replica.restart_failed",
+                    level=logging.ERROR,
+                    service=svc.name,
+                    error=str(exc),
+                    retry_in=retry_in,
+                )
+
+    # -- one replica -----------------------------------------------------------------------
+
+    async def _start_replica(self, svc: _Service) -> None:
+        port = _free_port()
+        argv = _argv(svc.name, svc.config.command, port)
+        log_path = self._log_dir / f"{svc.name}-{port}.log"
+        process = await self._spawn_process(svc, argv, log_path)
+        replica = _Replica(port=port, process=process)
+        svc.replicas.append(replica)
+        replica.probe_task = self._spawn(self._probe_loop(svc, replica))
+        self._spawn(self._watch(svc, replica))
+        event(
+            logger,
+            "replica.started",
+            service=svc.name,
+            port=port,
+            pid=process.pid,
+            log=str(log_path),
+        )
+
+    async def _spawn_process(
+        self, svc: _Service, argv: list[str], log_path: Path
+    ) -> asyncio.subprocess.Process:
+        """Start `argv` in a new session, so that the replica and its children form one
+        process group that a stop can signal as a whole."""
+        cwd = svc.config.cwd
+        with _open_log(svc.name, log_path) as log:
+            try:
+                return await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    cwd=cwd,
+                    env={**os.environ, **dict(svc.config.env)},
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                where = f" in {cwd}" if cwd is not None else ""
+                raise WorkloadError(
+                    f"service {svc.name!r}: cannot run command {argv!r}{where}: {exc}"
+                ) from exc
+
+    async def _watch(self, svc: _Service, replica: _Replica) -> None:
+        """Notice a replica's exit: a stop expects it; anything else is a crash to restart."""
+        returncode = await replica.process.wait()
+        if replica.probe_task is not None:
+            replica.probe_task.cancel()
+        if replica.stopping:
+            return
+        # Whatever the crashed leader left in its group is nobody's to manage any more.
+        _signal_group(replica.pid, signal.SIGKILL)
+        if replica in svc.replicas:
+            svc.replicas.remove(replica)
+        self._publish(svc)
+        restart_in = None
+        if not self._closed:
+            svc.restarts_due += 1
+            restart_in = self._schedule_restart(svc)
+        event(
+            logger,
+            "replica.exited",
+            level=logging.WARNING,
+            service=svc.name,
+            port=replica.port,
+            pid=replica.pid,
+            returncode=returncode,
+            restart_in=restart_in,
+        )
+
+    def _stop(self, svc: _Service, replica: _Replica) -> asyncio.Task[None]:
+        """The one stop of `replica`. It leaves the ready set at once, before any signal,
+        so that traffic leaves before the process does."""
+        if replica.stop_task is None:
+            replica.stopping = True
+            svc.stopping.add(replica)
+            if replica in svc.replicas:
+                svc.replicas.remove(replica)
+            replica.ready = False
+            self._publish(svc)
+            if replica.probe_task is not None:
+                replica.probe_task.cancel()
+            replica.stop_task = self._spawn(self._terminate(svc, replica))
+        return replica.stop_task
+
+    async def _terminate(self, svc: _Service, replica: _Replica) -> None:
+        """SIGTERM the replica's group, SIGKILL it after the grace, and always reap."""
+        loop = asyncio.get_running_loop()
+        try:
+            _signal_group(replica.pid, signal.SIGTERM)
+            deadline = loop.time() + svc.config.stop_grace
+            killed = not await _wait_group_gone(replica, deadline)
+            if killed:
+                _signal_group(replica.pid, signal.SIGKILL)
+                await replica.process.wait()
+                if not await _wait_group_gone(replica, loop.time() + KILL_WAIT):
+                    event(
+                        logger,
+                        "replica.group_left_behind",
+                        level=logging.ERROR,
+                        service=svc.name,
+                        port=replica.port,
+                        pgid=replica.pid,
+                    )
+        finally:
+            svc.stopping.discard(replica)
+        event(
+            logger,
+            "replica.stopped",
+            service=svc.name,
+            port=replica.port,
+            pid=replica.pid,
+            returncode=replica.process.returncode,
+            killed=killed,
+        )
+
+    # -- readiness -------------------------------------------------------------------------
+
+    async def _probe_loop(self, svc: _Service, replica: _Replica) -> None:
+        path = "/" + svc.config.ready_path.lstrip("/")
+        while True:
+            ok = await _probe(replica.port, path)
+            self._observe(svc, replica, ok)
+            await asyncio.sleep(self._probe_interval)
+
+    def _observe(self, svc: _Service, replica: _Replica, ok: bool) -> None:
+        """Record one probe result; a replica ready long enough resets the restart backoff."""
+        if replica.stopping or replica not in svc.replicas:
+            return
+        now = self._clock.monotonic()
+        if ok and not replica.ready:
+            replica.ready, replica.ready_since = True, now
+            event(logger, "replica.ready", service=svc.name, port=replica.port, pid=replica.pid)
+            self._publish(svc)
+        elif ok and replica.ready_since is not None:
+            if now - replica.ready_since >= self._backoff_reset_after:
+                svc.next_restart_delay = self._restart_backoff[0]
+        elif not ok and replica.ready:
+            replica.ready, replica.ready_since = False, None
+            event(logger, "replica.unready", service=svc.name, port=replica.port, pid=replica.pid)
+            self._publish(svc)
+
+    def _publish(self, svc: _Service) -> None:
+        """Tell waiters and listeners about the ready set, only when it changed."""
+        endpoints = tuple(sorted(r.endpoint for r in svc.replicas if r.ready))
+        if endpoints == svc.published:
+            return
+        svc.published = endpoints
+        _wake_waiters(svc)
+        for listener in list(self._listeners):
+            try:
+                listener(svc.name, endpoints)
+            except Exception as exc:
+                event(
+                    logger,
+                    "workloads.listener_failed",
+                    level=logging.ERROR,
+                    service=svc.name,
+                    error=repr(exc),
+                )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _service(self, name: str) -> _Service:
+        svc = self._services.get(name)
+        if svc is None:
+            raise UnknownServiceError(f"service {name!r} has no local workload")
+        return svc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise WorkloadError("local workloads are closed")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A background task that close() cancels; its unexpected failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            event(
+                logger,
+                "workloads.task_failed",
+                level=logging.ERROR,
+                task=task.get_name(),
+                error=repr(task.exception()),
+            )
+
+
+def _wake_waiters(svc: _Service) -> None:
+    changed, svc.changed = svc.changed, asyncio.Event()
+    changed.set()
+
+
+def _free_port() -> int:
+    """A loopback port free now. The replica binds it a moment later; the race with other
+    programs is accepted (a replica that fails to bind crashes and is restarted elsewhere)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def _argv(name: str, command: tuple[str, ...], port: int) -> list[str]:
+    """The command with its port filled in; a bare `python` runs torpor's own interpreter,
+    so that example services find the packages installed next to torpor."""
+    if not command:
+        raise WorkloadError(f"service {name!r}: local.command is empty")
+    argv = [arg.replace("{port}", str(port)) for arg in command]
+    if argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
+@contextlib.contextmanager
+def _open_log(name: str, path: Path) -> Iterator[IO[bytes]]:
+    """The replica's log file, appended to; closed here once the child holds its own copy."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log: IO[bytes] = path.open("ab")
+    except OSError as exc:
+        raise WorkloadError(f"service {name!r}: cannot open log file {path}: {exc}") from exc
+    with log:
+        yield log
+
+
+async def _probe(port: int, path: str) -> bool:
+    """One HTTP/1.0 GET on loopback; True for a 2xx status."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+            try:
+                request = f"GET {path} HTTP/1.0\r\nHost: {LOOPBACK}:{port}\r\n\r\n"
+                writer.write(request.encode("latin-1"))
+                await writer.drain()
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError, ValueError):
+        return False
+    parts = status_line.split()
+    return len(parts) >= 2 and len(parts[1]) == 3 and parts[1].startswith(b"2")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+async def _wait_group_gone(replica: _Replica, deadline: float) -> bool:
+    """Wait until the replica's leader is reaped and no member of its group can run;
+    False if that did not happen by `deadline` (loop time)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await replica.process.wait()
+            while True:
+                if not _group_alive(replica.pid):
+                    return True
+                await asyncio.sleep(GROUP_POLL_INTERVAL)
+    except TimeoutError:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while some process of group `pgid` can still run. Zombies do not count: an
+    orphan is reaped by PID 1, which in some containers never happens."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _live_member_in_proc(pgid)
+
+
+def _live_member_in_proc(pgid: int) -> bool:
+    """Whether /proc lists a non-zombie member of `pgid` (True where there is no /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses; the fields after it do not.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
