@@ -6,8 +6,11 @@ place to check against. Components import the objects they update; nothing else 
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from torpor.errors import TorporError
 from torpor.model import ServiceState
 
 XDS_PUSHES = Counter("torpor_xds_pushes", "xDS responses sent to Envoys", ["type"])
@@ -68,7 +71,11 @@ def _remove(metric: Gauge, *labels: str) -> None:
         pass
 
 
-def serve_metrics(host: str, port: int) -> int:
-    """Serve /metrics on host:port in a background thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host)
-    return int(server.server_port)
+def serve_metrics(host: str, port: int) -> tuple[WSGIServer, int]:
+    """Serve /metrics on host:port in a background thread; returns (server, bound port).
+    Stop it with `server.shutdown()`."""
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise TorporError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
+    return server, int(server.server_port)

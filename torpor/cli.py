@@ -1,0 +1,152 @@
+"""The `torpor` command line: the verbs of DESIGN.md's contract.
+
+Owns: argument parsing, turning torpor errors into one clear line and an exit code
+(2 for bad input such as a bad config, 1 for a failure at run time), and choosing what
+each verb runs. Every verb takes `--config FILE` and finds the addresses it needs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from torpor import admin_client
+from torpor.config import Config, load_config
+from torpor.errors import ConfigError, TorporError
+from torpor.logs import setup_logging
+
+DEFAULT_CONFIG = "torpor.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        setup_logging(args.log_level)
+        handler: Callable[[argparse.Namespace, Config], int] = args.handler
+        return handler(args, config)
+    except ConfigError as exc:
+        print(f"torpor: config error: {exc}", file=sys.stderr)
+        return 2
+    except admin_client.AdminError as exc:
+        print(f"torpor: {exc}", file=sys.stderr)
+        return 1
+    except TorporError as exc:
+        print(f"torpor: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torpor", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, handler: Callable[[argparse.Namespace, Config], int], text: str,
+             log_level: str = "warning") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                       help=f"torpor config (default: {DEFAULT_CONFIG})")
+        p.add_argument("--log-level", default=log_level,
+                       choices=["debug", "info", "warning", "error"],
+                       help=f"JSON logs on stderr at this level (default: {log_level})")
+        p.set_defaults(handler=handler)
+        return p
+
+    verb("up", _up, "run the whole gateway on this machine until Ctrl-C")
+    verb("xds-server", _xds_server, "run only the control plane (xDS, access logs, admin API)",
+         log_level="info")
+    verb("activator", _activator, "run only the activator", log_level="info")
+    status = verb("status", _status, "show every service's state")
+    status.add_argument("--json", action="store_true", help="print a JSON list")
+    for name, text in (("hibernate", "put a service to sleep now"),
+                       ("wake", "wake a sleeping service now")):
+        p = verb(name, _hibernate if name == "hibernate" else _wake, text)
+        p.add_argument("name", metavar="NAME", help="service name")
+    verb("envoy-bootstrap", _envoy_bootstrap,
+         "print the Envoy bootstrap that points at the control plane")
+    return parser
+
+
+def _up(args: argparse.Namespace, config: Config) -> int:
+    from torpor.up import run_up
+
+    return asyncio.run(run_up(config))
+
+
+def _xds_server(args: argparse.Namespace, config: Config) -> int:
+    from torpor.store import open_store
+    from torpor.workloads import make_workloads
+    from xds_server.control_plane import ControlPlane
+
+    async def run() -> int:
+        control_plane = ControlPlane(config, open_store(config.store, str(config.path)),
+                                     make_workloads(config))
+        await control_plane.start()
+        try:
+            await _until_signal()
+        finally:
+            await control_plane.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _activator(args: argparse.Namespace, config: Config) -> int:
+    from activator.server import ActivatorServer
+
+    async def run() -> int:
+        server = ActivatorServer(config)
+        await server.start()
+        try:
+            await _until_signal()
+        finally:
+            await server.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    statuses = admin_client.list_statuses(str(config.control_plane.admin_api))
+    if args.json:
+        print(json.dumps(statuses, indent=2))
+    else:
+        print(admin_client.format_status_table(statuses))
+    return 0
+
+
+def _hibernate(args: argparse.Namespace, config: Config) -> int:
+    result = admin_client.hibernate(str(config.control_plane.admin_api), args.name)
+    print(admin_client.format_status_table([result]))
+    return 0
+
+
+def _wake(args: argparse.Namespace, config: Config) -> int:
+    result = admin_client.wake(str(config.control_plane.admin_api), args.name)
+    print(admin_client.format_status_table([result]))
+    return 0
+
+
+def _envoy_bootstrap(args: argparse.Namespace, config: Config) -> int:
+    from xds_server.bootstrap import bootstrap_json
+
+    print(bootstrap_json(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

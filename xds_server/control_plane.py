@@ -1,0 +1,231 @@
+"""The control plane: service table + store + workloads → Envoy config, and the admin API.
+
+Owns: the in-memory service table (config joined with stored records), deciding where each
+service's traffic goes (its ready endpoints, the activator, or nowhere when evicted),
+starting the replicas of active services, and serving ADS, access logs and the admin API.
+Must not speak the xDS protocol itself (server.py) nor build protos (resources.py).
+
+Start-up order matters (FIELD_NOTES.md): the desired state is loaded from the store and
+put in the cache *before* the xDS port accepts a stream, so a restarted control plane never
+wipes Envoy's routes with an empty snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+
+from torpor import metrics
+from torpor.clock import Clock, SystemClock
+from torpor.config import Config, ServiceConfig
+from torpor.errors import NotSupportedError, UnknownServiceError
+from torpor.logs import event
+from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus
+from torpor.store.base import Store
+from torpor.workloads.base import Workloads
+from xds_server.admin_api import start_admin_server
+from xds_server.cache import SnapshotCache
+from xds_server.collector import CallCollector
+from xds_server.publisher import Publisher, Resources
+from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
+from xds_server.server import AdsServer
+from xds_server.serving import start_xds_listener
+
+log = logging.getLogger("torpor.control_plane")
+
+#: States in which a service's replicas should run.
+RUNNING_STATES = frozenset({ServiceState.ACTIVE, ServiceState.WAKING})
+#: States in which a service keeps its route and cluster in Envoy.
+ROUTED_STATES = frozenset(set(ServiceState) - {ServiceState.EVICTED})
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundPorts:
+    """Where the control plane listens (config ports may be 0 in tests)."""
+
+    xds: int
+    admin_api: int
+    metrics: int
+
+
+class ControlPlane:
+    """One control-plane process. Also implements torpor.admin.ServiceAdmin."""
+
+    def __init__(self, config: Config, store: Store, workloads: Workloads,
+                 clock: Clock | None = None, serve_metrics: bool = True) -> None:
+        self.config = config
+        self.store = store
+        self.workloads = workloads
+        self.clock = clock or SystemClock()
+        self.records: dict[str, ServiceRecord] = {}
+        activator = config.activator.listen
+        self.builder = ResourceBuilder(
+            GatewaySettings(
+                listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
+                activator=Endpoint(activator.host, activator.port),
+                route_timeout=config.activator.wake_timeout + 30.0,
+                max_requests=max(1024, 4 * config.activator.max_held_per_service),
+            )
+        )
+        self.cache = SnapshotCache()
+        self.ads = AdsServer(self.cache)
+        self.collector = CallCollector(self.clock)
+        self.publisher = Publisher(self.cache, self.ads, config.control_plane.ack_timeout)
+        self.ports: BoundPorts | None = None
+        self._serve_metrics = serve_metrics
+        self._servers: list[grpc.aio.Server] = []
+        self._metrics_server: WSGIServer | None = None
+        self._dirty = asyncio.Event()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._remove_listener: Callable[[], None] = lambda: None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> BoundPorts:
+        """Load state, start replicas of active services, then serve."""
+        await self.store.open()
+        await self.workloads.start()
+        await self._load_records()
+        self._remove_listener = self.workloads.add_listener(self._on_endpoints)
+        for record in self.records.values():
+            if record.state in RUNNING_STATES:
+                await self.workloads.scale(record.name, record.desired_replicas)
+        self.cache.set_resources(self._desired())  # before the first stream can arrive
+        self._sync_task = asyncio.create_task(self._sync_loop())
+        self.ports = await self._serve()
+        event(log, "control_plane.started", xds=self.ports.xds, admin_api=self.ports.admin_api,
+              services=len(self.records))
+        return self.ports
+
+    async def stop(self, stop_workloads: bool = True) -> None:
+        """Stop serving; stop the replicas too unless told to leave them running."""
+        self._remove_listener()
+        if self._sync_task:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+        for server in self._servers:
+            await server.stop(1.0)
+        self._servers.clear()
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server = None
+        if stop_workloads:
+            await self.workloads.close()
+        await self.store.close()
+        event(log, "control_plane.stopped")
+
+    async def _serve(self) -> BoundPorts:
+        cp = self.config.control_plane
+        xds_server, xds_port = await start_xds_listener(str(cp.xds), self.ads, self.collector)
+        self._servers.append(xds_server)
+        admin_server, admin_port = await start_admin_server(str(cp.admin_api), self)
+        self._servers.append(admin_server)
+        metrics_port = 0
+        if self._serve_metrics:
+            self._metrics_server, metrics_port = metrics.serve_metrics(cp.metrics.host,
+                                                                       cp.metrics.port)
+        return BoundPorts(xds=xds_port, admin_api=admin_port, metrics=metrics_port)
+
+    async def _load_records(self) -> None:
+        """Join config services with stored records; a new service gets an ACTIVE record."""
+        stored = {r.name: r for r in await self.store.list()}
+        for service in self.config.services:
+            record = stored.get(service.name)
+            if record is None:
+                record = await self.store.put(
+                    ServiceRecord.new(service.name, service.replicas, self.clock.now())
+                )
+                event(log, "service.registered", service=service.name, state=record.state.value,
+                      replicas=service.replicas)
+            self.records[service.name] = record
+            metrics.set_service_state(service.name, record.state)
+
+    # --- Envoy config -------------------------------------------------------------------
+
+    def _desired(self) -> Resources:
+        return self.builder.build(self._routed_services())
+
+    def _routed_services(self) -> list[RoutedService]:
+        routed = []
+        for service in self.config.services:
+            record = self.records[service.name]
+            if record.state in ROUTED_STATES:
+                routed.append(RoutedService(service.name, service.host,
+                                            self._traffic_target(service, record)))
+        return routed
+
+    def _traffic_target(self, service: ServiceConfig,
+                        record: ServiceRecord) -> tuple[Endpoint, ...]:
+        """Ready replicas of an active service; otherwise the activator, which holds the
+        request and wakes the service (Knative's rule: no ready endpoint → activator)."""
+        if record.state is ServiceState.ACTIVE:
+            ready = self.workloads.ready_endpoints(service.name)
+            if ready:
+                return ready
+        return (self.builder.settings.activator,)
+
+    async def sync(self) -> bool:
+        """Push the current table to every Envoy; True once all applied it."""
+        return await self.publisher.publish(self._desired)
+
+    async def _sync_loop(self) -> None:
+        """Coalesce endpoint changes: one push carries every change made meanwhile."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("xds.sync_failed")
+
+    def _on_endpoints(self, name: str, endpoints: tuple[Endpoint, ...]) -> None:
+        metrics.SERVICE_READY_ENDPOINTS.labels(service=name).set(len(endpoints))
+        with contextlib.suppress(UnknownServiceError):
+            metrics.SERVICE_REPLICAS.labels(service=name).set(
+                self.workloads.running_replicas(name))
+        event(log, "service.endpoints", service=name, ready=[str(e) for e in endpoints])
+        self._dirty.set()
+
+    # --- admin (torpor.admin.ServiceAdmin) ----------------------------------------------
+
+    async def statuses(self) -> list[ServiceStatus]:
+        return [self._status(name) for name in sorted(self.records)]
+
+    async def status(self, name: str) -> ServiceStatus:
+        if name not in self.records:
+            raise UnknownServiceError(f"unknown service {name!r}")
+        return self._status(name)
+
+    async def hibernate(self, name: str) -> ServiceStatus:
+        await self.status(name)
+        raise NotSupportedError("hibernate is not supported yet (it comes with the activator)")
+
+    async def wake(self, name: str) -> ServiceStatus:
+        await self.status(name)
+        raise NotSupportedError("wake is not supported yet (it comes with the activator)")
+
+    def _status(self, name: str) -> ServiceStatus:
+        record = self.records[name]
+        service = self.config.service(name)
+        seen = self.collector.last_call.get(name)
+        last_call = max(filter(None, (record.last_call, seen)), default=None)
+        return ServiceStatus(
+            name=name,
+            host=service.host if service else "",
+            state=record.state,
+            replicas=self.workloads.running_replicas(name),
+            desired_replicas=record.desired_replicas,
+            recorded_replicas=record.recorded_replicas,
+            ready_endpoints=self.workloads.ready_endpoints(name),
+            last_call=last_call,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            history=record.history,
+        )
