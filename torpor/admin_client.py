@@ -116,9 +116,10 @@ def _invoke(address: str, method: str, request: Any, timeout: float, name: str |
         raise _error_for(exc, address, name, timeout) from exc
 
 
-def _cannot_reach(address: str) -> str:
+def _cannot_reach(address: str, details: str = "") -> str:
+    why = f": {details}" if details else ""
     return (
-        f"cannot reach the torpor admin API at {address} "
+        f"cannot reach the torpor admin API at {address}{why} "
         "(is torpor running? check control_plane.admin_api in the config)"
     )
 
@@ -138,7 +139,7 @@ def _error_for(exc: Any, address: str, name: str | None, timeout: float) -> Admi
         # Not an answer from the torpor servicer: the transport failed, or the peer is not
         # a torpor admin API at all.
         if code == grpc.StatusCode.UNAVAILABLE:
-            return error(_cannot_reach(address))
+            return error(_cannot_reach(address, details))
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return error(
                 f"the torpor admin API at {address} did not answer within {timeout:g}s "

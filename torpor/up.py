@@ -61,7 +61,7 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _stop_on, stop, sig, out)
 
     control_plane = ControlPlane(config, open_store(config.store, str(config.path)),
                                  make_workloads(config))
@@ -138,6 +138,11 @@ async def show_progress(control_plane: ControlPlane, config: Config, out: TextIO
         say(out, f"  curl -H 'Host: {service.host}' http://{config.gateway.listen}/predict "
                  "-d 'what a great day'")
     say(out, "Ctrl-C stops torpor and every process it started.")
+
+
+def _stop_on(stop: asyncio.Event, sig: signal.Signals, out: TextIO) -> None:
+    say(out, f"received {sig.name}")
+    stop.set()
 
 
 def say(out: TextIO, text: str) -> None:

@@ -1,0 +1,176 @@
+"""`torpor up` end to end, as a user runs it: a real Envoy, model servers as local
+processes, the sqlite store. Requests are answered through Envoy; SIGTERM leaves no
+process behind; a restart keeps the service table, states and histories."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.configs import model_service, write_config
+from tests.support.net import wait_until
+from torpor.config import Config, load_config
+from torpor.model import ServiceState
+from torpor.store.sqlite import SqliteStore
+
+
+class Up:
+    """A `torpor up` subprocess with its output in a file."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.output = config_path.parent / "up.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+
+    def start(self) -> None:
+        self._offset = len(self.text()) if self.output.exists() else 0
+        with self.output.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "torpor.cli", "up", "--config", str(self.config_path)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    async def wait_ready(self) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"torpor up exited: {self.text()[-3000:]}")
+            return "torpor: ready." in self.text()[self._offset:]
+
+        await wait_until(ready, 90, "torpor up ready")
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.proc.wait, 60)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def status_json(config_path: Path) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "torpor.cli", "status", "--json", "--config", str(config_path)],
+        capture_output=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    return list(json.loads(out.stdout))
+
+
+def processes_mentioning(needle: str) -> list[str]:
+    """Command lines of live, non-zombie processes that contain `needle`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+@pytest.fixture
+async def up(tmp_path: Path) -> AsyncIterator[Up]:
+    config_path = write_config(tmp_path, model_service("echo", 2, load_seconds=0.3) +
+                               model_service("sentiment", 1))
+    runner = Up(config_path)
+    yield runner
+    runner.kill()
+
+
+async def get(config: Config, host: str, path: str = "/predict",
+              body: bytes = b"what a great and wonderful day") -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.post(
+        f"http://{config.gateway.listen}{path}", data=body, headers={"Host": host}
+    ) as r:
+        return r.status, await r.text()
+
+
+async def test_up_serves_stops_cleanly_and_keeps_state(up: Up) -> None:
+    config = load_config(up.config_path)
+    up.start()
+    await up.wait_ready()
+
+    status, body = await get(config, "echo.localhost")
+    assert status == 200, body
+    assert json.loads(body)["model"] == "echo"
+    assert json.loads(body)["label"] == "positive"
+    status, body = await get(config, "unknown.localhost")
+    assert status == 404 and "unknown.localhost" in body
+
+    before = {s["name"]: s for s in await asyncio.to_thread(status_json, up.config_path)}
+    assert before["echo"]["state"] == "ACTIVE" and before["echo"]["replicas"] == 2
+    assert before["echo"]["recorded_replicas"] == 2
+    assert set(before["echo"]) >= {"name", "state", "replicas", "recorded_replicas",
+                                   "last_call"}
+    ports = [e.split(":")[1] for s in before.values() for e in s["ready_endpoints"]]  # type: ignore[attr-defined]
+    assert len(ports) == 3
+
+    assert await up.stop() == 0
+    assert "stopped" in up.text()
+    assert not processes_mentioning(str(up.config_path.parent)), "envoy left running"
+    leftovers = [p for p in processes_mentioning("torpor.examples.model_server")
+                 if any(f"--port {port} " in p for port in ports)]
+    assert not leftovers, leftovers
+
+    # Offline, the operator's store says sentiment is asleep (as hibernation will record).
+    store = SqliteStore(config.store.path)  # type: ignore[arg-type]
+    await store.open()
+    record = await store.get("sentiment")
+    assert record is not None
+    record = record.with_state(ServiceState.HIBERNATING, record.updated_at + 1, "test")
+    record = record.with_state(ServiceState.HIBERNATED, record.updated_at + 1, "test")
+    await store.put(dataclasses.replace(record, recorded_replicas=1))
+    await store.close()
+
+    up.start()
+    await up.wait_ready()
+    after = {s["name"]: s for s in await asyncio.to_thread(status_json, up.config_path)}
+    assert after["echo"]["state"] == "ACTIVE"
+    assert after["echo"]["history"] == before["echo"]["history"]
+    assert after["echo"]["created_at"] == before["echo"]["created_at"]
+    assert after["sentiment"]["state"] == "HIBERNATED"
+    assert after["sentiment"]["replicas"] == 0 and after["sentiment"]["recorded_replicas"] == 1
+    assert [h["to"] for h in after["sentiment"]["history"]] == [  # type: ignore[union-attr]
+        "ACTIVE", "HIBERNATING", "HIBERNATED"]
+    status, body = await get(config, "echo.localhost")
+    assert status == 200
+    status, body = await get(config, "sentiment.localhost")  # sent to the activator
+    assert status == 503 and "sentiment" in body
+    assert await up.stop() == 0
+
+
+async def test_bad_config_starts_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gateway: {listen: 127.0.0.1:8080, admin: 127.0.0.1:8080}\nservices: []\n")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "torpor.cli", "up", "--config", str(bad)],
+        capture_output=True, timeout=60,
+    )
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert str(bad) in err and "gateway.admin" in err and "gateway.listen" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not processes_mentioning(str(tmp_path))
