@@ -71,7 +71,8 @@ class ResourceBuilder:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self._vhosts: dict[tuple[str, str], route_components_pb2.VirtualHost] = {}
+        # name -> (host it was built for, its VirtualHost)
+        self._vhosts: dict[str, tuple[str, route_components_pb2.VirtualHost]] = {}
         self._clusters: dict[str, Resource] = {}
         self._endpoints: dict[tuple[str, tuple[Endpoint, ...]], Resource] = {}
         self._static = {
@@ -101,21 +102,22 @@ class ResourceBuilder:
 
     def _prune(self, names: set[str]) -> None:
         """Drop cached protos of services that left the table (memory at 10k churn)."""
-        self._vhosts = {k: v for k, v in self._vhosts.items() if k[0] in names}
+        self._vhosts = {k: v for k, v in self._vhosts.items() if k in names}
         self._clusters = {k: v for k, v in self._clusters.items() if k in names}
         self._endpoints = {k: v for k, v in self._endpoints.items() if k[0] in names}
 
     # --- per service ----------------------------------------------------------------
 
     def _vhost(self, name: str, host: str) -> route_components_pb2.VirtualHost:
-        key = (name, host)
-        if key not in self._vhosts:
-            self._vhosts[key] = route_components_pb2.VirtualHost(
+        cached = self._vhosts.get(name)
+        if cached is None or cached[0] != host:
+            vhost = route_components_pb2.VirtualHost(
                 name=name,
                 domains=[host, f"{host}:*"],
                 routes=[self._route(name, name)],
             )
-        return self._vhosts[key]
+            cached = self._vhosts[name] = (host, vhost)
+        return cached[1]
 
     def _route(self, route_name: str, cluster: str) -> route_components_pb2.Route:
         """A route that survives a cold start: long timeout, safe retries on another host."""

@@ -1,0 +1,138 @@
+"""The Envoy bootstrap: what `torpor envoy-bootstrap` prints for a config, checked by the
+real Envoy offline (`envoy --mode validate`) and field by field."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from torpor import cli
+from torpor.config import Address, Config, load_config
+from torpor.gateway import envoy_binary
+from xds_server.bootstrap import bootstrap, bootstrap_json
+
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def write_config(tmp_path: Path, xds_host: str = "127.0.0.1", node_id: str = "edge-7") -> Path:
+    path = tmp_path / "torpor.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        gateway:
+          listen: 127.0.0.1:18480
+          admin: 127.0.0.1:19911
+        control_plane:
+          xds: {xds_host}:18400
+          admin_api: 127.0.0.1:18401
+          node_id: {node_id}
+        services:
+          - name: echo
+            host: echo.localhost
+            local:
+              command: [python, -m, torpor.examples.model_server, --port, "{{port}}"]
+        """), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return load_config(write_config(tmp_path))
+
+
+def validate(tmp_path: Path, boot: dict[str, Any] | str) -> subprocess.CompletedProcess[str]:
+    file = tmp_path / "envoy.json"
+    file.write_text(boot if isinstance(boot, str) else json.dumps(boot), encoding="utf-8")
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(file), "--disable-hot-restart",
+         "--log-level", "warning"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+# --- Envoy accepts it --------------------------------------------------------------------
+
+@pytest.mark.envoy
+@pytest.mark.parametrize("xds_host", ["127.0.0.1", "localhost"], ids=["ip-static", "name-dns"])
+def test_envoy_validates_the_bootstrap(tmp_path: Path, xds_host: str) -> None:
+    config = load_config(write_config(tmp_path, xds_host=xds_host))
+    result = validate(tmp_path, bootstrap_json(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.envoy
+def test_envoy_rejects_a_broken_bootstrap(tmp_path: Path, config: Config) -> None:
+    """The validation above can fail: a cluster of an unknown type is refused."""
+    boot = json.loads(bootstrap_json(config))
+    boot["static_resources"]["clusters"][0]["type"] = "NOT_A_TYPE"
+    assert validate(tmp_path, boot).returncode != 0
+
+
+# --- its fields --------------------------------------------------------------------------
+
+def test_node_admin_and_ads_are_as_configured(config: Config) -> None:
+    boot = json.loads(bootstrap_json(config))
+    assert boot["node"]["id"] == "edge-7"
+    assert boot["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1", "port_value": 19911,
+    }
+    ads = boot["dynamic_resources"]["ads_config"]
+    assert ads["api_type"] == "GRPC"
+    assert ads["transport_api_version"] == "V3"
+    assert ads["grpc_services"] == [{"envoy_grpc": {"cluster_name": "torpor_xds"}}]
+    for source in ("cds_config", "lds_config"):
+        assert boot["dynamic_resources"][source] == {"ads": {}, "resource_api_version": "V3"}
+
+
+def test_node_id_argument_overrides_the_config(config: Config) -> None:
+    assert json.loads(bootstrap_json(config, node_id="other"))["node"]["id"] == "other"
+
+
+@pytest.mark.parametrize(("host", "kind"), [("127.0.0.1", "STATIC"), ("localhost", "STRICT_DNS")])
+def test_the_xds_cluster_speaks_http2_to_the_configured_address(host: str, kind: str) -> None:
+    boot = bootstrap("n", Address("127.0.0.1", 9901), Address(host, 18400))
+    (cluster,) = boot["static_resources"]["clusters"]
+    assert cluster["name"] == "torpor_xds"
+    assert cluster["type"] == kind
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    (lb,) = locality["lb_endpoints"]
+    assert lb["endpoint"]["address"]["socket_address"] == {"address": host, "port_value": 18400}
+    options = cluster["typed_extension_protocol_options"][HTTP_OPTIONS]
+    assert options["@type"] == "type.googleapis.com/" + HTTP_OPTIONS
+    assert "http2_protocol_options" in options["explicit_http_config"]
+
+
+def test_the_xds_cluster_address_comes_from_the_config(config: Config) -> None:
+    boot = json.loads(bootstrap_json(config))
+    (cluster,) = boot["static_resources"]["clusters"]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert address["socket_address"] == {"address": "127.0.0.1", "port_value": 18400}
+
+
+# --- the CLI -----------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """cli.main installs a root handler on (captured) stderr: take it away afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.envoy
+@pytest.mark.usefixtures("restore_logging")
+def test_cli_prints_the_bootstrap_as_json(tmp_path: Path, config: Config,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["envoy-bootstrap", "--config", str(config.path)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == json.loads(bootstrap_json(config))
+    assert json.loads(out) == bootstrap("edge-7", config.gateway.admin, config.control_plane.xds)
+    result = validate(tmp_path, out)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,261 @@
+"""The service table → Envoy resources: the shape of what ResourceBuilder emits, and its
+per-service caching (reuse what did not change, forget services that left)."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf.message import Message
+
+from torpor.model import Endpoint
+from xds_server import types
+from xds_server.cache import Resource
+from xds_server.resources import (
+    ACTIVATOR_CLUSTER,
+    CATCH_ALL_VHOST,
+    CONTROL_PLANE_CLUSTER,
+    LISTENER_NAME,
+    ROUTE_CONFIG_NAME,
+    GatewaySettings,
+    ResourceBuilder,
+    RoutedService,
+)
+
+LISTEN = Endpoint("127.0.0.1", 10000)
+ACTIVATOR = Endpoint("127.0.0.1", 18080)
+SETTINGS = GatewaySettings(listen=LISTEN, activator=ACTIVATOR, route_timeout=150.0,
+                           max_requests=5000, retries=2)
+
+ECHO = RoutedService("echo", "echo.localhost",
+                     (Endpoint("127.0.0.1", 9001), Endpoint("127.0.0.1", 9002)))
+SENTIMENT = RoutedService("sentiment", "sentiment.localhost", (Endpoint("127.0.0.1", 9101),))
+ASLEEP = RoutedService("asleep", "asleep.localhost", (ACTIVATOR,))  # hibernating: → activator
+
+M = TypeVar("M", bound=Message)
+
+
+def unpack(resource: Resource, message: M) -> M:
+    assert resource.body.Unpack(message), resource.body.type_url
+    return message
+
+
+def route_config(built: dict[str, dict[str, Resource]]) -> route_pb2.RouteConfiguration:
+    assert set(built[types.ROUTE]) == {ROUTE_CONFIG_NAME}
+    return unpack(built[types.ROUTE][ROUTE_CONFIG_NAME], route_pb2.RouteConfiguration())
+
+
+def addresses(cla: endpoint_pb2.ClusterLoadAssignment) -> list[Endpoint]:
+    return [
+        Endpoint(lb.endpoint.address.socket_address.address,
+                 lb.endpoint.address.socket_address.port_value)
+        for locality in cla.endpoints
+        for lb in locality.lb_endpoints
+    ]
+
+
+@pytest.fixture
+def built() -> dict[str, dict[str, Resource]]:
+    return ResourceBuilder(SETTINGS).build([SENTIMENT, ECHO, ASLEEP])
+
+
+# --- the shape ---------------------------------------------------------------------------
+
+def test_every_type_is_built_with_names_matching_the_keys(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    assert set(built) == {types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE}
+    for type_url, resources in built.items():
+        for name, resource in resources.items():
+            assert resource.name == name
+            assert resource.body.type_url == type_url
+
+
+def test_one_listener_whose_hcm_uses_rds_over_ads_and_logs_to_the_control_plane(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    assert set(built[types.LISTENER]) == {LISTENER_NAME}
+    listener = unpack(built[types.LISTENER][LISTENER_NAME], listener_pb2.Listener())
+    assert listener.address.socket_address.address == LISTEN.host
+    assert listener.address.socket_address.port_value == LISTEN.port
+    (chain,) = listener.filter_chains
+    (network_filter,) = chain.filters
+    manager = hcm_pb2.HttpConnectionManager()
+    assert network_filter.typed_config.Unpack(manager)
+
+    assert manager.WhichOneof("route_specifier") == "rds"
+    assert manager.rds.route_config_name == ROUTE_CONFIG_NAME
+    assert manager.rds.config_source.HasField("ads")
+    assert manager.rds.config_source.resource_api_version == config_source_pb2.V3
+    assert [f.name for f in manager.http_filters][-1] == "envoy.filters.http.router"
+
+    (access_log,) = manager.access_log
+    assert access_log.name == "envoy.access_loggers.http_grpc"
+    als = als_pb2.HttpGrpcAccessLogConfig()
+    assert access_log.typed_config.Unpack(als)
+    common = als.common_config
+    assert common.grpc_service.envoy_grpc.cluster_name == CONTROL_PLANE_CLUSTER
+    assert common.transport_api_version == config_source_pb2.V3
+
+
+def test_one_vhost_per_service_sorted_then_the_catch_all_last(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    config = route_config(built)
+    assert config.name == ROUTE_CONFIG_NAME
+    assert [(v.name, list(v.domains)) for v in config.virtual_hosts] == [
+        ("asleep", ["asleep.localhost", "asleep.localhost:*"]),
+        ("echo", ["echo.localhost", "echo.localhost:*"]),
+        ("sentiment", ["sentiment.localhost", "sentiment.localhost:*"]),
+        (CATCH_ALL_VHOST, ["*"]),
+    ]
+    for vhost in config.virtual_hosts:
+        (route,) = vhost.routes
+        assert route.name == vhost.name
+        assert route.match.prefix == "/"
+        target = ACTIVATOR_CLUSTER if vhost.name == CATCH_ALL_VHOST else vhost.name
+        assert route.route.cluster == target
+
+
+def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    for vhost in route_config(built).virtual_hosts:
+        action: route_components_pb2.RouteAction = vhost.routes[0].route
+        assert action.HasField("timeout")
+        assert action.timeout.ToNanoseconds() == int(SETTINGS.route_timeout * 1e9)
+        assert action.timeout.ToSeconds() > 15  # Envoy's default would cut cold starts
+        policy = action.retry_policy
+        assert action.HasField("retry_policy")
+        assert set(policy.retry_on.split(",")) == {
+            "connect-failure", "refused-stream", "reset-before-request",
+        }
+        assert policy.num_retries.value == SETTINGS.retries
+        assert [p.name for p in policy.retry_host_predicate] == [
+            "envoy.retry_host_predicates.previous_hosts"
+        ]
+
+
+def test_one_eds_cluster_per_service_over_ads_with_raised_circuit_breakers(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    assert set(built[types.CLUSTER]) == {ACTIVATOR_CLUSTER, "asleep", "echo", "sentiment"}
+    for name in ("asleep", "echo", "sentiment"):
+        cluster = unpack(built[types.CLUSTER][name], cluster_pb2.Cluster())
+        assert cluster.name == name
+        assert cluster.type == cluster_pb2.Cluster.EDS
+        assert cluster.eds_cluster_config.service_name == name
+        assert cluster.eds_cluster_config.eds_config.HasField("ads")
+        assert (cluster.eds_cluster_config.eds_config.resource_api_version
+                == config_source_pb2.V3)
+        assert_thresholds(cluster)
+
+
+def test_the_activator_cluster_is_static_with_raised_circuit_breakers(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    cluster = unpack(built[types.CLUSTER][ACTIVATOR_CLUSTER], cluster_pb2.Cluster())
+    assert cluster.type == cluster_pb2.Cluster.STATIC
+    assert addresses(cluster.load_assignment) == [ACTIVATOR]
+    assert_thresholds(cluster)
+
+
+def assert_thresholds(cluster: cluster_pb2.Cluster) -> None:
+    (thresholds,) = cluster.circuit_breakers.thresholds
+    assert thresholds.priority == base_pb2.DEFAULT
+    for field in ("max_connections", "max_pending_requests", "max_requests"):
+        value = getattr(thresholds, field)
+        assert thresholds.HasField(field), field
+        assert value.value >= SETTINGS.max_requests, field
+
+
+def test_cla_endpoints_equal_the_given_endpoints(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    assert set(built[types.ENDPOINT]) == {"asleep", "echo", "sentiment"}
+    for service in (ECHO, SENTIMENT, ASLEEP):
+        cla = unpack(built[types.ENDPOINT][service.name], endpoint_pb2.ClusterLoadAssignment())
+        assert cla.cluster_name == service.name
+        assert addresses(cla) == list(service.endpoints)
+
+
+def test_an_empty_table_still_has_the_listener_activator_and_catch_all() -> None:
+    built = ResourceBuilder(SETTINGS).build([])
+    assert set(built[types.CLUSTER]) == {ACTIVATOR_CLUSTER}
+    assert built[types.ENDPOINT] == {}
+    assert set(built[types.LISTENER]) == {LISTENER_NAME}
+    assert [v.name for v in route_config(built).virtual_hosts] == [CATCH_ALL_VHOST]
+
+
+# --- caching --------------------------------------------------------------------------------
+
+def test_unchanged_services_reuse_the_same_resource_objects() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    first = builder.build([ECHO, SENTIMENT])
+    moved = RoutedService("sentiment", SENTIMENT.host, (Endpoint("127.0.0.1", 9102),))
+    second = builder.build([ECHO, moved])
+    for type_url in (types.CLUSTER, types.LISTENER):
+        for name, resource in first[type_url].items():
+            assert second[type_url][name] is resource, (types.short(type_url), name)
+    assert second[types.ENDPOINT]["echo"] is first[types.ENDPOINT]["echo"]
+    assert second[types.ENDPOINT]["sentiment"] is not first[types.ENDPOINT]["sentiment"]
+    assert second[types.ENDPOINT]["sentiment"].digest != first[types.ENDPOINT]["sentiment"].digest
+    # Flipping back to a previous endpoint set builds it anew: only one CLA per service kept.
+    assert len([k for k in builder._endpoints if k[0] == "sentiment"]) == 1
+    # The routes did not change: same digest (the RouteConfiguration is repacked each build).
+    assert (second[types.ROUTE][ROUTE_CONFIG_NAME].digest
+            == first[types.ROUTE][ROUTE_CONFIG_NAME].digest)
+
+
+def test_equal_tables_build_equal_digests_in_any_order() -> None:
+    one = ResourceBuilder(SETTINGS).build([ECHO, SENTIMENT, ASLEEP])
+    two = ResourceBuilder(SETTINGS).build([ASLEEP, SENTIMENT, ECHO])
+    for type_url in one:
+        assert {n: r.digest for n, r in one[type_url].items()} == {
+            n: r.digest for n, r in two[type_url].items()
+        }
+
+
+def test_a_host_change_changes_only_the_routes() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    first = builder.build([ECHO])
+    second = builder.build([RoutedService("echo", "echo2.localhost", ECHO.endpoints)])
+    assert second[types.CLUSTER]["echo"] is first[types.CLUSTER]["echo"]
+    assert second[types.ENDPOINT]["echo"] is first[types.ENDPOINT]["echo"]
+    assert list(route_config(second).virtual_hosts[0].domains) == [
+        "echo2.localhost", "echo2.localhost:*",
+    ]
+
+
+def test_a_host_change_drops_the_old_vhost_from_the_cache() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    builder.build([ECHO])
+    builder.build([RoutedService("echo", "echo2.localhost", ECHO.endpoints)])
+    assert {name: host for name, (host, _) in builder._vhosts.items()} == {
+        "echo": "echo2.localhost"}
+
+
+def test_a_removed_services_caches_are_pruned() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    first = builder.build([ECHO, SENTIMENT])
+    second = builder.build([ECHO])
+    assert set(second[types.CLUSTER]) == {ACTIVATOR_CLUSTER, "echo"}
+    assert set(second[types.ENDPOINT]) == {"echo"}
+    assert [v.name for v in route_config(second).virtual_hosts] == ["echo", CATCH_ALL_VHOST]
+    assert set(builder._vhosts) == {"echo"}
+    assert set(builder._clusters) == {"echo"}
+    assert {k[0] for k in builder._endpoints} == {"echo"}
+    # Coming back, it is built anew (nothing of it was kept), with the same content.
+    third = builder.build([ECHO, SENTIMENT])
+    assert third[types.CLUSTER]["sentiment"] is not first[types.CLUSTER]["sentiment"]
+    assert third[types.CLUSTER]["sentiment"].digest == first[types.CLUSTER]["sentiment"].digest
+    assert third[types.ENDPOINT]["sentiment"] is not first[types.ENDPOINT]["sentiment"]
