@@ -1,0 +1,545 @@
+"""xDS at scale: torpor's control plane driving real Envoys with 1,000 and 10,000 services.
+
+    python bench/xds_scale.py [--sizes 1000,10000] [--envoys 1]
+
+For each size N, with a fresh control plane and fresh Envoy(s), this prints:
+  (a) time to full sync: from building the first snapshot of N services (one EDS cluster,
+      one ClusterLoadAssignment and one virtual host each) until every Envoy has ACKed
+      every type at that version and answers /ready;
+  (b) one endpoint flip (EDS only) through Publisher.publish, ~10 times: push -> all
+      Envoys ACKed, and push -> first response from the new backend seen by a client
+      polling that service through Envoy's listener (median and max);
+  (c) adding one service (staged: CDS+EDS, then RDS): push -> all Envoys ACKed;
+  (d) memory after sync: this process's VmRSS and its growth over a baseline taken before
+      the resources were built, each Envoy's VmRSS, and the RouteConfiguration's size.
+
+A benchmark prints figures; it never passes or fails on time. It stands alone with the
+torpor package (no tests.support): it reuses xds_server.* and torpor.gateway, and wires
+them itself. Everything listens on 127.0.0.1; every process it starts is stopped in a
+finally block; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from torpor.config import Address
+from torpor.gateway import EnvoyProcess
+from torpor.model import Endpoint
+from xds_server import types
+from xds_server.bootstrap import bootstrap
+from xds_server.cache import SnapshotCache
+from xds_server.collector import CallCollector
+from xds_server.publisher import Publisher, Resources
+from xds_server.resources import ROUTE_CONFIG_NAME, GatewaySettings, ResourceBuilder, RoutedService
+from xds_server.server import AdsServer
+from xds_server.serving import start_xds_listener
+
+LOOPBACK = "127.0.0.1"
+FLIPS = 10
+ADDS = 3
+FLIP_VISIBLE_DEADLINE = 5.0  # s: a flip that never shows within this is reported, not waited on
+ACK_TIMEOUT = 30.0  # s: the publisher's wait for every Envoy to apply a stage
+ALL_TYPES = frozenset(types.SHORT_NAMES.values())
+
+
+# --- small wiring -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago (Envoy's ports must be chosen up front)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kb(pid: int | str = "self") -> int:
+    """VmRSS of a process in kB, from /proc/<pid>/status (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Backend:
+    """An aiohttp server on loopback that answers every request with its own name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(LOOPBACK, self.port)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.name)
+
+    async def start(self) -> Backend:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, LOOPBACK, 0).start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class LoopMonitor:
+    """The longest the event loop went without running a 5 ms timer (its worst stall)."""
+
+    INTERVAL = 0.005
+
+    def __init__(self) -> None:
+        self.max_stall = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.INTERVAL)
+            self.max_stall = max(self.max_stall, loop.time() - before - self.INTERVAL)
+
+    def take(self) -> float:
+        """The worst stall since the last take(), and reset."""
+        value, self.max_stall = self.max_stall, 0.0
+        return value
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class PushLog(logging.Handler):
+    """Collects the publisher's own per-stage timings (its `xds.pushed` debug events)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.pushes: list[tuple[int, float]] = []  # (version, seconds)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "xds.pushed":
+            self.pushes.append((int(record.__dict__["version"]), float(record.__dict__["seconds"])))
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        logger = logging.getLogger("torpor.xds")
+        old_level = logger.level
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)  # root has no handler: debug records print nowhere
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(old_level)
+
+
+class Envoys:
+    """K Envoys bootstrapped to one xDS port; all share the listener from the snapshot."""
+
+    def __init__(self, workdir: Path, count: int, xds_port: int) -> None:
+        self.processes: list[EnvoyProcess] = []
+        for i in range(count):
+            admin = Address(LOOPBACK, free_port())
+            boot = workdir / f"envoy-{i}.json"
+            boot.write_text(json.dumps(bootstrap(f"bench-{i}", admin, Address(LOOPBACK, xds_port))))
+            self.processes.append(EnvoyProcess(boot, workdir / f"envoy-{i}.log", admin))
+
+    async def start(self) -> None:
+        for envoy in self.processes:
+            await envoy.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(e.stop() for e in self.processes), return_exceptions=True)
+
+    def pids(self) -> list[int]:
+        return [e.proc.pid for e in self.processes if e.proc is not None]
+
+    def log_tails(self, chars: int = 1500) -> str:
+        out = []
+        for e in self.processes:
+            if e.log_path.exists():
+                text = e.log_path.read_text(errors="replace")
+                out.append(f"--- {e.log_path.name}\n{text[-chars:]}")
+        return "\n".join(out)
+
+    async def all_ready(self, session: aiohttp.ClientSession) -> bool:
+        """True when every Envoy's admin /ready answers 200 (LIVE); raises if one exited."""
+        for e in self.processes:
+            if e.proc is None or e.proc.returncode is not None:
+                raise RuntimeError(f"envoy exited (see log below)\n{self.log_tails()}")
+            try:
+                async with session.get(f"http://{e.admin.host}:{e.admin.port}/ready") as r:
+                    if r.status != 200:
+                        return False
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+        return True
+
+
+def services(n: int, endpoint: Endpoint) -> list[RoutedService]:
+    return [service(f"svc-{i:05d}", endpoint) for i in range(n)]
+
+
+def service(name: str, endpoint: Endpoint) -> RoutedService:
+    return RoutedService(name=name, host=f"{name}.bench", endpoints=(endpoint,))
+
+
+# --- one size ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    size: int
+    envoys: int
+    build_s: float = 0.0  # first ResourceBuilder.build of N services (blocks the loop)
+    acked_s: float = 0.0  # start -> every Envoy ACKed every type at the first version
+    sync_s: float = 0.0  # start -> ACKed and every Envoy /ready
+    envoy_sync_s: float = 0.0  # Envoy spawned -> ACKed and /ready (the part after the build)
+    flip_ack: list[float] = dataclasses.field(default_factory=list)
+    flip_seen: list[float] = dataclasses.field(default_factory=list)
+    flip_build: list[float] = dataclasses.field(default_factory=list)
+    flips_not_seen: int = 0
+    add_ack: list[float] = dataclasses.field(default_factory=list)
+    add_stages: list[list[float]] = dataclasses.field(default_factory=list)
+    add_build: list[float] = dataclasses.field(default_factory=list)
+    cp_rss_kb: int = 0
+    cp_baseline_kb: int = 0
+    envoy_rss_kb: list[int] = dataclasses.field(default_factory=list)
+    rds_bytes: int = 0
+    cds_bytes: int = 0
+    eds_bytes: int = 0
+    stall_sync: float = 0.0
+    stall_flip: float = 0.0
+    stall_add: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def fully_synced(ads: AdsServer, envoys: int, version: int) -> bool:
+    """Every expected Envoy has a stream, and each stream applied every type at `version`.
+
+    AdsServer.wait_synced alone is not enough at start-up: it only sees the types a
+    stream has asked for so far (EDS and RDS come after CDS and LDS), and with no stream
+    connected yet there is nothing for it to wait for.
+    """
+    streams = ads.streams()
+    if len(streams) < envoys:
+        return False
+    return all(
+        set(s.synced_versions) >= ALL_TYPES
+        and all(v >= version for v in s.synced_versions.values())
+        for s in streams
+    )
+
+
+async def run_size(n: int, envoy_count: int, a: Backend, b: Backend,
+                   monitor: LoopMonitor) -> Result:
+    res = Result(size=n, envoys=envoy_count)
+    deadline_sync = 30.0 + n * 0.004  # generous: FIELD_NOTES says ~4-5 s to load 10k
+    gc.collect()
+    res.cp_baseline_kb = rss_kb()
+    push_log = PushLog()
+    server: grpc.aio.Server | None = None
+    envoys: Envoys | None = None
+    with tempfile.TemporaryDirectory(prefix="xds-scale-") as tmp, push_log.installed():
+        listen_port = free_port()
+        settings = GatewaySettings(listen=Endpoint(LOOPBACK, listen_port), activator=a.endpoint)
+        builder = ResourceBuilder(settings)
+        cache = SnapshotCache()
+        ads = AdsServer(cache)
+        publisher = Publisher(cache, ads, ack_timeout=ACK_TIMEOUT)
+        table = services(n, a.endpoint)
+        timeout = aiohttp.ClientTimeout(total=2)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                # (a) full sync ---------------------------------------------------------
+                monitor.take()
+                started = time.perf_counter()
+                first = builder.build(table)
+                res.build_s = time.perf_counter() - started
+                snapshot = cache.set_resources(first)  # desired state before any stream
+                server, xds_port = await start_xds_listener(f"{LOOPBACK}:0", ads,
+                                                            CallCollector())
+                envoys = Envoys(Path(tmp), envoy_count, xds_port)
+                spawned = time.perf_counter()
+                await envoys.start()
+                deadline = started + deadline_sync
+                acked = ready = 0.0
+                while not (acked and ready):
+                    if time.perf_counter() > deadline:
+                        raise RuntimeError(
+                            f"no full sync after {deadline_sync:.0f}s: "
+                            f"{ads.lagging(snapshot.version) or 'streams missing'}\n"
+                            f"{envoys.log_tails()}")
+                    if not acked:
+                        await ads.wait_synced(snapshot.version, 0.05)
+                        if fully_synced(ads, envoy_count, snapshot.version):
+                            acked = time.perf_counter()
+                    if not ready and await envoys.all_ready(session):
+                        ready = time.perf_counter()
+                    if not (acked and ready):
+                        await asyncio.sleep(0.01)
+                res.acked_s = acked - started
+                res.sync_s = max(acked, ready) - started
+                res.envoy_sync_s = max(acked, ready) - spawned
+                res.stall_sync = monitor.take()
+                nacks = [s.nacks for s in ads.streams() if s.nacks]
+                if nacks:
+                    raise RuntimeError(f"Envoy rejected the snapshot: {nacks}")
+
+                # (d) memory and sizes, right after sync --------------------------------
+                gc.collect()
+                res.cp_rss_kb = rss_kb()
+                res.envoy_rss_kb = [rss_kb(pid) for pid in envoys.pids()]
+                res.rds_bytes = len(first[types.ROUTE][ROUTE_CONFIG_NAME].body.value)
+                res.cds_bytes = sum(len(r.body.value) for r in first[types.CLUSTER].values())
+                res.eds_bytes = sum(len(r.body.value) for r in first[types.ENDPOINT].values())
+                del first
+
+                url = f"http://{LOOPBACK}:{listen_port}/"
+                target = table[n // 2]
+                body = await get_backend(session, url, target.host)
+                if body != a.name:
+                    raise RuntimeError(f"{target.host} answered {body!r} after sync, not A")
+
+                # (b) endpoint flips ----------------------------------------------------
+                await flips(res, session, url, target, table, builder, publisher, a, b)
+                res.stall_flip = monitor.take()
+
+                # (c) add one service, staged -------------------------------------------
+                await adds(res, session, url, table, builder, publisher, a, push_log)
+                res.stall_add = monitor.take()
+        finally:
+            if envoys is not None:
+                await envoys.stop()
+            if server is not None:
+                await server.stop(grace=None)
+    return res
+
+
+async def get_backend(session: aiohttp.ClientSession, url: str, host: str) -> str:
+    """GET through Envoy with this Host; the name of the backend that answered, or a note."""
+    try:
+        async with session.get(url, headers={"Host": host}) as r:
+            text = await r.text()
+            return text if r.status == 200 else f"HTTP {r.status}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"error {exc!r}"
+
+
+def timed_build(builder: ResourceBuilder, table: list[RoutedService],
+                into: list[float]) -> Callable[[], Resources]:
+    def build() -> Resources:
+        started = time.perf_counter()
+        out = builder.build(table)
+        into.append(time.perf_counter() - started)
+        return out
+
+    return build
+
+
+async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: RoutedService,
+                table: list[RoutedService], builder: ResourceBuilder, publisher: Publisher,
+                a: Backend, b: Backend) -> None:
+    """Flip `target` between A and B while two clients poll it through Envoy."""
+    latest: dict[str, float] = {}  # backend name -> perf_counter of its latest answer
+    stop = asyncio.Event()
+    index = table.index(target)
+
+    async def poll() -> None:
+        while not stop.is_set():
+            name = await get_backend(session, url, target.host)
+            latest[name] = time.perf_counter()
+            if name not in (a.name, b.name):
+                await asyncio.sleep(0.005)  # an error: do not spin
+
+    pollers = [asyncio.create_task(poll()) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.2)  # traffic established before the first flip
+        for flip in range(FLIPS):
+            to = b if flip % 2 == 0 else a
+            table[index] = dataclasses.replace(target, endpoints=(to.endpoint,))
+            pushed = time.perf_counter()
+            push = asyncio.create_task(
+                publisher.publish(timed_build(builder, list(table), res.flip_build)))
+            seen = None
+            while seen is None and time.perf_counter() - pushed < FLIP_VISIBLE_DEADLINE:
+                if latest.get(to.name, 0.0) >= pushed:
+                    seen = latest[to.name] - pushed
+                else:
+                    await asyncio.sleep(0.0005)
+            ok = await push
+            acked = time.perf_counter() - pushed
+            if not ok:
+                res.notes.append(f"flip {flip}: not every Envoy ACKed within {ACK_TIMEOUT}s")
+            res.flip_ack.append(acked)
+            if seen is None:
+                res.flips_not_seen += 1
+            else:
+                res.flip_seen.append(seen)
+            await asyncio.sleep(0.05)  # let the old target drain between flips
+    finally:
+        stop.set()
+        await asyncio.gather(*pollers, return_exceptions=True)
+    errors = [k for k in latest if k not in (a.name, b.name)]
+    if errors:
+        res.notes.append(f"pollers saw non-backend answers during flips: {errors[:3]}")
+
+
+async def adds(res: Result, session: aiohttp.ClientSession, url: str,
+               table: list[RoutedService], builder: ResourceBuilder, publisher: Publisher,
+               a: Backend, push_log: PushLog) -> None:
+    """Add one new service at a time (cluster + CLA first, then routes) and time each."""
+    for k in range(ADDS):
+        new = service(f"svc-new-{k}", a.endpoint)
+        table.append(new)
+        before = len(push_log.pushes)
+        pushed = time.perf_counter()
+        ok = await publisher.publish(timed_build(builder, list(table), res.add_build))
+        res.add_ack.append(time.perf_counter() - pushed)
+        res.add_stages.append([s for _, s in push_log.pushes[before:]])
+        if not ok:
+            res.notes.append(f"add {k}: not every Envoy ACKed within {ACK_TIMEOUT}s")
+        body = await get_backend(session, url, new.host)
+        if body != a.name:
+            res.notes.append(f"add {k}: {new.host} answered {body!r} right after the ACK")
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def mb(kb: int) -> str:
+    return f"{kb / 1024:.0f}"
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def report(results: list[Result]) -> None:
+    header = (f"{'services':>8} {'build ms':>8} {'sync s':>7} {'flip ack ms':>13} "
+              f"{'flip seen ms':>13} {'add ack ms':>11} {'cp RSS MB':>13} {'envoy MB':>9} "
+              f"{'RDS KB':>7}")
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        flip_ack = f"{ms(med(r.flip_ack))}/{ms(max(r.flip_ack))}"
+        flip_seen = (f"{ms(med(r.flip_seen))}/{ms(max(r.flip_seen))}"
+                     if r.flip_seen else "never")
+        cp = f"{mb(r.cp_rss_kb)} (+{mb(r.cp_rss_kb - r.cp_baseline_kb)})"
+        envoy = mb(max(r.envoy_rss_kb)) if r.envoy_rss_kb else "?"
+        print(f"{r.size:>8} {ms(r.build_s):>8} {r.sync_s:>7.2f} {flip_ack:>13} {flip_seen:>13} "
+              f"{ms(med(r.add_ack)):>11} {cp:>13} {envoy:>9} {r.rds_bytes / 1024:>7.0f}")
+    print("(flip columns: median/max over", FLIPS, "flips; add: median over", ADDS,
+          "adds; envoy MB: the largest Envoy's VmRSS)")
+    for r in results:
+        stages = [[round(s * 1000) for s in st] for st in r.add_stages]
+        print(f"\n{r.size} services, {r.envoys} Envoy(s):")
+        print(f"  sync: all ACKed {r.acked_s:.2f} s, ACKed+ready {r.sync_s:.2f} s = first build "
+              f"{r.build_s:.2f} s + Envoy spawned -> synced {r.envoy_sync_s:.2f} s; "
+              f"worst loop stall {ms(r.stall_sync)} ms")
+        print(f"  flip: builder inside publish median {ms(med(r.flip_build))} ms; "
+              f"worst loop stall {ms(r.stall_flip)} ms; not seen within "
+              f"{FLIP_VISIBLE_DEADLINE:.0f} s: {r.flips_not_seen}")
+        print(f"  add:  per-stage push ms (CDS+EDS, RDS) {stages}; builder median "
+              f"{ms(med(r.add_build))} ms; worst loop stall {ms(r.stall_add)} ms")
+        print(f"  sizes: RDS {r.rds_bytes / 1024:.0f} KB, all clusters {r.cds_bytes / 1024:.0f} KB"
+              f", all CLAs {r.eds_bytes / 1024:.0f} KB; control plane RSS "
+              f"{mb(r.cp_baseline_kb)} -> {mb(r.cp_rss_kb)} MB; Envoy RSS MB "
+              f"{[round(k / 1024) for k in r.envoy_rss_kb]}")
+        for note in r.notes:
+            print(f"  NOTE: {note}")
+    if len(results) >= 2:
+        lo, hi = results[0], results[-1]
+
+        def ratio(x: float, y: float) -> str:
+            return f"x{y / x:.1f}" if x > 0 else "n/a"
+
+        lo_delta, hi_delta = lo.cp_rss_kb - lo.cp_baseline_kb, hi.cp_rss_kb - hi.cp_baseline_kb
+        print(f"\nratio {hi.size} vs {lo.size} services (x{hi.size / lo.size:.0f} more): "
+              f"sync {ratio(lo.sync_s, hi.sync_s)} (first build {ratio(lo.build_s, hi.build_s)}, "
+              f"Envoy side {ratio(lo.envoy_sync_s, hi.envoy_sync_s)}), "
+              f"flip ack {ratio(med(lo.flip_ack), med(hi.flip_ack))}, "
+              f"flip seen {ratio(med(lo.flip_seen), med(hi.flip_seen))}, "
+              f"add {ratio(med(lo.add_ack), med(hi.add_ack))}, "
+              f"cp RSS delta {ratio(lo_delta, hi_delta)}, "
+              f"envoy RSS {ratio(max(lo.envoy_rss_kb), max(hi.envoy_rss_kb))}, "
+              f"RDS {ratio(lo.rds_bytes, hi.rds_bytes)}")
+
+
+async def main(sizes: list[int], envoy_count: int) -> int:
+    print(f"xds_scale: sizes {sizes}, {envoy_count} Envoy(s) --concurrency 2, "
+          f"{os.cpu_count()} CPUs, pid {os.getpid()}", flush=True)
+    monitor = LoopMonitor()
+    monitor.start()
+    a, b = Backend("A"), Backend("B")
+    results: list[Result] = []
+    try:
+        await a.start()
+        await b.start()
+        for n in sizes:
+            began = time.perf_counter()
+            print(f"  {n} services ...", end="", flush=True)
+            results.append(await run_size(n, envoy_count, a, b, monitor))
+            print(f" done in {time.perf_counter() - began:.1f} s", flush=True)
+    finally:
+        await a.stop()
+        await b.stop()
+        await monitor.stop()
+    report(results)
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000",
+                        help="comma-separated service counts (default 1000,10000)")
+    parser.add_argument("--envoys", type=int, default=1, help="Envoys per size (default 1)")
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if not args.sizes or min(args.sizes) < 1 or args.envoys < 1:
+        parser.error("sizes and --envoys must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    options = parse_args(sys.argv[1:])
+    sys.exit(asyncio.run(main(options.sizes, options.envoys)))
