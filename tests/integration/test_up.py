@@ -127,6 +127,14 @@ async def test_up_serves_stops_cleanly_and_keeps_state(up: Up) -> None:
     ports = [e.split(":")[1] for s in before.values() for e in s["ready_endpoints"]]  # type: ignore[attr-defined]
     assert len(ports) == 3
 
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://{config.control_plane.metrics}/metrics"
+    ) as r:
+        exported = await r.text()
+    assert "torpor_xds_connected_envoys 1.0" in exported
+    assert 'torpor_service_state{service="echo",state="ACTIVE"} 1.0' in exported
+    assert 'torpor_xds_acks_total{type="cds"}' in exported
+
     assert await up.stop() == 0
     assert "stopped" in up.text()
     assert not processes_mentioning(str(up.config_path.parent)), "envoy left running"
