@@ -116,6 +116,12 @@ class Config:
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
 
+    def log_dir(self) -> Path:
+        """Where the processes torpor starts (Envoy, local replicas) write their logs:
+        `torpor-logs/` beside the sqlite state, else beside the config file."""
+        base = self.store.path.parent if self.store.path else self.path.parent
+        return base / "torpor-logs"
+
     def listeners(self) -> dict[str, Address]:
         """Every address a torpor process binds, by its dotted config key.
 

@@ -47,16 +47,10 @@ def check_ports_free(config: Config) -> None:
                 ) from exc
 
 
-def run_dir(config: Config) -> Path:
-    """Where `up` keeps Envoy's bootstrap and the logs of the processes it starts."""
-    base = config.store.path.parent if config.store.path else config.path.parent
-    return base / "torpor-logs"
-
-
 async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     """Run until a signal arrives; returns the exit code."""
     check_ports_free(config)
-    logs = run_dir(config)
+    logs = config.log_dir()
     logs.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,15 +12,10 @@ def make_workloads(config: Config) -> Workloads:
     if config.workloads.kind == "local":
         from torpor.workloads.local import LocalWorkloads
 
-        return LocalWorkloads(config.services, log_dir=_log_dir(config))
+        return LocalWorkloads(config.services, log_dir=str(config.log_dir()))
     raise ConfigError(
         str(config.path), "workloads.kind", f"{config.workloads.kind!r} is not supported yet"
     )
-
-
-def _log_dir(config: Config) -> str:
-    base = config.store.path.parent if config.store.path else config.path.parent
-    return str(base / "torpor-logs")
 
 
 __all__ = ["Workloads", "make_workloads"]
