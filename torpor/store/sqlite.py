@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torpor.errors import ConflictError, StoreError
-from torpor.logs import event
+from torpor.listeners import Listeners
 from torpor.model import ServiceRecord
 from torpor.store.base import RecordListener, Store
 
@@ -49,7 +49,7 @@ class SqliteStore(Store):
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
         self._conn: sqlite3.Connection | None = None
-        self._listeners: list[RecordListener] = []
+        self._listeners: Listeners[[ServiceRecord]] = Listeners("store.listener_failed")
 
     @property
     def path(self) -> Path:
@@ -124,27 +124,11 @@ class SqliteStore(Store):
                 _next_revision(conn)
 
     def add_listener(self, listener: RecordListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._listeners.remove(listener)
-
-        return remove
+        return self._listeners.add(listener)
 
     def _notify(self, record: ServiceRecord) -> None:
         """Tell listeners about a write; one failing listener must not hide it from the others."""
-        for listener in list(self._listeners):
-            try:
-                listener(record)
-            except Exception as exc:
-                event(
-                    logger,
-                    "store.listener_failed",
-                    level=logging.ERROR,
-                    service=record.name,
-                    error=repr(exc),
-                )
+        self._listeners.notify(record)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -23,6 +23,7 @@ from typing import IO, Any
 from torpor.clock import Clock, SystemClock
 from torpor.config import LocalServiceConfig, ServiceConfig
 from torpor.errors import UnknownServiceError, WorkloadError
+from torpor.listeners import Listeners
 from torpor.logs import event
 from torpor.model import Endpoint
 from torpor.workloads.base import EndpointListener, Workloads
@@ -110,7 +111,9 @@ class LocalWorkloads(Workloads):
         self._restart_backoff = restart_backoff
         self._backoff_reset_after = backoff_reset_after
         self._clock: Clock = clock or SystemClock()
-        self._listeners: list[EndpointListener] = []
+        self._listeners: Listeners[[str, tuple[Endpoint, ...]]] = Listeners(
+            "workloads.listener_failed"
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
@@ -172,13 +175,7 @@ class LocalWorkloads(Workloads):
         return svc.published
 
     def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._listeners.remove(listener)
-
-        return remove
+        return self._listeners.add(listener)
 
     # -- extras ----------------------------------------------------------------------------
 
@@ -397,17 +394,7 @@ class LocalWorkloads(Workloads):
             return
         svc.published = endpoints
         _wake_waiters(svc)
-        for listener in list(self._listeners):
-            try:
-                listener(svc.name, endpoints)
-            except Exception as exc:
-                event(
-                    logger,
-                    "workloads.listener_failed",
-                    level=logging.ERROR,
-                    service=svc.name,
-                    error=repr(exc),
-                )
+        self._listeners.notify(svc.name, endpoints)
 
     # -- helpers ---------------------------------------------------------------------------
 
