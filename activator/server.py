@@ -1,33 +1,62 @@
 """Runs the activator's HTTP server on `activator.listen` (start/stop for `torpor up`
-and `torpor activator`)."""
+and `torpor activator`).
+
+`torpor up` passes the control plane's waker, so that one process has one wake in flight
+per service. aiohttp is told to cancel a handler whose client hung up: that is how a held
+request notices the disconnect and leaves its queue.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from aiohttp import web
 
 from activator.handler import ActivatorHandler, make_app
+from activator.holding import HeldRequests
+from activator.proxy import Proxy
+from activator.waker import Wakes
+from torpor.clock import Clock
 from torpor.config import Config
 from torpor.errors import TorporError
 
 
 class ActivatorServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, waker: Wakes, clock: Clock | None = None,
+                 on_held: Callable[[str], None] | None = None) -> None:
         self._config = config
+        self._waker = waker
+        self._clock = clock
+        self._on_held = on_held
         self._runner: web.AppRunner | None = None
+        self._proxy = Proxy()
+        self.held = HeldRequests(config.activator.max_held_per_service)
+        self.port = 0
 
-    async def start(self) -> None:
+    async def start(self) -> int:
+        """Listen; returns the bound port (the config's may be 0 in tests)."""
         listen = self._config.activator.listen
-        self._runner = web.AppRunner(make_app(ActivatorHandler(self._config.services)),
-                                     access_log=None)
+        await self._proxy.start()
+        handler = ActivatorHandler(self._config.services, self._waker, self.held, self._proxy,
+                                   self._config.activator.wake_timeout, self._clock,
+                                   self._on_held)
+        self._runner = web.AppRunner(make_app(handler), access_log=None,
+                                     handler_cancellation=True)
         await self._runner.setup()
+        site = web.TCPSite(self._runner, listen.host, listen.port, backlog=4096)
         try:
-            await web.TCPSite(self._runner, listen.host, listen.port).start()
+            await site.start()
         except OSError as exc:
-            await self._runner.cleanup()
+            await self.stop()
             raise TorporError(f"cannot listen for the activator on {listen}: {exc.strerror}") \
                 from exc
+        server = site._server  # aiohttp exposes the bound socket only here
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else listen.port
+        return self.port
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self._proxy.close()

@@ -78,7 +78,7 @@ def status_from_message(message: Any) -> dict[str, Any]:
             replicas=int(message.replicas),
             desired_replicas=int(message.desired_replicas),
             recorded_replicas=int(message.recorded_replicas),
-            ready_endpoints=tuple(_endpoint(text) for text in message.ready_endpoints),
+            ready_endpoints=tuple(parse_endpoint(text) for text in message.ready_endpoints),
             last_call=float(message.last_call) if message.HasField("last_call") else None,
             created_at=float(message.created_at),
             updated_at=float(message.updated_at),
@@ -100,7 +100,7 @@ def status_from_message(message: Any) -> dict[str, Any]:
     return status.to_json()
 
 
-def _endpoint(text: str) -> Endpoint:
+def parse_endpoint(text: str) -> Endpoint:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"bad endpoint {text!r}, expected host:port")

@@ -98,10 +98,12 @@ def _xds_server(args: argparse.Namespace, config: Config) -> int:
 
 
 def _activator(args: argparse.Namespace, config: Config) -> int:
+    from activator.admin_waker import AdminWaker
     from activator.server import ActivatorServer
 
     async def run() -> int:
-        server = ActivatorServer(config)
+        waker = AdminWaker(str(config.control_plane.admin_api), config.activator.wake_timeout)
+        server = ActivatorServer(config, waker)
         await server.start()
         try:
             await _until_signal()
@@ -130,13 +132,16 @@ def _status(args: argparse.Namespace, config: Config) -> int:
 
 
 def _hibernate(args: argparse.Namespace, config: Config) -> int:
-    result = admin_client.hibernate(str(config.control_plane.admin_api), args.name)
+    # Waits for every Envoy to apply the switch, and for a wake in progress to finish.
+    timeout = config.activator.wake_timeout + 3 * config.control_plane.ack_timeout + 30
+    result = admin_client.hibernate(str(config.control_plane.admin_api), args.name, timeout)
     print(admin_client.format_status_table([result]))
     return 0
 
 
 def _wake(args: argparse.Namespace, config: Config) -> int:
-    result = admin_client.wake(str(config.control_plane.admin_api), args.name)
+    timeout = config.activator.wake_timeout + 30
+    result = admin_client.wake(str(config.control_plane.admin_api), args.name, timeout)
     print(admin_client.format_status_table([result]))
     return 0
 

@@ -45,6 +45,8 @@ class ControlPlaneConfig:
     ack_timeout: float = 10.0
     # The node id Envoys started by torpor use (torpor envoy-bootstrap, torpor up).
     node_id: str = "torpor-gateway"
+    # How often calling statistics are written to the store (a restart loses at most this).
+    stats_flush_every: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,22 @@ class PolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServicePolicyConfig:
+    """Per-service overrides of `policy`; None means "as in the policy section"."""
+
+    idle_after: float | None = None
+    evict_after: float | None = None
+    creation_grace: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WakeConfig:
+    # Flip a waking service's traffic back to its replicas once the first one is ready
+    # (fastest answer) or once all recorded replicas are (no burst on one replica).
+    flip_when: str = "first_ready"  # "first_ready" | "all_ready"
+
+
+@dataclasses.dataclass(frozen=True)
 class LocalServiceConfig:
     command: tuple[str, ...]  # "{port}" is replaced by the replica's port
     ready_path: str = "/healthz"
@@ -100,6 +118,9 @@ class ServiceConfig:
     replicas: int = 1
     local: LocalServiceConfig | None = None
     kubernetes: KubernetesServiceConfig | None = None
+    # Never hibernated by the policy (`torpor hibernate` still works).
+    never_sleep: bool = False
+    policy: ServicePolicyConfig = ServicePolicyConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +133,7 @@ class Config:
     workloads: WorkloadsConfig
     policy: PolicyConfig
     services: tuple[ServiceConfig, ...]
+    wake: WakeConfig = WakeConfig()
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -315,6 +337,12 @@ def _duration(positive: bool = False) -> _Parser:
     return parse
 
 
+def _boolean(r: _Reader, key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        r.fail(key, f"expected true or false, got {_describe(value)}")
+    return value
+
+
 def _choice(*options: str) -> _Parser:
     def parse(r: _Reader, key: str, value: object) -> str:
         if value not in options:
@@ -422,6 +450,7 @@ _CONTROL_PLANE = _Schema(
         "metrics": _Field(_address, "127.0.0.1:19090"),
         "ack_timeout": _Field(_duration(positive=True)),
         "node_id": _Field(_string),
+        "stats_flush_every": _Field(_duration(positive=True)),
     },
 )
 _ACTIVATOR = _Schema(
@@ -462,6 +491,15 @@ _POLICY = _Schema(
         "check_every": _Field(_duration(positive=True)),
     },
 )
+_SERVICE_POLICY = _Schema(
+    ServicePolicyConfig,
+    {
+        "idle_after": _Field(_duration()),
+        "evict_after": _Field(_duration()),
+        "creation_grace": _Field(_duration()),
+    },
+)
+_WAKE = _Schema(WakeConfig, {"flip_when": _Field(_choice("first_ready", "all_ready"))})
 _LOCAL = _Schema(
     LocalServiceConfig,
     {
@@ -495,6 +533,8 @@ _SERVICE = _Schema(
         "replicas": _Field(_integer(0)),
         "local": _Field(_section(_LOCAL)),
         "kubernetes": _Field(_section(_KUBERNETES)),
+        "never_sleep": _Field(_boolean),
+        "policy": _Field(_section(_SERVICE_POLICY)),
     },
 )
 _TOP_LEVEL_KEYS = (
@@ -504,6 +544,7 @@ _TOP_LEVEL_KEYS = (
     "store",
     "workloads",
     "policy",
+    "wake",
     "services",
 )
 
@@ -656,6 +697,7 @@ def load_config(path: str | Path) -> Config:
         workloads=workloads,
         policy=_read(r, "policy", top.get("policy"), _POLICY),
         services=_services(r, "services", top.get("services"), workloads.kind),
+        wake=_read(r, "wake", top.get("wake"), _WAKE),
     )
     _check_port_clashes(r, config)
     return config

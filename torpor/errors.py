@@ -42,3 +42,16 @@ class WorkloadError(TorporError):
 
 class NotSupportedError(TorporError):
     """The operation exists in the contract but is not implemented yet."""
+
+
+class LockTimeoutError(TorporError):
+    """A service lock could not be taken in time (another waker or reconciler holds it)."""
+
+
+class WakeFailedError(TorporError):
+    """A service did not become ready. `outcome` is "timeout" (not ready within
+    wake_timeout) or "failed" (scaling failed, or the service lock was not free)."""
+
+    def __init__(self, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome

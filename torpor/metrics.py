@@ -47,6 +47,48 @@ UNKNOWN_HOST_REQUESTS = Counter(
     "torpor_unknown_host_requests", "Requests for hosts that are not in the service table"
 )
 
+SERVICE_TRANSITIONS = Counter(
+    "torpor_service_transitions", "State changes of a service, by the state entered",
+    ["service", "to_state"],
+)
+HIBERNATIONS = Counter("torpor_hibernations", "Completed hibernations (scaled to zero)",
+                       ["service"])
+EVICTIONS = Counter("torpor_evictions", "Services whose route was removed (EVICTED)",
+                    ["service"])
+HIBERNATE_FAILURES = Counter(
+    "torpor_hibernate_failures",
+    "Hibernations abandoned (an Envoy did not ACK the flip, or scaling failed)", ["service"],
+)
+POLICY_CHECKS = Counter("torpor_policy_checks", "Reconciler passes over the service table")
+CALL_STATS_FLUSHES = Counter(
+    "torpor_call_stats_flushes", "Flushes of calling statistics to the store", ["outcome"]
+)
+
+HELD_REQUESTS = Gauge("torpor_held_requests", "Requests the activator holds now", ["service"])
+HELD_REQUESTS_TOTAL = Counter(
+    "torpor_held_requests_total_seen", "Requests the activator has held", ["service"]
+)
+HELD_ABANDONED = Counter(
+    "torpor_held_abandoned",
+    "Held requests that left the queue unanswered: the client hung up (disconnected) or the "
+    "wake deadline passed (deadline)", ["service", "reason"],
+)
+QUEUE_OVERFLOWS = Counter(
+    "torpor_queue_overflows", "Requests refused with 503 because a service's queue was full",
+    ["service"],
+)
+WAKE_DURATION = Histogram(
+    "torpor_wake_duration_seconds", "From the start of a wake to its first ready endpoint",
+    ["outcome"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+WAKE_OUTCOMES = Counter(
+    "torpor_wake_outcomes", "Wakes by outcome (woken, timeout, failed)", ["service", "outcome"]
+)
+PROXY_ERRORS = Counter(
+    "torpor_activator_proxy_errors", "Held requests the activator could not proxy", ["service"]
+)
+
 
 def set_service_state(service: str, state: ServiceState) -> None:
     """Export `state` as the one current state of `service` (an enum as 0/1 gauges)."""
@@ -60,7 +102,7 @@ def forget_service(service: str) -> None:
     """Drop a removed service's series so dashboards don't show it forever."""
     for candidate in ServiceState:
         _remove(SERVICE_STATE, service, candidate.value)
-    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS):
+    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS):
         _remove(gauge, service)
 
 

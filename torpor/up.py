@@ -59,7 +59,9 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
 
     control_plane = ControlPlane(config, open_store(config.store, str(config.path)),
                                  make_workloads(config))
-    activator = ActivatorServer(config)
+    # One process, one waker: the activator and `torpor wake` share the control plane's.
+    activator = ActivatorServer(config, control_plane.waker,
+                                on_held=control_plane.collector.note_held)
     envoy: EnvoyProcess | None = None
     try:
         ports = await control_plane.start()

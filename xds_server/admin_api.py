@@ -20,10 +20,12 @@ from torpor.errors import (
     ConfigError,
     ConflictError,
     InvalidTransitionError,
+    LockTimeoutError,
     NotSupportedError,
     StoreError,
     TorporError,
     UnknownServiceError,
+    WakeFailedError,
     WorkloadError,
 )
 from torpor.logs import event
@@ -43,6 +45,8 @@ _ERROR_CODES: tuple[tuple[type[TorporError], Any], ...] = (
     (NotSupportedError, grpc.StatusCode.UNIMPLEMENTED),
     (InvalidTransitionError, grpc.StatusCode.FAILED_PRECONDITION),
     (ConflictError, grpc.StatusCode.ABORTED),
+    (LockTimeoutError, grpc.StatusCode.ABORTED),
+    (WakeFailedError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
     (WorkloadError, grpc.StatusCode.UNAVAILABLE),
     (ConfigError, grpc.StatusCode.INTERNAL),

@@ -1,9 +1,12 @@
 """The control plane: service table + store + workloads → Envoy config, and the admin API.
 
-Owns: the in-memory service table (config joined with stored records), deciding where each
-service's traffic goes (its ready endpoints, the activator, or nowhere when evicted),
-starting the replicas of active services, and serving ADS, access logs and the admin API.
-Must not speak the xDS protocol itself (server.py) nor build protos (resources.py).
+Owns: the in-memory service table (config joined with stored records, kept current from
+the store's change notifications, so a wake written by an activator is pushed at once),
+deciding where each service's traffic goes (its ready endpoints, the activator, or nowhere
+when evicted), starting the replicas of active services, running the reconciler and the
+statistics flusher, and serving ADS, access logs and the admin API. Must not speak the
+xDS protocol itself (server.py), build protos (resources.py), decide policy (reconciler.py)
+nor wake services itself (activator/waker.py).
 
 Start-up order matters (FIELD_NOTES.md): the desired state is loaded from the store and
 put in the cache *before* the xDS port accepts a stream, so a restarted control plane never
@@ -21,10 +24,12 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 
+from activator.waker import Waker
 from torpor import metrics
 from torpor.clock import Clock, SystemClock
 from torpor.config import Config, ServiceConfig
-from torpor.errors import NotSupportedError, UnknownServiceError
+from torpor.errors import UnknownServiceError
+from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus
 from torpor.store.base import Store
@@ -33,6 +38,7 @@ from xds_server.admin_api import start_admin_server
 from xds_server.cache import SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.publisher import Publisher, Resources
+from xds_server.reconciler import Reconciler
 from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
 from xds_server.server import AdsServer
 from xds_server.serving import start_xds_listener
@@ -58,7 +64,8 @@ class ControlPlane:
     """One control-plane process. Also implements torpor.admin.ServiceAdmin."""
 
     def __init__(self, config: Config, store: Store, workloads: Workloads,
-                 clock: Clock | None = None, serve_metrics: bool = True) -> None:
+                 clock: Clock | None = None, serve_metrics: bool = True,
+                 locks: ServiceLocks | None = None, run_policy: bool = True) -> None:
         self.config = config
         self.store = store
         self.workloads = workloads
@@ -75,15 +82,23 @@ class ControlPlane:
         )
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
-        self.collector = CallCollector(self.clock)
+        self.collector = CallCollector(self.clock, {s.host: s.name for s in config.services})
         self.publisher = Publisher(self.cache, self.ads, config.control_plane.ack_timeout)
+        self.locks = locks or LocalLocks()
+        self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
+                           flip_when=config.wake.flip_when, clock=self.clock)
+        self.reconciler = Reconciler(config, store, workloads, self.locks, self.collector,
+                                     self.clock, lambda: self.records, self._apply_record,
+                                     self.sync)
+        self._run_policy = run_policy
+        self._tasks: list[asyncio.Task[None]] = []
         self.ports: BoundPorts | None = None
         self._serve_metrics = serve_metrics
         self._servers: list[grpc.aio.Server] = []
         self._metrics_server: WSGIServer | None = None
         self._dirty = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
-        self._remove_listener: Callable[[], None] = lambda: None
+        self._remove_listeners: list[Callable[[], None]] = []
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -92,24 +107,35 @@ class ControlPlane:
         await self.store.open()
         await self.workloads.start()
         await self._load_records()
-        self._remove_listener = self.workloads.add_listener(self._on_endpoints)
+        await self.collector.load(self.store)
+        for name, record in self.records.items():
+            self.collector.ensure(name, record.created_at)
+        await self.reconciler.repair()
+        self._remove_listeners = [self.workloads.add_listener(self._on_endpoints),
+                                  self.store.add_listener(self._apply_record)]
         for record in self.records.values():
             if record.state in RUNNING_STATES:
                 await self.workloads.scale(record.name, record.desired_replicas)
         self.cache.set_resources(self._desired())  # before the first stream can arrive
         self._sync_task = asyncio.create_task(self._sync_loop())
         self.ports = await self._serve()
+        self._tasks.append(asyncio.create_task(
+            self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
+        if self._run_policy:
+            self._tasks.append(asyncio.create_task(self._policy_loop()))
         event(log, "control_plane.started", xds=self.ports.xds, admin_api=self.ports.admin_api,
               services=len(self.records))
         return self.ports
 
     async def stop(self, stop_workloads: bool = True) -> None:
         """Stop serving; stop the replicas too unless told to leave them running."""
-        self._remove_listener()
-        if self._sync_task:
-            self._sync_task.cancel()
+        for remove in self._remove_listeners:
+            remove()
+        for task in [*self._tasks, *filter(None, [self._sync_task])]:
+            task.cancel()  # the flusher writes its last statistics on the way out
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sync_task
+                await task
+        self._tasks.clear()
         for server in self._servers:
             await server.stop(1.0)
         self._servers.clear()
@@ -172,8 +198,30 @@ class ControlPlane:
         return (self.builder.settings.activator,)
 
     async def sync(self) -> bool:
-        """Push the current table to every Envoy; True once all applied it."""
-        return await self.publisher.publish(self._desired)
+        """Push the current table to every Envoy; True once every connected Envoy has
+        applied it (also when a concurrent push already carried the change)."""
+        ok = await self.publisher.publish(self._desired)
+        snapshot = self.cache.snapshot()
+        return ok and (snapshot is None or not self.ads.lagging(snapshot.version))
+
+    async def _policy_loop(self) -> None:
+        """Apply the idle policy every `policy.check_every`."""
+        while True:
+            await asyncio.sleep(self.config.policy.check_every)
+            try:
+                await self.reconciler.check()
+            except Exception:
+                log.exception("policy.check_failed")
+
+    def _apply_record(self, record: ServiceRecord) -> None:
+        """A record changed (here, or by an activator through the store): newer revisions
+        replace the table's copy and schedule a push."""
+        current = self.records.get(record.name)
+        if current is None or record.revision <= current.revision:
+            return
+        self.records[record.name] = record
+        metrics.set_service_state(record.name, record.state)
+        self._dirty.set()
 
     async def _sync_loop(self) -> None:
         """Coalesce endpoint changes: one push carries every change made meanwhile."""
@@ -205,16 +253,19 @@ class ControlPlane:
 
     async def hibernate(self, name: str) -> ServiceStatus:
         await self.status(name)
-        raise NotSupportedError("hibernate is not supported yet (it comes with the activator)")
+        await self.reconciler.hibernate(name, "torpor hibernate")
+        return self._status(name)
 
     async def wake(self, name: str) -> ServiceStatus:
         await self.status(name)
-        raise NotSupportedError("wake is not supported yet (it comes with the activator)")
+        await self.waker.wake(name, "torpor wake")
+        await self.sync()  # the answer shows the service routed to its replicas again
+        return self._status(name)
 
     def _status(self, name: str) -> ServiceStatus:
         record = self.records[name]
         service = self.config.service(name)
-        seen = self.collector.last_call.get(name)
+        seen = self.collector.last_call(name)
         last_call = max(filter(None, (record.last_call, seen)), default=None)
         return ServiceStatus(
             name=name,

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,76 +16,10 @@ import aiohttp
 import pytest
 
 from tests.support.configs import model_service, write_config
-from tests.support.net import wait_until
+from tests.support.up import Up, processes_mentioning, status_json
 from torpor.config import Config, load_config
 from torpor.model import ServiceState
 from torpor.store.sqlite import SqliteStore
-
-
-class Up:
-    """A `torpor up` subprocess with its output in a file."""
-
-    def __init__(self, config_path: Path) -> None:
-        self.config_path = config_path
-        self.output = config_path.parent / "up.out"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._offset = 0
-
-    def start(self) -> None:
-        self._offset = len(self.text()) if self.output.exists() else 0
-        with self.output.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torpor.cli", "up", "--config", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    def text(self) -> str:
-        return self.output.read_text(errors="replace")
-
-    async def wait_ready(self) -> None:
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"torpor up exited: {self.text()[-3000:]}")
-            return "torpor: ready." in self.text()[self._offset:]
-
-        await wait_until(ready, 90, "torpor up ready")
-
-    async def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.proc.wait, 60)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def status_json(config_path: Path) -> list[dict[str, object]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "torpor.cli", "status", "--json", "--config", str(config_path)],
-        capture_output=True, timeout=30,
-    )
-    assert out.returncode == 0, out.stderr.decode()
-    return list(json.loads(out.stdout))
-
-
-def processes_mentioning(needle: str) -> list[str]:
-    """Command lines of live, non-zombie processes that contain `needle`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            found.append(f"{pid}: {cmdline}")
-    return found
 
 
 @pytest.fixture
@@ -164,8 +96,8 @@ async def test_up_serves_stops_cleanly_and_keeps_state(up: Up) -> None:
         "ACTIVE", "HIBERNATING", "HIBERNATED"]
     status, body = await get(config, "echo.localhost")
     assert status == 200
-    status, body = await get(config, "sentiment.localhost")  # sent to the activator
-    assert status == 503 and "sentiment" in body
+    status, body = await get(config, "sentiment.localhost")  # held by the activator, woken
+    assert status == 200 and json.loads(body)["model"] == "sentiment"
     assert await up.stop() == 0
 
 

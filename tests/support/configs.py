@@ -7,14 +7,16 @@ from pathlib import Path
 from tests.support.net import free_port
 
 
-def write_config(tmp: Path, services: str, extra: str = "") -> Path:
-    """A config with free ports; `services` is the YAML list under `services:`."""
+def write_config(tmp: Path, services: str, extra: str = "",
+                 activator: str = "wake_timeout: 30s") -> Path:
+    """A config with free ports; `services` is the YAML list under `services:`, `extra`
+    more top-level sections, `activator` more keys of the activator section."""
     p = {k: free_port() for k in ("listen", "admin", "xds", "api", "metrics", "act", "actm")}
     text = f"""
 gateway: {{listen: 127.0.0.1:{p['listen']}, admin: 127.0.0.1:{p['admin']}}}
 control_plane: {{xds: 127.0.0.1:{p['xds']}, admin_api: 127.0.0.1:{p['api']},
                 metrics: 127.0.0.1:{p['metrics']}}}
-activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']}, wake_timeout: 30s}}
+activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']}, {activator}}}
 store: {{kind: sqlite, path: ./state.db}}
 workloads: {{kind: local}}
 {extra}
@@ -26,14 +28,16 @@ services:
     return path
 
 
-def model_service(name: str, replicas: int, load_seconds: float = 0.0) -> str:
-    """One `services:` entry running the example model server."""
+def model_service(name: str, replicas: int, load_seconds: float = 0.0,
+                  flags: str = "") -> str:
+    """One `services:` entry running the example model server (`flags`: more arguments,
+    comma-separated YAML, e.g. ', --log-requests')."""
     return f"""  - name: {name}
     host: {name}.localhost
     replicas: {replicas}
     local:
       command: [python, -m, torpor.examples.model_server, --port, "{{port}}", --name, {name},
-                --load-seconds, "{load_seconds}"]
+                --load-seconds, "{load_seconds}"{flags}]
       ready_path: /healthz
       stop_grace: 5s
 """

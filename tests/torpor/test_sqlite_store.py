@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -164,3 +166,143 @@ async def test_use_before_open_raises_store_error(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "state.db")
     with pytest.raises(StoreError, match="not open"):
         await store.get("echo")
+
+
+# --- calling statistics ---------------------------------------------------------------
+
+
+def stats_dict(total: int, last_call: float | None = None) -> dict[str, object]:
+    """Shaped like CallStats.to_dict(); the store keeps whatever JSON object it is given."""
+    return {"format": 1, "created_at": NOW, "last_call": last_call, "total": total,
+            "buckets": {"minute": {"340000000": total}}, "by_hour_of_week": [0] * 168}
+
+
+async def test_call_stats_round_trip_and_upsert(store: SqliteStore) -> None:
+    assert await store.load_call_stats() == {}
+    await store.save_call_stats({})  # nothing to write: no error
+
+    await store.save_call_stats({"a": stats_dict(1), "b": stats_dict(2, NOW)})
+    assert await store.load_call_stats() == {"a": stats_dict(1), "b": stats_dict(2, NOW)}
+
+    # Replaces the names given, leaves the others alone.
+    await store.save_call_stats({"b": stats_dict(5, NOW + 1), "c": stats_dict(3)})
+    assert await store.load_call_stats() == {
+        "a": stats_dict(1), "b": stats_dict(5, NOW + 1), "c": stats_dict(3)
+    }
+
+
+async def test_call_stats_are_not_service_records(store: SqliteStore) -> None:
+    record = await store.put(ServiceRecord.new("echo", replicas=1, now=NOW))
+    await store.save_call_stats({"echo": stats_dict(7)})
+    # Outside the revision counter and the records: no listener, no revision used.
+    assert await store.list() == [record]
+    later = await store.put(ServiceRecord.new("other", replicas=1, now=NOW))
+    assert later.revision == record.revision + 1
+
+
+async def test_call_stats_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = SqliteStore(path)
+    await first.open()
+    try:
+        await first.save_call_stats({"echo": stats_dict(4, NOW)})
+    finally:
+        await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.load_call_stats() == {"echo": stats_dict(4, NOW)}
+    finally:
+        await second.close()
+
+
+async def test_unreadable_call_stats_rows_are_skipped_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.save_call_stats({"good": stats_dict(1)})
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("INSERT INTO call_stats (name, data) VALUES ('torn', '{\"format\": 1')")
+            conn.execute("INSERT INTO call_stats (name, data) VALUES ('listed', '[1, 2]')")
+
+        with caplog.at_level(logging.WARNING, logger="torpor.store.sqlite"):
+            assert await store.load_call_stats() == {"good": stats_dict(1)}
+    finally:
+        await store.close()
+    skipped = sorted(
+        r.__dict__["service"] for r in caplog.records
+        if r.getMessage() == "store.call_stats_unreadable"
+    )
+    assert skipped == ["listed", "torn"]
+
+
+async def test_call_stats_errors_are_store_errors(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    with pytest.raises(StoreError, match="not open"):
+        await store.save_call_stats({"echo": stats_dict(1)})
+    with pytest.raises(StoreError, match="not open"):
+        await store.load_call_stats()
+
+    await store.open()
+    try:
+        # Another process holds the write lock longer than the busy timeout allows.
+        with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            store._connection().execute("PRAGMA busy_timeout = 0")
+            with pytest.raises(StoreError, match="locked"):
+                await store.save_call_stats({"echo": stats_dict(1)})
+            other.execute("ROLLBACK")
+        # The failed save left nothing half-written and the store usable.
+        assert await store.load_call_stats() == {}
+        await store.save_call_stats({"echo": stats_dict(1)})
+        assert await store.load_call_stats() == {"echo": stats_dict(1)}
+    finally:
+        await store.close()
+
+
+#: Schema version 1 exactly as torpor 0.1 wrote it (a frozen copy: migrations must keep
+#: opening such files, whatever _MIGRATIONS grows into).
+_SCHEMA_1 = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "CREATE TABLE services (name TEXT PRIMARY KEY, revision INTEGER NOT NULL, data TEXT NOT NULL)",
+    "INSERT INTO meta (key, value) VALUES ('revision', 1)",
+    "INSERT INTO meta (key, value) VALUES ('schema_version', 1)",
+)
+
+
+async def test_schema_1_file_migrates_and_gains_call_stats(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old = dataclasses.replace(ServiceRecord.new("echo", replicas=2, now=NOW), revision=1)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for statement in _SCHEMA_1:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO services (name, revision, data) VALUES (?, 1, ?)",
+            ("echo", json.dumps(old.to_dict())),
+        )
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.get("echo") == old  # records kept
+        assert await store.load_call_stats() == {}  # the new table exists
+        await store.save_call_stats({"echo": stats_dict(3)})
+        assert await store.load_call_stats() == {"echo": stats_dict(3)}
+        newer = await store.put(ServiceRecord.new("other", replicas=1, now=NOW))
+        assert newer.revision == 2  # the revision counter carried over
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == (SCHEMA_VERSION,) == (2,)
+
+    # Opening again runs no migration twice.
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        assert await again.load_call_stats() == {"echo": stats_dict(3)}
+    finally:
+        await again.close()

@@ -34,6 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 # --------------------------------------------------------------------------------------
 # The "model": a lexicon-based sentiment scorer (VADER's idea, at toy scale)
@@ -172,8 +173,8 @@ async def _served_by(request: web.Request, response: web.StreamResponse) -> None
     response.headers["x-served-by"] = f"{request.app[_NAME]}:{request.app[_PORT]}"
 
 
-def make_app(name: str, port: int) -> web.Application:
-    app = web.Application()
+def make_app(name: str, port: int, log_requests: bool = False) -> web.Application:
+    app = web.Application(middlewares=[_request_logger] if log_requests else [])
     app[_NAME] = name
     app[_PORT] = port
     app.on_response_prepare.append(_served_by)
@@ -184,11 +185,20 @@ def make_app(name: str, port: int) -> web.Application:
     return app
 
 
+@web.middleware
+async def _request_logger(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """--log-requests: one line per request other than probes (tests check who was served)."""
+    if request.path != "/healthz":
+        _log(request.app[_NAME], f"request {request.method} {request.path_qs}")
+    return await handler(request)
+
+
 def _log(name: str, message: str) -> None:
     print(f"model_server {name} pid={os.getpid()}: {message}", file=sys.stderr, flush=True)
 
 
-async def serve(host: str, port: int, name: str, load_seconds: float) -> None:
+async def serve(host: str, port: int, name: str, load_seconds: float,
+                log_requests: bool = False) -> None:
     """Load (sleep), listen, and run until SIGTERM/SIGINT; then close connections gracefully.
 
     A signal during the load stops it too, so a hibernation that races a slow start does
@@ -208,7 +218,7 @@ async def serve(host: str, port: int, name: str, load_seconds: float) -> None:
     # Bind the socket ourselves: with --port 0 the app must know the port it reports.
     sock = socket.create_server((host, port))
     bound_port = int(sock.getsockname()[1])
-    runner = web.AppRunner(make_app(name, bound_port), access_log=None)
+    runner = web.AppRunner(make_app(name, bound_port, log_requests), access_log=None)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
@@ -229,10 +239,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--load-seconds", type=float, default=0.0, help="simulated model load")
     parser.add_argument("--name", default="model", help="reported in responses and headers")
+    parser.add_argument("--log-requests", action="store_true",
+                        help="log every request but readiness probes to stderr")
     args = parser.parse_args(argv)
     if args.load_seconds < 0:
         parser.error("--load-seconds must be ≥ 0")
-    asyncio.run(serve(args.host, args.port, args.name, args.load_seconds))
+    asyncio.run(serve(args.host, args.port, args.name, args.load_seconds, args.log_requests))
 
 
 if __name__ == "__main__":

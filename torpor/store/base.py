@@ -8,7 +8,8 @@ reconciler and an activator racing on one service cannot silently undo each othe
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torpor.model import ServiceRecord
 
@@ -50,3 +51,13 @@ class Store(abc.ABC):
     def add_listener(self, listener: RecordListener) -> Callable[[], None]:
         """Call `listener(record)` after every successful put seen by this store; returns
         a function that removes the listener. Listeners run on the event loop and must not block."""
+
+    @abc.abstractmethod
+    async def save_call_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        """Write calling statistics (service name → CallStats.to_dict()), replacing what is
+        stored for those names; names not given are left alone. Last writer wins: each
+        control plane flushes what it counted itself."""
+
+    @abc.abstractmethod
+    async def load_call_stats(self) -> dict[str, dict[str, Any]]:
+        """Every stored statistics entry (service name → dict), {} when none."""

@@ -2,7 +2,9 @@
 
 Owns: the schema (and its version, so later migrations are possible), compare-and-set
 writes on a store-wide revision counter (etcd's model, so that the etcd store can replace
-this one without callers noticing), and translating sqlite3's errors into StoreError.
+this one without callers noticing), the calling statistics the collector flushes (plain
+last-writer-wins rows, outside the revision counter), and translating sqlite3's errors into
+StoreError.
 Must not decide anything about services: it keeps what it is given.
 
 Operations are short single-row statements on a local file, so they run inline on the
@@ -16,11 +18,13 @@ import dataclasses
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from torpor.errors import ConflictError, StoreError
 from torpor.listeners import Listeners
+from torpor.logs import event
 from torpor.model import ServiceRecord
 from torpor.store.base import RecordListener, Store
 
@@ -34,6 +38,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " name TEXT PRIMARY KEY, revision INTEGER NOT NULL, data TEXT NOT NULL)",
         "INSERT INTO meta (key, value) VALUES ('revision', 0)",
     ),
+    # 1 → 2: calling statistics, service name → CallStats.to_dict() as JSON.
+    ("CREATE TABLE call_stats (name TEXT PRIMARY KEY, data TEXT NOT NULL)",),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -125,6 +131,40 @@ class SqliteStore(Store):
 
     def add_listener(self, listener: RecordListener) -> Callable[[], None]:
         return self._listeners.add(listener)
+
+    async def save_call_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        if not stats:
+            return
+        rows = [(name, json.dumps(data, separators=(",", ":"))) for name, data in stats.items()]
+        with self._errors(), self._write() as conn:
+            conn.executemany(
+                "INSERT INTO call_stats (name, data) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET data = excluded.data",
+                rows,
+            )
+
+    async def load_call_stats(self) -> dict[str, dict[str, Any]]:
+        """Rows that are not a JSON object are skipped with a log line, not raised: one
+        damaged entry must not cost every service its statistics."""
+        with self._errors():
+            rows = (
+                self._connection().execute("SELECT name, data FROM call_stats ORDER BY name")
+                .fetchall()
+            )
+        loaded: dict[str, dict[str, Any]] = {}
+        for name, data in rows:
+            try:
+                value = json.loads(data)
+            except (ValueError, TypeError) as exc:
+                value, problem = None, repr(exc)
+            else:
+                problem = f"not a JSON object but {type(value).__name__}"
+            if not isinstance(value, dict):
+                event(logger, "store.call_stats_unreadable", level=logging.WARNING,
+                      service=name, path=str(self._path), error=problem)
+                continue
+            loaded[name] = value
+        return loaded
 
     def _notify(self, record: ServiceRecord) -> None:
         """Tell listeners about a write; one failing listener must not hide it from the others."""

@@ -1,0 +1,130 @@
+"""The waker against a real sqlite store and simulated replicas: one wake however many
+ask, the recorded count restored, failures leave the service HIBERNATED."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from activator.waker import Waker
+from tests.support.workloads import SimulatedWorkloads
+from torpor.errors import UnknownServiceError, WakeFailedError
+from torpor.locks import LocalLocks, lock_key
+from torpor.model import ServiceRecord, ServiceState
+from torpor.store.sqlite import SqliteStore
+
+S = ServiceState
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "state.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def sleeping(store: SqliteStore, name: str, recorded: int,
+                   state: ServiceState = S.HIBERNATED) -> ServiceRecord:
+    record = ServiceRecord.new(name, recorded, 1000.0)
+    record = record.with_state(S.HIBERNATING, 1001.0, "test")
+    record = dataclasses.replace(record.with_state(S.HIBERNATED, 1002.0, "test"),
+                                 recorded_replicas=recorded)
+    if state is S.EVICTED:
+        record = record.with_state(S.EVICTED, 1003.0, "test")
+    return await store.put(record)
+
+
+async def test_many_requests_one_wake_restores_recorded_count(store: SqliteStore) -> None:
+    await sleeping(store, "m", recorded=3)
+    workloads = SimulatedWorkloads({"m": 0.2})
+    waker = Waker(store, workloads, LocalLocks(), wake_timeout=5)
+    results = await asyncio.gather(*(waker.wake("m", "first request") for _ in range(50)))
+    assert workloads.calls == [("m", 3)]
+    assert all(len(r) == 3 for r in results)
+    record = await store.get("m")
+    assert record is not None and record.state is S.ACTIVE
+    assert record.desired_replicas == 3
+    assert [t.to_state for t in record.history][-2:] == [S.WAKING, S.ACTIVE]
+    assert not waker.waking("m")
+    # Awake: a later call returns the endpoints without another wake.
+    assert len(await waker.wake("m", "again")) == 3
+    assert workloads.calls == [("m", 3)]
+
+
+async def test_evicted_service_wakes_through_waking(store: SqliteStore) -> None:
+    await sleeping(store, "e", recorded=1, state=S.EVICTED)
+    waker = Waker(store, SimulatedWorkloads({"e": 0.0}), LocalLocks(), wake_timeout=5)
+    await waker.wake("e", "first request")
+    record = await store.get("e")
+    assert record is not None
+    assert [t.to_state for t in record.history][-3:] == [S.EVICTED, S.WAKING, S.ACTIVE]
+
+
+async def test_first_ready_vs_all_ready(store: SqliteStore) -> None:
+    await sleeping(store, "f", recorded=2)
+    workloads = SimulatedWorkloads({"f": 0.05})
+    ready = await Waker(store, workloads, LocalLocks(), wake_timeout=5,
+                        flip_when="all_ready").wake("f", "x")
+    assert len(ready) == 2
+
+
+async def test_never_ready_times_out_back_to_hibernated_and_retries(store: SqliteStore) -> None:
+    await sleeping(store, "n", recorded=2)
+    workloads = SimulatedWorkloads({"n": None})
+    waker = Waker(store, workloads, LocalLocks(), wake_timeout=0.3)
+    results = await asyncio.gather(*(waker.wake("n", "r") for _ in range(5)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, WakeFailedError) and r.outcome == "timeout" for r in results)
+    record = await store.get("n")
+    assert record is not None and record.state is S.HIBERNATED
+    assert workloads.calls == [("n", 2), ("n", 0)]
+    with pytest.raises(WakeFailedError):
+        await waker.wake("n", "later request")
+    assert workloads.calls == [("n", 2), ("n", 0), ("n", 2), ("n", 0)]
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_wake(store: SqliteStore) -> None:
+    await sleeping(store, "c", recorded=1)
+    waker = Waker(store, SimulatedWorkloads({"c": 0.3}), LocalLocks(), wake_timeout=5)
+    impatient = asyncio.create_task(waker.wake("c", "r"))
+    await asyncio.sleep(0)  # let it start the wake
+    patient = asyncio.create_task(waker.wake("c", "r"))
+    impatient.cancel()
+    assert len(await asyncio.wait_for(patient, 5)) == 1
+    assert impatient.cancelled()
+
+
+async def test_wake_waits_for_the_service_lock(store: SqliteStore) -> None:
+    await sleeping(store, "l", recorded=1)
+    locks = LocalLocks()
+    waker = Waker(store, SimulatedWorkloads({"l": 0.0}), locks, wake_timeout=5)
+    async with locks.hold(lock_key("l"), 1):
+        task = asyncio.create_task(waker.wake("l", "r"))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        record = await store.get("l")
+        assert record is not None and record.state is S.HIBERNATED
+    assert len(await asyncio.wait_for(task, 5)) == 1
+
+
+async def test_lock_not_free_in_time_fails_cleanly(store: SqliteStore) -> None:
+    await sleeping(store, "t", recorded=1)
+    locks = LocalLocks()
+    waker = Waker(store, SimulatedWorkloads({"t": 0.0}), locks, wake_timeout=0.2)
+    async with locks.hold(lock_key("t"), 1):
+        with pytest.raises(WakeFailedError) as failed:
+            await waker.wake("t", "r")
+    assert failed.value.outcome == "failed"
+    record = await store.get("t")
+    assert record is not None and record.state is S.HIBERNATED
+
+
+async def test_unknown_service(store: SqliteStore) -> None:
+    waker = Waker(store, SimulatedWorkloads({}), LocalLocks(), wake_timeout=1)
+    with pytest.raises(UnknownServiceError):
+        await waker.wake("ghost", "r")
