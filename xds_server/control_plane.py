@@ -132,13 +132,15 @@ class ControlPlane:
         for remove in self._remove_listeners:
             remove()
         for task in [*self._tasks, *filter(None, [self._sync_task])]:
-            task.cancel()  # the flusher writes its last statistics on the way out
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
         for server in self._servers:
             await server.stop(1.0)
         self._servers.clear()
+        # After the servers: access-log entries that arrived during their grace are saved.
+        await self.collector.flush(self.store)
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server = None

@@ -385,7 +385,56 @@ BAD_CASES = [
         ["expected a mapping", "'10m'"],
         id="section-not-a-mapping",
     ),
+    pytest.param(
+        "wake: {flip_when: sometimes}\n" + SERVICE,
+        "wake.flip_when",
+        ["one of first_ready, all_ready", "'sometimes'"],
+        id="bad-flip-when",
+    ),
+    pytest.param(
+        SERVICE + "    never_sleep: yes please\n",
+        "services[0].never_sleep",
+        ["expected true or false"],
+        id="never-sleep-not-boolean",
+    ),
+    pytest.param(
+        SERVICE + "    policy: {idle_after: soon}\n",
+        "services[0].policy.idle_after",
+        ["not a duration"],
+        id="service-policy-bad-duration",
+    ),
+    pytest.param(
+        SERVICE + "    policy: {check_every: 1s}\n",
+        "services[0].policy.check_every",
+        ["unknown key", "idle_after, evict_after, creation_grace"],
+        id="service-policy-check-every-is-global",
+    ),
+    pytest.param(
+        "control_plane: {stats_flush_every: 0s}\n" + SERVICE,
+        "control_plane.stats_flush_every",
+        ["greater than 0"],
+        id="zero-flush-interval",
+    ),
 ]
+
+
+def test_hibernation_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, SERVICE + """\
+    never_sleep: true
+    policy: {idle_after: 30s}
+wake: {flip_when: all_ready}
+control_plane: {stats_flush_every: 5s}
+""")
+    config = load_config(path)
+    service = config.services[0]
+    assert service.never_sleep is True
+    assert service.policy.idle_after == 30.0
+    assert service.policy.evict_after is None  # inherits policy.evict_after
+    assert config.wake.flip_when == "all_ready"
+    assert config.control_plane.stats_flush_every == 5.0
+    defaults = load_config(write(tmp_path, SERVICE))
+    assert defaults.wake.flip_when == "first_ready"
+    assert defaults.services[0].never_sleep is False
 
 
 @pytest.mark.parametrize(("text", "key", "problem"), BAD_CASES)
