@@ -8,8 +8,10 @@ deadline; ordering is made deterministic with events, never with sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
+import io
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -243,16 +245,24 @@ async def proxy() -> AsyncIterator[Proxy]:
         await forwarder.close()
 
 
-@pytest.fixture
-async def front(proxy: Proxy, backend: Backend) -> AsyncIterator[Front]:
-    # Default handler_cancellation (off), like the activator's server: the proxy itself
-    # must notice a client that leaves.
-    app = Front(proxy, backend.endpoint)
-    runner, app.port = await serve(app.app())
+@contextlib.asynccontextmanager
+async def running_front(
+    proxy: Proxy, target: Endpoint, **runner_kwargs: Any
+) -> AsyncIterator[Front]:
+    app = Front(proxy, target)
+    runner, app.port = await serve(app.app(), **runner_kwargs)
     try:
         yield app
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def front(proxy: Proxy, backend: Backend) -> AsyncIterator[Front]:
+    # Default handler_cancellation (off), like the activator's server: the proxy itself
+    # must notice a client that leaves.
+    async with running_front(proxy, backend.endpoint) as app:
+        yield app
 
 
 @pytest.fixture
@@ -307,12 +317,23 @@ async def test_request_body_arrives_byte_identical(
     front: Front, client: aiohttp.ClientSession, size: int
 ) -> None:
     body = payload(size)
-    async with client.post(front.url("/echo"), data=body) as resp:
+    async with client.post(front.url("/echo"), data=io.BytesIO(body)) as resp:
         assert resp.status == 200
         seen = await resp.json()
     assert (seen["length"], seen["sha256"]) == (size, sha256(body))
     got: CIMultiDict[str] = CIMultiDict(seen["headers"])
     assert got["Content-Length"] == str(size)
+
+
+async def test_expect_continue_is_answered_once_and_not_forwarded(
+    front: Front, client: aiohttp.ClientSession
+) -> None:
+    body = payload(64 * 1024)
+    async with client.post(front.url("/echo"), data=body, expect100=True) as resp:
+        assert resp.status == 200
+        seen = await resp.json()
+    assert seen["sha256"] == sha256(body)
+    assert "Expect" not in CIMultiDict(seen["headers"])
 
 
 async def test_chunked_request_body_is_streamed(
@@ -466,6 +487,15 @@ async def test_refused_connection_is_retryable(
     assert [e.retryable for e in front.errors] == [True]
 
 
+async def test_refused_websocket_is_retryable(front: Front) -> None:
+    front.target = Endpoint("127.0.0.1", free_port())
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(front.url("/ws"))
+    assert refused.value.status == 502
+    assert [e.retryable for e in front.errors] == [True]
+
+
 async def test_reset_after_body_started_is_not_retryable(
     front: Front, raw_backend: RawBackend, client: aiohttp.ClientSession
 ) -> None:
@@ -509,6 +539,20 @@ async def test_client_disconnect_cancels_upstream_request(
         resp.close()  # drops the client's connection mid-stream
     await asyncio.wait_for(backend.hang_cancelled.wait(), DEADLINE)
     await asyncio.wait_for(front.finished.wait(), DEADLINE)
+
+
+async def test_client_disconnect_with_handler_cancellation(
+    proxy: Proxy, backend: Backend, client: aiohttp.ClientSession
+) -> None:
+    """A server that cancels handlers on disconnect cancels forward(): still no leak."""
+    async with running_front(proxy, backend.endpoint, handler_cancellation=True) as front:
+        resp = await client.get(front.url("/hang"))
+        try:
+            assert await asyncio.wait_for(resp.content.readline(), DEADLINE) == b"first\n"
+        finally:
+            resp.close()
+        await asyncio.wait_for(backend.hang_cancelled.wait(), DEADLINE)
+        await asyncio.wait_for(front.finished.wait(), DEADLINE)
 
 
 async def test_forward_requires_start() -> None:
