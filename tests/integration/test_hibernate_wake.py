@@ -117,7 +117,7 @@ async def test_whole_loop_hibernate_wake_evict_wake(start_up: Any) -> None:
             send(session, config, "sleepy.localhost", "/echo" if b else "/predict?text=nice",
                  b) for b in bodies))
         waited = time.monotonic() - started
-        for (code, answer, headers), sent in zip(results, bodies, strict=True):
+        for (code, answer, _), sent in zip(results, bodies, strict=True):
             assert code == 200, answer[:300]
             if sent is not None:
                 assert hashlib.sha256(answer).digest() == hashlib.sha256(sent).digest()
@@ -217,7 +217,7 @@ async def test_no_request_fails_under_load_across_hibernate_and_wake(start_up: A
 async def test_never_ready_gets_504_returns_to_hibernated_and_retries(start_up: Any) -> None:
     # replicas: 0 → nothing to wait for at start-up; a wake starts 1 that never loads.
     service = model_service("stuck", 0, load_seconds=3600)
-    up, config = await start_up(service, activator="wake_timeout: 3s")
+    _, config = await start_up(service, activator="wake_timeout: 3s")
     api = str(config.control_plane.admin_api)
     await asyncio.to_thread(admin_client.hibernate, api, "stuck")
     await wait_state(config, "stuck", "HIBERNATED", 10)
@@ -243,7 +243,7 @@ async def test_never_ready_gets_504_returns_to_hibernated_and_retries(start_up: 
 
 async def test_full_queue_503_and_hang_up_is_not_proxied(start_up: Any) -> None:
     service = model_service("slow", 1, load_seconds=3.0, flags=", --log-requests")
-    up, config = await start_up(service, activator="wake_timeout: 30s, max_held_per_service: 3")
+    _, config = await start_up(service, activator="wake_timeout: 30s, max_held_per_service: 3")
     api = str(config.control_plane.admin_api)
     await asyncio.to_thread(admin_client.hibernate, api, "slow")
     await wait_state(config, "slow", "HIBERNATED", 10)

@@ -133,7 +133,7 @@ async def test_per_service_overrides(setup) -> None:  # type: ignore[no-untyped-
 
 
 async def test_repair_makes_half_done_states_definite(setup) -> None:  # type: ignore[no-untyped-def]
-    config, store, clock = setup
+    _, store, clock = setup
     reconciler, table, _, _ = await make(setup)
     halfway = await store.put(table.records["a"].with_state(S.HIBERNATING, clock.now(), "x"))
     table.apply(halfway)

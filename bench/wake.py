@@ -1,0 +1,1092 @@
+"""Waking from zero: what the activator adds to a cold start, how many held requests it
+carries without loss, and what the warm path costs, all through a real `torpor up`.
+
+    python bench/wake.py [--quick] [--wakes 20] [--steps 250,500,1000] [--tool auto]
+
+It runs `torpor up` as a user does (a subprocess: control plane + activator in one Python
+process, an Envoy child, local replicas of bench/backend.py) on free loopback ports, and
+prints:
+  1. wake overhead: per wake, hibernate the service through the admin API, send one
+     request, and compare when the client got the answer with when the backend started
+     listening (the replica writes `time.time()` into its log when listen() returns);
+     p50/p99/min/max over --wakes wakes, plus the whole cold start (request sent ->
+     answer) and the x-torpor-cold-start-ms header the activator adds;
+  2. held-request capacity: for each step N, N concurrent requests to one hibernated
+     service whose backend loads for ~2 s; answers by status (all 200 = without loss), the
+     time until all were answered, and the RSS of the torpor process and of Envoy before
+     and at peak (a fresh `torpor up` per step, so that one step's freed memory does not
+     hide the next one's growth);
+  3. warm path: req/s and latency p50/p99 of a small GET through torpor's Envoy to an
+     ACTIVE service vs. straight to the replica's port, same client, same run, with the
+     ratio torpor/direct. The client is wrk or hey when on PATH, else a Python asyncio
+     load generator (which may itself be the bottleneck: the ratio is then an upper bound).
+
+A benchmark prints figures; it never passes or fails on time. Everything listens on
+127.0.0.1; every wait has a deadline; every process it starts is stopped in a finally
+block (`torpor up` by SIGTERM to its process group, which stops Envoy and the replicas;
+whatever is still alive afterwards is SIGKILLed and reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from torpor import admin_client
+from torpor.config import load_config
+from torpor.gateway import envoy_binary
+
+LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+BACKEND = Path(__file__).resolve().parent / "backend.py"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+READY_TIMEOUT = 120.0  # s: `torpor up` printing "torpor: ready."
+STOP_TIMEOUT = 60.0  # s: `torpor up` stopping after SIGTERM, before SIGKILL
+STATE_TIMEOUT = 30.0  # s: a service reaching a state
+WAKE_TIMEOUT = 60.0  # s: the activator's wake_timeout in the bench's config
+HOLD_GRACE = 30.0  # s: a held request's client deadline beyond WAKE_TIMEOUT
+SAMPLE_EVERY = 0.02  # s: RSS sampling during a hold
+METRICS_EVERY = 0.1  # s: scraping the held-requests gauge during a hold
+
+#: Every `torpor up` this bench started and has not stopped yet (for the last-resort stop).
+RUNNING: list[TorporUp] = []
+
+
+# --- /proc --------------------------------------------------------------------------------
+
+
+def proc_status_kb(pid: int, field: str = "VmRSS") -> int:
+    """A kB field of /proc/<pid>/status (VmRSS, VmHWM); 0 if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (field k is [k - 3])."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), in seconds."""
+    fields = proc_stat(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Proc:
+    pid: int
+    pgid: int
+    started: int  # start time in clock ticks since boot: tells a reused pid apart
+    cmd: str
+
+
+def descendants(root: int) -> list[Proc]:
+    """Every live (non-zombie) process below `root`."""
+    table: dict[int, tuple[int, Proc]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = proc_stat(int(entry))
+        if fields is None or fields[0] in ("Z", "X"):
+            continue
+        pid = int(entry)
+        table[pid] = (int(fields[1]), Proc(pid, int(fields[2]), int(fields[19]), cmdline(pid)))
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, (ppid, _) in table.items():
+        children[ppid].append(pid)
+    found, todo = [], list(children[root])
+    while todo:
+        pid = todo.pop()
+        found.append(table[pid][1])
+        todo.extend(children[pid])
+    return found
+
+
+def still_running(p: Proc) -> bool:
+    fields = proc_stat(p.pid)
+    return fields is not None and fields[0] not in ("Z", "X") and int(fields[19]) == p.started
+
+
+# --- config and `torpor up` ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    name: str
+    load_seconds: float
+    replicas: int = 1
+
+    @property
+    def host(self) -> str:
+        return f"{self.name}.localhost"
+
+
+def write_config(workdir: Path, services: Sequence[Service], max_held: int) -> Path:
+    """A torpor config on free loopback ports. The policy never acts on its own
+    (never_sleep, and idle_after far away): the bench hibernates through the admin API."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    p = {k: free_port() for k in ("listen", "admin", "xds", "api", "metrics", "act", "actm")}
+    entries = "".join(f"""
+  - name: {s.name}
+    host: {s.host}
+    replicas: {s.replicas}
+    never_sleep: true
+    local:
+      command: [python, "{BACKEND}", --port, "{{port}}", --load-seconds, "{s.load_seconds}"]
+      ready_path: /healthz
+      stop_grace: 5s
+""" for s in services)
+    path = workdir / "torpor.yaml"
+    path.write_text(f"""
+gateway: {{listen: {LOOPBACK}:{p['listen']}, admin: {LOOPBACK}:{p['admin']}}}
+control_plane: {{xds: {LOOPBACK}:{p['xds']}, admin_api: {LOOPBACK}:{p['api']},
+                metrics: {LOOPBACK}:{p['metrics']}}}
+activator: {{listen: {LOOPBACK}:{p['act']}, metrics: {LOOPBACK}:{p['actm']},
+            max_held_per_service: {max_held}, wake_timeout: {WAKE_TIMEOUT:g}s}}
+store: {{kind: sqlite, path: ./state.db}}
+workloads: {{kind: local}}
+policy: {{idle_after: 24h, evict_after: 7d, creation_grace: 24h, check_every: 10s}}
+services:{entries}""")
+    return path
+
+
+class TorporUp:
+    """`torpor up --config FILE` as a subprocess in its own process group."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.output = config_path.parent / "up.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen: dict[int, Proc] = {}  # everything ever seen below it, by pid
+        self.left_behind: list[Proc] = []
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def api(self) -> str:
+        return str(self.config.control_plane.admin_api)
+
+    @property
+    def gateway(self) -> tuple[str, int]:
+        return self.config.gateway.listen.host, self.config.gateway.listen.port
+
+    @property
+    def log_dir(self) -> Path:
+        return self.config.log_dir()
+
+    def start(self) -> None:
+        RUNNING.append(self)
+        with self.output.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "torpor.cli", "up", "--config", str(self.config_path)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=REPO)
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while "torpor: ready." not in self.text():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"torpor up exited with {self.proc.returncode}:\n"
+                                   f"{self.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"torpor up not ready after {READY_TIMEOUT:.0f}s:\n"
+                                   f"{self.text()[-3000:]}")
+            await asyncio.sleep(0.1)
+        self.remember()
+
+    def remember(self) -> list[Proc]:
+        """Note every process below torpor up now (so that a stop can check they went)."""
+        now = descendants(self.pid) if self.proc is not None else []
+        for p in now:
+            self.seen[p.pid] = p
+        return now
+
+    def envoy_pid(self) -> int:
+        for p in self.remember():
+            if Path(p.cmd.split(" ", 1)[0]).name == "envoy":
+                return p.pid
+        raise RuntimeError("no Envoy process below torpor up")
+
+    def replica_pid(self, port: int) -> int:
+        for p in self.remember():
+            if str(BACKEND) in p.cmd and f"--port {port} " in p.cmd + " ":
+                return p.pid
+        raise RuntimeError(f"no replica process on port {port}")
+
+    def stop(self) -> None:
+        """SIGTERM the process group and wait; SIGKILL after STOP_TIMEOUT. Then SIGKILL the
+        group of anything it started that is still alive (it should leave nothing)."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                self.remember()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            own = os.getpgrp()
+            self.left_behind = [p for p in self.seen.values() if still_running(p)]
+            for p in self.left_behind:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if p.pgid != own:
+                        os.killpg(p.pgid, signal.SIGKILL)
+                    else:
+                        os.kill(p.pid, signal.SIGKILL)
+        finally:
+            if self in RUNNING:
+                RUNNING.remove(self)
+
+    # -- admin API (blocking gRPC calls, run in a thread) --------------------------------
+
+    async def status(self, name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(admin_client.get_status, self.api, name)
+
+    async def hibernate(self, name: str) -> dict[str, Any]:
+        status = await asyncio.to_thread(admin_client.hibernate, self.api, name)
+        if status["state"] != "HIBERNATED":
+            status = await self.wait_state(name, "HIBERNATED")
+        return status
+
+    async def wait_state(self, name: str, state: str, ready: int = 0) -> dict[str, Any]:
+        """Until `name` is in `state` with at least `ready` ready endpoints."""
+        deadline = time.monotonic() + STATE_TIMEOUT
+        while True:
+            status = await self.status(name)
+            if status["state"] == state and len(status["ready_endpoints"]) >= ready:
+                return status
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not {state} (ready >= {ready}) after "
+                                   f"{STATE_TIMEOUT:.0f}s: {status}")
+            await asyncio.sleep(0.05)
+
+    async def metrics(self, session: aiohttp.ClientSession) -> str:
+        async with session.get(f"http://{self.config.control_plane.metrics}/metrics") as r:
+            return await r.text()
+
+
+@contextlib.asynccontextmanager
+async def torpor_up(workdir: Path, services: Sequence[Service],
+                    max_held: int) -> AsyncIterator[TorporUp]:
+    """A running `torpor up`, stopped on the way out however the block ends."""
+    up = TorporUp(write_config(workdir, services, max_held))
+    try:
+        up.start()
+        await up.wait_ready()
+        yield up
+    finally:
+        up.stop()
+        if up.left_behind:
+            print(f"  NOTE: torpor up left {len(up.left_behind)} process(es) running; killed: "
+                  f"{[p.cmd[:80] for p in up.left_behind]}", flush=True)
+
+
+def metric(text: str, name: str, service: str) -> float:
+    """The value of `name{...service="..."...}` in a Prometheus text page (0 if absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'service="{service}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def backend_stamps(log_dir: Path, service: str, port: int) -> tuple[float, float]:
+    """(started, listening) unix times the replica on `port` wrote last into its log."""
+    text = (log_dir / f"{service}-{port}.log").read_text(errors="replace")
+    started = re.findall(r"bench-backend: started at ([0-9.]+)", text)
+    listening = re.findall(r"bench-backend: listening at ([0-9.]+)", text)
+    if not started or not listening:
+        raise RuntimeError(f"no start/listen stamps in {service}-{port}.log: {text[-500:]!r}")
+    return float(started[-1]), float(listening[-1])
+
+
+def one_port(status: dict[str, Any]) -> int:
+    endpoints = status["ready_endpoints"]
+    if len(endpoints) != 1:
+        raise RuntimeError(f"expected one ready endpoint: {status}")
+    return int(str(endpoints[0]).rsplit(":", 1)[1])
+
+
+# --- a minimal HTTP/1.1 client -------------------------------------------------------------
+
+
+class HttpConn:
+    """One HTTP/1.1 connection over asyncio streams: the least Python per request, so that
+    the bench's own client costs as little as it can (aiohttp's client costs ~3x more)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> HttpConn:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.writer.write(request)
+        await self.writer.drain()
+        return await self.read_response()
+
+    async def read_response(self) -> tuple[int, dict[str, str], bytes]:
+        reader = self.reader
+        line = await reader.readline()
+        if not line:
+            raise ConnectionResetError("closed before a status line")
+        status = int(line.split(None, 2)[1])
+        headers: dict[str, str] = {}
+        while True:
+            raw = await reader.readline()
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            key, _, value = raw.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            parts = []
+            while True:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            body = b"".join(parts)
+        else:
+            body = await reader.read()
+        return status, headers, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def get_request(path: str, host: str, close: bool = False) -> bytes:
+    extra = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode("latin-1")
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (with fewer than 100 values, p99 is the maximum)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}" if seconds >= 0.0995 else f"{seconds * 1000:.1f}"
+
+
+def mb(kb: float) -> str:
+    return f"{kb / 1024:.0f}"
+
+
+def spread(values: Sequence[float]) -> str:
+    """p50 / p99 / min / max in ms."""
+    return (f"p50 {ms(pct(values, 50))}  p99 {ms(pct(values, 99))}  "
+            f"min {ms(min(values))}  max {ms(max(values))} ms")
+
+
+# --- 1. wake overhead ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Wake:
+    sent: float  # unix time the request was written
+    answered: float  # unix time the whole answer was read
+    proc_started: float  # the replica's first line
+    listening: float  # the replica's listen() returned
+    cold_ms: int | None  # x-torpor-cold-start-ms
+    status: int
+
+    @property
+    def overhead(self) -> float:
+        return self.answered - self.listening
+
+
+async def wake_overhead(up: TorporUp, name: str, wakes: int) -> list[Wake]:
+    """Hibernate, send one request, read the backend's stamps; `wakes` times.
+
+    What the overhead (backend listening -> client has the answer) contains:
+    - the readiness probe: torpor's local workloads probe GET /healthz every 0.2 s (the
+      probe_interval of torpor/workloads/local.py, after each probe's own round trip),
+      so a replica that starts listening waits 0-200 ms for the next probe;
+    - the activator's detection: the probe result is published, the waker's wait_ready
+      returns, the waker records the service ACTIVE in the store (sqlite) and hands the
+      ready endpoint to every held request;
+    - proxying: the activator opens a connection to the replica, forwards the request,
+      relays the answer to Envoy, which relays it to the client.
+    """
+    host, port = up.gateway
+    results: list[Wake] = []
+    for i in range(wakes):
+        await up.hibernate(name)
+        await asyncio.sleep(0.05)
+        conn = await HttpConn.open(host, port)
+        try:
+            sent = time.time()
+            status, headers, _ = await asyncio.wait_for(
+                conn.exchange(get_request("/work", f"{name}.localhost", close=True)),
+                WAKE_TIMEOUT + HOLD_GRACE)
+            answered = time.time()
+        finally:
+            conn.close()
+        awake = await up.wait_state(name, "ACTIVE", ready=1)
+        started, listening = backend_stamps(up.log_dir, name, one_port(awake))
+        if started < sent:
+            raise RuntimeError(f"wake {i}: the replica's start stamp {started:.3f} is older "
+                               f"than the request {sent:.3f}: not the replica this wake started")
+        cold = headers.get("x-torpor-cold-start-ms")
+        results.append(Wake(sent, answered, started, listening,
+                            int(cold) if cold is not None else None, status))
+        print(f"    wake {i + 1:>2}/{wakes}: status {status}, overhead "
+              f"{ms(answered - listening)} ms, cold start {ms(answered - sent)} ms", flush=True)
+    return results
+
+
+# --- 2. held-request capacity -------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Hold:
+    n: int
+    statuses: collections.Counter[str]
+    sent_all: float  # s after t0: the last request written
+    first: float  # s after t0: the first answer
+    last: float  # s after t0: the last answer (all answered)
+    listening_to_last: float  # s: backend listening -> last answer
+    cold_ms: list[int]
+    peak_held: float  # the torpor_held_requests gauge's highest sample
+    torpor_before_kb: int
+    torpor_peak_kb: int
+    torpor_hwm_kb: int
+    envoy_before_kb: int
+    envoy_peak_kb: int
+    counters: dict[str, float]
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get("200", 0)
+
+    @property
+    def lost(self) -> int:
+        return self.n - self.ok
+
+
+class Sampler:
+    """Highest VmRSS of some processes, sampled every SAMPLE_EVERY s, plus the highest
+    torpor_held_requests gauge, scraped every METRICS_EVERY s."""
+
+    def __init__(self, pids: dict[str, int], up: TorporUp, service: str) -> None:
+        self.pids = pids
+        self.peak = {k: proc_status_kb(pid) for k, pid in pids.items()}
+        self.peak_held = 0.0
+        self._up = up
+        self._service = service
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _rss(self) -> None:
+        while True:
+            for k, pid in self.pids.items():
+                self.peak[k] = max(self.peak[k], proc_status_kb(pid))
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    async def _held(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    text = await self._up.metrics(session)
+                    self.peak_held = max(self.peak_held,
+                                         metric(text, "torpor_held_requests", self._service))
+                await asyncio.sleep(METRICS_EVERY)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._rss()), asyncio.create_task(self._held())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def hold_step(up: TorporUp, name: str, n: int) -> Hold:
+    """N requests at once to hibernated `name`; every one on its own connection."""
+    host, port = up.gateway
+    await up.hibernate(name)
+    await asyncio.sleep(0.5)  # let the hibernation's own work settle before the baseline
+    envoy = up.envoy_pid()
+    before = {"torpor": proc_status_kb(up.pid), "envoy": proc_status_kb(envoy)}
+    sampler = Sampler({"torpor": up.pid, "envoy": envoy}, up, name)
+    request = get_request("/work", f"{name}.localhost", close=True)
+    sent_at: list[float] = []
+    answers: list[tuple[str, float, int | None]] = []  # (status or error, answered, cold ms)
+
+    async def one() -> None:
+        conn = None
+        try:
+            conn = await HttpConn.open(host, port)
+            conn.writer.write(request)
+            await conn.writer.drain()
+            sent_at.append(time.time())
+            status, headers, _ = await conn.read_response()
+            cold = headers.get("x-torpor-cold-start-ms")
+            answers.append((str(status), time.time(), int(cold) if cold else None))
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            answers.append((type(exc).__name__, time.time(), None))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    sampler.start()
+    try:
+        t0 = time.time()
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        _, pending = await asyncio.wait(tasks, timeout=WAKE_TIMEOUT + HOLD_GRACE)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.sleep(0.2)  # one more sample after the last answer
+    finally:
+        await sampler.stop()
+    awake = await up.wait_state(name, "ACTIVE", ready=1)
+    _, listening = backend_stamps(up.log_dir, name, one_port(awake))
+    statuses = collections.Counter(s for s, _, _ in answers)
+    if pending:
+        statuses["no answer (client deadline)"] += len(pending)
+    times = [t for _, t, _ in answers]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        text = await up.metrics(session)
+    counters = {short: metric(text, full, name) for short, full in (
+        ("queue_full", "torpor_queue_overflows_total"),
+        ("abandoned", "torpor_held_abandoned_total"),
+        ("proxy_errors", "torpor_activator_proxy_errors_total"),
+    )}
+    return Hold(
+        n=n, statuses=statuses,
+        sent_all=(max(sent_at) - t0) if sent_at else float("nan"),
+        first=min(times) - t0 if times else float("nan"),
+        last=max(times) - t0 if times else float("nan"),
+        listening_to_last=max(times) - listening if times else float("nan"),
+        cold_ms=[c for _, _, c in answers if c is not None],
+        peak_held=sampler.peak_held,
+        torpor_before_kb=before["torpor"], torpor_peak_kb=sampler.peak["torpor"],
+        torpor_hwm_kb=proc_status_kb(up.pid, "VmHWM"),
+        envoy_before_kb=before["envoy"], envoy_peak_kb=sampler.peak["envoy"],
+        counters=counters)
+
+
+# --- 3. warm path -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Load:
+    target: str
+    requests: int
+    seconds: float
+    p50: float  # s
+    p99: float  # s
+    non_2xx: int
+    errors: int
+    cpu: dict[str, float] = dataclasses.field(default_factory=dict)  # process -> CPU s
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else float("nan")
+
+
+def pick_tool(wanted: str) -> str:
+    if wanted != "auto":
+        if wanted != "python" and not shutil.which(wanted):
+            raise SystemExit(f"wake.py: --tool {wanted}: not on PATH")
+        return wanted
+    for tool in ("wrk", "hey"):
+        if shutil.which(tool):
+            return tool
+    return "python"
+
+
+def describe_tool(tool: str, connections: int, duration: float) -> str:
+    if tool == "wrk":
+        return f"wrk -t1 -c{connections} -d{duration:g}s"
+    if tool == "hey":
+        return f"hey -c {connections} -z {duration:g}s"
+    return (f"Python asyncio client, {connections} keep-alive connections, {duration:g} s "
+            "(one process; it may be the bottleneck)")
+
+
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _wrk_seconds(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"wrk time {text!r}")
+    return float(match[1]) * _UNIT[match[2]]
+
+
+def parse_wrk(out: str, target: str) -> Load:
+    requests = re.search(r"(\d+) requests in ([0-9.]+)(us|ms|s|m)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (requests and p50 and p99):
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return Load(target, int(requests[1]), float(requests[2]) * _UNIT[requests[3]],
+                _wrk_seconds(p50[1]), _wrk_seconds(p99[1]),
+                int(non_2xx[1]) if non_2xx else 0,
+                sum(int(x) for x in sock.groups()) if sock else 0)
+
+
+def parse_hey(out: str, target: str, duration: float) -> Load:
+    p50 = re.search(r"50%+ in ([0-9.]+) secs", out)
+    p99 = re.search(r"99%+ in ([0-9.]+) secs", out)
+    total = re.search(r"Total:\s+([0-9.]+) secs", out)
+    codes = {int(c): int(k) for c, k in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    errors = sum(int(k) for k in re.findall(r"^\s+\[(\d+)\]\s+Get ", out, re.M))
+    if not (p50 and p99 and codes):
+        raise RuntimeError(f"cannot read hey's output:\n{out}")
+    return Load(target, sum(codes.values()), float(total[1]) if total else duration,
+                float(p50[1]), float(p99[1]),
+                sum(k for c, k in codes.items() if not 200 <= c < 300), errors)
+
+
+async def run_tool(argv: list[str], limit: float) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), limit)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return out.decode(errors="replace")
+
+
+async def python_load(port: int, host: str, path: str, connections: int,
+                      duration: float, target: str) -> Load:
+    """`connections` keep-alive connections, each sending the next GET as soon as the last
+    answer is read, until `duration` has passed."""
+    latencies: list[float] = []
+    non_2xx = errors = 0
+    request = get_request(path, host)
+    deadline = time.perf_counter() + duration
+
+    async def worker() -> None:
+        nonlocal non_2xx, errors
+        conn: HttpConn | None = None
+        try:
+            while time.perf_counter() < deadline:
+                try:
+                    if conn is None:
+                        conn = await HttpConn.open(LOOPBACK, port)
+                    began = time.perf_counter()
+                    status, headers, _ = await conn.exchange(request)
+                    latencies.append(time.perf_counter() - began)
+                    if not 200 <= status < 300:
+                        non_2xx += 1
+                    if headers.get("connection", "").lower() == "close":
+                        conn.close()
+                        conn = None
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    errors += 1
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    await asyncio.sleep(0.01)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(connections))),
+                           duration + 30)
+    elapsed = time.perf_counter() - started
+    return Load(target, len(latencies), elapsed, pct(latencies, 50), pct(latencies, 99),
+                non_2xx, errors)
+
+
+async def load_once(tool: str, port: int, host: str, connections: int, duration: float,
+                    target: str) -> Load:
+    url = f"http://{LOOPBACK}:{port}/work"
+    if tool == "wrk":
+        out = await run_tool(["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
+                              "-H", f"Host: {host}", url], duration + 60)
+        return parse_wrk(out, target)
+    if tool == "hey":
+        out = await run_tool(["hey", "-c", str(connections), "-z", f"{duration:g}s",
+                              "-host", host, url], duration + 60)
+        return parse_hey(out, target, duration)
+    return await python_load(port, host, "/work", connections, duration, target)
+
+
+async def warm_path(up: TorporUp, name: str, tool: str, connections: int, duration: float,
+                    rounds: int) -> list[Load]:
+    """Alternate direct and through-torpor runs, `rounds` of each, after a short warm-up."""
+    status = await up.wait_state(name, "ACTIVE", ready=1)
+    replica_port = one_port(status)
+    pids = {"torpor": up.pid, "envoy": up.envoy_pid(), "backend": up.replica_pid(replica_port)}
+    targets = {"direct": replica_port, "torpor": up.gateway[1]}
+    host = f"{name}.localhost"
+    for target, port in targets.items():  # warm-up: connection pools, Envoy's first use
+        await load_once(tool, port, host, connections, min(1.0, duration), target)
+    loads = []
+    for r in range(rounds):
+        for target, port in targets.items():
+            cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            load = await load_once(tool, port, host, connections, duration, target)
+            load.cpu = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
+            loads.append(load)
+            print(f"    round {r + 1}/{rounds} {target:>6}: {load.rps:8.0f} req/s, p50 "
+                  f"{ms(load.p50)} ms, p99 {ms(load.p99)} ms, non-2xx {load.non_2xx}, "
+                  f"errors {load.errors}", flush=True)
+    return loads
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def machine_info() -> str:
+    try:
+        envoy = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True,
+                               timeout=30).stdout
+        match = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
+        envoy_version = match[1] if match else envoy.strip()[-60:]
+    except (OSError, subprocess.SubprocessError) as exc:
+        envoy_version = f"unknown ({exc})"
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, "
+            f"Envoy {envoy_version}")
+
+
+def print_wakes(wakes: list[Wake], load_seconds: float) -> None:
+    overhead = [w.overhead for w in wakes]
+    full = [w.answered - w.sent for w in wakes]
+    spawn = [w.proc_started - w.sent for w in wakes]
+    boot = [w.listening - w.proc_started for w in wakes]
+    cold = [w.cold_ms / 1000 for w in wakes if w.cold_ms is not None]
+    statuses = collections.Counter(w.status for w in wakes)
+    print(f"\n1. Wake overhead ({len(wakes)} wakes, backend load {load_seconds:g} s, "
+          f"statuses {dict(statuses)}):")
+    print(f"  backend listening -> client has the answer: {spread(overhead)}")
+    print(f"  request sent -> answer (whole cold start):  {spread(full)}")
+    if cold:
+        print(f"  x-torpor-cold-start-ms header:              {spread(cold)}"
+              f" ({len(cold)} of {len(wakes)} answers carried it)")
+    else:
+        print("  x-torpor-cold-start-ms header: missing from every answer")
+    print(f"  parts: request sent -> replica process running {spread(spawn)}")
+    print(f"         replica running -> listening (imports + {load_seconds:g} s load) "
+          f"{spread(boot)}")
+    print("  (overhead = readiness probe interval 0-200 ms + probe round trip + the waker "
+          "recording ACTIVE + the activator's proxy hop; see wake_overhead's docstring)")
+
+
+def print_holds(holds: list[Hold], load_seconds: float) -> None:
+    print(f"\n2. Held-request capacity (one hibernated service, backend load "
+          f"{load_seconds:g} s, every request on its own connection, fresh torpor per step):")
+    head = (f"  {'N':>5} {'200':>5} {'lost':>5} {'held peak':>9} {'all sent s':>10} "
+            f"{'all answered s':>14} {'ready->last s':>13} {'torpor RSS MB':>17} "
+            f"{'KB/held':>7} {'envoy RSS MB':>13} {'KB/held':>7}")
+    print(head)
+    for h in holds:
+        t_delta = h.torpor_peak_kb - h.torpor_before_kb
+        e_delta = h.envoy_peak_kb - h.envoy_before_kb
+        print(f"  {h.n:>5} {h.ok:>5} {h.lost:>5} {h.peak_held:>9.0f} {h.sent_all:>10.2f} "
+              f"{h.last:>14.2f} {h.listening_to_last:>13.2f} "
+              f"{mb(h.torpor_before_kb) + ' -> ' + mb(h.torpor_peak_kb):>17} "
+              f"{t_delta / h.n:>7.1f} "
+              f"{mb(h.envoy_before_kb) + ' -> ' + mb(h.envoy_peak_kb):>13} "
+              f"{e_delta / h.n:>7.1f}")
+    for h in holds:
+        others = {k: v for k, v in h.statuses.items() if k != "200"}
+        cold = (f"cold-start header min {min(h.cold_ms)} / max {max(h.cold_ms)} ms"
+                if h.cold_ms else "no cold-start header")
+        print(f"  N={h.n}: answers {dict(h.statuses)}; first answer after {h.first:.2f} s; "
+              f"{cold}; torpor VmHWM {mb(h.torpor_hwm_kb)} MB; counters {h.counters}"
+              + (f"; LOST: {others}" if others else ""))
+    print("  (held peak: highest torpor_held_requests sample, every 0.1 s; ready->last: "
+          "backend listening -> last answer, i.e. draining the held queue; KB/held: "
+          "(peak RSS - RSS before) / N, RSS sampled every 20 ms)")
+
+
+@dataclasses.dataclass
+class Warm:
+    """One target's figures over its rounds: median req/s, p50 and p99; sums of the rest."""
+
+    target: str
+    rps: float
+    p50: float
+    p99: float
+    requests: int
+    non_2xx: int
+    errors: int
+    cpu_ms_per_1k: dict[str, float]
+
+
+def summarize_loads(loads: list[Load]) -> dict[str, Warm]:
+    out = {}
+    for target in ("direct", "torpor"):
+        mine = [x for x in loads if x.target == target]
+        requests = sum(x.requests for x in mine)
+        cpu: dict[str, float] = collections.defaultdict(float)
+        for x in mine:
+            for k, v in x.cpu.items():
+                cpu[k] += v
+        out[target] = Warm(
+            target, statistics.median(x.rps for x in mine),
+            statistics.median(x.p50 for x in mine), statistics.median(x.p99 for x in mine),
+            requests, sum(x.non_2xx for x in mine), sum(x.errors for x in mine),
+            {k: v * 1000 / max(1, requests) * 1000 for k, v in cpu.items()})
+    return out
+
+
+def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
+    summary = summarize_loads(loads)
+    d, t = summary["direct"], summary["torpor"]
+    print(f"\n3. Warm path (GET /work, ACTIVE service, {tool_text}; median of "
+          f"{len(loads) // 2} round(s)):")
+    for x in (d, t):
+        where = "straight to the replica" if x.target == "direct" else "through torpor's Envoy"
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in x.cpu_ms_per_1k.items())
+        print(f"  {where:<24} {x.rps:8.0f} req/s  p50 {ms(x.p50):>5} ms  p99 {ms(x.p99):>5} ms"
+              f"  non-2xx {x.non_2xx} errors {x.errors}  CPU ms per 1k requests: {cpu}")
+    print(f"  ratio torpor/direct: req/s x{t.rps / d.rps:.2f}, p50 x{t.p50 / d.p50:.2f}, "
+          f"p99 x{t.p99 / d.p99:.2f}")
+    print("  (torpor's CPU on the warm path is the access-log collector: Envoy streams every "
+          "request's log entry to the control plane; no Python proxies these requests)")
+    return summary
+
+
+def print_summary(wakes: list[Wake], wake_load: float, holds: list[Hold], hold_load: float,
+                  warm: dict[str, Warm] | None, tool_text: str, info: str) -> None:
+    print("\n=== summary (markdown) ===\n")
+    print(f"Machine: {info}.\n")
+    if wakes:
+        overhead = [w.overhead for w in wakes]
+        full = [w.answered - w.sent for w in wakes]
+        cold = [w.cold_ms / 1000 for w in wakes if w.cold_ms is not None]
+        print(f"| wake, {len(wakes)} wakes (backend load {wake_load:g} s) | p50 ms | p99 ms "
+              "| min ms | max ms |")
+        print("|---|---:|---:|---:|---:|")
+        rows = [("backend listening → held request answered (overhead)", overhead),
+                ("request sent → answered (whole cold start)", full)]
+        if cold:
+            rows.append(("`x-torpor-cold-start-ms` header", cold))
+        for label, xs in rows:
+            print(f"| {label} | {ms(pct(xs, 50))} | {ms(pct(xs, 99))} | {ms(min(xs))} "
+                  f"| {ms(max(xs))} |")
+        print()
+    if holds:
+        print(f"| held requests, 1 service (load {hold_load:g} s) | answered 200 | lost "
+              "| all answered s | torpor RSS MB before → peak | KB/held | Envoy RSS MB before → "
+              "peak | KB/held |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for h in holds:
+            print(f"| {h.n} | {h.ok} | {h.lost} | {h.last:.2f} | {mb(h.torpor_before_kb)} → "
+                  f"{mb(h.torpor_peak_kb)} | {(h.torpor_peak_kb - h.torpor_before_kb) / h.n:.0f} "
+                  f"| {mb(h.envoy_before_kb)} → {mb(h.envoy_peak_kb)} | "
+                  f"{(h.envoy_peak_kb - h.envoy_before_kb) / h.n:.0f} |")
+        print()
+    if warm:
+        d, t = warm["direct"], warm["torpor"]
+        print(f"| warm path, GET /work ({tool_text}) | req/s | p50 ms | p99 ms |")
+        print("|---|---:|---:|---:|")
+        print(f"| straight to the replica | {d.rps:.0f} | {ms(d.p50)} | {ms(d.p99)} |")
+        print(f"| through torpor's Envoy | {t.rps:.0f} | {ms(t.p50)} | {ms(t.p99)} |")
+        print(f"| ratio torpor/direct | x{t.rps / d.rps:.2f} | x{t.p50 / d.p50:.2f} "
+              f"| x{t.p99 / d.p99:.2f} |")
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+@contextlib.contextmanager
+def workdir(keep: bool) -> Iterator[Path]:
+    if keep:
+        path = Path(tempfile.mkdtemp(prefix="torpor-wake-"))
+        print(f"  work dir (kept): {path}")
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="torpor-wake-") as tmp:
+            yield Path(tmp)
+
+
+async def run(args: argparse.Namespace) -> int:
+    nofile = raise_nofile()
+    tool = pick_tool(args.tool)
+    tool_text = describe_tool(tool, args.connections, args.duration)
+    info = machine_info()
+    need_fds = max(args.steps, default=0) * 2 + 100
+    print(f"wake: {info}; RLIMIT_NOFILE {nofile[0]}; pid {os.getpid()}", flush=True)
+    if nofile[0] < need_fds:
+        print(f"  NOTE: RLIMIT_NOFILE {nofile[0]} is below the ~{need_fds} descriptors the "
+              "largest step needs; expect connection errors", flush=True)
+    wakes: list[Wake] = []
+    holds: list[Hold] = []
+    warm: dict[str, Warm] | None = None
+    wake_svc = Service("wake", args.wake_load)
+    warm_svc = Service("warm", 0.0)
+    hold_svc = Service("hold", args.hold_load)
+    with workdir(args.keep) as tmp:
+        if args.wakes or args.duration > 0:
+            print("\n[1+3] torpor up with services 'wake' and 'warm' ...", flush=True)
+            async with torpor_up(tmp / "wake-warm", [wake_svc, warm_svc],
+                                 max(args.steps, default=100)) as up:
+                if args.wakes:
+                    print(f"  1. {args.wakes} wakes:", flush=True)
+                    wakes = await wake_overhead(up, wake_svc.name, args.wakes)
+                    print_wakes(wakes, args.wake_load)
+                if args.duration > 0:
+                    print(f"\n  3. warm path, {tool_text}, {args.rounds} round(s) each:",
+                          flush=True)
+                    loads = await warm_path(up, warm_svc.name, tool, args.connections,
+                                            args.duration, args.rounds)
+                    warm = print_warm(loads, tool_text)
+        for n in args.steps:
+            print(f"\n[2] torpor up with service 'hold' (max_held_per_service "
+                  f"{max(args.steps)}), {n} held requests ...", flush=True)
+            async with torpor_up(tmp / f"hold-{n}", [hold_svc], max(args.steps)) as up:
+                hold = await hold_step(up, hold_svc.name, n)
+                holds.append(hold)
+                print(f"    {hold.ok}/{n} answered 200, all answered after {hold.last:.2f} s, "
+                      f"torpor RSS {mb(hold.torpor_before_kb)} -> {mb(hold.torpor_peak_kb)} "
+                      f"MB, envoy {mb(hold.envoy_before_kb)} -> {mb(hold.envoy_peak_kb)} MB",
+                      flush=True)
+        if holds:
+            print_holds(holds, args.hold_load)
+    print_summary(wakes, args.wake_load, holds, args.hold_load, warm, tool_text, info)
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run: 5 wakes, steps 50,100, 2 s warm rounds")
+    parser.add_argument("--wakes", type=int, default=None, help="wakes to time (default 20)")
+    parser.add_argument("--wake-load", type=float, default=0.5,
+                        help="backend load seconds for the wake overhead (default 0.5)")
+    parser.add_argument("--steps", default=None,
+                        help="held-request counts, comma-separated (default 250,500,1000)")
+    parser.add_argument("--hold-load", type=float, default=2.0,
+                        help="backend load seconds for the held requests (default 2)")
+    parser.add_argument("--tool", choices=("auto", "wrk", "hey", "python"), default="auto",
+                        help="warm-path load generator (default: wrk, else hey, else Python)")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="warm-path connections (default 32)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per warm-path run, 0 to skip (default 8)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="warm-path runs per target, alternating (default 2)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work dir (configs, torpor and replica logs)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.wakes = args.wakes if args.wakes is not None else (5 if quick else 20)
+    steps = args.steps if args.steps is not None else ("50,100" if quick else "250,500,1000")
+    args.steps = [int(s) for s in steps.split(",") if s.strip()]
+    args.duration = args.duration if args.duration is not None else (2.0 if quick else 8.0)
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 2)
+    if args.wakes < 0 or any(n < 1 for n in args.steps) or args.rounds < 1 \
+            or args.connections < 1 or args.duration < 0:
+        parser.error("counts must be positive (--wakes and --duration may be 0 to skip)")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("\nwake: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for up in list(RUNNING):  # normally stopped already by torpor_up's finally
+            up.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
