@@ -53,6 +53,9 @@ class ControlPlaneConfig:
 class ActivatorConfig:
     listen: Address
     metrics: Address
+    # HTTP/2 (h2c) listener for services with `protocol: http2` (gRPC): held there, then
+    # replayed by Envoy's retry once the service is awake.
+    listen_h2: Address = Address("127.0.0.1", 18081)
     max_held_per_service: int = 1000
     wake_timeout: float = 120.0
 
@@ -102,6 +105,8 @@ class LocalServiceConfig:
     env: tuple[tuple[str, str], ...] = ()
     # SIGTERM, then SIGKILL after this many seconds.
     stop_grace: float = 10.0
+    # "http": GET ready_path answers 2xx; "tcp": the port accepts connections (gRPC servers).
+    ready_probe: str = "http"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,8 @@ class ServiceConfig:
     replicas: int = 1
     local: LocalServiceConfig | None = None
     kubernetes: KubernetesServiceConfig | None = None
+    # What the replicas speak: http1, or http2 (h2c, e.g. gRPC).
+    protocol: str = "http1"
     # Never hibernated by the policy (`torpor hibernate` still works).
     never_sleep: bool = False
     policy: ServicePolicyConfig = ServicePolicyConfig()
@@ -156,6 +163,7 @@ class Config:
             "control_plane.admin_api": self.control_plane.admin_api,
             "control_plane.metrics": self.control_plane.metrics,
             "activator.listen": self.activator.listen,
+            "activator.listen_h2": self.activator.listen_h2,
             "activator.metrics": self.activator.metrics,
         }
 
@@ -458,6 +466,7 @@ _ACTIVATOR = _Schema(
     {
         "listen": _Field(_address, "127.0.0.1:18080"),
         "metrics": _Field(_address, "127.0.0.1:19091"),
+        "listen_h2": _Field(_address, "127.0.0.1:18081"),
         "max_held_per_service": _Field(_integer(1)),
         "wake_timeout": _Field(_duration(positive=True)),
     },
@@ -513,6 +522,7 @@ _LOCAL = _Schema(
         "cwd": _Field(_path, "."),
         "env": _Field(_env),
         "stop_grace": _Field(_duration()),
+        "ready_probe": _Field(_choice("http", "tcp")),
     },
 )
 _KUBERNETES = _Schema(
@@ -533,6 +543,7 @@ _SERVICE = _Schema(
         "replicas": _Field(_integer(0)),
         "local": _Field(_section(_LOCAL)),
         "kubernetes": _Field(_section(_KUBERNETES)),
+        "protocol": _Field(_choice("http1", "http2")),
         "never_sleep": _Field(_boolean),
         "policy": _Field(_section(_SERVICE_POLICY)),
     },

@@ -76,6 +76,8 @@ class ControlPlane:
             GatewaySettings(
                 listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
                 activator=Endpoint(activator.host, activator.port),
+                activator_h2=Endpoint(config.activator.listen_h2.host,
+                                      config.activator.listen_h2.port),
                 route_timeout=config.activator.wake_timeout + 30.0,
                 max_requests=max(1024, 4 * config.activator.max_held_per_service),
             )
@@ -186,7 +188,8 @@ class ControlPlane:
             record = self.records[service.name]
             if record.state in ROUTED_STATES:
                 routed.append(RoutedService(service.name, service.host,
-                                            self._traffic_target(service, record)))
+                                            self._traffic_target(service, record),
+                                            http2=service.protocol == "http2"))
         return routed
 
     def _traffic_target(self, service: ServiceConfig,
@@ -197,7 +200,10 @@ class ControlPlane:
             ready = self.workloads.ready_endpoints(service.name)
             if ready:
                 return ready
-        return (self.builder.settings.activator,)
+        settings = self.builder.settings
+        if service.protocol == "http2" and settings.activator_h2 is not None:
+            return (settings.activator_h2,)
+        return (settings.activator,)
 
     async def sync(self) -> bool:
         """Push the current table to every Envoy; True once every connected Envoy has

@@ -18,7 +18,13 @@ from collections.abc import Iterable
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -28,6 +34,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from torpor.model import Endpoint
@@ -40,6 +47,10 @@ ACTIVATOR_CLUSTER = "torpor_activator"
 #: The bootstrap's static cluster to the control plane; it carries ADS and access logs.
 CONTROL_PLANE_CLUSTER = "torpor_xds"
 CATCH_ALL_VHOST = "torpor_catch_all"
+#: Response header by which the activator's HTTP/2 holder asks Envoy to replay a held
+#: request (retry_on: retriable-headers) once the service's endpoints are back.
+RETRY_HEADER = "x-torpor-retry"
+_HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +66,8 @@ class GatewaySettings:
     # number of requests the activator may hold for one service (default Envoy: 1,024).
     max_requests: int = 4096
     retries: int = 2
+    # The activator's HTTP/2 (h2c) holder, for services whose replicas speak HTTP/2.
+    activator_h2: Endpoint | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,7 @@ class RoutedService:
     name: str
     host: str
     endpoints: tuple[Endpoint, ...]
+    http2: bool = False  # its cluster speaks HTTP/2 (h2c) to replicas and activator alike
 
 
 class ResourceBuilder:
@@ -73,7 +87,7 @@ class ResourceBuilder:
         self.settings = settings
         # name -> (host it was built for, its VirtualHost)
         self._vhosts: dict[str, tuple[str, route_components_pb2.VirtualHost]] = {}
-        self._clusters: dict[str, Resource] = {}
+        self._clusters: dict[str, tuple[bool, Resource]] = {}
         # name -> (endpoints it was built for, its ClusterLoadAssignment)
         self._endpoints: dict[str, tuple[tuple[Endpoint, ...], Resource]] = {}
         # The RouteConfiguration is ~290 bytes per service (2.8 MB at 10k): rebuilt and
@@ -90,7 +104,7 @@ class ResourceBuilder:
         clusters = {ACTIVATOR_CLUSTER: self._activator}
         endpoints = {}
         for svc in ordered:
-            clusters[svc.name] = self._cluster(svc.name)
+            clusters[svc.name] = self._cluster(svc.name, svc.http2)
             endpoints[svc.name] = self._load_assignment(svc.name, svc.endpoints)
         routes = self._route_config(ordered)
         self._prune({s.name for s in ordered})
@@ -144,7 +158,12 @@ class ResourceBuilder:
                 retry_policy=route_components_pb2.RetryPolicy(
                     # Only failures where the request never reached an upstream: safe to
                     # replay even for non-idempotent calls like POST /predict.
-                    retry_on="connect-failure,refused-stream,reset-before-request",
+                    # ... and the activator's "replay me" answer to a held HTTP/2 request,
+                    # sent only once the service's endpoints have flipped back.
+                    retry_on="connect-failure,refused-stream,reset-before-request,"
+                             "retriable-headers",
+                    retriable_headers=[route_components_pb2.HeaderMatcher(
+                        name=RETRY_HEADER, present_match=True)],
                     num_retries=wrappers_pb2.UInt32Value(value=s.retries),
                     retry_host_predicate=[
                         route_components_pb2.RetryPolicy.RetryHostPredicate(
@@ -157,8 +176,9 @@ class ResourceBuilder:
             ),
         )
 
-    def _cluster(self, name: str) -> Resource:
-        if name not in self._clusters:
+    def _cluster(self, name: str, http2: bool) -> Resource:
+        cached = self._clusters.get(name)
+        if cached is None or cached[0] != http2:
             s = self.settings
             cluster = cluster_pb2.Cluster(
                 name=name,
@@ -170,8 +190,11 @@ class ResourceBuilder:
                 circuit_breakers=_circuit_breakers(s.max_requests),
                 ignore_health_on_host_removal=True,
             )
-            self._clusters[name] = Resource.pack(name, cluster)
-        return self._clusters[name]
+            if http2:
+                cluster.typed_extension_protocol_options[_HTTP_OPTIONS_KEY].CopyFrom(
+                    _any(_http2_options()))
+            cached = self._clusters[name] = (http2, Resource.pack(name, cluster))
+        return cached[1]
 
     def _load_assignment(self, name: str, endpoints: tuple[Endpoint, ...]) -> Resource:
         cached = self._endpoints.get(name)
@@ -257,6 +280,12 @@ def _cla(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAs
             )
         ],
     )
+
+
+def _http2_options() -> http_protocol_options_pb2.HttpProtocolOptions:
+    return http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()))
 
 
 def _circuit_breakers(limit: int) -> circuit_breaker_pb2.CircuitBreakers:

@@ -11,12 +11,14 @@ def write_config(tmp: Path, services: str, extra: str = "",
                  activator: str = "wake_timeout: 30s") -> Path:
     """A config with free ports; `services` is the YAML list under `services:`, `extra`
     more top-level sections, `activator` more keys of the activator section."""
-    p = {k: free_port() for k in ("listen", "admin", "xds", "api", "metrics", "act", "actm")}
+    names = ("listen", "admin", "xds", "api", "metrics", "act", "actm", "acth2")
+    p = {k: free_port() for k in names}
     text = f"""
 gateway: {{listen: 127.0.0.1:{p['listen']}, admin: 127.0.0.1:{p['admin']}}}
 control_plane: {{xds: 127.0.0.1:{p['xds']}, admin_api: 127.0.0.1:{p['api']},
                 metrics: 127.0.0.1:{p['metrics']}}}
-activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']}, {activator}}}
+activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']},
+            listen_h2: 127.0.0.1:{p['acth2']}, {activator}}}
 store: {{kind: sqlite, path: ./state.db}}
 workloads: {{kind: local}}
 {extra}

@@ -82,6 +82,7 @@ def test_defaults_fill_every_omitted_section(tmp_path: Path) -> None:
         "control_plane.admin_api": "127.0.0.1:18001",
         "control_plane.metrics": "127.0.0.1:19090",
         "activator.listen": "127.0.0.1:18080",
+        "activator.listen_h2": "127.0.0.1:18081",
         "activator.metrics": "127.0.0.1:19091",
     }
     assert config.control_plane.ack_timeout == 10.0

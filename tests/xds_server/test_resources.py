@@ -25,6 +25,7 @@ from xds_server.resources import (
     CATCH_ALL_VHOST,
     CONTROL_PLANE_CLUSTER,
     LISTENER_NAME,
+    RETRY_HEADER,
     ROUTE_CONFIG_NAME,
     GatewaySettings,
     ResourceBuilder,
@@ -137,8 +138,11 @@ def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
         policy = action.retry_policy
         assert action.HasField("retry_policy")
         assert set(policy.retry_on.split(",")) == {
-            "connect-failure", "refused-stream", "reset-before-request",
+            "connect-failure", "refused-stream", "reset-before-request", "retriable-headers",
         }
+        # Only the activator's marker header is retriable, never a service's own answer.
+        assert [(h.name, h.present_match) for h in policy.retriable_headers] == [
+            (RETRY_HEADER, True)]
         assert policy.num_retries.value == SETTINGS.retries
         assert [p.name for p in policy.retry_host_predicate] == [
             "envoy.retry_host_predicates.previous_hosts"
@@ -259,3 +263,14 @@ def test_a_removed_services_caches_are_pruned() -> None:
     assert third[types.CLUSTER]["sentiment"] is not first[types.CLUSTER]["sentiment"]
     assert third[types.CLUSTER]["sentiment"].digest == first[types.CLUSTER]["sentiment"].digest
     assert third[types.ENDPOINT]["sentiment"] is not first[types.ENDPOINT]["sentiment"]
+
+
+def test_http2_services_get_an_h2_cluster() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    built = builder.build([RoutedService("grpc", "grpc.localhost", (), http2=True),
+                           RoutedService("web", "web.localhost", ())])
+    grpc_cluster = unpack(built[types.CLUSTER]["grpc"], cluster_pb2.Cluster())
+    web_cluster = unpack(built[types.CLUSTER]["web"], cluster_pb2.Cluster())
+    key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    assert key in grpc_cluster.typed_extension_protocol_options
+    assert key not in web_cluster.typed_extension_protocol_options

@@ -365,8 +365,9 @@ class LocalWorkloads(Workloads):
 
     async def _probe_loop(self, svc: _Service, replica: _Replica) -> None:
         path = "/" + svc.config.ready_path.lstrip("/")
+        tcp_only = svc.config.ready_probe == "tcp"
         while True:
-            ok = await _probe(replica.port, path)
+            ok = await (_accepts(replica.port) if tcp_only else _probe(replica.port, path))
             self._observe(svc, replica, ok)
             await asyncio.sleep(self._probe_interval)
 
@@ -461,6 +462,20 @@ def _open_log(name: str, path: Path) -> Iterator[IO[bytes]]:
         raise WorkloadError(f"service {name!r}: cannot open log file {path}: {exc}") from exc
     with log:
         yield log
+
+
+async def _accepts(port: int) -> bool:
+    """The tcp probe: the replica's port accepts a connection (a gRPC server has no
+    HTTP/1 path to GET)."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(LOOPBACK, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 async def _probe(port: int, path: str) -> bool:
