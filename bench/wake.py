@@ -674,8 +674,7 @@ def describe_tool(tool: str, connections: int, duration: float) -> str:
         return f"wrk -t1 -c{connections} -d{duration:g}s"
     if tool == "hey":
         return f"hey -c {connections} -z {duration:g}s"
-    return (f"Python asyncio client, {connections} keep-alive connections, {duration:g} s "
-            "(one process; it may be the bottleneck)")
+    return f"Python asyncio client, {connections} connections, {duration:g} s"
 
 
 _UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
@@ -994,9 +993,14 @@ async def run(args: argparse.Namespace) -> int:
     nofile = raise_nofile()
     tool = pick_tool(args.tool)
     tool_text = describe_tool(tool, args.connections, args.duration)
+    if tool == "python":
+        print("  NOTE: neither wrk nor hey is on PATH: the warm path uses the Python client, "
+              "which may itself be the bottleneck for both targets", flush=True)
     info = machine_info()
+    load_before = os.getloadavg()
     need_fds = max(args.steps, default=0) * 2 + 100
-    print(f"wake: {info}; RLIMIT_NOFILE {nofile[0]}; pid {os.getpid()}", flush=True)
+    print(f"wake: {info}; RLIMIT_NOFILE {nofile[0]}; load average (1 min) "
+          f"{load_before[0]:.2f}; pid {os.getpid()}", flush=True)
     if nofile[0] < need_fds:
         print(f"  NOTE: RLIMIT_NOFILE {nofile[0]} is below the ~{need_fds} descriptors the "
               "largest step needs; expect connection errors", flush=True)
@@ -1033,6 +1037,9 @@ async def run(args: argparse.Namespace) -> int:
                       flush=True)
         if holds:
             print_holds(holds, args.hold_load)
+    load_after = os.getloadavg()
+    info += (f"; load average (1 min) {load_before[0]:.2f} at the start, "
+             f"{load_after[0]:.2f} at the end")
     print_summary(wakes, args.wake_load, holds, args.hold_load, warm, tool_text, info)
     return 0
 
