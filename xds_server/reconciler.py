@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from policies import Activity, PolicySettings, decide
 from torpor import metrics
@@ -96,12 +96,7 @@ class Reconciler:
 
         Raises InvalidTransitionError unless the service is ACTIVE. If an Envoy does not
         apply the switch in time (or NACKs), the service goes back to ACTIVE untouched."""
-        async with self._locks.hold(lock_key(name), lock_wait or self._lock_wait):
-            record = await self._fresh(name)
-            if record.state is not S.ACTIVE:
-                raise InvalidTransitionError(
-                    f"service {name!r} is {record.state.value}; only an ACTIVE service can be "
-                    "hibernated")
+        async with self._holding(name, S.ACTIVE, "hibernated", lock_wait) as record:
             replicas = self._workloads.desired_replicas(name) or record.desired_replicas
             record = await self._move(record, S.HIBERNATING, reason, recorded_replicas=replicas)
             if not await self._push():
@@ -128,12 +123,7 @@ class Reconciler:
         """Remove a hibernated service's route and cluster from Envoy (routes first; the
         publisher orders removals). A request for its host still reaches the activator
         through the catch-all virtual host, and wakes it."""
-        async with self._locks.hold(lock_key(name), lock_wait or self._lock_wait):
-            record = await self._fresh(name)
-            if record.state is not S.HIBERNATED:
-                raise InvalidTransitionError(
-                    f"service {name!r} is {record.state.value}; only a HIBERNATED service can "
-                    "be evicted")
+        async with self._holding(name, S.HIBERNATED, "evicted", lock_wait) as record:
             record = await self._move(record, S.EVICTED, reason)
             metrics.EVICTIONS.labels(service=name).inc()
             await self._push()
@@ -150,6 +140,19 @@ class Reconciler:
                 await self._move(record, S.HIBERNATED, "control plane restarted during a wake")
 
     # --- helpers ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, name: str, state: ServiceState, verb: str,
+                       lock_wait: float | None) -> AsyncIterator[ServiceRecord]:
+        """Hold the service's lock and yield its stored record, which must be in `state`
+        (else InvalidTransitionError: someone else moved it meanwhile)."""
+        async with self._locks.hold(lock_key(name), lock_wait or self._lock_wait):
+            record = await self._fresh(name)
+            if record.state is not state:
+                raise InvalidTransitionError(
+                    f"service {name!r} is {record.state.value}; only a service that is "
+                    f"{state.value} can be {verb}")
+            yield record
 
     async def _fresh(self, name: str) -> ServiceRecord:
         record = await self._store.get(name)

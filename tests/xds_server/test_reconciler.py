@@ -81,7 +81,7 @@ async def test_hibernate_points_at_activator_before_scaling_down(setup) -> None:
     stored = await setup[1].get("a")
     assert stored is not None and [t.to_state for t in stored.history] == [
         S.ACTIVE, S.HIBERNATING, S.HIBERNATED]
-    with pytest.raises(InvalidTransitionError, match="only an ACTIVE service"):
+    with pytest.raises(InvalidTransitionError, match="only a service that is ACTIVE"):
         await reconciler.hibernate("a", "again")
 
 
