@@ -8,10 +8,11 @@ request notices the disconnect and leaves its queue.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from activator.h2_holder import H2Holder
 from activator.handler import ActivatorHandler, make_app
 from activator.holding import HeldRequests
 from activator.proxy import Proxy
@@ -23,11 +24,17 @@ from torpor.errors import TorporError
 
 class ActivatorServer:
     def __init__(self, config: Config, waker: Wakes, clock: Clock | None = None,
-                 on_held: Callable[[str], None] | None = None) -> None:
+                 on_held: Callable[[str], None] | None = None,
+                 after_wake: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """`after_wake(name)` returns once every Envoy sends `name`'s traffic to its
+        replicas: the HTTP/2 holder asks Envoy to replay a held request only then."""
         self._config = config
         self._waker = waker
         self._clock = clock
         self._on_held = on_held
+        self._after_wake = after_wake
+        self._h2: H2Holder | None = None
+        self.port_h2 = 0
         self._runner: web.AppRunner | None = None
         self._proxy = Proxy()
         self.held = HeldRequests(config.activator.max_held_per_service)
@@ -53,9 +60,20 @@ class ActivatorServer:
         server = site._server  # aiohttp exposes the bound socket only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else listen.port
+        self._h2 = H2Holder(handler.lookup, self._waker, self.held,
+                            self._config.activator.wake_timeout, self._after_wake, self._on_held)
+        h2_listen = self._config.activator.listen_h2
+        try:
+            self.port_h2 = await self._h2.start(h2_listen.host, h2_listen.port)
+        except TorporError:
+            await self.stop()
+            raise
         return self.port
 
     async def stop(self) -> None:
+        if self._h2 is not None:
+            await self._h2.stop()
+            self._h2 = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -8,7 +8,9 @@ process, an Envoy child, local replicas of bench/backend.py) on free loopback po
 prints:
   1. wake overhead: per wake, hibernate the service through the admin API, send one
      request, and compare when the client got the answer with when the backend started
-     listening (the replica writes `time.time()` into its log when listen() returns);
+     listening (the replica writes `time.time()` into its log when listen() returns,
+     and when it answers its first readiness probe and its first /work request, which
+     splits the overhead into waiting for the probe and the activator's own part);
      p50/p99/min/max over --wakes wakes, plus the whole cold start (request sent ->
      answer) and the x-torpor-cold-start-ms header the activator adds;
   2. held-request capacity: for each step N, N concurrent requests to one hibernated
@@ -19,7 +21,7 @@ prints:
   3. warm path: req/s and latency p50/p99 of a small GET through torpor's Envoy to an
      ACTIVE service vs. straight to the replica's port, same client, same run, with the
      ratio torpor/direct. The client is wrk or hey when on PATH, else a Python asyncio
-     load generator (which may itself be the bottleneck: the ratio is then an upper bound).
+     load generator (which may itself be the bottleneck); the output says which.
 
 A benchmark prints figures; it never passes or fails on time. Everything listens on
 127.0.0.1; every wait has a deadline; every process it starts is stopped in a finally
@@ -160,6 +162,7 @@ def free_port() -> int:
 class Service:
     name: str
     load_seconds: float
+    load_jitter: float = 0.0
     replicas: int = 1
 
     @property
@@ -178,7 +181,8 @@ def write_config(workdir: Path, services: Sequence[Service], max_held: int) -> P
     replicas: {s.replicas}
     never_sleep: true
     local:
-      command: [python, "{BACKEND}", --port, "{{port}}", --load-seconds, "{s.load_seconds}"]
+      command: [python, "{BACKEND}", --port, "{{port}}", --load-seconds, "{s.load_seconds}",
+                --load-jitter, "{s.load_jitter}"]
       ready_path: /healthz
       stop_grace: 5s
 """ for s in services)
@@ -348,14 +352,22 @@ def metric(text: str, name: str, service: str) -> float:
     return total
 
 
-def backend_stamps(log_dir: Path, service: str, port: int) -> tuple[float, float]:
-    """(started, listening) unix times the replica on `port` wrote last into its log."""
+STAMPS = ("started", "listening", "first healthz", "first work")
+
+
+def backend_stamps(log_dir: Path, service: str, port: int) -> dict[str, float]:
+    """The unix times bench/backend.py on `port` wrote last into its log, by STAMPS name.
+    (A log file is per service and port; should a port come round again, its file holds
+    both runs, and the last stamp of each kind is this run's.)"""
     text = (log_dir / f"{service}-{port}.log").read_text(errors="replace")
-    started = re.findall(r"bench-backend: started at ([0-9.]+)", text)
-    listening = re.findall(r"bench-backend: listening at ([0-9.]+)", text)
-    if not started or not listening:
+    found = {}
+    for what in STAMPS:
+        times = re.findall(rf"bench-backend: {what} at ([0-9.]+)", text)
+        if times:
+            found[what] = float(times[-1])
+    if "started" not in found or "listening" not in found:
         raise RuntimeError(f"no start/listen stamps in {service}-{port}.log: {text[-500:]!r}")
-    return float(started[-1]), float(listening[-1])
+    return found
 
 
 def one_port(status: dict[str, Any]) -> int:
@@ -459,6 +471,8 @@ class Wake:
     answered: float  # unix time the whole answer was read
     proc_started: float  # the replica's first line
     listening: float  # the replica's listen() returned
+    first_probe: float  # the replica answered its first /healthz
+    first_work: float  # the held request reached the replica
     cold_ms: int | None  # x-torpor-cold-start-ms
     status: int
 
@@ -470,15 +484,23 @@ class Wake:
 async def wake_overhead(up: TorporUp, name: str, wakes: int) -> list[Wake]:
     """Hibernate, send one request, read the backend's stamps; `wakes` times.
 
-    What the overhead (backend listening -> client has the answer) contains:
-    - the readiness probe: torpor's local workloads probe GET /healthz every 0.2 s (the
-      probe_interval of torpor/workloads/local.py, after each probe's own round trip),
-      so a replica that starts listening waits 0-200 ms for the next probe;
-    - the activator's detection: the probe result is published, the waker's wait_ready
-      returns, the waker records the service ACTIVE in the store (sqlite) and hands the
-      ready endpoint to every held request;
-    - proxying: the activator opens a connection to the replica, forwards the request,
-      relays the answer to Envoy, which relays it to the client.
+    What the overhead (backend listening -> client has the answer) contains, in the three
+    parts the replica's own stamps split it into:
+    - listening -> first probe answered: torpor's local workloads probe GET /healthz every
+      0.2 s (probe_interval in torpor/workloads/local.py, counted after each probe's own
+      round trip), so a replica that starts listening waits 0-200 ms for the next probe.
+      The backend's load time gets a random 0..--wake-jitter s so that this phase is
+      sampled over the whole interval instead of landing at the same point on every wake;
+    - probe answered -> held request at the replica: the activator's detection and its
+      side of the proxy: the prober reads the 200 and publishes the endpoint, the waker's
+      wait_ready returns, the waker records the service ACTIVE in the store (sqlite),
+      every held request resumes with the endpoint, and the proxy opens a connection to
+      the replica and sends the request;
+    - held request at the replica -> client has the answer: the replica answers, the
+      activator relays the answer to Envoy, Envoy to the client.
+    The cold start's other parts (request -> replica process running: Envoy -> activator
+    -> waker -> scale -> fork/exec; running -> listening: imports + load) are the
+    backend's and the OS's, printed for context.
     """
     host, port = up.gateway
     results: list[Wake] = []
@@ -495,12 +517,16 @@ async def wake_overhead(up: TorporUp, name: str, wakes: int) -> list[Wake]:
         finally:
             conn.close()
         awake = await up.wait_state(name, "ACTIVE", ready=1)
-        started, listening = backend_stamps(up.log_dir, name, one_port(awake))
-        if started < sent:
-            raise RuntimeError(f"wake {i}: the replica's start stamp {started:.3f} is older "
-                               f"than the request {sent:.3f}: not the replica this wake started")
+        stamps = backend_stamps(up.log_dir, name, one_port(awake))
+        if stamps["started"] < sent:
+            raise RuntimeError(f"wake {i}: the replica's start stamp {stamps['started']:.3f} "
+                               f"is older than the request {sent:.3f}: not the replica this "
+                               "wake started")
+        listening = stamps["listening"]
         cold = headers.get("x-torpor-cold-start-ms")
-        results.append(Wake(sent, answered, started, listening,
+        results.append(Wake(sent, answered, stamps["started"], listening,
+                            stamps.get("first healthz", math.nan),
+                            stamps.get("first work", math.nan),
                             int(cold) if cold is not None else None, status))
         print(f"    wake {i + 1:>2}/{wakes}: status {status}, overhead "
               f"{ms(answered - listening)} ms, cold start {ms(answered - sent)} ms", flush=True)
@@ -613,7 +639,7 @@ async def hold_step(up: TorporUp, name: str, n: int) -> Hold:
     finally:
         await sampler.stop()
     awake = await up.wait_state(name, "ACTIVE", ready=1)
-    _, listening = backend_stamps(up.log_dir, name, one_port(awake))
+    listening = backend_stamps(up.log_dir, name, one_port(awake))["listening"]
     statuses = collections.Counter(s for s, _, _ in answers)
     if pending:
         statuses["no answer (client deadline)"] += len(pending)
@@ -828,15 +854,18 @@ def machine_info() -> str:
             f"Envoy {envoy_version}")
 
 
-def print_wakes(wakes: list[Wake], load_seconds: float) -> None:
+def print_wakes(wakes: list[Wake], load_seconds: float, jitter: float) -> None:
     overhead = [w.overhead for w in wakes]
     full = [w.answered - w.sent for w in wakes]
     spawn = [w.proc_started - w.sent for w in wakes]
     boot = [w.listening - w.proc_started for w in wakes]
     cold = [w.cold_ms / 1000 for w in wakes if w.cold_ms is not None]
+    probe = [w.first_probe - w.listening for w in wakes]
+    react = [w.first_work - w.first_probe for w in wakes]
+    back = [w.answered - w.first_work for w in wakes]
     statuses = collections.Counter(w.status for w in wakes)
-    print(f"\n1. Wake overhead ({len(wakes)} wakes, backend load {load_seconds:g} s, "
-          f"statuses {dict(statuses)}):")
+    print(f"\n1. Wake overhead ({len(wakes)} wakes, backend load {load_seconds:g} s + "
+          f"0..{jitter:g} s, statuses {dict(statuses)}):")
     print(f"  backend listening -> client has the answer: {spread(overhead)}")
     print(f"  request sent -> answer (whole cold start):  {spread(full)}")
     if cold:
@@ -844,11 +873,14 @@ def print_wakes(wakes: list[Wake], load_seconds: float) -> None:
               f" ({len(cold)} of {len(wakes)} answers carried it)")
     else:
         print("  x-torpor-cold-start-ms header: missing from every answer")
-    print(f"  parts: request sent -> replica process running {spread(spawn)}")
-    print(f"         replica running -> listening (imports + {load_seconds:g} s load) "
-          f"{spread(boot)}")
-    print("  (overhead = readiness probe interval 0-200 ms + probe round trip + the waker "
-          "recording ACTIVE + the activator's proxy hop; see wake_overhead's docstring)")
+    print("  the overhead's parts:")
+    print(f"    listening -> first readiness probe answered:     {spread(probe)}")
+    print(f"    probe answered -> held request at the replica:   {spread(react)}")
+    print(f"    held request at the replica -> client has answer: {spread(back)}")
+    print("  the cold start's other parts:")
+    print(f"    request sent -> replica process running:         {spread(spawn)}")
+    print(f"    replica running -> listening (imports + load):   {spread(boot)}")
+    print("  (see wake_overhead's docstring for what each part contains)")
 
 
 def print_holds(holds: list[Hold], load_seconds: float) -> None:
@@ -927,7 +959,8 @@ def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
     return summary
 
 
-def print_summary(wakes: list[Wake], wake_load: float, holds: list[Hold], hold_load: float,
+def print_summary(wakes: list[Wake], wake_load: float, wake_jitter: float,
+                  holds: list[Hold], hold_load: float,
                   warm: dict[str, Warm] | None, tool_text: str, info: str) -> None:
     print("\n=== summary (markdown) ===\n")
     print(f"Machine: {info}.\n")
@@ -935,10 +968,14 @@ def print_summary(wakes: list[Wake], wake_load: float, holds: list[Hold], hold_l
         overhead = [w.overhead for w in wakes]
         full = [w.answered - w.sent for w in wakes]
         cold = [w.cold_ms / 1000 for w in wakes if w.cold_ms is not None]
-        print(f"| wake, {len(wakes)} wakes (backend load {wake_load:g} s) | p50 ms | p99 ms "
-              "| min ms | max ms |")
+        print(f"| wake, {len(wakes)} wakes (backend load {wake_load:g} s + 0..{wake_jitter:g} "
+              "s) | p50 ms | p99 ms | min ms | max ms |")
         print("|---|---:|---:|---:|---:|")
         rows = [("backend listening → held request answered (overhead)", overhead),
+                ("… of it: listening → first readiness probe answered",
+                 [w.first_probe - w.listening for w in wakes]),
+                ("… of it: probe answered → client has the answer (activator + proxy)",
+                 [w.answered - w.first_probe for w in wakes]),
                 ("request sent → answered (whole cold start)", full)]
         if cold:
             rows.append(("`x-torpor-cold-start-ms` header", cold))
@@ -1007,7 +1044,7 @@ async def run(args: argparse.Namespace) -> int:
     wakes: list[Wake] = []
     holds: list[Hold] = []
     warm: dict[str, Warm] | None = None
-    wake_svc = Service("wake", args.wake_load)
+    wake_svc = Service("wake", args.wake_load, args.wake_jitter)
     warm_svc = Service("warm", 0.0)
     hold_svc = Service("hold", args.hold_load)
     with workdir(args.keep) as tmp:
@@ -1018,7 +1055,7 @@ async def run(args: argparse.Namespace) -> int:
                 if args.wakes:
                     print(f"  1. {args.wakes} wakes:", flush=True)
                     wakes = await wake_overhead(up, wake_svc.name, args.wakes)
-                    print_wakes(wakes, args.wake_load)
+                    print_wakes(wakes, args.wake_load, args.wake_jitter)
                 if args.duration > 0:
                     print(f"\n  3. warm path, {tool_text}, {args.rounds} round(s) each:",
                           flush=True)
@@ -1040,7 +1077,8 @@ async def run(args: argparse.Namespace) -> int:
     load_after = os.getloadavg()
     info += (f"; load average (1 min) {load_before[0]:.2f} at the start, "
              f"{load_after[0]:.2f} at the end")
-    print_summary(wakes, args.wake_load, holds, args.hold_load, warm, tool_text, info)
+    print_summary(wakes, args.wake_load, args.wake_jitter, holds, args.hold_load, warm,
+                  tool_text, info)
     return 0
 
 
@@ -1051,6 +1089,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--wakes", type=int, default=None, help="wakes to time (default 20)")
     parser.add_argument("--wake-load", type=float, default=0.5,
                         help="backend load seconds for the wake overhead (default 0.5)")
+    parser.add_argument("--wake-jitter", type=float, default=0.2,
+                        help="plus a uniform random 0..J s (default 0.2, the probe interval)")
     parser.add_argument("--steps", default=None,
                         help="held-request counts, comma-separated (default 250,500,1000)")
     parser.add_argument("--hold-load", type=float, default=2.0,
@@ -1062,7 +1102,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per warm-path run, 0 to skip (default 8)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="warm-path runs per target, alternating (default 2)")
+                        help="warm-path runs per target, alternating (default 3)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (configs, torpor and replica logs)")
     args = parser.parse_args(argv)
@@ -1071,7 +1111,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     steps = args.steps if args.steps is not None else ("50,100" if quick else "250,500,1000")
     args.steps = [int(s) for s in steps.split(",") if s.strip()]
     args.duration = args.duration if args.duration is not None else (2.0 if quick else 8.0)
-    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 2)
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     if args.wakes < 0 or any(n < 1 for n in args.steps) or args.rounds < 1 \
             or args.connections < 1 or args.duration < 0:
         parser.error("counts must be positive (--wakes and --duration may be 0 to skip)")

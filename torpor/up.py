@@ -61,7 +61,8 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
                                  make_workloads(config))
     # One process, one waker: the activator and `torpor wake` share the control plane's.
     activator = ActivatorServer(config, control_plane.waker,
-                                on_held=control_plane.collector.note_held)
+                                on_held=control_plane.collector.note_held,
+                                after_wake=control_plane.wait_routed)
     envoy: EnvoyProcess | None = None
     try:
         ports = await control_plane.start()

@@ -28,7 +28,7 @@ from activator.waker import Waker
 from torpor import metrics
 from torpor.clock import Clock, SystemClock
 from torpor.config import Config, ServiceConfig
-from torpor.errors import UnknownServiceError
+from torpor.errors import TorporError, UnknownServiceError
 from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus
@@ -211,6 +211,14 @@ class ControlPlane:
         ok = await self.publisher.publish(self._desired)
         snapshot = self.cache.snapshot()
         return ok and (snapshot is None or not self.ads.lagging(snapshot.version))
+
+    async def wait_routed(self, name: str) -> None:
+        """Return once every connected Envoy has applied the table as it is now, in which
+        an ACTIVE `name` with ready replicas is routed to them (what the activator's HTTP/2
+        holder waits for before asking Envoy to replay a held request)."""
+        if not await self.sync():
+            raise TorporError(f"service {name!r}: an Envoy did not apply the switch back to "
+                              "its replicas in time")
 
     async def _policy_loop(self) -> None:
         """Apply the idle policy every `policy.check_every`."""

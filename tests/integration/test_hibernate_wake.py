@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from tests.support.configs import model_service, write_config
@@ -286,3 +287,39 @@ async def _metric(session: aiohttp.ClientSession, url: str, name: str, service: 
             if float(line.rsplit(" ", 1)[1]) == value:
                 return True
     return False
+
+
+GRPC_ECHO = Path(__file__).resolve().parents[1] / "support" / "grpc_echo.py"
+
+
+async def test_grpc_service_is_held_woken_and_replayed_by_envoy(start_up: Any) -> None:
+    service = f"""  - name: grpcsvc
+    host: grpcsvc.localhost
+    replicas: 1
+    protocol: http2
+    local:
+      command: [{sys.executable}, {GRPC_ECHO}, --port, "{{port}}", --name, g,
+                --load-seconds, "1"]
+      ready_probe: tcp
+      stop_grace: 5s
+"""
+    _, config = await start_up(service)
+    target = str(config.gateway.listen)
+    options = [("grpc.default_authority", "grpcsvc.localhost")]
+
+    async def call(payload: bytes) -> bytes:
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            say = channel.unary_unary("/torpor.test.Echo/Say")
+            return bytes(await say(payload, timeout=30))
+
+    assert await call(b"warm") == b"g:warm"
+    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+                            "grpcsvc")
+    await wait_state(config, "grpcsvc", "HIBERNATED", 10)
+    await wait_until(lambda: not replica_processes("g"), 10, "no gRPC replica")
+
+    # Held by the activator's h2 holder, woken, then replayed by Envoy to the new replica.
+    answers = await asyncio.gather(*(call(f"cold-{i}".encode()) for i in range(10)))
+    assert answers == [f"g:cold-{i}".encode() for i in range(10)]
+    awake = await wait_state(config, "grpcsvc", "ACTIVE", 10)
+    assert [h["to"] for h in awake["history"]][-3:] == ["HIBERNATED", "WAKING", "ACTIVE"]
