@@ -66,7 +66,7 @@ CALL_STATS_FLUSHES = Counter(
 
 HELD_REQUESTS = Gauge("torpor_held_requests", "Requests the activator holds now", ["service"])
 HELD_REQUESTS_TOTAL = Counter(
-    "torpor_held_requests_total_seen", "Requests the activator has held", ["service"]
+    "torpor_requests_held", "Requests the activator has held (since start)", ["service"]
 )
 HELD_ABANDONED = Counter(
     "torpor_held_abandoned",
