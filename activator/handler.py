@@ -24,7 +24,7 @@ from torpor.clock import Clock, SystemClock
 from torpor.config import ServiceConfig
 from torpor.errors import UnknownServiceError, WakeFailedError
 from torpor.logs import event
-from torpor.model import Endpoint
+from torpor.model import Endpoint, host_of
 
 log = logging.getLogger("torpor.activator")
 
@@ -51,8 +51,7 @@ class ActivatorHandler:
 
     def lookup(self, host_header: str) -> ServiceConfig | None:
         """The service for a Host header (port and case ignored), or None."""
-        host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
-        return self._by_host.get(host.lower())
+        return self._by_host.get(host_of(host_header))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         host = request.headers.get("Host", "")

@@ -181,3 +181,16 @@ class ServiceStatus:
             "updated_at": self.updated_at,
             "history": [t.to_dict() for t in self.history],
         }
+
+
+def host_of(authority: str) -> str:
+    """A Host header (or :authority) as the service table keys it: lowercase, without port or
+    trailing dot. One rule for the access-log collector and the activator alike."""
+    host = authority.lower()
+    if host.startswith("["):  # [v6]:port
+        end = host.find("]")
+        return host if end == -1 else host[: end + 1]
+    head, colon, port = host.rpartition(":")
+    if colon and port.isdigit():
+        host = head
+    return host.rstrip(".")

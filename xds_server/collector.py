@@ -42,6 +42,7 @@ from torpor.call_stats import HOURS_PER_WEEK, CallStats
 from torpor.clock import Clock, SystemClock
 from torpor.errors import StoreError
 from torpor.logs import event
+from torpor.model import host_of
 from torpor.store.base import Store
 
 log = logging.getLogger("torpor.collector")
@@ -61,18 +62,6 @@ UNKNOWN_HOSTS_FORMAT = 1
 #: of random Host headers costs bounded memory and keeps the hosts that matter.
 UNKNOWN_HOSTS_LIMIT = 1000
 UNKNOWN_HOSTS_KEEP = UNKNOWN_HOSTS_LIMIT * 9 // 10
-
-
-def host_of(authority: str) -> str:
-    """A Host header as the table keys it: lowercase, without port or trailing dot."""
-    host = authority.lower()
-    if host.startswith("["):  # [v6]:port
-        end = host.find("]")
-        return host if end == -1 else host[: end + 1]
-    head, colon, port = host.rpartition(":")
-    if colon and port.isdigit():
-        host = head
-    return host.rstrip(".")
 
 
 class CallCollector(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

@@ -25,6 +25,7 @@ from tests.support.net import wait_until
 from torpor.call_stats import Window, hour_of_week
 from torpor.clock import ManualClock
 from torpor.errors import StoreError
+from torpor.model import host_of
 from torpor.store.sqlite import SqliteStore
 from xds_server.cache import SnapshotCache
 from xds_server.collector import (
@@ -32,7 +33,6 @@ from xds_server.collector import (
     UNKNOWN_HOSTS_KEY,
     UNKNOWN_HOSTS_LIMIT,
     CallCollector,
-    host_of,
 )
 from xds_server.server import AdsServer
 from xds_server.serving import start_xds_listener
