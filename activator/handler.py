@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -20,11 +20,12 @@ from activator.holding import HeldRequests, QueueFullError, abandoned
 from activator.proxy import Proxy, ProxyError
 from activator.waker import Wakes
 from torpor import metrics
+from torpor.catalog import ServiceCatalog
 from torpor.clock import Clock, SystemClock
 from torpor.config import ServiceConfig
 from torpor.errors import UnknownServiceError, WakeFailedError
 from torpor.logs import event
-from torpor.model import Endpoint, host_of
+from torpor.model import Endpoint
 
 log = logging.getLogger("torpor.activator")
 
@@ -37,10 +38,13 @@ RETRY_AFTER_SECONDS = 1
 class ActivatorHandler:
     """Maps Host → service; holds, wakes and proxies what Envoy routed to the activator."""
 
-    def __init__(self, services: Iterable[ServiceConfig], waker: Wakes, held: HeldRequests,
+    def __init__(self, catalog: ServiceCatalog, waker: Wakes, held: HeldRequests,
                  proxy: Proxy, wake_timeout: float, clock: Clock | None = None,
-                 on_held: Callable[[str], None] | None = None) -> None:
-        self._by_host = {s.host.lower(): s for s in services}
+                 on_held: Callable[[str], None] | None = None,
+                 on_miss: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._catalog = catalog
+        # Refreshes the catalog when a host is not in it (a service discovered elsewhere).
+        self._on_miss = on_miss
         self._waker = waker
         self._held = held
         self._proxy = proxy
@@ -51,11 +55,14 @@ class ActivatorHandler:
 
     def lookup(self, host_header: str) -> ServiceConfig | None:
         """The service for a Host header (port and case ignored), or None."""
-        return self._by_host.get(host_of(host_header))
+        return self._catalog.by_host(host_header)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         host = request.headers.get("Host", "")
         service = self.lookup(host)
+        if service is None and self._on_miss is not None:
+            await self._on_miss()
+            service = self.lookup(host)
         if service is None:
             event(log, "activator.unknown_host", host=host, path=request.path)
             return _error(404, "unknown_host", f"no torpor service is configured for host "

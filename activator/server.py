@@ -17,6 +17,7 @@ from activator.handler import ActivatorHandler, make_app
 from activator.holding import HeldRequests
 from activator.proxy import Proxy
 from activator.waker import Wakes
+from torpor.catalog import ServiceCatalog
 from torpor.clock import Clock
 from torpor.config import Config
 from torpor.errors import TorporError
@@ -25,10 +26,16 @@ from torpor.errors import TorporError
 class ActivatorServer:
     def __init__(self, config: Config, waker: Wakes, clock: Clock | None = None,
                  on_held: Callable[[str], None] | None = None,
-                 after_wake: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 after_wake: Callable[[str], Awaitable[None]] | None = None,
+                 catalog: ServiceCatalog | None = None,
+                 on_miss: Callable[[], Awaitable[None]] | None = None) -> None:
         """`after_wake(name)` returns once every Envoy sends `name`'s traffic to its
-        replicas: the HTTP/2 holder asks Envoy to replay a held request only then."""
+        replicas: the HTTP/2 holder asks Envoy to replay a held request only then.
+        `catalog` maps hosts to services (default: the config's); `on_miss` refreshes it
+        when a host is not found."""
         self._config = config
+        self._catalog = catalog if catalog is not None else ServiceCatalog(config.services)
+        self._on_miss = on_miss
         self._waker = waker
         self._clock = clock
         self._on_held = on_held
@@ -44,9 +51,9 @@ class ActivatorServer:
         """Listen; returns the bound port (the config's may be 0 in tests)."""
         listen = self._config.activator.listen
         await self._proxy.start()
-        handler = ActivatorHandler(self._config.services, self._waker, self.held, self._proxy,
+        handler = ActivatorHandler(self._catalog, self._waker, self.held, self._proxy,
                                    self._config.activator.wake_timeout, self._clock,
-                                   self._on_held)
+                                   self._on_held, self._on_miss)
         self._runner = web.AppRunner(make_app(handler), access_log=None,
                                      handler_cancellation=True)
         await self._runner.setup()

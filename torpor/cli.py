@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from torpor import admin_client
-from torpor.config import Config, load_config
+from torpor.catalog import ServiceCatalog
+from torpor.config import Address, Config, load_config
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
 
@@ -68,9 +69,22 @@ def _parser() -> argparse.ArgumentParser:
                        ("wake", "wake a sleeping service now")):
         p = verb(name, _hibernate if name == "hibernate" else _wake, text)
         p.add_argument("name", metavar="NAME", help="service name")
-    verb("envoy-bootstrap", _envoy_bootstrap,
-         "print the Envoy bootstrap that points at the control plane")
+    bootstrap = verb("envoy-bootstrap", _envoy_bootstrap,
+                     "print the Envoy bootstrap that points at the control plane")
+    bootstrap.add_argument("--xds-address", type=_host_port, metavar="HOST:PORT",
+                           help="where Envoy dials the control plane, e.g. a Kubernetes "
+                                "Service name (default: control_plane.xds)")
+    bootstrap.add_argument("--admin-address", type=_host_port, metavar="HOST:PORT",
+                           help="where Envoy's admin listener binds (default: gateway.admin)")
     return parser
+
+
+def _host_port(text: str) -> Address:
+    """HOST:PORT for an address given on the command line (argparse type)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 1..65535, got {text!r}")
+    return Address(host, int(port))
 
 
 def _up(args: argparse.Namespace, config: Config) -> int:
@@ -99,16 +113,22 @@ def _xds_server(args: argparse.Namespace, config: Config) -> int:
 
 def _activator(args: argparse.Namespace, config: Config) -> int:
     from activator.admin_waker import AdminWaker
+    from activator.catalog_mirror import CatalogMirror
     from activator.server import ActivatorServer
 
     async def run() -> int:
-        waker = AdminWaker(str(config.control_plane.admin_api), config.activator.wake_timeout)
-        server = ActivatorServer(config, waker)
-        await server.start()
+        admin = str(config.control_plane.admin_api)
+        waker = AdminWaker(admin, config.activator.wake_timeout)
+        catalog = ServiceCatalog(config.services)
+        mirror = CatalogMirror(admin, catalog)
+        server = ActivatorServer(config, waker, catalog=catalog, on_miss=mirror.refresh_on_miss)
+        await mirror.start()
         try:
+            await server.start()
             await _until_signal()
         finally:
             await server.stop()
+            await mirror.stop()
         return 0
 
     return asyncio.run(run())
@@ -149,7 +169,7 @@ def _wake(args: argparse.Namespace, config: Config) -> int:
 def _envoy_bootstrap(args: argparse.Namespace, config: Config) -> int:
     from xds_server.bootstrap import bootstrap_json
 
-    print(bootstrap_json(config))
+    print(bootstrap_json(config, xds=args.xds_address, admin=args.admin_address))
     return 0
 
 

@@ -70,6 +70,15 @@ class StoreConfig:
 @dataclasses.dataclass(frozen=True)
 class WorkloadsConfig:
     kind: str  # "local" | "kubernetes"
+    # kubernetes: a kubeconfig file (and context); neither → in-cluster config, then ~/.kube/config.
+    kubeconfig: Path | None = None
+    context: str | None = None
+    # kubernetes: Deployments labelled torpor.io/enabled: "true" become services.
+    discover: bool = True
+    # kubernetes: where discovery looks; empty = every namespace (needs a ClusterRole).
+    namespaces: tuple[str, ...] = ()
+    # kubernetes: how often state is re-listed while a watch cannot be held (fallback poll).
+    poll_every: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +122,13 @@ class LocalServiceConfig:
 class KubernetesServiceConfig:
     namespace: str
     deployment: str
-    port: int
+    port: int  # the port the replicas listen on (an EndpointSlice port)
+    # The Kubernetes Service whose EndpointSlices list the replicas; default: the deployment's name.
+    service: str | None = None
+
+    @property
+    def service_name(self) -> str:
+        return self.service or self.deployment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,7 +505,35 @@ _STORES: Mapping[str, _Schema[StoreConfig]] = {
         },
     ),
 }
-_WORKLOADS = _Schema(WorkloadsConfig, {"kind": _Field(_choice("local", "kubernetes"), "local")})
+def _names(r: _Reader, key: str, value: object) -> tuple[str, ...]:
+    """A list of Kubernetes names (namespaces): DNS-1123 labels."""
+    if not isinstance(value, list):
+        r.fail(key, f"expected a list of names, got {_describe(value)}")
+    return tuple(_kube_name(r, f"{key}[{index}]", item) for index, item in enumerate(value))
+
+
+def _kube_name(r: _Reader, key: str, value: object) -> str:
+    text = _string(r, key, value)
+    if len(text) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", text):
+        r.fail(key, f"{text!r} is not a Kubernetes name (lowercase letters, digits, '-', '.')")
+    return text
+
+
+#: Kubernetes-only keys under `kind: local` are errors, not silently ignored.
+_WORKLOADS: Mapping[str, _Schema[WorkloadsConfig]] = {
+    "local": _Schema(WorkloadsConfig, {"kind": _Field(_choice("local", "kubernetes"), "local")}),
+    "kubernetes": _Schema(
+        WorkloadsConfig,
+        {
+            "kind": _Field(_choice("local", "kubernetes")),
+            "kubeconfig": _Field(_path),
+            "context": _Field(_string),
+            "discover": _Field(_boolean),
+            "namespaces": _Field(_names),
+            "poll_every": _Field(_duration(positive=True)),
+        },
+    ),
+}
 _POLICY = _Schema(
     PolicyConfig,
     {
@@ -528,9 +571,10 @@ _LOCAL = _Schema(
 _KUBERNETES = _Schema(
     KubernetesServiceConfig,
     {
-        "namespace": _Field(_string, _REQUIRED),
-        "deployment": _Field(_string, _REQUIRED),
+        "namespace": _Field(_kube_name, _REQUIRED),
+        "deployment": _Field(_kube_name, _REQUIRED),
         "port": _Field(_integer(1, 65535), _REQUIRED),
+        "service": _Field(_kube_name),
     },
 )
 _SERVICE = _Schema(
@@ -558,6 +602,12 @@ _TOP_LEVEL_KEYS = (
     "wake",
     "services",
 )
+
+
+def _workloads(r: _Reader, key: str, value: object) -> WorkloadsConfig:
+    kind = _mapping(r, key, value).get("kind", "local")
+    _choice(*_WORKLOADS)(r, _join(key, "kind"), kind)
+    return _read(r, key, value, _WORKLOADS[kind])
 
 
 def _store(r: _Reader, key: str, value: object) -> StoreConfig:
@@ -698,7 +748,7 @@ def load_config(path: str | Path) -> Config:
             close = difflib.get_close_matches(str(name), _TOP_LEVEL_KEYS, n=1)
             guess = f" (did you mean {close[0]!r}?)" if close else ""
             r.fail(str(name), f"unknown key{guess}; allowed keys: {', '.join(_TOP_LEVEL_KEYS)}")
-    workloads = _read(r, "workloads", top.get("workloads"), _WORKLOADS)
+    workloads = _workloads(r, "workloads", top.get("workloads"))
     config = Config(
         path=file.resolve(),
         gateway=_read(r, "gateway", top.get("gateway"), _GATEWAY),

@@ -34,6 +34,11 @@ SERVICE_STATE = Gauge(
     ["service", "state"],
 )
 SERVICE_REPLICAS = Gauge("torpor_service_replicas", "Replicas running now", ["service"])
+REPLICAS_SAVED = Gauge(
+    "torpor_replicas_saved",
+    "Replicas not running because torpor put the service to sleep (its recorded count while "
+    "HIBERNATED or EVICTED, else 0)", ["service"],
+)
 SERVICE_READY_ENDPOINTS = Gauge(
     "torpor_service_ready_endpoints", "Ready endpoints of a service", ["service"]
 )
@@ -85,24 +90,42 @@ WAKE_DURATION = Histogram(
 WAKE_OUTCOMES = Counter(
     "torpor_wake_outcomes", "Wakes by outcome (woken, timeout, failed)", ["service", "outcome"]
 )
+KUBERNETES_API_ERRORS = Counter(
+    "torpor_kubernetes_api_errors",
+    "Failed Kubernetes API calls, by operation and HTTP status (0: no answer)",
+    ["operation", "status"],
+)
+KUBERNETES_WATCH_RESTARTS = Counter(
+    "torpor_kubernetes_watch_restarts",
+    "Kubernetes watches started again, by resource and why (expired: 410 Gone; error)",
+    ["resource", "reason"],
+)
+DISCOVERY_ERRORS = Gauge(
+    "torpor_discovery_errors",
+    "1 while a labelled Deployment cannot become a service (bad annotations, name or host "
+    "clash); it is left as it was", ["namespace", "deployment"],
+)
 PROXY_ERRORS = Counter(
     "torpor_activator_proxy_errors", "Held requests the activator could not proxy", ["service"]
 )
 
 
-def set_service_state(service: str, state: ServiceState) -> None:
-    """Export `state` as the one current state of `service` (an enum as 0/1 gauges)."""
+def set_service_state(service: str, state: ServiceState, recorded_replicas: int = 0) -> None:
+    """Export `state` as the one current state of `service` (an enum as 0/1 gauges), and
+    the replicas its sleep saves."""
     for candidate in ServiceState:
         SERVICE_STATE.labels(service=service, state=candidate.value).set(
             1 if candidate is state else 0
         )
+    asleep = state in (ServiceState.HIBERNATED, ServiceState.EVICTED)
+    REPLICAS_SAVED.labels(service=service).set(recorded_replicas if asleep else 0)
 
 
 def forget_service(service: str) -> None:
     """Drop a removed service's series so dashboards don't show it forever."""
     for candidate in ServiceState:
         _remove(SERVICE_STATE, service, candidate.value)
-    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS):
+    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS, REPLICAS_SAVED):
         _remove(gauge, service)
 
 

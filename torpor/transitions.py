@@ -31,7 +31,7 @@ async def change_state(store: Store, record: ServiceRecord, to: ServiceState, re
                               if isinstance(v, int | float | str)}
     event(log, "service.state_changed", service=record.name, from_state=record.state.value,
           to_state=to.value, reason=reason, **fields)
-    metrics.set_service_state(record.name, to)
+    metrics.set_service_state(record.name, to, stored.recorded_replicas)
     metrics.SERVICE_TRANSITIONS.labels(service=record.name, to_state=to.value).inc()
     return stored
 

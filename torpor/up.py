@@ -60,7 +60,7 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     control_plane = ControlPlane(config, open_store(config.store, str(config.path)),
                                  make_workloads(config))
     # One process, one waker: the activator and `torpor wake` share the control plane's.
-    activator = ActivatorServer(config, control_plane.waker,
+    activator = ActivatorServer(config, control_plane.waker, catalog=control_plane.catalog,
                                 on_held=control_plane.collector.note_held,
                                 after_wake=control_plane.wait_routed)
     envoy: EnvoyProcess | None = None

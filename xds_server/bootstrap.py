@@ -44,10 +44,13 @@ def bootstrap(node_id: str, admin: Address, xds: Address) -> dict[str, Any]:
     }
 
 
-def bootstrap_json(config: Config, node_id: str | None = None) -> str:
-    """What `torpor envoy-bootstrap` prints for this config."""
-    boot = bootstrap(node_id or config.control_plane.node_id, config.gateway.admin,
-                     config.control_plane.xds)
+def bootstrap_json(config: Config, node_id: str | None = None, xds: Address | None = None,
+                   admin: Address | None = None) -> str:
+    """What `torpor envoy-bootstrap` prints for this config. `xds` and `admin` override the
+    config's addresses: in Kubernetes, Envoy dials the control plane's Service name, not the
+    0.0.0.0 the control plane binds."""
+    boot = bootstrap(node_id or config.control_plane.node_id, admin or config.gateway.admin,
+                     xds or config.control_plane.xds)
     return json.dumps(boot, indent=2, sort_keys=True)
 
 

@@ -26,12 +26,13 @@ import grpc
 
 from activator.waker import Waker
 from torpor import metrics
+from torpor.catalog import CatalogChange, ServiceCatalog
 from torpor.clock import Clock, SystemClock
 from torpor.config import Config, ServiceConfig
 from torpor.errors import TorporError, UnknownServiceError
 from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
-from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus
+from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus, Transition
 from torpor.store.base import Store
 from torpor.workloads.base import Workloads
 from xds_server.admin_api import start_admin_server
@@ -65,8 +66,11 @@ class ControlPlane:
 
     def __init__(self, config: Config, store: Store, workloads: Workloads,
                  clock: Clock | None = None, serve_metrics: bool = True,
-                 locks: ServiceLocks | None = None, run_policy: bool = True) -> None:
+                 locks: ServiceLocks | None = None, run_policy: bool = True,
+                 catalog: ServiceCatalog | None = None) -> None:
         self.config = config
+        # The config's services, plus discovered ones when discovery feeds this catalog.
+        self.catalog = catalog if catalog is not None else ServiceCatalog(config.services)
         self.store = store
         self.workloads = workloads
         self.clock = clock or SystemClock()
@@ -84,14 +88,14 @@ class ControlPlane:
         )
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
-        self.collector = CallCollector(self.clock, {s.host: s.name for s in config.services})
+        self.collector = CallCollector(self.clock, self.catalog.hosts())
         self.publisher = Publisher(self.cache, self.ads, config.control_plane.ack_timeout)
         self.locks = locks or LocalLocks()
         self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
                            flip_when=config.wake.flip_when, clock=self.clock)
         self.reconciler = Reconciler(config, store, workloads, self.locks, self.collector,
                                      self.clock, lambda: self.records, self._apply_record,
-                                     self.sync)
+                                     self.sync, catalog=self.catalog)
         self._run_policy = run_policy
         self._tasks: list[asyncio.Task[None]] = []
         self.ports: BoundPorts | None = None
@@ -114,10 +118,10 @@ class ControlPlane:
             self.collector.ensure(name, record.created_at)
         await self.reconciler.repair()
         self._remove_listeners = [self.workloads.add_listener(self._on_endpoints),
-                                  self.store.add_listener(self._apply_record)]
+                                  self.store.add_listener(self._apply_record),
+                                  self.catalog.add_listener(self._on_catalog)]
         for record in self.records.values():
-            if record.state in RUNNING_STATES:
-                await self.workloads.scale(record.name, record.desired_replicas)
+            await self._ensure_running(record)
         self.cache.set_resources(self._desired())  # before the first stream can arrive
         self._sync_task = asyncio.create_task(self._sync_loop())
         self.ports = await self._serve()
@@ -164,18 +168,64 @@ class ControlPlane:
         return BoundPorts(xds=xds_port, admin_api=admin_port, metrics=metrics_port)
 
     async def _load_records(self) -> None:
-        """Join config services with stored records; a new service gets an ACTIVE record."""
+        """Join catalog services with stored records; a new service gets a record."""
         stored = {r.name: r for r in await self.store.list()}
-        for service in self.config.services:
-            record = stored.get(service.name)
-            if record is None:
-                record = await self.store.put(
-                    ServiceRecord.new(service.name, service.replicas, self.clock.now())
-                )
-                event(log, "service.registered", service=service.name, state=record.state.value,
-                      replicas=service.replicas)
-            self.records[service.name] = record
-            metrics.set_service_state(service.name, record.state)
+        for service in self.catalog.services():
+            await self._register(service, stored.get(service.name))
+
+    async def _register(self, service: ServiceConfig, record: ServiceRecord | None) -> None:
+        """Take a service into the table: its stored record, else a new one. A new record
+        starts ACTIVE, or HIBERNATED when the workloads say the service was put to sleep
+        by torpor before (the Deployment's recorded-replicas annotation outlives a lost
+        store)."""
+        if record is None:
+            record = await self.store.put(self._new_record(service))
+            event(log, "service.registered", service=service.name, state=record.state.value,
+                  replicas=service.replicas)
+        self.records[service.name] = record
+        self.collector.ensure(service.name, record.created_at)
+        metrics.set_service_state(service.name, record.state, record.recorded_replicas)
+
+    def _new_record(self, service: ServiceConfig) -> ServiceRecord:
+        """ACTIVE with the replicas running now (a Deployment) or configured; HIBERNATED with
+        the count found in the workload's own record of an earlier hibernation."""
+        now = self.clock.now()
+        running = self.workloads.desired_replicas(service.name)
+        record = ServiceRecord.new(service.name, running or service.replicas, now)
+        sleeping = self.workloads.recorded_replicas(service.name)
+        if running or sleeping is None:
+            return record
+        found = Transition(at=now, from_state=None, to_state=ServiceState.HIBERNATED,
+                           reason="found scaled to 0 by torpor (recorded-replicas annotation)")
+        return dataclasses.replace(record, state=ServiceState.HIBERNATED, desired_replicas=0,
+                                   recorded_replicas=sleeping, history=(found,))
+
+    async def _ensure_running(self, record: ServiceRecord) -> None:
+        """Replicas for a service that should run and has none asked for (a restarted
+        local control plane); a Kubernetes Deployment already at its count is left alone,
+        so torpor never fights a manual `kubectl scale` or an HPA."""
+        if record.state in RUNNING_STATES and self.workloads.desired_replicas(record.name) == 0:
+            await self.workloads.scale(record.name, record.desired_replicas)
+
+    def _on_catalog(self, change: CatalogChange) -> None:
+        """A discovered service came, changed or went: re-register, then push."""
+        self.collector.set_hosts(self.catalog.hosts())
+        task = asyncio.create_task(self._catalog_changed(change))
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _catalog_changed(self, change: CatalogChange) -> None:
+        try:
+            if change.after is not None and change.name not in self.records:
+                await self._register(change.after, await self.store.get(change.name))
+                await self._ensure_running(self.records[change.name])
+            elif change.after is None:
+                self.records.pop(change.name, None)
+                metrics.forget_service(change.name)
+            self._dirty.set()
+        except TorporError as exc:
+            event(log, "service.register_failed", service=change.name, error=str(exc),
+                  level=logging.ERROR)
 
     # --- Envoy config -------------------------------------------------------------------
 
@@ -184,9 +234,9 @@ class ControlPlane:
 
     def _routed_services(self) -> list[RoutedService]:
         routed = []
-        for service in self.config.services:
-            record = self.records[service.name]
-            if record.state in ROUTED_STATES:
+        for service in self.catalog.services():
+            record = self.records.get(service.name)
+            if record is not None and record.state in ROUTED_STATES:
                 routed.append(RoutedService(service.name, service.host,
                                             self._traffic_target(service, record),
                                             http2=service.protocol == "http2"))
@@ -236,7 +286,7 @@ class ControlPlane:
         if current is None or record.revision <= current.revision:
             return
         self.records[record.name] = record
-        metrics.set_service_state(record.name, record.state)
+        metrics.set_service_state(record.name, record.state, record.recorded_replicas)
         self._dirty.set()
 
     async def _sync_loop(self) -> None:
@@ -280,7 +330,7 @@ class ControlPlane:
 
     def _status(self, name: str) -> ServiceStatus:
         record = self.records[name]
-        service = self.config.service(name)
+        service = self.catalog.get(name)
         seen = self.collector.last_call(name)
         last_call = max(filter(None, (record.last_call, seen)), default=None)
         return ServiceStatus(

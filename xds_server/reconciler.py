@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from policies import Activity, PolicySettings, decide
 from torpor import metrics
+from torpor.catalog import ServiceCatalog
 from torpor.clock import Clock
 from torpor.config import Config, ServiceConfig
 from torpor.errors import InvalidTransitionError, TorporError, UnknownServiceError, WorkloadError
@@ -55,7 +56,8 @@ class Reconciler:
                  collector: CallCollector, clock: Clock,
                  records: Callable[[], Mapping[str, ServiceRecord]],
                  apply: Callable[[ServiceRecord], None],
-                 push: Callable[[], Awaitable[bool]]) -> None:
+                 push: Callable[[], Awaitable[bool]],
+                 catalog: ServiceCatalog | None = None) -> None:
         self._config = config
         self._store = store
         self._workloads = workloads
@@ -65,7 +67,8 @@ class Reconciler:
         self._records = records
         self._apply = apply
         self._push = push
-        self._settings = {s.name: policy_settings(config, s) for s in config.services}
+        # Discovered services come and go: settings are looked up per pass.
+        self._catalog = catalog if catalog is not None else ServiceCatalog(config.services)
         self._lock_wait = max(config.activator.wake_timeout, config.control_plane.ack_timeout)
 
     # --- the policy loop ------------------------------------------------------------
@@ -74,10 +77,12 @@ class Reconciler:
         """One pass: hibernate what went quiet, evict what stayed silent."""
         metrics.POLICY_CHECKS.inc()
         for name, record in list(self._records().items()):
-            if record.state not in (S.ACTIVE, S.HIBERNATED) or name not in self._settings:
+            service = self._catalog.get(name)
+            if record.state not in (S.ACTIVE, S.HIBERNATED) or service is None:
                 continue
             stats = self._collector.ensure(name, record.created_at)
-            decision = decide(stats, self._settings[name], self._clock.now(), last_woken(record))
+            settings = policy_settings(self._config, service)
+            decision = decide(stats, settings, self._clock.now(), last_woken(record))
             try:
                 if record.state is S.ACTIVE and decision.activity is not Activity.ACTIVE:
                     await self.hibernate(name, decision.reason, POLICY_LOCK_WAIT)

@@ -13,6 +13,10 @@ def make_workloads(config: Config) -> Workloads:
         from torpor.workloads.local import LocalWorkloads
 
         return LocalWorkloads(config.services, log_dir=str(config.log_dir()))
+    if config.workloads.kind == "kubernetes":
+        from torpor.workloads.kubernetes import KubernetesWorkloads
+
+        return KubernetesWorkloads(config.services, config.workloads)
     raise ConfigError(
         str(config.path), "workloads.kind", f"{config.workloads.kind!r} is not supported yet"
     )

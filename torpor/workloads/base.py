@@ -48,6 +48,12 @@ class Workloads(abc.ABC):
     async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
         """Wait until at least `min_ready` endpoints are ready; raises TimeoutError."""
 
+    def recorded_replicas(self, name: str) -> int | None:
+        """The replica count the workload itself recorded when torpor scaled it to zero
+        (a Kubernetes Deployment's torpor.io/recorded-replicas annotation), if it is at zero
+        now; None when it keeps no such record. Lets a lost store be rebuilt."""
+        return None
+
     @abc.abstractmethod
     def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
         """Call `listener(name, endpoints)` on every change of a service's ready set;

@@ -1,0 +1,134 @@
+"""The service catalog: which services torpor manages right now, and how they are reached.
+
+Owns the one current answer to "which service is this name / this Host header?" for every
+component in a process. Services come from two sources: the config file (fixed for the
+life of the process) and discovery (Kubernetes Deployments labelled torpor.io/enabled,
+which come and go without a restart). Config services win every clash: a discovered
+service whose name or host is already taken is refused with a clear reason and nothing
+changes. Must not touch the store or the workloads: listeners (the control plane, the
+collector, the workloads) react to changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+
+from torpor.config import ServiceConfig
+from torpor.listeners import Listeners
+from torpor.logs import event
+from torpor.model import host_of
+
+log = logging.getLogger("torpor.catalog")
+
+CONFIG = "config"
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogChange:
+    """A service added, changed (`before` set) or removed (`after` None)."""
+
+    name: str
+    before: ServiceConfig | None
+    after: ServiceConfig | None
+
+
+CatalogListener = Callable[[CatalogChange], None]
+
+
+class CatalogConflictError(ValueError):
+    """A discovered service's name or host is already taken by another service."""
+
+
+class ServiceCatalog:
+    """Services by name and by host, with the source each came from."""
+
+    def __init__(self, services: Iterable[ServiceConfig] = ()) -> None:
+        self._by_name: dict[str, ServiceConfig] = {}
+        self._source: dict[str, str] = {}
+        self._by_host: dict[str, str] = {}
+        self._listeners: Listeners[[CatalogChange]] = Listeners("catalog.listener_failed")
+        for service in services:
+            self._insert(service, CONFIG)
+
+    # --- reading --------------------------------------------------------------------
+
+    def services(self) -> tuple[ServiceConfig, ...]:
+        """Every service, sorted by name."""
+        return tuple(self._by_name[name] for name in sorted(self._by_name))
+
+    def get(self, name: str) -> ServiceConfig | None:
+        return self._by_name.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def source(self, name: str) -> str | None:
+        """"config", or the discovery source's key (e.g. "deployment/models/echo")."""
+        return self._source.get(name)
+
+    def by_host(self, host_header: str) -> ServiceConfig | None:
+        """The service for a Host header (port, case and a trailing dot ignored)."""
+        name = self._by_host.get(host_of(host_header))
+        return None if name is None else self._by_name[name]
+
+    def hosts(self) -> dict[str, str]:
+        """Host → service name (what the access-log collector counts calls by)."""
+        return dict(self._by_host)
+
+    # --- changing (discovery) -------------------------------------------------------
+
+    def put(self, service: ServiceConfig, source: str) -> bool:
+        """Add or replace a service from `source`; True when something changed.
+
+        Raises CatalogConflictError when the name belongs to another source or the host to
+        another service: the catalog is left exactly as it was."""
+        owner = self._source.get(service.name)
+        if owner is not None and owner != source:
+            raise CatalogConflictError(
+                f"service name {service.name!r} is already used by {owner}")
+        host_owner = self._by_host.get(service.host)
+        if host_owner is not None and host_owner != service.name:
+            raise CatalogConflictError(
+                f"host {service.host!r} is already used by service {host_owner!r} "
+                f"({self._source[host_owner]})")
+        before = self._by_name.get(service.name)
+        if before == service:
+            return False
+        if before is not None:
+            del self._by_host[before.host]
+        self._insert(service, source)
+        event(log, "catalog.service_updated" if before else "catalog.service_added",
+              service=service.name, host=service.host, source=source)
+        self._listeners.notify(CatalogChange(service.name, before, service))
+        return True
+
+    def remove(self, name: str, source: str) -> bool:
+        """Remove a service that `source` added; config services are never removed."""
+        if self._source.get(name) != source:
+            return False
+        before = self._by_name.pop(name)
+        del self._source[name]
+        del self._by_host[before.host]
+        event(log, "catalog.service_removed", service=name, source=source)
+        self._listeners.notify(CatalogChange(name, before, None))
+        return True
+
+    def names_from(self, source_prefix: str) -> list[str]:
+        """Names of the services whose source starts with `source_prefix`."""
+        return [n for n, s in self._source.items() if s.startswith(source_prefix)]
+
+    def add_listener(self, listener: CatalogListener) -> Callable[[], None]:
+        """Call `listener(change)` after every change; returns a function that removes it."""
+        return self._listeners.add(listener)
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _insert(self, service: ServiceConfig, source: str) -> None:
+        self._by_name[service.name] = service
+        self._source[service.name] = source
+        self._by_host[service.host] = service.name

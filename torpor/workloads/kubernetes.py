@@ -1,0 +1,329 @@
+"""Kubernetes workloads: a service's replicas are a Deployment's pods.
+
+Owns: scaling through the Deployment's `scale` subresource; the recorded replica count as
+the Deployment annotation torpor.io/recorded-replicas (written before scaling to zero, so
+it outlives a lost store); ready endpoints from the EndpointSlices of the service's
+Kubernetes Service (ready addresses, the configured port), kept by watches (kube_watch.py);
+and HorizontalPodAutoscalers (hpa.py). One reflector per namespace and kind, shared by
+every service in that namespace, so 10k services cost a handful of watches, not 10k.
+
+Must not decide when to scale (the reconciler and the waker do) nor talk to Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torpor.config import ServiceConfig, WorkloadsConfig
+from torpor.errors import UnknownServiceError, WorkloadError
+from torpor.listeners import Listeners
+from torpor.logs import event
+from torpor.model import Endpoint
+from torpor.workloads.annotations import RECORDED_REPLICAS
+from torpor.workloads.base import EndpointListener, Workloads
+from torpor.workloads.hpa import HpaGuard
+from torpor.workloads.kube_api import KubeCalls, make_api_client
+from torpor.workloads.kube_watch import Objects, Reflector
+
+log = logging.getLogger("torpor.kubernetes")
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """One torpor service's Deployment, as last seen."""
+
+    config: ServiceConfig
+    namespace: str
+    deployment: str
+    service: str
+    port: int
+    published: tuple[Endpoint, ...] = ()
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    # What this process last asked for, until the watch shows the Deployment's own.
+    asked: int | None = None
+
+
+@dataclasses.dataclass
+class _Namespace:
+    """The reflectors of one namespace, shared by its services."""
+
+    deployments: Reflector
+    slices: Reflector
+    hpas: Reflector
+
+
+def _tracked(service: ServiceConfig) -> _Tracked:
+    kube = service.kubernetes
+    if kube is None:
+        raise WorkloadError(f"service {service.name!r} has no kubernetes: block")
+    return _Tracked(service, kube.namespace, kube.deployment, kube.service_name, kube.port)
+
+
+class KubernetesWorkloads(Workloads):
+    """Deployments in one cluster, reached through the official client."""
+
+    def __init__(self, services: Iterable[ServiceConfig], settings: WorkloadsConfig,
+                 calls: KubeCalls | None = None) -> None:
+        self._settings = settings
+        self._calls = calls
+        self._services: dict[str, _Tracked] = {}
+        self._namespaces: dict[str, _Namespace] = {}
+        self._listeners: Listeners[[str, tuple[Endpoint, ...]]] = Listeners(
+            "workloads.listener_failed")
+        self._hpa: HpaGuard | None = None
+        self._started = False
+        for service in services:
+            self._services[service.name] = _tracked(service)
+
+    @property
+    def calls(self) -> KubeCalls:
+        if self._calls is None:
+            raise WorkloadError("Kubernetes workloads are not started")
+        return self._calls
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, then list every namespace in use before returning, so that replica
+        counts and ready endpoints are known when the control plane builds its first
+        snapshot."""
+        if self._calls is None:
+            self._calls = KubeCalls(make_api_client(self._settings.kubeconfig,
+                                                    self._settings.context))
+        self._hpa = HpaGuard(self._calls, self._hpas_of)
+        self._started = True
+        for tracked in list(self._services.values()):
+            self._watch_namespace(tracked.namespace)
+        await self._wait_synced(30.0)
+
+    async def close(self) -> None:
+        """Stop watching. Pods are not ours to stop: the Deployments stay as they are."""
+        self._started = False
+        namespaces = list(self._namespaces.values())
+        self._namespaces.clear()
+        reflectors = [r for ns in namespaces for r in (ns.deployments, ns.slices, ns.hpas)]
+        for reflector in reflectors:
+            reflector.stop()
+        for reflector in reflectors:
+            await asyncio.to_thread(reflector.join, 5.0)
+        if self._calls is not None:
+            self._calls.close()
+            self._calls = None
+        for tracked in self._services.values():
+            tracked.changed.set()
+
+    # --- services coming and going (discovery) --------------------------------------------
+
+    def track(self, service: ServiceConfig) -> None:
+        """Manage `service` too (or again, with a changed config)."""
+        tracked = _tracked(service)
+        old = self._services.get(service.name)
+        if old is not None:
+            tracked.published, tracked.changed = old.published, old.changed
+        self._services[service.name] = tracked
+        if self._started:
+            self._watch_namespace(tracked.namespace)
+            self._refresh(tracked.namespace)
+
+    def untrack(self, name: str) -> None:
+        """Stop managing `name` (its Deployment is left as it is)."""
+        tracked = self._services.pop(name, None)
+        if tracked is not None:
+            tracked.changed.set()
+
+    # --- the Workloads contract -----------------------------------------------------------
+
+    def running_replicas(self, name: str) -> int:
+        deployment = self._deployment(self._service(name))
+        status = (deployment or {}).get("status") or {}
+        return int(status.get("replicas") or 0)
+
+    def desired_replicas(self, name: str) -> int:
+        tracked = self._service(name)
+        deployment = self._deployment(tracked)
+        if deployment is None:
+            return tracked.asked or 0
+        return int((deployment.get("spec") or {}).get("replicas") or 0)
+
+    def recorded_replicas(self, name: str) -> int | None:
+        deployment = self._deployment(self._service(name))
+        if deployment is None or self.desired_replicas(name) != 0:
+            return None
+        annotations = (deployment.get("metadata") or {}).get("annotations") or {}
+        try:
+            value = int(annotations.get(RECORDED_REPLICAS, ""))
+        except ValueError:
+            return None
+        return value if value > 0 else None
+
+    async def scale(self, name: str, replicas: int) -> None:
+        """To zero: annotate the count first, then scale (an HPA is set aside first). Up:
+        scale, then restore the HPA and drop the annotation. A failure at any step raises
+        WorkloadError and leaves what was already written consistent."""
+        tracked = self._service(name)
+        if replicas < 0:
+            raise WorkloadError(f"service {name!r}: cannot scale to {replicas} replicas")
+        async with tracked.lock:
+            if replicas == 0:
+                await self._scale_to_zero(tracked)
+            else:
+                await self._scale_up(tracked, replicas)
+
+    def ready_endpoints(self, name: str) -> tuple[Endpoint, ...]:
+        return self._service(name).published
+
+    async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
+        tracked = self._service(name)
+        try:
+            async with asyncio.timeout(timeout):
+                while len(tracked.published) < min_ready:
+                    if not self._started:
+                        raise WorkloadError("Kubernetes workloads were stopped")
+                    tracked.changed.clear()
+                    await tracked.changed.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"service {name!r}: {len(tracked.published)} of {min_ready} endpoints ready "
+                f"in EndpointSlices of {tracked.namespace}/{tracked.service} after {timeout}s"
+            ) from None
+        return tracked.published
+
+    def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
+        return self._listeners.add(listener)
+
+    # --- scaling --------------------------------------------------------------------------
+
+    async def _scale_to_zero(self, tracked: _Tracked) -> None:
+        current = await self._read_scale(tracked)
+        if current > 0:
+            await self._annotate(tracked, str(current))
+        assert self._hpa is not None
+        await self._hpa.before_zero(tracked.namespace, tracked.deployment)
+        await self._patch_scale(tracked, 0)
+
+    async def _scale_up(self, tracked: _Tracked, replicas: int) -> None:
+        assert self._hpa is not None
+        target = await self._hpa.bounded(tracked.namespace, tracked.deployment, replicas)
+        await self._patch_scale(tracked, target)
+        await self._hpa.after_wake(tracked.namespace, tracked.deployment)
+        deployment = self._deployment(tracked)
+        annotations = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
+        if RECORDED_REPLICAS in annotations:
+            await self._annotate(tracked, None)
+
+    async def _read_scale(self, tracked: _Tracked) -> int:
+        scale = await self.calls.call(
+            f"read deployments/scale {tracked.namespace}/{tracked.deployment}",
+            self.calls.apps.read_namespaced_deployment_scale, tracked.deployment,
+            tracked.namespace)
+        return int((scale.get("spec") or {}).get("replicas") or 0)
+
+    async def _patch_scale(self, tracked: _Tracked, replicas: int) -> None:
+        await self.calls.call(
+            f"patch deployments/scale {tracked.namespace}/{tracked.deployment}",
+            self.calls.apps.patch_namespaced_deployment_scale, tracked.deployment,
+            tracked.namespace, {"spec": {"replicas": replicas}})
+        tracked.asked = replicas
+        event(log, "kubernetes.scaled", service=tracked.config.name,
+              deployment=f"{tracked.namespace}/{tracked.deployment}", replicas=replicas)
+
+    async def _annotate(self, tracked: _Tracked, value: str | None) -> None:
+        """Set (or with None remove) the recorded-replicas annotation, by merge patch."""
+        await self.calls.call(
+            f"patch deployments {tracked.namespace}/{tracked.deployment} (annotation)",
+            self.calls.apps.patch_namespaced_deployment, tracked.deployment,
+            tracked.namespace, {"metadata": {"annotations": {RECORDED_REPLICAS: value}}})
+
+    # --- watching -------------------------------------------------------------------------
+
+    def _watch_namespace(self, namespace: str) -> None:
+        if namespace in self._namespaces:
+            return
+        loop = asyncio.get_running_loop()
+        calls = self.calls
+        every = self._settings.poll_every
+
+        def reflector(resource: str, list_fn: Callable[..., Any]) -> Reflector:
+            return Reflector(f"{resource}/{namespace}", list_fn, (namespace,), {},
+                             lambda _objects: self._refresh(namespace), every, loop)
+
+        ns = _Namespace(
+            deployments=reflector("deployments", calls.apps.list_namespaced_deployment),
+            slices=reflector("endpointslices",
+                             calls.discovery.list_namespaced_endpoint_slice),
+            hpas=reflector("horizontalpodautoscalers",
+                           calls.autoscaling.list_namespaced_horizontal_pod_autoscaler),
+        )
+        self._namespaces[namespace] = ns
+        for r in (ns.deployments, ns.slices, ns.hpas):
+            r.start()
+
+    async def _wait_synced(self, timeout: float) -> None:
+        waits = [r.synced.wait() for ns in self._namespaces.values()
+                 for r in (ns.deployments, ns.slices, ns.hpas)]
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            event(log, "kubernetes.not_synced", seconds=timeout, level=logging.WARNING)
+
+    def _refresh(self, namespace: str) -> None:
+        """Recompute the ready endpoints of the namespace's services; notify changes."""
+        ns = self._namespaces.get(namespace)
+        if ns is None:
+            return
+        for tracked in list(self._services.values()):
+            if tracked.namespace != namespace:
+                continue
+            ready = ready_endpoints(ns.slices.objects.values(), tracked.service, tracked.port)
+            tracked.changed.set()
+            if ready != tracked.published:
+                tracked.published = ready
+                self._listeners.notify(tracked.config.name, ready)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _service(self, name: str) -> _Tracked:
+        tracked = self._services.get(name)
+        if tracked is None:
+            raise UnknownServiceError(f"unknown service {name!r}")
+        return tracked
+
+    def _deployment(self, tracked: _Tracked) -> dict[str, Any] | None:
+        ns = self._namespaces.get(tracked.namespace)
+        if ns is None:
+            return None
+        return ns.deployments.objects.get(f"{tracked.namespace}/{tracked.deployment}")
+
+    def _hpas_of(self, namespace: str) -> Objects:
+        ns = self._namespaces.get(namespace)
+        return ns.hpas.objects if ns is not None else {}
+
+
+def ready_endpoints(slices: Iterable[dict[str, Any]], service: str,
+                    port: int) -> tuple[Endpoint, ...]:
+    """Addresses of `service`'s EndpointSlices that are ready and not terminating, at
+    `port` when a slice lists it. A missing `ready` condition counts as ready, as the API
+    documents ("nil should be interpreted as ready")."""
+    found: set[Endpoint] = set()
+    for item in slices:
+        labels = (item.get("metadata") or {}).get("labels") or {}
+        if labels.get(SERVICE_NAME_LABEL) != service:
+            continue
+        ports = item.get("ports")
+        if ports and not any(p.get("port") == port for p in ports):
+            continue
+        for endpoint in item.get("endpoints") or []:
+            conditions = endpoint.get("conditions") or {}
+            if conditions.get("ready") is False or conditions.get("terminating") is True:
+                continue
+            for address in endpoint.get("addresses") or []:
+                found.add(Endpoint(address, port))
+    return tuple(sorted(found, key=lambda e: (e.host, e.port)))
