@@ -21,6 +21,10 @@ class ServiceAdmin(Protocol):
         """Every service, sorted by name."""
         ...
 
+    def problems(self) -> list[str]:
+        """Why some discovered Deployments are not (or not updated as) services."""
+        ...
+
     async def status(self, name: str) -> ServiceStatus:
         """One service."""
         ...

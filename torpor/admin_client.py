@@ -44,8 +44,14 @@ class AdminError(TorporError):
 
 def list_statuses(address: str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Every service's status dict, sorted by name."""
+    return list_services(address, timeout)[0]
+
+
+def list_services(address: str,
+                  timeout: float = 5.0) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every service's status dict, sorted by name, and the discovery problems."""
     response = _invoke(address, "ListServices", admin_pb2.ListServicesRequest(), timeout, None)
-    return [status_from_message(message) for message in response.services]
+    return [status_from_message(m) for m in response.services], list(response.problems)
 
 
 def get_status(address: str, name: str, timeout: float = 5.0) -> dict[str, Any]:

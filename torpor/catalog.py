@@ -87,15 +87,7 @@ class ServiceCatalog:
 
         Raises CatalogConflictError when the name belongs to another source or the host to
         another service: the catalog is left exactly as it was."""
-        owner = self._source.get(service.name)
-        if owner is not None and owner != source:
-            raise CatalogConflictError(
-                f"service name {service.name!r} is already used by {owner}")
-        host_owner = self._by_host.get(service.host)
-        if host_owner is not None and host_owner != service.name:
-            raise CatalogConflictError(
-                f"host {service.host!r} is already used by service {host_owner!r} "
-                f"({self._source[host_owner]})")
+        self.check(service, source)
         before = self._by_name.get(service.name)
         if before == service:
             return False
@@ -106,6 +98,18 @@ class ServiceCatalog:
               service=service.name, host=service.host, source=source)
         self._listeners.notify(CatalogChange(service.name, before, service))
         return True
+
+    def check(self, service: ServiceConfig, source: str) -> None:
+        """Raise CatalogConflictError if `put(service, source)` would clash."""
+        owner = self._source.get(service.name)
+        if owner is not None and owner != source:
+            raise CatalogConflictError(
+                f"service name {service.name!r} is already used by {owner}")
+        host_owner = self._by_host.get(service.host)
+        if host_owner is not None and host_owner != service.name:
+            raise CatalogConflictError(
+                f"host {service.host!r} is already used by service {host_owner!r} "
+                f"({self._source[host_owner]})")
 
     def remove(self, name: str, source: str) -> bool:
         """Remove a service that `source` added; config services are never removed."""

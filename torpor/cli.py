@@ -143,11 +143,13 @@ async def _until_signal() -> None:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    statuses = admin_client.list_statuses(str(config.control_plane.admin_api))
+    statuses, problems = admin_client.list_services(str(config.control_plane.admin_api))
     if args.json:
         print(json.dumps(statuses, indent=2))
     else:
         print(admin_client.format_status_table(statuses))
+    for problem in problems:  # on stderr, so that --json stays one JSON document
+        print(f"problem: {problem}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

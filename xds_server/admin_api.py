@@ -104,7 +104,8 @@ class AdminServicer:
 
     async def ListServices(self, request: Any, context: Any) -> Any:
         statuses = await self._call("ListServices", "", context, self._admin.statuses)
-        return admin_pb2.ListServicesResponse(services=[status_to_message(s) for s in statuses])
+        return admin_pb2.ListServicesResponse(services=[status_to_message(s) for s in statuses],
+                                              problems=self._admin.problems())
 
     async def GetService(self, request: Any, context: Any) -> Any:
         name = await self._required_name(request, context)

@@ -34,7 +34,7 @@ from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus, Transition
 from torpor.store.base import Store
-from torpor.workloads.base import Workloads
+from torpor.workloads.base import Discovery, Workloads
 from xds_server.admin_api import start_admin_server
 from xds_server.cache import SnapshotCache
 from xds_server.collector import CallCollector
@@ -105,6 +105,7 @@ class ControlPlane:
         self._dirty = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self._remove_listeners: list[Callable[[], None]] = []
+        self.discovery: Discovery | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -112,6 +113,8 @@ class ControlPlane:
         """Load state, start replicas of active services, then serve."""
         await self.store.open()
         await self.workloads.start()
+        # Discovered services join the catalog before the first snapshot is built.
+        self.discovery = await self.workloads.discover(self.catalog)
         await self._load_records()
         await self.collector.load(self.store)
         for name, record in self.records.items():
@@ -137,6 +140,8 @@ class ControlPlane:
         """Stop serving; stop the replicas too unless told to leave them running."""
         for remove in self._remove_listeners:
             remove()
+        if self.discovery is not None:
+            await self.discovery.stop()
         for task in [*self._tasks, *filter(None, [self._sync_task])]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -311,6 +316,9 @@ class ControlPlane:
 
     async def statuses(self) -> list[ServiceStatus]:
         return [self._status(name) for name in sorted(self.records)]
+
+    def problems(self) -> list[str]:
+        return self.discovery.problems() if self.discovery is not None else []
 
     async def status(self, name: str) -> ServiceStatus:
         if name not in self.records:

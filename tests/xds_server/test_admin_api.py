@@ -64,6 +64,9 @@ class FakeAdmin:
     async def statuses(self) -> list[ServiceStatus]:
         return sorted(self.by_name.values(), key=lambda s: s.name)
 
+    def problems(self) -> list[str]:
+        return []
+
     async def status(self, name: str) -> ServiceStatus:
         if name == "store-down":
             raise StoreError("sqlite store at ./torpor-state.db is locked")

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Protocol
 
+from torpor.catalog import ServiceCatalog
 from torpor.model import Endpoint
 
 #: Called with (service name, its ready endpoints now) whenever the ready set changes.
 EndpointListener = Callable[[str, tuple[Endpoint, ...]], None]
+
+
+class Discovery(Protocol):
+    """A running discovery of services."""
+
+    def problems(self) -> list[str]:
+        """Why some found objects are not services (as they read now), one line each."""
+        ...
+
+    async def stop(self) -> None: ...
 
 
 class Workloads(abc.ABC):
@@ -52,6 +64,12 @@ class Workloads(abc.ABC):
         """The replica count the workload itself recorded when torpor scaled it to zero
         (a Kubernetes Deployment's torpor.io/recorded-replicas annotation), if it is at zero
         now; None when it keeps no such record. Lets a lost store be rebuilt."""
+        return None
+
+    async def discover(self, catalog: ServiceCatalog) -> Discovery | None:
+        """Start adding services found in the platform (Kubernetes Deployments labelled
+        torpor.io/enabled) to `catalog`, once the first look is done; None when this
+        backend does not discover services."""
         return None
 
     @abc.abstractmethod

@@ -18,13 +18,15 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from torpor.catalog import ServiceCatalog
 from torpor.config import ServiceConfig, WorkloadsConfig
 from torpor.errors import UnknownServiceError, WorkloadError
 from torpor.listeners import Listeners
 from torpor.logs import event
 from torpor.model import Endpoint
 from torpor.workloads.annotations import RECORDED_REPLICAS
-from torpor.workloads.base import EndpointListener, Workloads
+from torpor.workloads.base import Discovery, EndpointListener, Workloads
+from torpor.workloads.discovery import KubernetesDiscovery
 from torpor.workloads.hpa import HpaGuard
 from torpor.workloads.kube_api import KubeCalls, make_api_client
 from torpor.workloads.kube_watch import Objects, Reflector
@@ -197,6 +199,16 @@ class KubernetesWorkloads(Workloads):
 
     def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
         return self._listeners.add(listener)
+
+    async def discover(self, catalog: ServiceCatalog) -> Discovery | None:
+        if not self._settings.discover:
+            return None
+        discovery = KubernetesDiscovery(self.calls, catalog, self.track, self.untrack,
+                                        self._settings.namespaces, self._settings.poll_every)
+        await discovery.start()
+        # Namespaces of newly tracked services are listed before the first snapshot.
+        await self._wait_synced(30.0)
+        return discovery
 
     # --- scaling --------------------------------------------------------------------------
 
