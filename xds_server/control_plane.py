@@ -29,7 +29,7 @@ from torpor import metrics
 from torpor.catalog import CatalogChange, ServiceCatalog
 from torpor.clock import Clock, SystemClock
 from torpor.config import Config, ServiceConfig
-from torpor.errors import TorporError, UnknownServiceError
+from torpor.errors import TorporError, UnknownServiceError, WorkloadError
 from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus, Transition
@@ -326,8 +326,12 @@ class ControlPlane:
         return self._status(name)
 
     async def hibernate(self, name: str) -> ServiceStatus:
+        """Raises WorkloadError when the hibernation was abandoned (the service is ACTIVE
+        again, on its running replicas), so `torpor hibernate` does not report success."""
         await self.status(name)
-        await self.reconciler.hibernate(name, "torpor hibernate")
+        record = await self.reconciler.hibernate(name, "torpor hibernate")
+        if record.state is ServiceState.ACTIVE:
+            raise WorkloadError(f"service {name!r} stays ACTIVE: {record.history[-1].reason}")
         return self._status(name)
 
     async def wake(self, name: str) -> ServiceStatus:

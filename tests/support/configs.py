@@ -8,9 +8,10 @@ from tests.support.net import free_port
 
 
 def write_config(tmp: Path, services: str, extra: str = "",
-                 activator: str = "wake_timeout: 30s") -> Path:
+                 activator: str = "wake_timeout: 30s", workloads: str = "{kind: local}") -> Path:
     """A config with free ports; `services` is the YAML list under `services:`, `extra`
-    more top-level sections, `activator` more keys of the activator section."""
+    more top-level sections, `activator` more keys of the activator section, `workloads`
+    the workloads section."""
     names = ("listen", "admin", "xds", "api", "metrics", "act", "actm", "acth2")
     p = {k: free_port() for k in names}
     text = f"""
@@ -20,7 +21,7 @@ control_plane: {{xds: 127.0.0.1:{p['xds']}, admin_api: 127.0.0.1:{p['api']},
 activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']},
             listen_h2: 127.0.0.1:{p['acth2']}, {activator}}}
 store: {{kind: sqlite, path: ./state.db}}
-workloads: {{kind: local}}
+workloads: {workloads}
 {extra}
 services:
 {services}

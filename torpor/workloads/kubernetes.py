@@ -291,10 +291,15 @@ class KubernetesWorkloads(Workloads):
         ns = self._namespaces.get(namespace)
         if ns is None:
             return
+        by_service: dict[str, list[dict[str, Any]]] = {}
+        for item in ns.slices.objects.values():
+            labels = (item.get("metadata") or {}).get("labels") or {}
+            by_service.setdefault(labels.get(SERVICE_NAME_LABEL, ""), []).append(item)
         for tracked in list(self._services.values()):
             if tracked.namespace != namespace:
                 continue
-            ready = ready_endpoints(ns.slices.objects.values(), tracked.service, tracked.port)
+            ready = ready_endpoints(by_service.get(tracked.service, ()), tracked.service,
+                                    tracked.port)
             tracked.changed.set()
             if ready != tracked.published:
                 tracked.published = ready
