@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from torpor import admin_client
+from torpor import admin_client, metrics
 from torpor.catalog import ServiceCatalog
 from torpor.config import Address, Config, load_config
 from torpor.errors import ConfigError, TorporError
@@ -122,6 +122,8 @@ def _activator(args: argparse.Namespace, config: Config) -> int:
         catalog = ServiceCatalog(config.services)
         mirror = CatalogMirror(admin, catalog)
         server = ActivatorServer(config, waker, catalog=catalog, on_miss=mirror.refresh_on_miss)
+        listen = config.activator.metrics
+        metrics_server, _ = metrics.serve_metrics(listen.host, listen.port)
         await mirror.start()
         try:
             await server.start()
@@ -129,6 +131,7 @@ def _activator(args: argparse.Namespace, config: Config) -> int:
         finally:
             await server.stop()
             await mirror.stop()
+            await asyncio.to_thread(metrics_server.shutdown)
         return 0
 
     return asyncio.run(run())

@@ -58,6 +58,9 @@ class ActivatorConfig:
     listen_h2: Address = Address("127.0.0.1", 18081)
     max_held_per_service: int = 1000
     wake_timeout: float = 120.0
+    # The host Envoy reaches the activator at (an IP or a DNS name, e.g. the activator's
+    # Kubernetes Service); default: the listen host. Ports are the listen ports.
+    advertise: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,6 +464,14 @@ def _service_host(r: _Reader, key: str, value: object) -> str:
     return text.lower()
 
 
+def _advertised_host(r: _Reader, key: str, value: object) -> str:
+    """A host name or IP address, no port (the listen ports are used)."""
+    text = _string(r, key, value)
+    if not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?", text):
+        r.fail(key, f"expected a host name or IPv4 address without a port, got {text!r}")
+    return text
+
+
 _GATEWAY = _Schema(
     GatewayConfig,
     {"listen": _Field(_address, "127.0.0.1:8080"), "admin": _Field(_address, "127.0.0.1:9901")},
@@ -484,6 +495,7 @@ _ACTIVATOR = _Schema(
         "listen_h2": _Field(_address, "127.0.0.1:18081"),
         "max_held_per_service": _Field(_integer(1)),
         "wake_timeout": _Field(_duration(positive=True)),
+        "advertise": _Field(_advertised_host),
     },
 )
 #: The store's keys depend on its kind, so that `path` under etcd is an error, not ignored.

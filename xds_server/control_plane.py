@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
+import socket
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
@@ -28,7 +30,7 @@ from activator.waker import Waker
 from torpor import metrics
 from torpor.catalog import CatalogChange, ServiceCatalog
 from torpor.clock import Clock, SystemClock
-from torpor.config import Config, ServiceConfig
+from torpor.config import ActivatorConfig, Config, ServiceConfig
 from torpor.errors import TorporError, UnknownServiceError, WorkloadError
 from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
@@ -50,6 +52,26 @@ log = logging.getLogger("torpor.control_plane")
 RUNNING_STATES = frozenset({ServiceState.ACTIVE, ServiceState.WAKING})
 #: States in which a service keeps its route and cluster in Envoy.
 ROUTED_STATES = frozenset(set(ServiceState) - {ServiceState.EVICTED})
+
+
+def advertised_activator_host(activator: ActivatorConfig) -> str:
+    """The IP address Envoy's endpoints for the activator carry. EDS endpoints must be IP
+    addresses, so a name (`activator.advertise`, e.g. the activator's Service) is resolved
+    once, here; a wildcard listen address means "this machine"."""
+    host = activator.advertise or activator.listen.host
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, activator.listen.port, socket.AF_INET,
+                                   socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TorporError(f"activator.advertise: cannot resolve {host!r}: {exc}") from exc
+    return str(infos[0][4][0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +97,13 @@ class ControlPlane:
         self.workloads = workloads
         self.clock = clock or SystemClock()
         self.records: dict[str, ServiceRecord] = {}
-        activator = config.activator.listen
+        activator = config.activator
+        reach = advertised_activator_host(activator)
         self.builder = ResourceBuilder(
             GatewaySettings(
                 listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
-                activator=Endpoint(activator.host, activator.port),
-                activator_h2=Endpoint(config.activator.listen_h2.host,
-                                      config.activator.listen_h2.port),
+                activator=Endpoint(reach, activator.listen.port),
+                activator_h2=Endpoint(reach, activator.listen_h2.port),
                 route_timeout=config.activator.wake_timeout + 30.0,
                 max_requests=max(1024, 4 * config.activator.max_held_per_service),
             )
