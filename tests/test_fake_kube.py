@@ -181,6 +181,12 @@ def test_scale_to_zero_and_back(fake: FakeKube) -> None:
     assert apps.read_namespaced_deployment_scale("web", NS).spec.replicas == 1
     assert fake.count("patch", "deployments", "scale", "web") == 2
 
+    client.CoreV1Api(api).delete_namespaced_service("web", NS)  # its slice is collected
+    fake.wait_for(lambda: not discovery.list_namespaced_endpoint_slice(NS).items)
+    apps.delete_namespaced_deployment("web", NS)  # and so are its pods
+    fake.wait_for(lambda: not client.CoreV1Api(api).list_namespaced_pod(NS).items)
+    assert not fake.pod_processes()
+
 
 def _consume(stream: Iterator[dict[str, Any]], into: queue.Queue[Any]) -> threading.Thread:
     def run() -> None:
@@ -402,6 +408,23 @@ def test_hpa_follows_upstream_rules(make_fake: Callable[..., FakeKube]) -> None:
     zero.patch_object("autoscaling/v2", "HorizontalPodAutoscaler", NS, "s",
                       {"metadata": {"annotations": {DESIRED_ANNOTATION: "0"}}})
     zero.wait_for(lambda: apps.read_namespaced_deployment("s", NS).spec.replicas == 0)
+
+
+def test_an_exiting_process_is_restarted(fake: FakeKube) -> None:
+    core = client.CoreV1Api(fake.api_client())
+    fake.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "brief", "namespace": NS},
+                 "spec": {"containers": [{"name": "main", "image": "x", "command": [
+                     sys.executable, "-c", "import time; time.sleep(0.3)"]}]}})
+
+    def restarted() -> bool:
+        found = core.read_namespaced_pod("brief", NS).status.container_statuses
+        return bool(found) and found[0].restart_count >= 1 and found[0].last_state.terminated
+
+    fake.wait_for(restarted)
+    status = core.read_namespaced_pod("brief", NS).status
+    assert status.phase == "Running"
+    assert status.container_statuses[0].last_state.terminated.exit_code == 0
+    assert (fake.log_dir / f"{NS}_brief.log").exists()
 
 
 def test_graceful_deletion_and_stop_leave_no_process(make_fake: Callable[..., FakeKube]) -> None:

@@ -10,6 +10,7 @@ its own loopback IP and reports readiness from that process's probe. See api.py 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import pathlib
 import tempfile
@@ -30,6 +31,8 @@ from .api import (
     Resource,
     Store,
     expired,
+    merge_patch,
+    not_found,
     parse_path,
     resource_for,
 )
@@ -45,24 +48,23 @@ class FakeKube:
 
     def __init__(self, *, hpa_scale_to_zero: bool = False, probe_period: float = 0.1,
                  history: int = 1000) -> None:
-        self._scale_to_zero, self._history = hpa_scale_to_zero, history
-        self._probe_period = probe_period
+        self._tmp = tempfile.TemporaryDirectory(prefix="fake-kube-")
+        self.log_dir = pathlib.Path(self._tmp.name)  # pod logs, `{namespace}_{pod}.log`
+        self.store = Store(history=history, hpa_scale_to_zero=hpa_scale_to_zero)
+        self.server = ApiServer(self.store)
+        self.cluster = Cluster(self.store, probe_period=probe_period, workdir=self.log_dir)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._stopped = False
         self.url = ""
 
     # lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         """Serve on an ephemeral 127.0.0.1 port from a background thread with its own loop."""
-        if self._loop is not None:
+        if self._loop is not None or self._stopped:
             return
-        self._tmp = tempfile.TemporaryDirectory(prefix="fake-kube-")
-        self.store = Store(history=self._history, hpa_scale_to_zero=self._scale_to_zero)
-        self.server = ApiServer(self.store)
-        self.cluster = Cluster(self.store, probe_period=self._probe_period,
-                               workdir=pathlib.Path(self._tmp.name))
+        atexit.register(self.cluster.kubelet.kill_all)  # a forgotten stop() leaves nothing
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-kube",
                                         daemon=True)
@@ -91,9 +93,9 @@ class FakeKube:
             self.cluster.kubelet.kill_all()  # even if the loop was wedged
             if not thread.is_alive():
                 loop.close()
-            self._loop = self._thread = None
-            if self._tmp is not None:
-                self._tmp.cleanup()
+            self._loop, self._thread, self._stopped = None, None, True
+            atexit.unregister(self.cluster.kubelet.kill_all)
+            self._tmp.cleanup()
 
     async def _shutdown(self) -> None:
         self.store.close_all_watches()
@@ -157,8 +159,6 @@ class FakeKube:
         return self._call(self._merge, res, namespace, name, merge_patch)
 
     def _merge(self, res: Resource, namespace: str, name: str, patch: dict[str, Any]) -> Any:
-        from .api import merge_patch, not_found
-
         current = self.store.get(res, namespace, name)
         if current is None:
             raise not_found(res, name)

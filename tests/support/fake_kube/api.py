@@ -375,6 +375,8 @@ def validate(res: Resource, obj: Obj, *, hpa_scale_to_zero: bool) -> None:
     spec = obj.get("spec") or {}
     if res is DEPLOYMENTS:
         errors += _deployment_errors(spec)
+    elif res is PODS and not spec.get("containers"):
+        errors.append(("spec.containers", None, ""))
     elif res is HPAS:
         errors += _hpa_errors(spec, 0 if hpa_scale_to_zero else 1)
     if errors:
@@ -388,6 +390,8 @@ def _deployment_errors(spec: Obj) -> list[tuple[str, Any, str]]:
         errors.append(("spec.replicas", replicas, "must be greater than or equal to 0"))
     if not spec.get("selector"):
         errors.append(("spec.selector", None, ""))
+    if not spec["template"]["spec"].get("containers"):
+        errors.append(("spec.template.spec.containers", None, ""))
     return errors
 
 
@@ -832,7 +836,7 @@ class ApiServer:
         grace = options.get("gracePeriodSeconds", query.get("gracePeriodSeconds"))
         deleted = self.store.delete(route.res, route.namespace or "", route.name or "",
                                     None if grace is None else int(grace))
-        if route.res is PODS:
+        if route.res in (PODS, SERVICES):  # these answer the object, the others a Status
             return deleted
         details = _details(route.res, route.name, uid=deleted["metadata"]["uid"])
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
