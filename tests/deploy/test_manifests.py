@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import re
 import shutil
@@ -527,14 +526,6 @@ def test_the_sidecar_config_fronts_the_sample_model(rendered: dict[str, list[Any
     assert role["metadata"]["namespace"] == service.kubernetes.namespace
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """cli.main installs a root log handler: take it away afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def envoy_bootstrap(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pytest
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import wait_until
-from tests.support.up import Up, processes_mentioning, status_json
+from tests.support.up import Up, processes_mentioning, status_json, stop_all
 from torpor import admin_client
 from torpor.config import Config, load_config
 
@@ -51,11 +51,7 @@ async def start_up(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tupl
         return runner, load_config(path)
 
     yield start
-    for runner in runners:
-        try:
-            assert await runner.stop() == 0, runner.text()[-3000:]
-        finally:
-            runner.kill()
+    await stop_all(runners)
 
 
 def status(config: Config, name: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from tests.support.configs import write_config
 from tests.support.fake_kube import FakeKube
 from tests.support.kube_objects import kube_service_yaml, model_deployment, model_service
 from tests.support.net import wait_until
-from tests.support.up import Up
+from tests.support.up import Up, stop_all
 from torpor import admin_client
 from torpor.config import Config, load_config
 from torpor.workloads.annotations import RECORDED_REPLICAS
@@ -60,11 +60,7 @@ async def start_up(tmp_path: Path, kube: FakeKube
         return runner, load_config(path)
 
     yield start
-    for runner in runners:
-        try:
-            assert await runner.stop() == 0, runner.text()[-3000:]
-        finally:
-            runner.kill()
+    await stop_all(runners)
 
 
 def replicas_of(kube: FakeKube, name: str) -> int:

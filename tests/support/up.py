@@ -55,6 +55,16 @@ class Up:
             self.proc.wait()
 
 
+async def stop_all(runners: list[Up]) -> None:
+    """Stop every runner a test started (SIGTERM, then SIGKILL if it fails), asserting
+    each exited cleanly."""
+    for runner in runners:
+        try:
+            assert await runner.stop() == 0, runner.text()[-3000:]
+        finally:
+            runner.kill()
+
+
 def status_json(config_path: Path) -> list[dict[str, object]]:
     out = subprocess.run(
         [sys.executable, "-m", "torpor.cli", "status", "--json", "--config", str(config_path)],

@@ -101,7 +101,7 @@ async def test_ready_endpoints_follow_the_endpoint_slices(
     kube.patch_object("apps/v1", "Deployment", NS, "echo", {"spec": {"replicas": 3}})
     await workloads.wait_ready("echo", 3, 20)
     assert changes[-1] == 3
-    with pytest.raises(TimeoutError, match="3 of 4 endpoints ready"):
+    with pytest.raises(TimeoutError, match="EndpointSlices of models/echo: 3 of 4 ready"):
         await workloads.wait_ready("echo", 4, 0.5)
 
 

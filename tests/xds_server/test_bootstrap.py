@@ -4,10 +4,8 @@ real Envoy offline (`envoy --mode validate`) and field by field."""
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +114,6 @@ def test_the_xds_cluster_address_comes_from_the_config(config: Config) -> None:
 
 # --- the CLI -----------------------------------------------------------------------------
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """cli.main installs a root handler on (captured) stderr: take it away afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.envoy

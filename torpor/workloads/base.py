@@ -8,6 +8,7 @@ serves; `wait_ready` is what a wake waits on.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -16,6 +17,23 @@ from torpor.model import Endpoint
 
 #: Called with (service name, its ready endpoints now) whenever the ready set changes.
 EndpointListener = Callable[[str, tuple[Endpoint, ...]], None]
+
+
+async def wait_for_ready(ready: Callable[[], tuple[Endpoint, ...]],
+                         changed: Callable[[], asyncio.Event], check: Callable[[], None],
+                         min_ready: int, timeout: float, what: str) -> tuple[Endpoint, ...]:
+    """Wait until `ready()` holds `min_ready` endpoints, waking on each `changed()` event
+    (backends replace the event after setting it, so every waiter sees every change);
+    `check()` raises when the backend closed. TimeoutError says how far it got."""
+    try:
+        async with asyncio.timeout(timeout):
+            while len(ready()) < min_ready:
+                check()
+                await changed().wait()
+    except TimeoutError:
+        raise TimeoutError(
+            f"{what}: {len(ready())} of {min_ready} ready after {timeout}s") from None
+    return ready()
 
 
 class Discovery(Protocol):

@@ -25,7 +25,7 @@ from torpor.listeners import Listeners
 from torpor.logs import event
 from torpor.model import Endpoint
 from torpor.workloads.annotations import RECORDED_REPLICAS
-from torpor.workloads.base import Discovery, EndpointListener, Workloads
+from torpor.workloads.base import Discovery, EndpointListener, Workloads, wait_for_ready
 from torpor.workloads.discovery import KubernetesDiscovery
 from torpor.workloads.hpa import HpaGuard
 from torpor.workloads.kube_api import KubeCalls, make_api_client
@@ -119,7 +119,7 @@ class KubernetesWorkloads(Workloads):
             self._calls.close()
             self._calls = None
         for tracked in self._services.values():
-            tracked.changed.set()
+            _wake_waiters(tracked)
 
     # --- services coming and going (discovery) --------------------------------------------
 
@@ -138,7 +138,7 @@ class KubernetesWorkloads(Workloads):
         """Stop managing `name` (its Deployment is left as it is)."""
         tracked = self._services.pop(name, None)
         if tracked is not None:
-            tracked.changed.set()
+            _wake_waiters(tracked)
 
     # --- the Workloads contract -----------------------------------------------------------
 
@@ -183,19 +183,14 @@ class KubernetesWorkloads(Workloads):
 
     async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
         tracked = self._service(name)
-        try:
-            async with asyncio.timeout(timeout):
-                while len(tracked.published) < min_ready:
-                    if not self._started:
-                        raise WorkloadError("Kubernetes workloads were stopped")
-                    tracked.changed.clear()
-                    await tracked.changed.wait()
-        except TimeoutError:
-            raise TimeoutError(
-                f"service {name!r}: {len(tracked.published)} of {min_ready} endpoints ready "
-                f"in EndpointSlices of {tracked.namespace}/{tracked.service} after {timeout}s"
-            ) from None
-        return tracked.published
+        return await wait_for_ready(
+            lambda: tracked.published, lambda: tracked.changed, self._check_started,
+            min_ready, timeout, f"service {name!r}: endpoints in EndpointSlices of "
+            f"{tracked.namespace}/{tracked.service}")
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise WorkloadError("Kubernetes workloads were stopped")
 
     def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
         return self._listeners.add(listener)
@@ -300,9 +295,9 @@ class KubernetesWorkloads(Workloads):
                 continue
             ready = ready_endpoints(by_service.get(tracked.service, ()), tracked.service,
                                     tracked.port)
-            tracked.changed.set()
             if ready != tracked.published:
                 tracked.published = ready
+                _wake_waiters(tracked)
                 self._listeners.notify(tracked.config.name, ready)
 
     # --- helpers --------------------------------------------------------------------------
@@ -322,6 +317,11 @@ class KubernetesWorkloads(Workloads):
     def _hpas_of(self, namespace: str) -> Objects:
         ns = self._namespaces.get(namespace)
         return ns.hpas.objects if ns is not None else {}
+
+
+def _wake_waiters(tracked: _Tracked) -> None:
+    changed, tracked.changed = tracked.changed, asyncio.Event()
+    changed.set()
 
 
 def ready_endpoints(slices: Iterable[dict[str, Any]], service: str,

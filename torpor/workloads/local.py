@@ -26,7 +26,7 @@ from torpor.errors import UnknownServiceError, WorkloadError
 from torpor.listeners import Listeners
 from torpor.logs import event
 from torpor.model import Endpoint
-from torpor.workloads.base import EndpointListener, Workloads
+from torpor.workloads.base import EndpointListener, Workloads, wait_for_ready
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +165,9 @@ class LocalWorkloads(Workloads):
 
     async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
         svc = self._service(name)
-        try:
-            async with asyncio.timeout(timeout):
-                while len(svc.published) < min_ready:
-                    self._check_open()
-                    await svc.changed.wait()
-        except TimeoutError:
-            raise TimeoutError(
-                f"service {name!r}: {len(svc.published)} of {min_ready} replicas ready"
-                f" after {timeout}s"
-            ) from None
-        return svc.published
+        return await wait_for_ready(lambda: svc.published, lambda: svc.changed,
+                                    self._check_open, min_ready, timeout,
+                                    f"service {name!r}: replicas")
 
     def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
         return self._listeners.add(listener)
