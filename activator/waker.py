@@ -17,7 +17,13 @@ from typing import Protocol
 
 from torpor import metrics
 from torpor.clock import Clock, SystemClock
-from torpor.errors import ConflictError, UnknownServiceError, WakeFailedError, WorkloadError
+from torpor.errors import (
+    ConflictError,
+    StoreError,
+    UnknownServiceError,
+    WakeFailedError,
+    WorkloadError,
+)
 from torpor.locks import LockTimeoutError, ServiceLocks, lock_key
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState
@@ -100,6 +106,15 @@ class Waker:
         except LockTimeoutError as exc:
             self._count(name, "failed", started)
             raise WakeFailedError(f"service {name!r}: {exc}", "failed") from exc
+        except ConflictError as exc:
+            self._count(name, "failed", started)
+            raise WakeFailedError(f"service {name!r}: its record kept changing during the "
+                                  f"wake ({exc})", "failed") from exc
+        except StoreError as exc:
+            # etcd down (or sqlite failing): no wake without the lock and the record.
+            self._count(name, "failed", started)
+            raise WakeFailedError(f"service {name!r} cannot be woken now: the store is "
+                                  f"unavailable ({exc})", "failed") from exc
 
     async def _wake_locked(self, name: str, reason: str, started: float,
                            deadline: float) -> tuple[Endpoint, ...]:
@@ -124,8 +139,15 @@ class Waker:
         ready = await self._ready(record, needed, deadline, started, woke=True)
         took = self._clock.monotonic() - started
         if record.state is not S.ACTIVE:
-            await self._move(record, S.ACTIVE, f"{reason}; {len(ready)} ready after {took:.1f}s",
-                             desired_replicas=replicas)
+            try:
+                await self._move(record, S.ACTIVE,
+                                 f"{reason}; {len(ready)} ready after {took:.1f}s",
+                                 desired_replicas=replicas)
+            except StoreError as exc:
+                # The replicas are ready: serve what is held. The record stays WAKING until
+                # the store is back and the leader's repair sees ready replicas (→ ACTIVE).
+                event(log, "wake.state_write_failed", service=name, error=str(exc),
+                      level=logging.ERROR)
         self._count(name, "woken", started)
         return ready
 

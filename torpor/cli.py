@@ -14,8 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from torpor import admin_client, metrics
-from torpor.catalog import ServiceCatalog
+from torpor import admin_client
 from torpor.config import Address, Config, load_config
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
@@ -60,9 +59,16 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     verb("up", _up, "run the whole gateway on this machine until Ctrl-C")
-    verb("xds-server", _xds_server, "run only the control plane (xDS, access logs, admin API)",
-         log_level="info")
-    verb("activator", _activator, "run only the activator", log_level="info")
+    xds = verb("xds-server", _xds_server,
+               "run only the control plane (xDS, access logs, admin API)", log_level="info")
+    activator = verb("activator", _activator, "run only the activator", log_level="info")
+    for p in (xds, activator):
+        p.add_argument("--member", metavar="NAME",
+                       help="this process's name in an etcd fleet (lock holder, leader, "
+                            "statistics writer; default: store.member, else host-pid)")
+    activator.add_argument("--advertise", metavar="HOST",
+                           help="the address Envoy reaches this activator at, e.g. the pod "
+                                "IP (default: activator.advertise, else the listen host)")
     status = verb("status", _status, "show every service's state")
     status.add_argument("--json", action="store_true", help="print a JSON list")
     for name, text in (("hibernate", "put a service to sleep now"),
@@ -94,44 +100,38 @@ def _up(args: argparse.Namespace, config: Config) -> int:
 
 
 def _xds_server(args: argparse.Namespace, config: Config) -> int:
-    from torpor.store import open_store
+    from torpor.coordination import open_coordination
     from torpor.workloads import make_workloads
     from xds_server.control_plane import ControlPlane
 
     async def run() -> int:
-        control_plane = ControlPlane(config, open_store(config.store, str(config.path)),
-                                     make_workloads(config))
-        await control_plane.start()
+        fleet = open_coordination(config, args.member)
+        await fleet.open()
+        control_plane = ControlPlane(config, fleet.store, make_workloads(config),
+                                     locks=fleet.locks, election=fleet.election,
+                                     registry=fleet.registry)
         try:
+            await control_plane.start()
             await _until_signal()
         finally:
             await control_plane.stop()
+            await fleet.locks.close()
+            await fleet.close()  # revokes this process's lease: its leadership goes at once
         return 0
 
     return asyncio.run(run())
 
 
 def _activator(args: argparse.Namespace, config: Config) -> int:
-    from activator.admin_waker import AdminWaker
-    from activator.catalog_mirror import CatalogMirror
-    from activator.server import ActivatorServer
+    from activator.standalone import StandaloneActivator
 
     async def run() -> int:
-        admin = str(config.control_plane.admin_api)
-        waker = AdminWaker(admin, config.activator.wake_timeout)
-        catalog = ServiceCatalog(config.services)
-        mirror = CatalogMirror(admin, catalog)
-        server = ActivatorServer(config, waker, catalog=catalog, on_miss=mirror.refresh_on_miss)
-        listen = config.activator.metrics
-        metrics_server, _ = metrics.serve_metrics(listen.host, listen.port)
-        await mirror.start()
+        activator = StandaloneActivator(config, member=args.member, advertise=args.advertise)
         try:
-            await server.start()
+            await activator.start()
             await _until_signal()
         finally:
-            await server.stop()
-            await mirror.stop()
-            await asyncio.to_thread(metrics_server.shutdown)
+            await activator.stop()
         return 0
 
     return asyncio.run(run())

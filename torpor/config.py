@@ -34,6 +34,9 @@ class Address:
 class GatewayConfig:
     listen: Address
     admin: Address
+    # Request bodies up to this size are buffered by Envoy so that a request an activator
+    # replica held when it died can be replayed on another; larger ones are not retried.
+    retry_buffer_bytes: int = 1_048_576
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,16 @@ class StoreConfig:
     kind: str  # "sqlite" | "etcd"
     path: Path | None = None  # sqlite: resolved relative to the config file's folder
     endpoints: tuple[str, ...] = ()  # etcd
+    # etcd: every key torpor writes starts with this (several gateways can share an etcd).
+    prefix: str = "/torpor/"
+    # etcd: TTL of each process's lease. A killed activator's wake lock, a killed leader's
+    # leadership and a dead activator's registration last at most this long.
+    lease_ttl: float = 10.0
+    # etcd: how long one call may take before etcd counts as unavailable.
+    timeout: float = 5.0
+    # etcd: this process's name in the fleet (lock holder, leader, statistics writer);
+    # default: host name and process id. `--member` on the command line overrides it.
+    member: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +376,36 @@ def _duration(positive: bool = False) -> _Parser:
     return parse
 
 
+def _duration_at_least(minimum: float) -> _Parser:
+    """A duration of at least `minimum` seconds (an etcd lease shorter than 2s expires
+    between two keep-alives on a busy machine)."""
+    base = _duration()
+
+    def parse(r: _Reader, key: str, value: object) -> float:
+        seconds = float(base(r, key, value))
+        if seconds < minimum:
+            r.fail(key, f"must be at least {minimum:g}s, got {seconds:g}s")
+        return seconds
+
+    return parse
+
+
+def _key_prefix(r: _Reader, key: str, value: object) -> str:
+    """An etcd key prefix: starts with "/"; a "/" is added at the end if missing."""
+    text = _string(r, key, value)
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        r.fail(key, f"expected a key prefix like /torpor/ (starts with '/', no spaces), "
+                    f"got {text!r}")
+    return text if text.endswith("/") else text + "/"
+
+
+def _member_name(r: _Reader, key: str, value: object) -> str:
+    text = _string(r, key, value)
+    if not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", text) or len(text) > 253:
+        r.fail(key, f"expected a name of letters, digits, '-', '_' and '.', got {text!r}")
+    return text
+
+
 def _boolean(r: _Reader, key: str, value: object) -> bool:
     if not isinstance(value, bool):
         r.fail(key, f"expected true or false, got {_describe(value)}")
@@ -474,7 +517,8 @@ def _advertised_host(r: _Reader, key: str, value: object) -> str:
 
 _GATEWAY = _Schema(
     GatewayConfig,
-    {"listen": _Field(_address, "127.0.0.1:8080"), "admin": _Field(_address, "127.0.0.1:9901")},
+    {"listen": _Field(_address, "127.0.0.1:8080"), "admin": _Field(_address, "127.0.0.1:9901"),
+     "retry_buffer_bytes": _Field(_integer(0, 64 * 1024 * 1024))},
 )
 _CONTROL_PLANE = _Schema(
     ControlPlaneConfig,
@@ -514,6 +558,10 @@ _STORES: Mapping[str, _Schema[StoreConfig]] = {
             "endpoints": _Field(
                 _endpoints, _REQUIRED, 'give the etcd servers, e.g. ["127.0.0.1:2379"]'
             ),
+            "prefix": _Field(_key_prefix),
+            "lease_ttl": _Field(_duration_at_least(2.0)),
+            "timeout": _Field(_duration(positive=True)),
+            "member": _Field(_member_name),
         },
     ),
 }

@@ -109,6 +109,20 @@ PROXY_ERRORS = Counter(
     "torpor_activator_proxy_errors", "Held requests the activator could not proxy", ["service"]
 )
 
+# --- fleet mode (store: etcd) -------------------------------------------------------------
+LOCK_ACQUIRE_SECONDS = Histogram(
+    "torpor_lock_acquire_seconds",
+    "From asking for a service's etcd lock to holding it (waits for another holder included)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+LEADER = Gauge("torpor_leader", "1 while this process leads the election (reconciler)",
+               ["election"])
+ETCD_WATCH_RESTARTS = Counter(
+    "torpor_etcd_watch_restarts", "etcd watches resumed after a failure, by watch", ["watch"]
+)
+ACTIVATORS = Gauge("torpor_activators", "Activator replicas registered in etcd, as this "
+                   "control plane sees them (the endpoints of Envoy's activator cluster)")
+
 
 def set_service_state(service: str, state: ServiceState, recorded_replicas: int = 0) -> None:
     """Export `state` as the one current state of `service` (an enum as 0/1 gauges), and

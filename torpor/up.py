@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import TextIO
 
 from activator.server import ActivatorServer
+from torpor.advertise import advertised_activator_host
 from torpor.config import Config
+from torpor.coordination import open_coordination
 from torpor.errors import TorporError
 from torpor.gateway import EnvoyProcess
-from torpor.store import open_store
+from torpor.model import Endpoint
 from torpor.workloads import make_workloads
 from xds_server.bootstrap import bootstrap
 from xds_server.control_plane import ControlPlane
@@ -57,8 +59,11 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop_on, stop, sig, out)
 
-    control_plane = ControlPlane(config, open_store(config.store, str(config.path)),
-                                 make_workloads(config))
+    fleet = open_coordination(config)
+    await fleet.open()
+    control_plane = ControlPlane(config, fleet.store, make_workloads(config),
+                                 locks=fleet.locks, election=fleet.election,
+                                 registry=fleet.registry)
     # One process, one waker: the activator and `torpor wake` share the control plane's.
     activator = ActivatorServer(config, control_plane.waker, catalog=control_plane.catalog,
                                 on_held=control_plane.collector.note_held,
@@ -70,6 +75,10 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
                  f"admin API on {config.control_plane.admin_api}, "
                  f"metrics on http://{config.control_plane.metrics}/metrics")
         await activator.start()
+        if fleet.registry is not None:  # store: etcd — other control planes list it too
+            host = advertised_activator_host(config.activator)
+            await fleet.registry.register(Endpoint(host, activator.port),
+                                          Endpoint(host, activator.port_h2))
         envoy = await start_envoy(config, ports.xds, logs)
         say(out, f"envoy: listening on http://{config.gateway.listen}, "
                  f"admin on http://{config.gateway.admin} (log: {logs / 'envoy.log'})")
@@ -92,6 +101,8 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
         await activator.stop()
         with contextlib.suppress(Exception):
             await control_plane.stop()
+        with contextlib.suppress(Exception):
+            await fleet.close()
         say(out, "stopped; no process left running")
 
 

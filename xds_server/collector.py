@@ -142,6 +142,16 @@ class CallCollector(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
         if stats.last_call is not None:
             metrics.LAST_REQUEST.labels(service=name).set(stats.last_call)
 
+    def note_peer_call(self, name: str, at: float) -> None:
+        """Another control plane of the fleet saved a call of `name` at `at` (its Envoys'
+        access logs): the idle policy must see it. Moves last_call only, and does not mark
+        the stats for a flush (the peer saved it already)."""
+        stats = self._stats.get(name)
+        if stats is None or (stats.last_call is not None and stats.last_call >= at):
+            return
+        stats.touch(at)
+        metrics.LAST_REQUEST.labels(service=name).set(at)
+
     # --- the access log -------------------------------------------------------------------
 
     async def StreamAccessLogs(

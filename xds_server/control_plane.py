@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
-import socket
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
@@ -28,10 +26,13 @@ import grpc
 
 from activator.waker import Waker
 from torpor import metrics
+from torpor.advertise import advertised_activator_host
 from torpor.catalog import CatalogChange, ServiceCatalog
 from torpor.clock import Clock, SystemClock
-from torpor.config import ActivatorConfig, Config, ServiceConfig
-from torpor.errors import TorporError, UnknownServiceError, WorkloadError
+from torpor.config import Config, ServiceConfig
+from torpor.errors import ConflictError, StoreError, TorporError, UnknownServiceError, WorkloadError
+from torpor.etcd.election import LeaderElection
+from torpor.etcd.registry import Activator, ActivatorRegistry
 from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState, ServiceStatus, Transition
@@ -54,26 +55,6 @@ RUNNING_STATES = frozenset({ServiceState.ACTIVE, ServiceState.WAKING})
 ROUTED_STATES = frozenset(set(ServiceState) - {ServiceState.EVICTED})
 
 
-def advertised_activator_host(activator: ActivatorConfig) -> str:
-    """The IP address Envoy's endpoints for the activator carry. EDS endpoints must be IP
-    addresses, so a name (`activator.advertise`, e.g. the activator's Service) is resolved
-    once, here; a wildcard listen address means "this machine"."""
-    host = activator.advertise or activator.listen.host
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, activator.listen.port, socket.AF_INET,
-                                   socket.SOCK_STREAM)
-    except OSError as exc:
-        raise TorporError(f"activator.advertise: cannot resolve {host!r}: {exc}") from exc
-    return str(infos[0][4][0])
-
-
 @dataclasses.dataclass(frozen=True)
 class BoundPorts:
     """Where the control plane listens (config ports may be 0 in tests)."""
@@ -89,7 +70,12 @@ class ControlPlane:
     def __init__(self, config: Config, store: Store, workloads: Workloads,
                  clock: Clock | None = None, serve_metrics: bool = True,
                  locks: ServiceLocks | None = None, run_policy: bool = True,
-                 catalog: ServiceCatalog | None = None) -> None:
+                 catalog: ServiceCatalog | None = None,
+                 election: LeaderElection | None = None,
+                 registry: ActivatorRegistry | None = None) -> None:
+        """`election`: in a fleet, only its leader runs the reconciler (None: this process
+        always does). `registry`: in a fleet, the activator replicas Envoy's activator
+        cluster lists (None: the one `activator` of the config)."""
         self.config = config
         # The config's services, plus discovered ones when discovery feeds this catalog.
         self.catalog = catalog if catalog is not None else ServiceCatalog(config.services)
@@ -99,15 +85,21 @@ class ControlPlane:
         self.records: dict[str, ServiceRecord] = {}
         activator = config.activator
         reach = advertised_activator_host(activator)
+        # Until a registry says otherwise: the activator of the config.
+        self._configured_activator = (Endpoint(reach, activator.listen.port),
+                                      Endpoint(reach, activator.listen_h2.port))
         self.builder = ResourceBuilder(
             GatewaySettings(
                 listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
-                activator=Endpoint(reach, activator.listen.port),
-                activator_h2=Endpoint(reach, activator.listen_h2.port),
+                activators=(self._configured_activator[0],),
+                activators_h2=(self._configured_activator[1],),
                 route_timeout=config.activator.wake_timeout + 30.0,
                 max_requests=max(1024, 4 * config.activator.max_held_per_service),
+                retry_buffer_bytes=config.gateway.retry_buffer_bytes,
             )
         )
+        self.election = election
+        self.registry = registry
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
         self.collector = CallCollector(self.clock, self.catalog.hosts())
@@ -141,10 +133,14 @@ class ControlPlane:
         await self.collector.load(self.store)
         for name, record in self.records.items():
             self.collector.ensure(name, record.created_at)
-        await self.reconciler.repair()
+        if self.election is None:
+            await self.reconciler.repair()  # a fleet's leader repairs in its policy passes
         self._remove_listeners = [self.workloads.add_listener(self._on_endpoints),
                                   self.store.add_listener(self._apply_record),
+                                  self.store.add_call_listener(self.collector.note_peer_call),
                                   self.catalog.add_listener(self._on_catalog)]
+        if self.registry is not None:
+            await self.registry.follow(self._on_activators)
         for record in self.records.values():
             await self._ensure_running(record)
         self.cache.set_resources(self._desired())  # before the first stream can arrive
@@ -154,6 +150,8 @@ class ControlPlane:
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
         if self._run_policy:
             self._tasks.append(asyncio.create_task(self._policy_loop()))
+            if self.election is not None:
+                self.election.start()
         event(log, "control_plane.started", xds=self.ports.xds, admin_api=self.ports.admin_api,
               services=len(self.records))
         return self.ports
@@ -162,6 +160,10 @@ class ControlPlane:
         """Stop serving; stop the replicas too unless told to leave them running."""
         for remove in self._remove_listeners:
             remove()
+        if self.election is not None:
+            await self.election.stop()  # another control plane takes over at once
+        if self.registry is not None:
+            await self.registry.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         for task in [*self._tasks, *filter(None, [self._sync_task])]:
@@ -204,11 +206,18 @@ class ControlPlane:
         """Take a service into the table: its stored record, else a new one. A new record
         starts ACTIVE, or HIBERNATED when the workloads say the service was put to sleep
         by torpor before (the Deployment's recorded-replicas annotation outlives a lost
-        store)."""
+        store). In a fleet another control plane may create it first: then its record is
+        the one."""
         if record is None:
-            record = await self.store.put(self._new_record(service))
-            event(log, "service.registered", service=service.name, state=record.state.value,
-                  replicas=service.replicas)
+            try:
+                record = await self.store.put(self._new_record(service))
+                event(log, "service.registered", service=service.name,
+                      state=record.state.value, replicas=service.replicas)
+            except ConflictError:
+                record = await self.store.get(service.name)
+                if record is None:
+                    raise StoreError(f"service {service.name!r}: its record was created and "
+                                     "deleted while registering; try again") from None
         self.records[service.name] = record
         self.collector.ensure(service.name, record.created_at)
         metrics.set_service_state(service.name, record.state, record.recorded_replicas)
@@ -277,10 +286,18 @@ class ControlPlane:
             ready = self.workloads.ready_endpoints(service.name)
             if ready:
                 return ready
-        settings = self.builder.settings
-        if service.protocol == "http2" and settings.activator_h2 is not None:
-            return (settings.activator_h2,)
-        return (settings.activator,)
+        return self.builder.activator_targets(service.protocol == "http2")
+
+    def _on_activators(self, activators: dict[str, Activator]) -> None:
+        """The registered activator replicas changed: they become the endpoints of the
+        activator cluster and of every sleeping service. None registered (all restarting):
+        the configured address, rather than no endpoint at all."""
+        metrics.ACTIVATORS.set(len(activators))
+        found = sorted(activators.values()) or [self._configured_activator]
+        if self.builder.set_activators(tuple(a[0] for a in found), tuple(a[1] for a in found)):
+            event(log, "activators.changed", members=sorted(activators),
+                  http=[str(a[0]) for a in found])
+            self._dirty.set()
 
     async def sync(self) -> bool:
         """Push the current table to every Envoy; True once every connected Envoy has
@@ -297,10 +314,16 @@ class ControlPlane:
             raise TorporError(f"service {name!r}: an Envoy did not apply the switch back to "
                               "its replicas in time")
 
+    def is_leader(self) -> bool:
+        """Whether this control plane runs the reconciler (in a fleet: the elected one)."""
+        return self.election is None or self.election.is_leader
+
     async def _policy_loop(self) -> None:
-        """Apply the idle policy every `policy.check_every`."""
+        """Apply the idle policy every `policy.check_every`, when leading."""
         while True:
             await asyncio.sleep(self.config.policy.check_every)
+            if not self.is_leader():
+                continue
             try:
                 await self.reconciler.check()
             except Exception:

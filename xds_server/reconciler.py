@@ -36,6 +36,8 @@ S = ServiceState
 #: How long a policy pass waits for a service's lock before leaving it for the next pass
 #: (a wake in progress holds it; the next pass sees the outcome).
 POLICY_LOCK_WAIT = 0.5
+#: Repair only takes a lock nobody holds: a short wait is enough to tell.
+REPAIR_LOCK_WAIT = 0.05
 
 
 def policy_settings(config: Config, service: ServiceConfig) -> PolicySettings:
@@ -76,6 +78,7 @@ class Reconciler:
     async def check(self) -> None:
         """One pass: hibernate what went quiet, evict what stayed silent."""
         metrics.POLICY_CHECKS.inc()
+        await self.repair()
         for name, record in list(self._records().items()):
             service = self._catalog.get(name)
             if record.state not in (S.ACTIVE, S.HIBERNATED) or service is None:
@@ -134,15 +137,36 @@ class Reconciler:
             await self._push()
             return record
 
-    async def repair(self) -> None:
-        """States a crash can leave behind, made definite at start-up: an unfinished
-        hibernation returns to ACTIVE (the policy decides again); an unfinished wake
-        returns to HIBERNATED (the next request wakes it again)."""
+    async def repair(self, lock_wait: float = REPAIR_LOCK_WAIT) -> None:
+        """States a crash can leave behind, made definite: an unfinished hibernation
+        returns to ACTIVE (the policy decides again); an unfinished wake returns to
+        HIBERNATED (the next request wakes it again). Only where nobody holds the
+        service's lock: a held lock means the hibernation or wake is still under way
+        (in a fleet, possibly in another process); a dead holder's lock goes with its
+        lease and the next pass repairs. Runs at start-up, and in every policy pass."""
         for record in list(self._records().values()):
+            if record.state not in (S.HIBERNATING, S.WAKING):
+                continue
+            try:
+                await self._repair(record.name, lock_wait)
+            except (LockTimeoutError, InvalidTransitionError):
+                continue
+            except TorporError as exc:
+                event(log, "policy.repair_failed", service=record.name, error=str(exc),
+                      level=logging.ERROR)
+
+    async def _repair(self, name: str, lock_wait: float) -> None:
+        async with self._locks.hold(lock_key(name), lock_wait):
+            record = await self._fresh(name)
             if record.state is S.HIBERNATING:
-                await self._move(record, S.ACTIVE, "control plane restarted during hibernation")
+                await self._move(record, S.ACTIVE, "hibernation interrupted (its control "
+                                 "plane stopped before scaling to 0)")
+            elif record.state is S.WAKING and self._workloads.ready_endpoints(name):
+                await self._move(record, S.ACTIVE, "wake interrupted after its replicas were "
+                                 "ready (its waker stopped or lost the store)")
             elif record.state is S.WAKING:
-                await self._move(record, S.HIBERNATED, "control plane restarted during a wake")
+                await self._move(record, S.HIBERNATED, "wake interrupted (its waker stopped "
+                                 "before the service was ready)")
 
     # --- helpers ----------------------------------------------------------------------
 

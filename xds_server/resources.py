@@ -7,8 +7,18 @@ Built resources are cached per service and rebuilt only when that service's inpu
 Shape: one listener whose HTTP connection manager takes its routes from RDS and sends its
 access log to the control plane; one RouteConfiguration with a virtual host per routed
 service (matched on Host) and a catch-all virtual host to the activator; one EDS cluster
-per routed service, named after it; the activator cluster. Hibernating a service changes
-only its ClusterLoadAssignment (to the activator's address), never its route or cluster.
+per routed service, named after it; the activator cluster, also EDS over ADS, whose
+ClusterLoadAssignment lists every activator replica (fleet mode: several activators).
+Hibernating a service changes only its ClusterLoadAssignment (to the activators'
+addresses, `activator_targets`), never its route or cluster; an activator replica coming
+or going (`set_activators`) changes only the activator's CLA here, and the CLAs of the
+hibernated services once the caller rebuilds them with the new targets.
+
+Failover: every route retries a request whose upstream connection failed, was refused, or
+was reset before any response header arrived, on another host (previous_hosts). A request
+held by an activator replica that dies is thus replayed on another replica, provided its
+body fit the virtual host's request body buffer (`retry_buffer_bytes`); Envoy does not
+retry a request whose body outgrew that buffer, the client gets the error instead.
 """
 
 from __future__ import annotations
@@ -58,7 +68,10 @@ class GatewaySettings:
     """Everything about the generated config that is not per service."""
 
     listen: Endpoint
-    activator: Endpoint
+    # Every activator replica's HTTP/1 holder: the catch-all's cluster, and where hibernated
+    # services point. Sorted and de-duplicated on construction; empty means "no activator
+    # reachable" (Envoy then answers 503 no healthy upstream for those routes).
+    activators: tuple[Endpoint, ...] = ()
     # Route timeout: must outlast a cold start (wake_timeout) plus the proxied request.
     route_timeout: float = 150.0
     connect_timeout: float = 1.0
@@ -66,8 +79,17 @@ class GatewaySettings:
     # number of requests the activator may hold for one service (default Envoy: 1,024).
     max_requests: int = 4096
     retries: int = 2
-    # The activator's HTTP/2 (h2c) holder, for services whose replicas speak HTTP/2.
-    activator_h2: Endpoint | None = None
+    # Every activator replica's HTTP/2 (h2c) holder, for services whose replicas speak
+    # HTTP/2. Empty: such services fall back to the HTTP/1 set (see activator_targets).
+    activators_h2: tuple[Endpoint, ...] = ()
+    # Request bodies up to this size are buffered by Envoy so that a retry (e.g. after an
+    # activator replica died holding the request) can replay them; larger bodies are
+    # streamed and not retried (Envoy's behaviour). Also the per-stream buffer ceiling.
+    retry_buffer_bytes: int = 1_048_576
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activators", _endpoint_set(self.activators))
+        object.__setattr__(self, "activators_h2", _endpoint_set(self.activators_h2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +118,37 @@ class ResourceBuilder:
         self._static = {
             types.LISTENER: {LISTENER_NAME: Resource.pack(LISTENER_NAME, self._listener())},
         }
+        # The activator cluster never changes (EDS); the activator set lives in its CLA.
         self._activator = Resource.pack(ACTIVATOR_CLUSTER, self._activator_cluster())
+        self._activator_endpoints = self._activator_load_assignment()
+
+    def set_activators(self, http1: tuple[Endpoint, ...], h2: tuple[Endpoint, ...]) -> bool:
+        """Replace the activator replicas (fleet mode: they come and go). True if the set
+        changed. Rebuilds only the activator's CLA; the caller must rebuild the table with
+        the new `activator_targets` so hibernated services follow."""
+        new = dataclasses.replace(self.settings, activators=http1, activators_h2=h2)
+        if (new.activators, new.activators_h2) == (self.settings.activators,
+                                                    self.settings.activators_h2):
+            return False
+        http1_changed = new.activators != self.settings.activators
+        self.settings = new
+        if http1_changed:
+            self._activator_endpoints = self._activator_load_assignment()
+        return True
+
+    def activator_targets(self, http2: bool) -> tuple[Endpoint, ...]:
+        """Where a hibernated service's cluster points now: the HTTP/2 holders for a service
+        that speaks HTTP/2, else (or when no replica has one) the HTTP/1 holders."""
+        s = self.settings
+        if http2 and s.activators_h2:
+            return s.activators_h2
+        return s.activators
 
     def build(self, services: Iterable[RoutedService]) -> dict[str, dict[str, Resource]]:
         """Every resource type for this service table (services sorted by name)."""
         ordered = sorted(services, key=lambda s: s.name)
         clusters = {ACTIVATOR_CLUSTER: self._activator}
-        endpoints = {}
+        endpoints = {ACTIVATOR_CLUSTER: self._activator_endpoints}
         for svc in ordered:
             clusters[svc.name] = self._cluster(svc.name, svc.http2)
             endpoints[svc.name] = self._load_assignment(svc.name, svc.endpoints)
@@ -138,13 +184,22 @@ class ResourceBuilder:
     def _vhost(self, name: str, host: str) -> route_components_pb2.VirtualHost:
         cached = self._vhosts.get(name)
         if cached is None or cached[0] != host:
-            vhost = route_components_pb2.VirtualHost(
-                name=name,
-                domains=[host, f"{host}:*"],
-                routes=[self._route(name, name)],
-            )
+            vhost = self._vhost_proto(name, [host, f"{host}:*"], cluster=name)
             cached = self._vhosts[name] = (host, vhost)
         return cached[1]
+
+    def _vhost_proto(self, name: str, domains: list[str],
+                     cluster: str) -> route_components_pb2.VirtualHost:
+        """A virtual host with its one route. Its request body buffer is what a retry can
+        replay: bodies up to `retry_buffer_bytes` are kept until the response starts."""
+        return route_components_pb2.VirtualHost(
+            name=name,
+            domains=domains,
+            routes=[self._route(name, cluster)],
+            # Not per_request_buffer_limit_bytes: deprecated in favour of this field.
+            request_body_buffer_limit=wrappers_pb2.UInt64Value(
+                value=self.settings.retry_buffer_bytes),
+        )
 
     def _route(self, route_name: str, cluster: str) -> route_components_pb2.Route:
         """A route that survives a cold start: long timeout, safe retries on another host."""
@@ -156,11 +211,19 @@ class ResourceBuilder:
                 cluster=cluster,
                 timeout=_duration(s.route_timeout),
                 retry_policy=route_components_pb2.RetryPolicy(
-                    # Only failures where the request never reached an upstream: safe to
-                    # replay even for non-idempotent calls like POST /predict.
-                    # ... and the activator's "replay me" answer to a held HTTP/2 request,
-                    # sent only once the service's endpoints have flipped back.
-                    retry_on="connect-failure,refused-stream,reset-before-request,"
+                    # connect-failure, refused-stream, reset-before-request: the request
+                    # never reached an upstream, safe to replay even for POST /predict.
+                    # reset: the upstream closed or reset the connection before sending
+                    # any response header (never once a header was received): an activator
+                    # replica that died (kill -9) holding the request; replayed on another
+                    # replica (previous_hosts). It equally replays a request to an active
+                    # service whose replica crashed (or reset) before answering, on another
+                    # replica: accepted, the alternative is a 503 for a call the service
+                    # may or may not have started. A replay needs the body to have fit in
+                    # the virtual host's request_body_buffer_limit (retry_buffer_bytes).
+                    # retriable-headers: the activator's "replay me" answer to a held
+                    # HTTP/2 request, sent only once the service's endpoints flipped back.
+                    retry_on="connect-failure,refused-stream,reset-before-request,reset,"
                              "retriable-headers",
                     retriable_headers=[route_components_pb2.HeaderMatcher(
                         name=RETRY_HEADER, present_match=True)],
@@ -206,21 +269,27 @@ class ResourceBuilder:
 
     def _catch_all(self) -> route_components_pb2.VirtualHost:
         """Unknown (or evicted) hosts go to the activator, which knows the service table."""
-        return route_components_pb2.VirtualHost(
-            name=CATCH_ALL_VHOST,
-            domains=["*"],
-            routes=[self._route(CATCH_ALL_VHOST, ACTIVATOR_CLUSTER)],
-        )
+        return self._vhost_proto(CATCH_ALL_VHOST, ["*"], cluster=ACTIVATOR_CLUSTER)
 
     def _activator_cluster(self) -> cluster_pb2.Cluster:
+        """EDS, not STATIC: activator replicas come and go without a cluster change (which
+        would drain the cluster's connections and warm it anew)."""
         s = self.settings
         return cluster_pb2.Cluster(
             name=ACTIVATOR_CLUSTER,
-            type=cluster_pb2.Cluster.STATIC,
+            type=cluster_pb2.Cluster.EDS,
+            eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+                service_name=ACTIVATOR_CLUSTER, eds_config=_ads()),
             connect_timeout=_duration(s.connect_timeout),
-            load_assignment=_cla(ACTIVATOR_CLUSTER, (s.activator,)),
+            lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
             circuit_breakers=_circuit_breakers(s.max_requests),
+            ignore_health_on_host_removal=True,
         )
+
+    def _activator_load_assignment(self) -> Resource:
+        """Every activator replica's HTTP/1 holder (what the catch-all reaches)."""
+        return Resource.pack(ACTIVATOR_CLUSTER,
+                             _cla(ACTIVATOR_CLUSTER, self.settings.activators))
 
     def _listener(self) -> listener_pb2.Listener:
         manager = hcm_pb2.HttpConnectionManager(
@@ -282,6 +351,11 @@ def _cla(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAs
     )
 
 
+def _endpoint_set(endpoints: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    """Sorted and de-duplicated: equal sets build equal CLAs (same digest, no push)."""
+    return tuple(sorted(set(endpoints)))
+
+
 def _http2_options() -> http_protocol_options_pb2.HttpProtocolOptions:
     return http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
@@ -289,6 +363,11 @@ def _http2_options() -> http_protocol_options_pb2.HttpProtocolOptions:
 
 
 def _circuit_breakers(limit: int) -> circuit_breaker_pb2.CircuitBreakers:
+    """Thresholds for clusters whose requests the activator may hold. max_retries (parallel
+    retries) is the request limit too: an activator replica that dies resets every request
+    it held at once, and each retry beyond the ceiling is a 503 (measured with a tenth of
+    the limit: 40 held requests dropped at once, 10 replayed, 30 lost to retry_overflow).
+    Our retry_on never replays an answered request, and num_retries bounds each request."""
     value = wrappers_pb2.UInt32Value(value=limit)
     return circuit_breaker_pb2.CircuitBreakers(
         thresholds=[
@@ -297,7 +376,7 @@ def _circuit_breakers(limit: int) -> circuit_breaker_pb2.CircuitBreakers:
                 max_connections=value,
                 max_pending_requests=value,
                 max_requests=value,
-                max_retries=wrappers_pb2.UInt32Value(value=max(3, limit // 10)),
+                max_retries=value,
             )
         ]
     )

@@ -7,6 +7,7 @@ go-control-plane's integration harness pushes snapshots at a real Envoy.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -21,10 +22,15 @@ from xds_server.serving import start_xds_listener
 
 
 class XdsHarness:
-    def __init__(self, activator: Endpoint, ack_timeout: float = 10.0) -> None:
+    """`XdsHarness(activator)` for one activator, `XdsHarness(a, b, ...)` for a fleet.
+
+    `settings` overrides GatewaySettings' other fields (e.g. retry_buffer_bytes)."""
+
+    def __init__(self, *activators: Endpoint, ack_timeout: float = 10.0,
+                 **settings: Any) -> None:
         self.listen_port = free_port()
         self.settings = GatewaySettings(listen=Endpoint("127.0.0.1", self.listen_port),
-                                        activator=activator)
+                                        activators=activators, **settings)
         self.builder = ResourceBuilder(self.settings)
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
@@ -53,3 +59,9 @@ class XdsHarness:
 
 def svc(name: str, *endpoints: Endpoint) -> RoutedService:
     return RoutedService(name=name, host=f"{name}.test", endpoints=tuple(endpoints))
+
+
+def hibernated(harness: XdsHarness, name: str, http2: bool = False) -> RoutedService:
+    """`name` asleep: its cluster points at the activators, as the control plane does it."""
+    return RoutedService(name=name, host=f"{name}.test",
+                         endpoints=harness.builder.activator_targets(http2), http2=http2)

@@ -9,7 +9,7 @@ import pytest
 from torpor.catalog import CatalogChange, CatalogConflictError, ServiceCatalog
 from torpor.config import ActivatorConfig, Address, ServiceConfig
 from torpor.errors import TorporError
-from xds_server.control_plane import advertised_activator_host
+from torpor.advertise import advertised_activator_host
 
 
 def svc(name: str, host: str | None = None) -> ServiceConfig:

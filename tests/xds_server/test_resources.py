@@ -34,8 +34,11 @@ from xds_server.resources import (
 
 LISTEN = Endpoint("127.0.0.1", 10000)
 ACTIVATOR = Endpoint("127.0.0.1", 18080)
-SETTINGS = GatewaySettings(listen=LISTEN, activator=ACTIVATOR, route_timeout=150.0,
-                           max_requests=5000, retries=2)
+ACTIVATOR_2 = Endpoint("127.0.0.2", 18080)
+ACTIVATOR_H2 = Endpoint("127.0.0.1", 18081)
+SETTINGS = GatewaySettings(listen=LISTEN, activators=(ACTIVATOR_2, ACTIVATOR),
+                           activators_h2=(ACTIVATOR_H2,), route_timeout=150.0,
+                           max_requests=5000, retries=2, retry_buffer_bytes=262_144)
 
 ECHO = RoutedService("echo", "echo.localhost",
                      (Endpoint("127.0.0.1", 9001), Endpoint("127.0.0.1", 9002)))
@@ -137,16 +140,37 @@ def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
         assert action.timeout.ToSeconds() > 15  # Envoy's default would cut cold starts
         policy = action.retry_policy
         assert action.HasField("retry_policy")
+        # "reset": a replica (activator or service) that died before answering.
         assert set(policy.retry_on.split(",")) == {
-            "connect-failure", "refused-stream", "reset-before-request", "retriable-headers",
+            "connect-failure", "refused-stream", "reset-before-request", "reset",
+            "retriable-headers",
         }
         # Only the activator's marker header is retriable, never a service's own answer.
         assert [(h.name, h.present_match) for h in policy.retriable_headers] == [
             (RETRY_HEADER, True)]
         assert policy.num_retries.value == SETTINGS.retries
+        # A replay goes to another host: never back to the activator replica that died.
         assert [p.name for p in policy.retry_host_predicate] == [
             "envoy.retry_host_predicates.previous_hosts"
         ]
+        assert policy.host_selection_retry_max_attempts == 3
+
+
+def test_every_vhost_buffers_request_bodies_up_to_the_retry_limit(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    """What a retry can replay: without the body kept, a reset request is lost."""
+    vhosts = route_config(built).virtual_hosts
+    assert [v.name for v in vhosts][-1] == CATCH_ALL_VHOST
+    for vhost in vhosts:
+        assert vhost.HasField("request_body_buffer_limit"), vhost.name
+        assert vhost.request_body_buffer_limit.value == SETTINGS.retry_buffer_bytes
+        # The deprecated field stays unset (Envoy warns on it).
+        assert not vhost.HasField("per_request_buffer_limit_bytes"), vhost.name
+
+
+def test_the_default_retry_buffer_is_one_mebibyte() -> None:
+    assert GatewaySettings(listen=LISTEN).retry_buffer_bytes == 1_048_576
 
 
 def test_one_eds_cluster_per_service_over_ads_with_raised_circuit_breakers(
@@ -164,19 +188,34 @@ def test_one_eds_cluster_per_service_over_ads_with_raised_circuit_breakers(
         assert_thresholds(cluster)
 
 
-def test_the_activator_cluster_is_static_with_raised_circuit_breakers(
+def test_the_activator_cluster_is_eds_over_ads_with_raised_circuit_breakers(
     built: dict[str, dict[str, Resource]],
 ) -> None:
     cluster = unpack(built[types.CLUSTER][ACTIVATOR_CLUSTER], cluster_pb2.Cluster())
-    assert cluster.type == cluster_pb2.Cluster.STATIC
-    assert addresses(cluster.load_assignment) == [ACTIVATOR]
+    assert cluster.type == cluster_pb2.Cluster.EDS
+    assert cluster.eds_cluster_config.service_name == ACTIVATOR_CLUSTER
+    assert cluster.eds_cluster_config.eds_config.HasField("ads")
+    assert not cluster.HasField("load_assignment")
     assert_thresholds(cluster)
+
+
+def test_the_activator_cla_lists_every_http1_activator_sorted(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    cla = activator_cla(built)
+    assert cla.cluster_name == ACTIVATOR_CLUSTER
+    assert addresses(cla) == [ACTIVATOR, ACTIVATOR_2]  # sorted; never the h2 holders
+
+
+def activator_cla(built: dict[str, dict[str, Resource]]) -> endpoint_pb2.ClusterLoadAssignment:
+    return unpack(built[types.ENDPOINT][ACTIVATOR_CLUSTER], endpoint_pb2.ClusterLoadAssignment())
 
 
 def assert_thresholds(cluster: cluster_pb2.Cluster) -> None:
     (thresholds,) = cluster.circuit_breakers.thresholds
     assert thresholds.priority == base_pb2.DEFAULT
-    for field in ("max_connections", "max_pending_requests", "max_requests"):
+    # max_retries too: a dying activator replica's held requests all retry at once.
+    for field in ("max_connections", "max_pending_requests", "max_requests", "max_retries"):
         value = getattr(thresholds, field)
         assert thresholds.HasField(field), field
         assert value.value >= SETTINGS.max_requests, field
@@ -185,7 +224,7 @@ def assert_thresholds(cluster: cluster_pb2.Cluster) -> None:
 def test_cla_endpoints_equal_the_given_endpoints(
     built: dict[str, dict[str, Resource]],
 ) -> None:
-    assert set(built[types.ENDPOINT]) == {"asleep", "echo", "sentiment"}
+    assert set(built[types.ENDPOINT]) == {ACTIVATOR_CLUSTER, "asleep", "echo", "sentiment"}
     for service in (ECHO, SENTIMENT, ASLEEP):
         cla = unpack(built[types.ENDPOINT][service.name], endpoint_pb2.ClusterLoadAssignment())
         assert cla.cluster_name == service.name
@@ -195,7 +234,7 @@ def test_cla_endpoints_equal_the_given_endpoints(
 def test_an_empty_table_still_has_the_listener_activator_and_catch_all() -> None:
     built = ResourceBuilder(SETTINGS).build([])
     assert set(built[types.CLUSTER]) == {ACTIVATOR_CLUSTER}
-    assert built[types.ENDPOINT] == {}
+    assert set(built[types.ENDPOINT]) == {ACTIVATOR_CLUSTER}
     assert set(built[types.LISTENER]) == {LISTENER_NAME}
     assert [v.name for v in route_config(built).virtual_hosts] == [CATCH_ALL_VHOST]
 
@@ -253,7 +292,7 @@ def test_a_removed_services_caches_are_pruned() -> None:
     first = builder.build([ECHO, SENTIMENT])
     second = builder.build([ECHO])
     assert set(second[types.CLUSTER]) == {ACTIVATOR_CLUSTER, "echo"}
-    assert set(second[types.ENDPOINT]) == {"echo"}
+    assert set(second[types.ENDPOINT]) == {ACTIVATOR_CLUSTER, "echo"}
     assert [v.name for v in route_config(second).virtual_hosts] == ["echo", CATCH_ALL_VHOST]
     assert set(builder._vhosts) == {"echo"}
     assert set(builder._clusters) == {"echo"}
@@ -274,3 +313,76 @@ def test_http2_services_get_an_h2_cluster() -> None:
     key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     assert key in grpc_cluster.typed_extension_protocol_options
     assert key not in web_cluster.typed_extension_protocol_options
+
+
+# --- the activator fleet ------------------------------------------------------------------
+
+def test_settings_keep_activator_sets_sorted_and_unique() -> None:
+    settings = GatewaySettings(listen=LISTEN, activators=(ACTIVATOR_2, ACTIVATOR, ACTIVATOR_2))
+    assert settings.activators == (ACTIVATOR, ACTIVATOR_2)
+    assert settings.activators_h2 == ()
+
+
+def test_activator_targets_are_the_h2_set_for_http2_services_else_the_http1_set() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    assert builder.activator_targets(http2=False) == (ACTIVATOR, ACTIVATOR_2)
+    assert builder.activator_targets(http2=True) == (ACTIVATOR_H2,)
+    # No HTTP/2 holder anywhere: HTTP/2 services fall back to the HTTP/1 set.
+    assert builder.set_activators((ACTIVATOR,), ())
+    assert builder.activator_targets(http2=True) == (ACTIVATOR,)
+
+
+def test_set_activators_changes_only_the_activator_cla() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    first = builder.build([ECHO, ASLEEP])
+    third = Endpoint("127.0.0.3", 18080)
+    assert builder.set_activators((third, ACTIVATOR, third), (ACTIVATOR_H2,)) is True
+    second = builder.build([ECHO, ASLEEP])
+    assert addresses(activator_cla(second)) == [ACTIVATOR, third]
+    assert builder.settings.activators == (ACTIVATOR, third)
+    assert builder.activator_targets(http2=False) == (ACTIVATOR, third)
+    for type_url in (types.CLUSTER, types.LISTENER):
+        for name, resource in first[type_url].items():
+            assert second[type_url][name] is resource, (types.short(type_url), name)
+    # Services' CLAs are their callers' to change (the table passes activator_targets).
+    assert second[types.ENDPOINT]["asleep"] is first[types.ENDPOINT]["asleep"]
+    assert (second[types.ROUTE][ROUTE_CONFIG_NAME].digest
+            == first[types.ROUTE][ROUTE_CONFIG_NAME].digest)
+
+
+def test_hibernated_services_follow_the_new_targets() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    asleep = RoutedService("asleep", "asleep.localhost", builder.activator_targets(False))
+    first = builder.build([asleep])
+    builder.set_activators((ACTIVATOR_2,), ())
+    asleep = RoutedService("asleep", "asleep.localhost", builder.activator_targets(False))
+    second = builder.build([asleep])
+    cla = unpack(second[types.ENDPOINT]["asleep"], endpoint_pb2.ClusterLoadAssignment())
+    assert addresses(cla) == [ACTIVATOR_2]
+    assert second[types.ENDPOINT]["asleep"].digest != first[types.ENDPOINT]["asleep"].digest
+
+
+def test_set_activators_reports_no_change_for_the_same_sets_in_any_order() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    first = builder.build([ECHO])
+    assert builder.set_activators((ACTIVATOR, ACTIVATOR_2, ACTIVATOR), (ACTIVATOR_H2,)) is False
+    assert builder.build([ECHO])[types.ENDPOINT][ACTIVATOR_CLUSTER] is (
+        first[types.ENDPOINT][ACTIVATOR_CLUSTER])
+
+
+def test_an_h2_only_change_is_a_change_but_keeps_the_activator_cla() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    first = builder.build([])
+    assert builder.set_activators(SETTINGS.activators, ()) is True
+    assert builder.activator_targets(http2=True) == SETTINGS.activators
+    assert builder.build([])[types.ENDPOINT][ACTIVATOR_CLUSTER] is (
+        first[types.ENDPOINT][ACTIVATOR_CLUSTER])
+
+
+def test_no_activator_reachable_is_an_empty_activator_cla() -> None:
+    builder = ResourceBuilder(SETTINGS)
+    assert builder.set_activators((), ()) is True
+    built = builder.build([])
+    assert addresses(activator_cla(built)) == []
+    assert builder.activator_targets(http2=True) == ()
+    assert builder.set_activators((), ()) is False

@@ -14,6 +14,8 @@ from typing import Any
 from torpor.model import ServiceRecord
 
 RecordListener = Callable[[ServiceRecord], None]
+#: (service name, unix time of a call another process logged)
+CallListener = Callable[[str, float], None]
 
 
 class Store(abc.ABC):
@@ -51,6 +53,11 @@ class Store(abc.ABC):
     def add_listener(self, listener: RecordListener) -> Callable[[], None]:
         """Call `listener(record)` after every successful put seen by this store; returns
         a function that removes the listener. Listeners run on the event loop and must not block."""
+
+    def add_call_listener(self, listener: CallListener) -> Callable[[], None]:
+        """Call `listener(name, at)` when another process saved a later call of `name`
+        (a fleet's control planes each log their own Envoys' calls). One process: never."""
+        return lambda: None
 
     @abc.abstractmethod
     async def save_call_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
