@@ -2,14 +2,17 @@
 
 Every mode is rendered with `kubectl kustomize` and each document validated offline against
 the Kubernetes schemas (kubernetes-validate, strict). Then the rules no schema knows:
-non-root read-only containers, the activator's replicas and PDB, RBAC limited to what the
-code calls, names and ports that resolve, no hard-coded addresses, configs that load, Envoy
-bootstraps that are current, rules that pass promtool, and only metrics torpor exports.
+non-root read-only containers, the replicas and PDBs of the activators and control planes,
+each identity's RBAC limited to what the code its process runs calls, fleet identities
+(--member, --advertise) that the CLI accepts, names and ports that resolve, no hard-coded
+addresses, configs that load, Envoy bootstraps that are current, rules that pass promtool,
+and only metrics torpor exports.
 kubectl and promtool are required (scripts/tools.sh installs them): their absence fails.
 """
 
 from __future__ import annotations
 
+import ast
 import ipaddress
 import json
 import os
@@ -54,7 +57,18 @@ BOOTSTRAPS = {
                 ["--config", str(DEPLOY / "overlays" / "sidecar" / "config" / "torpor.yaml")]),
 }
 
-#: The most the control plane may ever be granted: (API group, resource) → verbs.
+#: First-party packages: where Kubernetes client calls and imports are looked for.
+PACKAGES = ("torpor", "xds_server", "activator", "policies", "protos")
+
+#: The processes that call the Kubernetes API: the `torpor` verb (handler `_<verb>` in
+#: torpor/cli.py), and in base/gateway/trial the ServiceAccount its Deployment runs as.
+#: Both run torpor/workloads/ (the activator wakes services itself in fleet mode).
+KUBE_PROCESSES = {"xds-server": "torpor-control-plane", "activator": "torpor-activator"}
+#: Deployment (gateway layouts) or container (sidecar) → the verb it runs.
+RUNS = {"torpor-control-plane": "xds-server", "torpor-activator": "activator",
+        "control-plane": "xds-server", "activator": "activator"}
+
+#: The most torpor may ever be granted: (API group, resource) → verbs.
 RBAC_CEILING: dict[tuple[str, str], set[str]] = {
     ("apps", "deployments"): {"get", "list", "watch", "patch"},
     ("apps", "deployments/scale"): {"get", "patch", "update"},
@@ -257,16 +271,20 @@ def test_processes_that_write_get_a_tmp_volume(rendered: dict[str, list[Any]]) -
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
-def test_only_the_control_plane_gets_a_kubernetes_token(
+def test_only_the_control_plane_and_the_activators_get_a_kubernetes_token(
         rendered: dict[str, list[Any]], mode: str) -> None:
+    """They run torpor's workloads code; Envoy, the sample model and etcd get no token."""
     accounts = {d["metadata"]["name"]: d for d in docs(rendered, mode, "ServiceAccount")}
+    tokens = 0
     for where, template in pod_templates(rendered, mode):
         spec = template["spec"]
         account = spec.get("serviceAccountName", "default")
         automount = spec.get("automountServiceAccountToken",
                              accounts.get(account, {}).get("automountServiceAccountToken", True))
-        if where == "Deployment/torpor-control-plane":
-            assert account == "torpor-control-plane" and automount is True
+        name = where.split("/", 1)[1]
+        if where.startswith("Deployment/") and name in KUBE_PROCESSES.values():
+            assert account == name and automount is True, f"{mode} {where}: {account}"
+            tokens += 1
             continue
         assert automount is False, f"{mode} {where}: a Kubernetes API token is mounted"
         projected = {v["name"] for v in spec.get("volumes", [])
@@ -274,8 +292,10 @@ def test_only_the_control_plane_gets_a_kubernetes_token(
                             for s in v.get("projected", {}).get("sources", []))}
         for c in containers(spec):
             uses = {m["name"] for m in c.get("volumeMounts", [])} & projected
-            assert not uses or c["name"] == "control-plane", \
+            assert not uses or c["name"] in ("control-plane", "activator"), \
                 f"{mode} {where}/{c['name']} mounts a service account token"
+            tokens += bool(uses)
+    assert tokens == 2, f"{mode}: expected the control plane and the activator to get a token"
 
 
 def test_the_namespace_enforces_the_restricted_pod_security_standard(
@@ -294,6 +314,21 @@ def test_activators_are_at_least_two_and_a_pdb_keeps_one(
     activator = one(rendered, mode, "Deployment", "torpor-activator")
     assert activator["spec"]["replicas"] >= 2
     labels = activator["spec"]["template"]["metadata"]["labels"]
+    pdbs = [p for p in docs(rendered, mode, "PodDisruptionBudget")
+            if selects(p["spec"]["selector"]["matchLabels"], labels)]
+    assert [p["spec"].get("minAvailable") for p in pdbs] == [1]
+
+
+@pytest.mark.parametrize("mode", ["base", "gateway", "trial", "namespaced"])
+def test_control_planes_are_at_least_two_and_a_pdb_keeps_one(
+        rendered: dict[str, list[Any]], mode: str) -> None:
+    """Fleet mode: the replicas share etcd and elect the reconciler's leader, so they may
+    run side by side, through a rolling update too."""
+    control_plane = one(rendered, mode, "Deployment", "torpor-control-plane")
+    assert control_plane["spec"]["replicas"] >= 2
+    assert control_plane["spec"].get("strategy", {}).get("type", "RollingUpdate") \
+        == "RollingUpdate"
+    labels = control_plane["spec"]["template"]["metadata"]["labels"]
     pdbs = [p for p in docs(rendered, mode, "PodDisruptionBudget")
             if selects(p["spec"]["selector"]["matchLabels"], labels)]
     assert [p["spec"].get("minAvailable") for p in pdbs] == [1]
@@ -327,6 +362,7 @@ def test_gateway_mode_runs_two_envoys_on_the_generated_bootstrap(
 # --------------------------------------------------------------------------------------
 
 def granted(rendered: dict[str, list[Any]], mode: str) -> dict[tuple[str, str], set[str]]:
+    """Every right any Role or ClusterRole of the mode holds, bound or not."""
     rights: dict[tuple[str, str], set[str]] = {}
     for doc in rendered[mode]:
         if doc["kind"] in ("Role", "ClusterRole"):
@@ -338,10 +374,90 @@ def granted(rendered: dict[str, list[Any]], mode: str) -> dict[tuple[str, str], 
     return rights
 
 
-def used_by_the_code() -> dict[tuple[str, str], set[str]]:
-    """What torpor's Kubernetes client calls need, read from the source."""
+def granted_to(rendered: dict[str, list[Any]],
+               mode: str) -> dict[str, dict[tuple[str, str], set[str]]]:
+    """ServiceAccount (in the torpor namespace) → the rights its bindings give it, in any
+    namespace. Every binding must name a role of the mode and only torpor's accounts."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
+             for d in rendered[mode] if d["kind"] in ("Role", "ClusterRole")}
+    out: dict[str, dict[tuple[str, str], set[str]]] = {}
+    for binding in rendered[mode]:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        ref = binding["roleRef"]
+        namespace = binding["metadata"].get("namespace") if ref["kind"] == "Role" else None
+        role = roles.get((ref["kind"], namespace, ref["name"]))
+        assert role is not None, f"{mode}: {binding['metadata']['name']} binds missing {ref}"
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount" and subject["namespace"] == "torpor", \
+                f"{mode}: {binding['metadata']['name']} binds {subject}"
+            rights = out.setdefault(subject["name"], {})
+            for rule in role["rules"]:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        rights.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def _module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """First-party modules `tree` imports anywhere (also inside functions: lazy imports)."""
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            origin = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[:len(parts) - node.level + 1])
+                origin = f"{anchor}.{origin}" if origin else anchor
+            names = [origin, *(f"{origin}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] not in PACKAGES:
+                continue
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b too
+                if _module_file(".".join(parts[:i])) is not None:
+                    found.add(".".join(parts[:i]))
+    return found
+
+
+def modules_run_by(verb: str) -> set[Path]:
+    """The first-party source files `torpor VERB` can run: what its handler in
+    torpor/cli.py imports, and everything those import, transitively."""
+    cli_tree = ast.parse((ROOT / "torpor" / "cli.py").read_text(encoding="utf-8"))
+    handler = "_" + verb.replace("-", "_")
+    (function,) = [n for n in ast.walk(cli_tree)
+                   if isinstance(n, ast.FunctionDef) and n.name == handler]
+    todo = _imports(function, "torpor.cli", is_package=False)
+    assert todo, f"torpor/cli.py {handler} imports nothing: is this test out of date?"
+    seen: dict[str, Path] = {}
+    while todo:
+        module = todo.pop()
+        path = _module_file(module)
+        if module in seen or path is None:
+            continue
+        seen[module] = path
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        todo |= _imports(tree, module, path.name == "__init__.py") - seen.keys()
+    return set(seen.values())
+
+
+def kubernetes_calls(sources: set[Path]) -> dict[tuple[str, str], set[str]]:
+    """What the Kubernetes client calls in `sources` need, read from the source."""
     needed: dict[tuple[str, str], set[str]] = {}
-    for source in sorted((ROOT / "torpor").rglob("*.py")):
+    for source in sorted(sources):
         for match in CLIENT_CALL.finditer(source.read_text(encoding="utf-8")):
             verb, kind = match[1], match[2] or match[3]
             assert kind in CLIENT_KINDS, (
@@ -351,29 +467,86 @@ def used_by_the_code() -> dict[tuple[str, str], set[str]]:
     return needed
 
 
+def used_by_the_code() -> dict[tuple[str, str], set[str]]:
+    """What every Kubernetes client call in torpor's packages needs."""
+    return kubernetes_calls({p for package in PACKAGES for p in (ROOT / package).rglob("*.py")})
+
+
+def used_by(verb: str) -> dict[tuple[str, str], set[str]]:
+    """What the process `torpor VERB` needs: the calls in the code it runs."""
+    return kubernetes_calls(modules_run_by(verb))
+
+
+def test_both_kubernetes_processes_run_the_workloads_code() -> None:
+    """What the RBAC tests below rely on: the import walk finds the workloads code (and
+    the API calls in it) from each verb, and not from a verb that has no business there."""
+    workloads = ROOT / "torpor" / "workloads" / "kubernetes.py"
+    for verb in KUBE_PROCESSES:
+        assert workloads in modules_run_by(verb), verb
+        assert used_by(verb), f"torpor {verb}: no Kubernetes client call found"
+    assert not used_by("envoy-bootstrap")
+
+
+def merged(*rights: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for r in rights:
+        for key, verbs in r.items():
+            out.setdefault(key, set()).update(verbs)
+    return out
+
+
+def difference(a: dict[tuple[str, str], set[str]],
+               b: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str], list[str]]:
+    return {k: sorted(v - b.get(k, set())) for k, v in a.items() if v - b.get(k, set())}
+
+
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_rbac_grants_what_the_code_calls_and_nothing_else(
         rendered: dict[str, list[Any]], mode: str) -> None:
+    """Per identity: each ServiceAccount gets exactly what the Kubernetes client calls in the
+    code its processes run need (torpor xds-server: the control plane; torpor activator:
+    the activators, which wake services themselves). In sidecar mode one ServiceAccount
+    runs both containers. Nothing beyond the ceiling, no wildcard, no other account."""
     rights = granted(rendered, mode)
-    needed = used_by_the_code()
-    assert needed, "found no Kubernetes client call in torpor/: is CLIENT_CALL out of date?"
+    assert used_by_the_code(), "no Kubernetes client call found: is CLIENT_CALL out of date?"
     for key, verbs in rights.items():
         assert "*" not in verbs and "*" not in key, f"{mode}: wildcard in {key}: {verbs}"
         beyond = verbs - RBAC_CEILING.get(key, set())
         assert not beyond, f"{mode}: {key} grants {sorted(beyond)}, beyond the ceiling"
-    unused = {k: sorted(v - needed.get(k, set())) for k, v in rights.items()
-              if v - needed.get(k, set())}
-    missing = {k: sorted(v - rights.get(k, set())) for k, v in needed.items()
-               if v - rights.get(k, set())}
-    assert not missing, f"{mode}: the code calls the Kubernetes API without RBAC for {missing}"
-    assert not unused, f"{mode}: RBAC grants {unused}, which no code in torpor/ calls"
+    # Which torpor verbs each ServiceAccount runs, from the workloads' pod templates.
+    runs: dict[str, set[str]] = {}
+    for _, template in pod_templates(rendered, mode):
+        spec = template["spec"]
+        account = spec.get("serviceAccountName", "default")
+        for c in spec["containers"]:
+            args = c.get("args", [])
+            if c["image"].startswith("torpor:") and args and args[0] in KUBE_PROCESSES:
+                runs.setdefault(account, set()).add(args[0])
+    expected = {"xds-server", "activator"}
+    assert set().union(*runs.values()) == expected, f"{mode}: {runs}"
+    bound = granted_to(rendered, mode)
+    assert set(bound) == set(runs), f"{mode}: RBAC binds {sorted(bound)}, pods run {runs}"
+    for account, verbs in runs.items():
+        needed = merged(*(used_by(v) for v in verbs))
+        have = bound[account]
+        missing, unused = difference(needed, have), difference(have, needed)
+        assert not missing, (f"{mode}: {account} runs torpor {sorted(verbs)}, which calls the "
+                             f"Kubernetes API without RBAC for {missing}")
+        assert not unused, (f"{mode}: {account} is granted {unused}, which no code torpor "
+                            f"{sorted(verbs)} runs calls")
+    unbound = difference(rights, merged(*bound.values()))
+    assert not unbound, f"{mode}: roles grant {unbound} that no binding gives anyone"
 
 
-def test_cluster_wide_rbac_binds_only_the_control_plane(rendered: dict[str, list[Any]]) -> None:
+def test_cluster_wide_rbac_binds_the_control_plane_and_the_activators(
+        rendered: dict[str, list[Any]]) -> None:
     (binding,) = docs(rendered, "gateway", "ClusterRoleBinding")
     assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "torpor-control-plane", "namespace": "torpor"}]
-    assert binding["roleRef"]["name"] == "torpor-control-plane"
+        {"kind": "ServiceAccount", "name": name, "namespace": "torpor"}
+        for name in ("torpor-control-plane", "torpor-activator")]
+    (role,) = docs(rendered, "gateway", "ClusterRole")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": role["metadata"]["name"]}
 
 
 @pytest.mark.parametrize("mode", ["sidecar", "namespaced"])
@@ -383,7 +556,113 @@ def test_namespaced_modes_have_no_cluster_rbac(rendered: dict[str, list[Any]], m
     (binding,) = docs(rendered, mode, "RoleBinding")
     role = one(rendered, mode, "Role", binding["roleRef"]["name"])
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"]
-    assert binding["subjects"][0]["name"] == "torpor-control-plane"
+    # sidecar: one pod, one ServiceAccount for its control-plane and activator containers
+    wanted = (["torpor-control-plane"] if mode == "sidecar"
+              else ["torpor-control-plane", "torpor-activator"])
+    assert [s["name"] for s in binding["subjects"]] == wanted
+
+
+# --------------------------------------------------------------------------------------
+# Fleet identities: --member and --advertise
+# --------------------------------------------------------------------------------------
+
+ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def field_env(container: dict[str, Any]) -> dict[str, str]:
+    """Env name → the downward-API fieldPath it comes from ("" for a plain value)."""
+    return {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+            for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_every_variable_an_argument_uses_is_defined(
+        rendered: dict[str, list[Any]], mode: str) -> None:
+    """Kubernetes leaves an undefined $(VAR) in args as it is, silently."""
+    for where, template in pod_templates(rendered, mode):
+        for c in containers(template["spec"]):
+            env = field_env(c)
+            for text in [*c.get("command", []), *c.get("args", [])]:
+                for name in ENV_REF.findall(text):
+                    assert name in env, f"{mode} {where}/{c['name']}: $({name}) is not in env"
+
+
+def fill_env(container: dict[str, Any], pod_name: str, pod_ip: str) -> list[str]:
+    """The container's args as the kubelet expands them in a pod with that name and IP."""
+    env = field_env(container)
+    values = {"metadata.name": pod_name, "status.podIP": pod_ip}
+
+    def value(match: re.Match[str]) -> str:
+        return values.get(env.get(match[1], ""), "x")
+
+    return [ENV_REF.sub(value, a) for a in container.get("args", [])]
+
+
+def torpor_processes(rendered: dict[str, list[Any]],
+                     mode: str) -> Iterator[tuple[str, dict[str, Any], list[str]]]:
+    """(where, container, args with $(VAR) filled in) of each xds-server and activator."""
+    for where, template in pod_templates(rendered, mode):
+        for c in template["spec"]["containers"]:
+            args = c.get("args", [])
+            if c["image"].startswith("torpor:") and args and args[0] in KUBE_PROCESSES:
+                # a pod's name: its Deployment's, a ReplicaSet hash and a suffix
+                pod = f"{where.split('/', 1)[1]}-7d9f8b6c4-xk2p9"
+                yield f"{where}/{c['name']}", c, fill_env(c, pod, "10.1.2.3")
+
+
+def option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name:
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_each_torpor_process_has_its_own_member_name(
+        rendered: dict[str, list[Any]], mode: str) -> None:
+    """--member (lease owner, leader candidate, lock holder, registration key) comes from
+    the pod's name, and differs between the containers of one pod; the CLI accepts it."""
+    members: dict[str, str] = {}
+    for where, c, args in torpor_processes(rendered, mode):
+        raw = option(c["args"], "--member")
+        assert raw is not None and "$(POD_NAME)" in raw, f"{mode} {where}: --member {raw}"
+        assert field_env(c)["POD_NAME"] == "metadata.name", f"{mode} {where}"
+        member = option(args, "--member")
+        assert member is not None
+        assert member not in members, f"{mode}: {where} and {members[member]} are both {member}"
+        members[member] = where
+        parsed = cli._parser().parse_args(args)
+        assert parsed.member == member
+    assert len(members) == 2, f"{mode}: {members}"
+
+
+@pytest.mark.parametrize("mode", ["base", "gateway", "trial", "namespaced"])
+def test_each_activator_advertises_its_pod_ip(rendered: dict[str, list[Any]],
+                                              mode: str) -> None:
+    """Envoy reaches every activator replica at its own address (registered in etcd), so
+    that a request held by a replica that dies can be retried on another replica."""
+    activator = one(rendered, mode, "Deployment", "torpor-activator")
+    (container,) = activator["spec"]["template"]["spec"]["containers"]
+    assert option(container["args"], "--advertise") == "$(POD_IP)"
+    assert field_env(container)["POD_IP"] == "status.podIP"
+    ((_, _, args),) = [p for p in torpor_processes(rendered, mode)
+                       if p[0].startswith("Deployment/torpor-activator/")]
+    assert cli._parser().parse_args(args).advertise == "10.1.2.3"
+
+
+def test_the_sidecar_activator_advertises_loopback(rendered: dict[str, list[Any]],
+                                                   tmp_path: Path) -> None:
+    """One pod: Envoy reaches its activator on 127.0.0.1, which is what it registers."""
+    ((_, container, _),) = [p for p in torpor_processes(rendered, "sidecar")
+                            if p[2][0] == "activator"]
+    assert option(container["args"], "--advertise") is None
+    data = configmap_data(rendered, "sidecar", "torpor-config")
+    (tmp_path / "torpor.yaml").write_text(data["torpor.yaml"], encoding="utf-8")
+    activator = load_config(tmp_path / "torpor.yaml").activator
+    assert activator.advertise is None
+    assert ipaddress.ip_address(activator.listen.host).is_loopback
 
 
 # --------------------------------------------------------------------------------------
