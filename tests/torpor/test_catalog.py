@@ -6,10 +6,10 @@ import socket
 
 import pytest
 
+from torpor.advertise import advertised_activator_host
 from torpor.catalog import CatalogChange, CatalogConflictError, ServiceCatalog
 from torpor.config import ActivatorConfig, Address, ServiceConfig
 from torpor.errors import TorporError
-from torpor.advertise import advertised_activator_host
 
 
 def svc(name: str, host: str | None = None) -> ServiceConfig:

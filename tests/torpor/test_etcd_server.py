@@ -131,7 +131,7 @@ async def test_lease_expires_on_its_own(etcd: EtcdServer) -> None:
 
 
 async def test_pause_makes_requests_time_out_and_resume_heals(etcd: EtcdServer) -> None:
-    async with aetcd.Client(etcd.host, etcd.port, timeout=0.5) as client:  # type: ignore[arg-type]
+    async with aetcd.Client(etcd.host, etcd.port, timeout=0.5) as client:
         await client.put(b"k", b"v")
         etcd.pause()
         try:
@@ -141,7 +141,7 @@ async def test_pause_makes_requests_time_out_and_resume_heals(etcd: EtcdServer) 
                 await asyncio.wait_for(client.get(b"k"), 10)
             assert time.monotonic() - started < 5  # the client's deadline, not a hang
             # a brand-new client does not get an answer either
-            async with aetcd.Client(etcd.host, etcd.port, timeout=0.5) as fresh:  # type: ignore[arg-type]
+            async with aetcd.Client(etcd.host, etcd.port, timeout=0.5) as fresh:
                 with pytest.raises(aetcd.exceptions.ClientError):
                     await asyncio.wait_for(fresh.get(b"k"), 10)
         finally:

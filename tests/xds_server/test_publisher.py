@@ -20,7 +20,7 @@ from xds_server.resources import (
 )
 
 SETTINGS = GatewaySettings(listen=Endpoint("127.0.0.1", 10000),
-                           activator=Endpoint("127.0.0.1", 18080))
+                           activators=(Endpoint("127.0.0.1", 18080),))
 
 
 def svc(name: str, port: int = 9000, host: str | None = None) -> RoutedService:

@@ -44,26 +44,51 @@ class ActivatorRegistry:
     # --- an activator registers itself ----------------------------------------------------
 
     async def register(self, http1: Endpoint, h2: Endpoint) -> None:
-        """Put this replica's addresses on the lease (again after a lease was re-granted)."""
+        """Put this replica's addresses on the lease, and again whenever the lease is
+        re-granted (it expired: etcd deleted the key). Subscribes before the first put, so
+        a re-grant during it is not missed; retries until etcd takes it (an activator that
+        is not registered gets no traffic). Raises StoreError only if etcd refuses for
+        longer than the lease TTL."""
         self._own = json.dumps({"host": http1.host, "port": http1.port,
                                 "h2_host": h2.host, "h2_port": h2.port}).encode()
-        await self._put(await self._session.lease_id())
         if self._remove_renew is None:
-            self._remove_renew = self._session.on_new_lease(
-                lambda lease: _spawn(self._put(lease)))
+            self._remove_renew = self._session.on_new_lease(lambda _: _spawn(self._put()))
+        deadline = asyncio.get_running_loop().time() + self._session.ttl
+        while True:
+            try:
+                await self._put_once()
+                break
+            except StoreError:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
         event(log, "activator.registered", member=self._session.member, http=str(http1),
               h2=str(h2))
 
-    async def _put(self, lease: int) -> None:
+    async def _put_once(self) -> None:
+        """Put our key on the current lease; a lease etcd no longer knows is re-granted."""
         if self._own is None:
             return
+        lease = await self._session.lease_id()
         try:
             await self._conn.call("register activator", self._conn.kv.Put, rpc.PutRequest(
                 key=self._prefix + self._session.member.encode(), value=self._own,
                 lease=lease))
         except StoreError as exc:
-            event(log, "activator.register_failed", member=self._session.member,
-                  error=str(exc), level=logging.ERROR)
+            if "lease not found" in str(exc):
+                await self._session.replace_lease(lease)
+            raise
+
+    async def _put(self) -> None:
+        """Re-registration after a new lease, retried until it succeeds or we stop."""
+        while self._own is not None:
+            try:
+                await self._put_once()
+                return
+            except StoreError as exc:
+                event(log, "activator.register_failed", member=self._session.member,
+                      error=str(exc), level=logging.WARNING)
+                await asyncio.sleep(0.5)
 
     async def deregister(self) -> None:
         if self._remove_renew is not None:

@@ -62,6 +62,18 @@ class EtcdSession:
                 self._task = asyncio.create_task(self._keep_alive())
         return self._lease
 
+    async def replace_lease(self, expired: int) -> None:
+        """etcd refused `expired` (lease not found): grant a new one now, unless that
+        happened already, and tell listeners (their keys went with the old lease)."""
+        async with self._granted:
+            if self._lease != expired:
+                return
+            event(log, "etcd.lease_expired", member=self.member, lease=expired,
+                  level=logging.WARNING)
+            self._lease = 0
+            await self._grant()
+        self._renewed.notify(self._lease)
+
     async def close(self) -> None:
         """Stop refreshing and revoke the lease: every key on it goes at once."""
         if self._task is not None:
@@ -94,13 +106,8 @@ class EtcdSession:
         while True:
             wait = self.ttl / 3
             try:
-                alive = await self._refresh()
-                if not alive:
-                    event(log, "etcd.lease_expired", member=self.member, lease=self._lease,
-                          level=logging.WARNING)
-                    self._lease = 0
-                    await self._grant()
-                    self._renewed.notify(self._lease)
+                if not await self._refresh():
+                    await self.replace_lease(self._lease)
             except StoreError as exc:
                 event(log, "etcd.keepalive_failed", member=self.member, error=str(exc),
                       level=logging.WARNING)
