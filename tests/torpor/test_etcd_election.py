@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aetcd import rpc
 
 from tests.support.etcd import EtcdServer
@@ -262,11 +261,10 @@ class SlowGrants:
         return await self._stub.LeaseGrant(request, timeout=timeout)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: EtcdSession._keep_alive re-grants without holding _granted, so a lease_id() "
-    "meanwhile grants a second lease; listeners (the registry) are told of the one the "
-    "session then drops, which nobody keeps alive"))
 async def test_a_regrant_racing_a_lease_request_leaves_one_lease(etcd: EtcdServer) -> None:
+    """The keep-alive re-grants under the session's lock: a lease_id() meanwhile waits for
+    that lease instead of granting a second one, which listeners (the registry) would not
+    be told of, or be told of the one the session then drops."""
     async with session_on(etcd.endpoint, "a", ttl=2, timeout=2.0) as sa:
         renewed: list[int] = []
         sa.on_new_lease(renewed.append)
@@ -281,10 +279,6 @@ async def test_a_regrant_racing_a_lease_request_leaves_one_lease(etcd: EtcdServe
         assert await etcd.lease_ids() == [got]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "bug: a cancel that lands as a keep-alive call fails is swallowed (gRPC raises its "
-    "error instead of CancelledError, _keep_alive catches StoreError and goes on), so "
-    "EtcdSession.close() waits for a task that never ends"))
 async def test_close_ends_the_keep_alive_even_as_its_call_fails(etcd: EtcdServer) -> None:
     """etcd frozen: the keep-alive's call and a wake's call both time out in the same turn
     of the loop; the wake's failure leads straight to a shutdown (close in that same turn).

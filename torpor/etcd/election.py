@@ -71,8 +71,13 @@ class LeaderElection:
     async def _round(self) -> None:
         """Take the key, or wait until it goes; as leader, watch our key until it goes."""
         lease = await self._session.lease_id()
-        created, response = await self._conn.create(
-            self._key, self._session.member.encode(), lease)
+        try:
+            created, response = await self._conn.create(
+                self._key, self._session.member.encode(), lease)
+        except StoreError as exc:
+            if await self._session.renew_if_unknown(exc, lease):
+                return  # campaign again at once, on the new lease
+            raise
         if created:
             self._created = int(response.header.revision)
             self.since = time.monotonic()

@@ -62,6 +62,15 @@ class EtcdSession:
                 self._task = asyncio.create_task(self._keep_alive())
         return self._lease
 
+    async def renew_if_unknown(self, exc: StoreError, lease: int) -> bool:
+        """After a write on `lease` failed with `exc`: if etcd no longer knows the lease
+        (it expired during an outage), grant a new one now and return True (retry the
+        write) instead of failing until the keep-alive notices."""
+        if "lease not found" not in str(exc):
+            return False
+        await self.replace_lease(lease)
+        return True
+
     async def replace_lease(self, expired: int) -> None:
         """etcd refused `expired` (lease not found): grant a new one now, unless that
         happened already, and tell listeners (their keys went with the old lease)."""
@@ -109,6 +118,9 @@ class EtcdSession:
                 if not await self._refresh():
                     await self.replace_lease(self._lease)
             except StoreError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # close(): gRPC raised, not us
                 event(log, "etcd.keepalive_failed", member=self.member, error=str(exc),
                       level=logging.WARNING)
                 wait = min(wait, 0.5)

@@ -56,6 +56,8 @@ class EtcdLocks(ServiceLocks):
         """Create the key or wait for it to go; returns its create revision."""
         unavailable_since: float | None = None
         while True:
+            attempt = time.monotonic()
+            lease = 0
             try:
                 lease = await self._session.lease_id()
                 created, response = await self._conn.create(
@@ -67,11 +69,16 @@ class EtcdLocks(ServiceLocks):
                 await self._wait_gone(key, response.header.revision + 1, deadline, name,
                                       holder[0].value.decode() if holder else "?", timeout)
             except StoreUnavailableError:
+                # Counted from the start of the first failed attempt: a frozen etcd costs
+                # the grace, not the grace plus a call timeout.
+                unavailable_since = unavailable_since or attempt
                 now = time.monotonic()
-                unavailable_since = unavailable_since or now
                 if now - unavailable_since >= self._grace or now >= deadline:
                     raise
                 await asyncio.sleep(0.2)
+            except StoreError as exc:
+                if not lease or not await self._session.renew_if_unknown(exc, lease):
+                    raise
 
     async def _wait_gone(self, key: bytes, from_revision: int, deadline: float, name: str,
                          holder: str, timeout: float) -> None:
