@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import platform
@@ -268,14 +267,7 @@ services:
 
 
 async def envoy_endpoints(envoy: Envoy, cluster: str) -> set[str]:
-    _, text = await envoy.admin_get("/clusters?format=json")
-    found = set()
-    for status in json.loads(text).get("cluster_statuses", []):
-        if status["name"] == cluster:
-            for host in status.get("host_statuses", []):
-                a = host["address"]["socket_address"]
-                found.add(f"{a['address']}:{a['port_value']}")
-    return found
+    return (await envoy.cluster_hosts()).get(cluster, set())
 
 
 async def bench_flip(etcd: EtcdServer, tmp: Path, rounds: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,12 +23,6 @@ from tests.support.net import wait_until
 from torpor import admin_client
 
 pytestmark = pytest.mark.envoy
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as fake:
-        yield fake
 
 
 @pytest.fixture

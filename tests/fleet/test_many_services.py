@@ -5,10 +5,9 @@ answered."""
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,6 @@ def sleeping_deployment(name: str) -> dict[str, Any]:
     container["command"] = [sys.executable, str(TINY_POD), "--host",
                             "$(POD_IP)", "--port", str(PORT), "--name", name]
     return deployment
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    with FakeKube() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -93,15 +86,8 @@ async def test_100_sleeping_services_woken_at_once(fleet: Fleet) -> None:
 
 async def _all_on_activators(fleet: Fleet, names: list[str], activators: set[str]) -> bool:
     assert fleet.envoy is not None
-    _, text = await fleet.envoy.admin_get("/clusters?format=json")
-    on_activators = set()
-    for status in json.loads(text).get("cluster_statuses", []):
-        hosts = {f"{h['address']['socket_address']['address']}:"
-                 f"{h['address']['socket_address']['port_value']}"
-                 for h in status.get("host_statuses", [])}
-        if hosts == activators:
-            on_activators.add(status["name"])
-    return set(names) <= on_activators
+    hosts = await fleet.envoy.cluster_hosts()
+    return all(hosts.get(name) == activators for name in names)
 
 
 def _ready_slices(kube: FakeKube) -> int:

@@ -75,6 +75,17 @@ class Envoy:
 
         await wait_until(ready, timeout, f"envoy {self.node_id} ready")
 
+    async def cluster_hosts(self) -> dict[str, set[str]]:
+        """Cluster name -> the "ip:port" of every host Envoy has in it now (admin /clusters)."""
+        _, text = await self.admin_get("/clusters?format=json")
+        found: dict[str, set[str]] = {}
+        for status in json.loads(text).get("cluster_statuses", []):
+            hosts = found.setdefault(status["name"], set())
+            for host in status.get("host_statuses", []):
+                a = host["address"]["socket_address"]
+                hosts.add(f"{a['address']}:{a['port_value']}")
+        return found
+
     async def stat(self, name: str) -> int:
         _, body = await self.admin_get(f"/stats?filter=^{name}$")
         for line in body.splitlines():

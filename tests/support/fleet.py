@@ -206,14 +206,7 @@ services:
 
     async def envoy_endpoints(self, cluster: str) -> set[str]:
         assert self.envoy is not None
-        _, text = await self.envoy.admin_get("/clusters?format=json")
-        found = set()
-        for status in json.loads(text).get("cluster_statuses", []):
-            if status["name"] == cluster:
-                for host in status.get("host_statuses", []):
-                    a = host["address"]["socket_address"]
-                    found.add(f"{a['address']}:{a['port_value']}")
-        return found
+        return (await self.envoy.cluster_hosts()).get(cluster, set())
 
     def activator_addresses(self) -> set[str]:
         return {f"127.0.0.1:{self.ports(c)['act']}" for c in self.act_configs}

@@ -423,6 +423,9 @@ async def test_resync_tells_listeners_every_record(store: EtcdStore) -> None:
     """_resync (the compaction path) directly: every record, whatever listeners saw before."""
     records = [await store.put(ServiceRecord.new(f"r{i}", replicas=1, now=NOW))
                for i in range(5)]
+    # The store's own watch has delivered those: only the resync tells the listener now.
+    await wait_until(lambda: store._revision >= records[-1].revision, 2.0,
+                     "the store's watch to catch up")
     seen = Seen()
     store.add_listener(seen)
     await store._resync()

@@ -8,6 +8,7 @@ not know what the keys mean.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -27,6 +28,15 @@ _MAX_MESSAGE = 64 * 1024 * 1024
 
 class StoreUnavailableError(StoreError):
     """etcd did not answer (down, unreachable, or slower than the call timeout)."""
+
+
+def reraise_if_cancelling(exc: BaseException) -> None:
+    """In a retry loop's `except StoreError`: if this task is being cancelled (a stop),
+    raise CancelledError. gRPC turns a cancel during a call into its own error, which a
+    loop that retries store errors would otherwise swallow, and its stop would hang."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 def grpc_target(endpoints: Sequence[str]) -> str:

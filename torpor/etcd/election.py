@@ -17,6 +17,7 @@ import time
 
 from torpor import metrics
 from torpor.errors import StoreError
+from torpor.etcd.connection import reraise_if_cancelling
 from torpor.etcd.session import EtcdSession
 from torpor.etcd.watch import is_delete, watch
 from torpor.logs import event
@@ -62,6 +63,7 @@ class LeaderElection:
             try:
                 await self._round()
             except StoreError as exc:
+                reraise_if_cancelling(exc)
                 if self._created:
                     self._lost(f"etcd error: {exc}")
                 event(log, "leader.campaign_failed", election=self._name, error=str(exc),

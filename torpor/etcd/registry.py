@@ -19,7 +19,7 @@ from aetcd import rpc
 
 from torpor import metrics
 from torpor.errors import StoreError
-from torpor.etcd.connection import EtcdConnection, range_end
+from torpor.etcd.connection import EtcdConnection, range_end, reraise_if_cancelling
 from torpor.etcd.session import EtcdSession
 from torpor.etcd.watch import WatchCompactedError, is_delete, watch
 from torpor.logs import event
@@ -86,6 +86,7 @@ class ActivatorRegistry:
                 await self._put_once()
                 return
             except StoreError as exc:
+                reraise_if_cancelling(exc)
                 event(log, "activator.register_failed", member=self._session.member,
                       error=str(exc), level=logging.WARNING)
                 await asyncio.sleep(0.5)
@@ -148,6 +149,7 @@ class ActivatorRegistry:
             except WatchCompactedError:
                 members, revision = await self._relist(listener)
             except StoreError as exc:
+                reraise_if_cancelling(exc)
                 metrics.ETCD_WATCH_RESTARTS.labels(watch="activators").inc()
                 event(log, "activators.watch_lost", error=str(exc), level=logging.WARNING)
                 await asyncio.sleep(0.5)
@@ -158,7 +160,8 @@ class ActivatorRegistry:
                 members, revision = await self._list()
                 listener(dict(members))
                 return members, revision
-            except StoreError:
+            except StoreError as exc:
+                reraise_if_cancelling(exc)
                 await asyncio.sleep(0.5)
 
     def _parse(self, key: bytes, value: bytes) -> tuple[str, Activator] | None:

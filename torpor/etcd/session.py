@@ -21,7 +21,7 @@ import grpc
 from aetcd import rpc
 
 from torpor.errors import StoreError
-from torpor.etcd.connection import EtcdConnection
+from torpor.etcd.connection import EtcdConnection, reraise_if_cancelling
 from torpor.listeners import Listeners
 from torpor.logs import event
 
@@ -118,9 +118,7 @@ class EtcdSession:
                 if not await self._refresh():
                     await self.replace_lease(self._lease)
             except StoreError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc  # close(): gRPC raised, not us
+                reraise_if_cancelling(exc)
                 event(log, "etcd.keepalive_failed", member=self.member, error=str(exc),
                       level=logging.WARNING)
                 wait = min(wait, 0.5)

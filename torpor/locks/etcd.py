@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from torpor import metrics
 from torpor.errors import StoreError
-from torpor.etcd.connection import EtcdConnection, StoreUnavailableError
+from torpor.etcd.connection import EtcdConnection, StoreUnavailableError, reraise_if_cancelling
 from torpor.etcd.session import EtcdSession
 from torpor.etcd.watch import is_delete, watch
 from torpor.locks.base import LockTimeoutError, ServiceLocks
@@ -118,8 +118,8 @@ class EtcdLocks(ServiceLocks):
                 await self._conn.delete_if_created_at(key, created)
                 event(log, "lock.released_late", lock=name)
                 return
-            except StoreError:
-                continue
+            except StoreError as exc:
+                reraise_if_cancelling(exc)
 
     async def close(self) -> None:
         for task in list(self._releasing):

@@ -30,7 +30,12 @@ from aetcd import rpc
 
 from torpor import metrics
 from torpor.errors import ConflictError, StoreError
-from torpor.etcd.connection import MAX_TXN_OPS, EtcdConnection, range_end
+from torpor.etcd.connection import (
+    MAX_TXN_OPS,
+    EtcdConnection,
+    range_end,
+    reraise_if_cancelling,
+)
 from torpor.etcd.watch import WatchCompactedError, is_delete, watch
 from torpor.listeners import Listeners
 from torpor.logs import event
@@ -167,6 +172,7 @@ class EtcdStore(Store):
                       oldest=exc.compact_revision, level=logging.WARNING)
                 await self._resync()
             except StoreError as exc:
+                reraise_if_cancelling(exc)
                 metrics.ETCD_WATCH_RESTARTS.labels(watch="store").inc()
                 event(log, "store.watch_lost", error=str(exc), resume_from=self._revision + 1,
                       level=logging.WARNING)
@@ -203,7 +209,9 @@ class EtcdStore(Store):
             try:
                 records, revision = await self._list_records()
                 break
-            except StoreError:
+            except StoreError as exc:
+                reraise_if_cancelling(exc)
+                event(log, "store.resync_failed", error=str(exc), level=logging.WARNING)
                 await asyncio.sleep(0.5)
         for record in records:
             self._listeners.notify(record)
@@ -212,7 +220,14 @@ class EtcdStore(Store):
 
     async def _list_records(self) -> tuple[builtins.list[ServiceRecord], int]:
         kvs, revision = await self._scan(self._services)
-        return sorted((self._decode(kv) for kv in kvs), key=lambda r: r.name), revision
+        records = []
+        for kv in kvs:
+            try:
+                records.append(self._decode(kv))
+            except StoreError as exc:  # one damaged record must not cost every service
+                event(log, "store.record_unreadable", key=kv.key.decode(), error=str(exc),
+                      level=logging.ERROR)
+        return sorted(records, key=lambda r: r.name), revision
 
     async def _scan(self, prefix: bytes) -> tuple[builtins.list[Any], int]:
         """Every key-value under `prefix`, read a page at a time but all at one revision
