@@ -111,7 +111,6 @@ class StandaloneActivator:
         if self.workloads is not None:
             await self.workloads.close()
         if self.coordination is not None:
-            await self.coordination.locks.close()
             await self.coordination.close()
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.shutdown)

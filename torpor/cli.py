@@ -115,7 +115,6 @@ def _xds_server(args: argparse.Namespace, config: Config) -> int:
             await _until_signal()
         finally:
             await control_plane.stop()
-            await fleet.locks.close()
             await fleet.close()  # revokes this process's lease: its leadership goes at once
         return 0
 

@@ -58,6 +58,7 @@ class Coordination:
             await self.election.stop()
         if self.registry is not None:
             await self.registry.stop()
+        await self.locks.close()  # background releases end: the revoke below frees the keys
         await self.store.close()
         if self.session is not None:
             await self.session.close()
