@@ -1,24 +1,28 @@
-"""Waking through the control plane's admin API, for an activator in its own process.
+"""Waking and confirming the flip through the control plane's admin API, for an activator in
+its own process.
 
 `torpor activator` next to a control plane that owns the replicas (local workloads can only
 be scaled by the process that started them) asks that control plane to wake the service
-and gets its ready endpoints back. Owns: single flight per service in this process and
-mapping admin errors to the waker's. With Kubernetes workloads and the etcd lock, an
-activator can wake services directly with activator/waker.py instead.
+and gets its ready endpoints back. Whichever way a standalone activator wakes, only a
+control plane knows when its Envoys applied the switch back to the replicas: the HTTP/2
+holder asks it (WaitRouted) before telling Envoy to replay a held request. Owns: single
+flight per service in this process and mapping admin errors to the lifecycle's. With
+Kubernetes workloads and the etcd lock, an activator wakes services itself
+(torpor.lifecycle.wake) instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from activator.waker import SingleFlight
 from torpor import admin_client
-from torpor.errors import UnknownServiceError, WakeFailedError
+from torpor.errors import TorporError, UnknownServiceError, WakeFailedError
+from torpor.lifecycle.wake import SingleFlight
 from torpor.model import Endpoint
 
 
 class AdminWaker:
-    """Implements activator.waker.Wakes over the admin API at `address`."""
+    """Implements torpor.lifecycle.ports.Wakes over the admin API at `address`."""
 
     def __init__(self, address: str, wake_timeout: float) -> None:
         self._address = address
@@ -38,3 +42,21 @@ class AdminWaker:
             outcome = "timeout" if exc.code == "DEADLINE_EXCEEDED" else "failed"
             raise WakeFailedError(str(exc), outcome) from exc
         return tuple(admin_client.parse_endpoint(e) for e in status["ready_endpoints"])
+
+
+class AdminRouteConfirmation:
+    """Implements torpor.lifecycle.ports.RouteConfirmation over the admin API at
+    `address`: the control plane answers once its Envoys route the service to its
+    replicas. The holder's own deadline bounds the wait; `timeout` bounds one call."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self._address = address
+        self._timeout = timeout
+
+    async def wait_routed(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(admin_client.wait_routed, self._address, name,
+                                    self._timeout)
+        except admin_client.AdminError as exc:
+            raise TorporError(f"the control plane at {self._address} did not confirm that "
+                              f"Envoy routes {name!r} to its replicas: {exc}") from exc

@@ -2,26 +2,26 @@
 held request, for services whose Envoy cluster speaks HTTP/2 (gRPC above all).
 
 Owns: the HTTP/2 connections Envoy opens to the activator (one `h2` state machine each, many
-request streams multiplexed on it), finding each stream's service by `:authority` (or `host`),
-holding the stream (bounded by holding.py, at most `wake_timeout`) until the service is awake
-and `after_wake` confirms that Envoy's endpoints have flipped back, and then answering it with
-a headers-only 503 carrying RETRY_HEADER. Envoy's route retry policy (`retry_on:
-retriable-headers`, `retriable_headers: [x-torpor-retry]`) turns that answer into a replay of
-the request, from Envoy's own buffer, to the now-ready replicas: the real response never
-passes through Python.
+request streams multiplexed on it), finding each stream's service by `:authority` (or `host`)
+in the stream's own task (holding.ServiceLookup, which may refresh the catalog), holding the
+stream with `after_wake` (holding.Holding: bounded, at most `wake_timeout`) until the service
+is awake and Envoy's endpoints have flipped back, and rendering the answer answers.py gives
+as headers: for a ready service, a headers-only 503 carrying RETRY_HEADER. Envoy's route
+retry policy (`retry_on: retriable-headers`, `retriable_headers: [x-torpor-retry]`) turns
+that answer into a replay of the request, from Envoy's own buffer, to the now-ready replicas:
+the real response never passes through Python.
 
 Must not: proxy or keep request bodies (DATA is acknowledged for flow control and dropped;
-Envoy keeps its own copy for the retry), wake (waker.py) or bound queues (holding.py) itself,
-put the retry marker on any answer but "the service is ready now", or answer a stream whose
-client reset it or went away (it leaves its queue, counted as abandoned "disconnected").
+Envoy keeps its own copy for the retry), wake, bound queues or decide what a failure means
+(holding.py, answers.py) itself, put the retry marker on any answer but READY, block an h2
+callback on a lookup, or answer a stream whose client reset it or went away (it leaves its
+queue, counted as abandoned "disconnected").
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -38,11 +38,15 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
-from activator.handler import RETRY_AFTER_SECONDS
-from activator.holding import HeldRequests, QueueFullError, abandoned
-from activator.waker import Wakes
-from torpor.config import ServiceConfig
-from torpor.errors import TorporError, UnknownServiceError, WakeFailedError
+from activator.answers import (
+    RETRY_AFTER_SECONDS,
+    Answer,
+    answer_for,
+    internal_error,
+    unknown_host,
+)
+from activator.holding import AfterWake, Holding, Lookup
+from torpor.errors import TorporError
 from torpor.logs import event
 
 log = logging.getLogger("torpor.activator")
@@ -55,27 +59,6 @@ RETRY_HEADER = "x-torpor-retry"
 MAX_CONCURRENT_STREAMS = 1000
 #: Largest request header block accepted (h2's default, advertised to the peer).
 MAX_HEADER_LIST_SIZE = 65536
-
-# gRPC status codes used in answers (grpc/doc/statuscodes.md).
-GRPC_DEADLINE_EXCEEDED = 4
-GRPC_NOT_FOUND = 5
-GRPC_INTERNAL = 13
-GRPC_UNAVAILABLE = 14
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """What a request stream gets: an HTTP status, its gRPC equivalent and a message."""
-
-    status: int
-    grpc_status: int
-    message: str
-    retry: bool = False  # carries RETRY_HEADER: Envoy replays the request to the replicas
-    retry_after: bool = False  # carries retry-after: the client may try again shortly
-
-
-#: The one answer that carries the retry marker: the service is awake, the flip confirmed.
-READY = Answer(503, GRPC_UNAVAILABLE, "waking", retry=True)
 
 
 def render(answer: Answer, content_type: str) -> tuple[list[tuple[str, str]], bytes]:
@@ -114,16 +97,13 @@ def grpc_message(text: str) -> str:
 class H2Holder:
     """Holds HTTP/2 request streams of sleeping services and answers them "retry now"."""
 
-    def __init__(self, lookup: Callable[[str], ServiceConfig | None], waker: Wakes,
-                 held: HeldRequests, wake_timeout: float,
-                 after_wake: Callable[[str], Awaitable[None]] | None = None,
-                 on_held: Callable[[str], None] | None = None) -> None:
+    def __init__(self, lookup: Lookup, holding: Holding,
+                 after_wake: AfterWake | None = None) -> None:
+        """`after_wake(name)` confirms that every Envoy routes `name` to its replicas again:
+        without it, a replay could come straight back to the activator."""
         self._lookup = lookup
-        self._waker = waker
-        self._held = held
-        self._wake_timeout = wake_timeout
+        self._holding = holding
         self._after_wake = after_wake
-        self._on_held = on_held or (lambda name: None)
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,57 +146,7 @@ class H2Holder:
         """Hold one request of `name` until its service is awake and the flip confirmed, and
         say how to answer it. Raises CancelledError (counted as abandoned "disconnected")
         when the stream goes away meanwhile."""
-        loop = asyncio.get_running_loop()
-        arrived = loop.time()
-        phase = "wake"
-        try:
-            with self._held.slot(name):
-                try:
-                    async with asyncio.timeout(self._wake_timeout):
-                        await self._waker.wake(name, "first request")
-                        phase = "flip"
-                        if self._after_wake is not None:
-                            await self._after_wake(name)
-                except asyncio.CancelledError:
-                    abandoned(name, "disconnected")
-                    event(log, "activator.h2.client_gone", service=name, phase=phase,
-                          waited=round(loop.time() - arrived, 3))
-                    raise
-        except QueueFullError as exc:
-            event(log, "activator.h2.queue_full", service=name, level=logging.WARNING)
-            return Answer(503, GRPC_UNAVAILABLE, str(exc), retry_after=True)
-        except TimeoutError:
-            abandoned(name, "deadline")
-            event(log, "activator.h2.deadline", service=name, phase=phase, level=logging.WARNING,
-                  waited=round(loop.time() - arrived, 3))
-            if phase == "wake":
-                message = (f"service {name!r} did not become ready within "
-                           f"{self._wake_timeout:g}s")
-            else:
-                message = (f"service {name!r} is ready but the gateway did not confirm its "
-                           f"route within {self._wake_timeout:g}s")
-            return Answer(504, GRPC_DEADLINE_EXCEEDED, message, retry_after=True)
-        except WakeFailedError as exc:
-            timed_out = exc.outcome == "timeout"
-            abandoned(name, "deadline" if timed_out else "failed")
-            event(log, "activator.h2.wake_failed", service=name, outcome=exc.outcome,
-                  error=str(exc), level=logging.WARNING)
-            if timed_out:
-                return Answer(504, GRPC_DEADLINE_EXCEEDED, str(exc), retry_after=True)
-            return Answer(503, GRPC_UNAVAILABLE, str(exc), retry_after=True)
-        except UnknownServiceError as exc:
-            event(log, "activator.h2.unknown_service", service=name, level=logging.WARNING)
-            return Answer(404, GRPC_NOT_FOUND, str(exc))
-        except TorporError as exc:  # after_wake failed: the flip is not confirmed
-            abandoned(name, "failed")
-            event(log, "activator.h2.flip_failed", service=name, error=str(exc),
-                  level=logging.WARNING)
-            return Answer(503, GRPC_UNAVAILABLE, f"service {name!r} is ready but the gateway "
-                                                 f"did not confirm its route: {exc}",
-                          retry_after=True)
-        event(log, "activator.h2.replay", service=name,
-              waited=round(loop.time() - arrived, 3))
-        return READY
+        return answer_for(await self._holding.hold(name, self._after_wake))
 
 
 class _Connection(asyncio.Protocol):
@@ -291,29 +221,32 @@ class _Connection(asyncio.Protocol):
         for name, value in received.headers or ():
             headers.setdefault(_text(name).lower(), _text(value))
         authority = headers.get(":authority") or headers.get("host", "")
-        content_type = headers.get("content-type", "")
-        service = self._holder._lookup(authority)
-        if service is None:
-            event(log, "activator.h2.unknown_host", host=authority, path=headers.get(":path"))
-            self._answer(stream_id, Answer(
-                404, GRPC_NOT_FOUND,
-                f"no torpor service is configured for host {authority!r}"), content_type)
-            return
-        self._holder._on_held(service.name)
+        # The lookup may ask the control plane (a refresh on a miss): never in this
+        # callback, which holds up every stream of the connection.
         task = asyncio.get_running_loop().create_task(
-            self._hold(stream_id, service.name, content_type),
-            name=f"h2-hold-{service.name}-{stream_id}")
+            self._serve(stream_id, authority, headers.get(":path", ""),
+                        headers.get("content-type", "")),
+            name=f"h2-stream-{stream_id}")
         self._streams[stream_id] = task
         self._holder._track(task)
 
-    async def _hold(self, stream_id: int, name: str, content_type: str) -> None:
+    async def _serve(self, stream_id: int, authority: str, path: str,
+                     content_type: str) -> None:
+        name = ""
         try:
-            answer = await self._holder.wait_ready(name)
+            service = await self._holder._lookup(authority)
+            if service is None:
+                event(log, "activator.unknown_host", host=authority, path=path)
+                answer = unknown_host(authority)
+            else:
+                name = service.name
+                answer = await self._holder.wait_ready(name)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not leave the stream hanging
-            log.exception("activator.h2.hold_failed", extra={"service": name})
-            answer = Answer(500, GRPC_INTERNAL, f"activator error: {exc}")
+            log.exception("activator.h2.hold_failed", extra={"service": name,
+                                                             "host": authority})
+            answer = internal_error(str(exc))
         if self._streams.get(stream_id) is asyncio.current_task():
             del self._streams[stream_id]
             self._answer(stream_id, answer, content_type)

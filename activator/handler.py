@@ -1,29 +1,32 @@
-"""The activator's HTTP surface: what a request for a sleeping or unknown service gets.
+"""The activator's HTTP/1 surface: what a request for a sleeping or unknown service gets.
 
-Owns: finding the service by Host, and the life of one held request: admitted or refused
-(queue full → 503 + Retry-After), waiting for the wake until its deadline (→ 504), leaving
-when the client hangs up (counted, never proxied later), and then handed to the proxy with
-its cold-start time. Must not wake (waker.py), bound queues (holding.py) or forward bytes
-(proxy.py) itself, and never proxies to anything outside the service table.
+Owns: the HTTP/1 side of one request: finding its service (holding.ServiceLookup), holding
+it (holding.Holding, without a route confirmation: this front proxies to the ready endpoints
+itself), rendering what holding answers.py says as a JSON body (`{"error", "service",
+"message"}`, Retry-After where the answer asks for it), and then handing a ready request to
+the proxy with its cold-start time. Must not wake (the waker), bound queues or decide what a
+failure means (holding.py, answers.py) or forward bytes (proxy.py) itself, and never proxies
+to anything outside the service table.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from activator.holding import HeldRequests, QueueFullError, abandoned
+from activator.answers import (
+    RETRY_AFTER_SECONDS,
+    Answer,
+    answer_for,
+    unknown_host,
+    upstream_failed,
+)
+from activator.holding import DeadlinePassed, Holding, Lookup, Ready
 from activator.proxy import Proxy, ProxyError
-from activator.waker import Wakes
 from torpor import metrics
-from torpor.catalog import ServiceCatalog
-from torpor.clock import Clock, SystemClock
-from torpor.config import ServiceConfig
-from torpor.errors import UnknownServiceError, WakeFailedError
 from torpor.logs import event
 from torpor.model import Endpoint
 
@@ -31,79 +34,36 @@ log = logging.getLogger("torpor.activator")
 
 #: Response header with how long the request waited for its service to wake.
 COLD_START_HEADER = "x-torpor-cold-start-ms"
-#: Seconds a client is asked to wait before retrying a refused request.
-RETRY_AFTER_SECONDS = 1
 
 
 class ActivatorHandler:
     """Maps Host → service; holds, wakes and proxies what Envoy routed to the activator."""
 
-    def __init__(self, catalog: ServiceCatalog, waker: Wakes, held: HeldRequests,
-                 proxy: Proxy, wake_timeout: float, clock: Clock | None = None,
-                 on_held: Callable[[str], None] | None = None,
-                 on_miss: Callable[[], Awaitable[None]] | None = None) -> None:
-        self._catalog = catalog
-        # Refreshes the catalog when a host is not in it (a service discovered elsewhere).
-        self._on_miss = on_miss
-        self._waker = waker
-        self._held = held
+    def __init__(self, lookup: Lookup, holding: Holding, proxy: Proxy) -> None:
+        self._lookup = lookup
+        self._holding = holding
         self._proxy = proxy
-        self._wake_timeout = wake_timeout
-        self._clock = clock or SystemClock()
-        self._on_held = on_held or (lambda name: None)
         self._turn = itertools.count()
-
-    def lookup(self, host_header: str) -> ServiceConfig | None:
-        """The service for a Host header (port and case ignored), or None."""
-        return self._catalog.by_host(host_header)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         host = request.headers.get("Host", "")
-        service = self.lookup(host)
-        if service is None and self._on_miss is not None:
-            await self._on_miss()
-            service = self.lookup(host)
+        service = await self._lookup(host)
         if service is None:
             event(log, "activator.unknown_host", host=host, path=request.path)
-            return _error(404, "unknown_host", f"no torpor service is configured for host "
-                                               f"{host!r}", host=host)
+            return json_answer(unknown_host(host), host=host)
         name = service.name
-        arrived = self._clock.monotonic()
-        self._on_held(name)
-        try:
-            endpoints = await self._hold(name)
-        except QueueFullError as exc:
-            event(log, "activator.queue_full", service=name, level=logging.WARNING)
-            return _error(503, "queue_full", str(exc), service=name,
-                          headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        except TimeoutError:
-            abandoned(name, "deadline")
-            event(log, "activator.deadline", service=name, level=logging.WARNING,
-                  waited=round(self._clock.monotonic() - arrived, 3))
-            return _error(504, "wake_timeout", f"service {name!r} did not become ready within "
-                                               f"{self._wake_timeout:g}s", service=name)
-        except WakeFailedError as exc:
-            abandoned(name, "deadline" if exc.outcome == "timeout" else "failed")
-            return _error(504 if exc.outcome == "timeout" else 503, f"wake_{exc.outcome}",
-                          str(exc), service=name,
-                          headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        except UnknownServiceError as exc:
-            return _error(404, "unknown_service", str(exc), service=name)
-        cold_start_ms = round((self._clock.monotonic() - arrived) * 1000)
-        return await self._forward(request, name, endpoints, cold_start_ms)
-
-    async def _hold(self, name: str) -> tuple[Endpoint, ...]:
-        """Wait in `name`'s queue for its ready endpoints, at most wake_timeout."""
-        with self._held.slot(name):
-            try:
-                async with asyncio.timeout(self._wake_timeout):
-                    return await self._waker.wake(name, "first request")
-            except asyncio.CancelledError:
-                # aiohttp cancels the handler when the client hangs up: leave the queue,
-                # count it; the wake goes on for the others.
-                abandoned(name, "disconnected")
-                event(log, "activator.client_gone", service=name)
-                raise
+        # aiohttp cancels this handler when the client hangs up: holding counts it and
+        # re-raises, and the request is never proxied later.
+        outcome = await self._holding.hold(name)
+        if isinstance(outcome, Ready):
+            return await self._forward(request, name, outcome.endpoints,
+                                       round(outcome.waited * 1000))
+        answer = answer_for(outcome)
+        if isinstance(outcome, DeadlinePassed):
+            # HTTP/1 has never sent Retry-After with its own deadline's 504 (HTTP/2 does);
+            # kept as it was so that no client sees a change.
+            answer = dataclasses.replace(answer, retry_after=False)
+        return json_answer(answer, service=name)
 
     async def _forward(self, request: web.Request, name: str, endpoints: tuple[Endpoint, ...],
                        cold_start_ms: int) -> web.StreamResponse:
@@ -122,15 +82,15 @@ class ActivatorHandler:
         metrics.PROXY_ERRORS.labels(service=name).inc()
         event(log, "activator.proxy_failed", service=name, error=str(last_error),
               level=logging.WARNING)
-        return _error(502, "upstream_failed", f"service {name!r} is ready but the request "
-                                              f"could not be forwarded: {last_error}",
-                      service=name)
+        return json_answer(upstream_failed(name, str(last_error)), service=name)
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-           **fields: str) -> web.Response:
-    return web.json_response({"error": code, **fields, "message": message}, status=status,
-                             headers=headers)
+def json_answer(answer: Answer, **fields: str) -> web.Response:
+    """`answer` as HTTP/1 clients get it: `{"error": code, **fields, "message": ...}` with
+    its status, and Retry-After when the answer asks for it."""
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if answer.retry_after else None
+    return web.json_response({"error": answer.code, **fields, "message": answer.message},
+                             status=answer.status, headers=headers)
 
 
 def make_app(handler: ActivatorHandler) -> web.Application:

@@ -1,18 +1,46 @@
-"""Held requests: a bounded count per service, and how a held request leaves the queue.
+"""Held requests: finding a request's service, a bounded count per service, and the one way a
+held request waits and leaves, whatever protocol it came in on.
 
-Owns: admission (at most `max_held_per_service` requests of one service wait at once; the
-next gets QueueFullError, which the handler answers with 503 + Retry-After), the held
-gauge, and counting requests that leave unanswered (deadline passed, client hung up).
-Must not wake or proxy: it only bounds and counts the waiting.
+Owns: the Host → service lookup both fronts use (asking for a catalog refresh once when the
+host is unknown, so that a service discovered a moment ago is found on its first request);
+admission (at most `max_held_per_service` requests of one service wait at once; the next
+one is refused); the wait itself (the wake, then the route confirmation when the caller needs
+one, both within `wake_timeout`); and, in one place, counting and logging how each held
+request left: ready, refused, deadline passed, wake failed, flip unconfirmed or client gone.
+Returns an `Outcome` value rather than raising, so that HTTP/1 and HTTP/2 cannot drift apart
+again on what a failure means (answers.py maps outcomes to answers).
+
+Must not: wake (that is the `Wakes` given), proxy or answer (handler.py, h2_holder.py), or
+decide status codes (answers.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Literal
 
 from torpor import metrics
-from torpor.errors import TorporError
+from torpor.clock import Clock, SystemClock
+from torpor.config import ServiceConfig
+from torpor.errors import TorporError, UnknownServiceError, WakeFailedError
+from torpor.lifecycle.ports import Wakes
+from torpor.logs import event
+from torpor.model import Endpoint
+
+log = logging.getLogger("torpor.activator")
+
+#: "The flip back to `name`'s replicas is applied by every Envoy": returns once confirmed,
+#: raises TorporError when it cannot be.
+AfterWake = Callable[[str], Awaitable[None]]
+#: The service for a Host header (or :authority), or None when there is none even after a
+#: catalog refresh.
+Lookup = Callable[[str], Awaitable[ServiceConfig | None]]
+#: What a held request was waiting for when it left: the wake, or the route confirmation.
+Phase = Literal["wake", "flip"]
 
 
 class QueueFullError(TorporError):
@@ -61,5 +89,171 @@ class HeldRequests:
 
 def abandoned(name: str, reason: str) -> None:
     """A held request left without an answer from its service: `reason` is "deadline"
-    (wake_timeout passed) or "disconnected" (the client hung up while held)."""
+    (wake_timeout passed), "failed" (the wake or the flip failed) or "disconnected" (the
+    client hung up while held)."""
     metrics.HELD_ABANDONED.labels(service=name, reason=reason).inc()
+
+
+class ServiceLookup:
+    """Host → service for both fronts, refreshing the catalog once on a miss.
+
+    Async because the refresh is (a standalone activator asks the control plane): callers
+    run it in the request's own task, never in a protocol callback.
+    """
+
+    def __init__(self, by_host: Callable[[str], ServiceConfig | None],
+                 on_miss: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._by_host = by_host
+        self._on_miss = on_miss
+
+    async def __call__(self, host: str) -> ServiceConfig | None:
+        service = self._by_host(host)
+        if service is None and self._on_miss is not None:
+            await self._on_miss()
+            service = self._by_host(host)
+        return service
+
+
+# --- outcomes: how a held request left ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ready:
+    """The service is awake (and, when asked for, its route confirmed): serve the request."""
+
+    service: str
+    endpoints: tuple[Endpoint, ...]
+    waited: float  # seconds held: the request's cold start
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueFull:
+    """Refused at once: the service already holds as many requests as allowed."""
+
+    service: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadlinePassed:
+    """`wake_timeout` passed while waiting for the wake ("wake") or the route ("flip")."""
+
+    service: str
+    phase: Phase
+    wake_timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class WakeFailed:
+    """The wake itself gave up: not ready in its own time ("timeout") or could not start
+    ("failed": scaling failed, lock busy, store unavailable)."""
+
+    service: str
+    outcome: Literal["failed", "timeout"]
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class UnknownService:
+    """The waker does not know the service (removed between lookup and wake)."""
+
+    service: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FlipUnconfirmed:
+    """The service is awake but the gateway could not confirm it routes to the replicas."""
+
+    service: str
+    error: str
+
+
+Outcome = Ready | QueueFull | DeadlinePassed | WakeFailed | UnknownService | FlipUnconfirmed
+
+
+class Holding:
+    """Holds one request of a service until it can be served, for either protocol."""
+
+    def __init__(self, held: HeldRequests, wakes: Wakes, wake_timeout: float,
+                 clock: Clock | None = None,
+                 on_held: Callable[[str], None] | None = None) -> None:
+        self.held = held
+        self._wakes = wakes
+        self._wake_timeout = wake_timeout
+        self._clock = clock or SystemClock()
+        # Told of every request that arrives for a sleeping service (the idle policy
+        # counts them as calls), refused or not.
+        self._on_held = on_held or (lambda name: None)
+
+    async def hold(self, name: str, after_wake: AfterWake | None = None) -> Outcome:
+        """Hold one request of `name`: take a slot, trigger or join its wake, then, when
+        `after_wake` is given, wait for it too; all within one `wake_timeout` deadline.
+
+        Returns how the request left; raises CancelledError (counted as abandoned
+        "disconnected") when the caller is cancelled, i.e. the client went away. The wake
+        goes on for the others either way.
+        """
+        arrived = self._clock.monotonic()
+        self._on_held(name)
+        phase: Phase = "wake"
+        unconfirmed: str | None = None
+        outcome: Outcome
+        try:
+            with self.held.slot(name):
+                async with asyncio.timeout(self._wake_timeout):
+                    endpoints = await self._wakes.wake(name, "first request")
+                    phase = "flip"
+                    if after_wake is not None:
+                        try:
+                            await after_wake(name)
+                        except TorporError as exc:
+                            unconfirmed = str(exc)
+        except QueueFullError as exc:
+            outcome = QueueFull(name, str(exc))
+        except TimeoutError:
+            outcome = DeadlinePassed(name, phase, self._wake_timeout)
+        except WakeFailedError as exc:
+            outcome = WakeFailed(name, "timeout" if exc.outcome == "timeout" else "failed",
+                                 str(exc))
+        except UnknownServiceError as exc:
+            outcome = UnknownService(name, str(exc))
+        except asyncio.CancelledError:
+            abandoned(name, "disconnected")
+            event(log, "activator.client_gone", service=name, phase=phase,
+                  waited=self._waited(arrived))
+            raise
+        else:
+            if unconfirmed is not None:
+                outcome = FlipUnconfirmed(name, unconfirmed)
+            else:
+                outcome = Ready(name, endpoints, self._clock.monotonic() - arrived)
+        self._report(outcome, self._waited(arrived))
+        return outcome
+
+    def _waited(self, arrived: float) -> float:
+        return round(self._clock.monotonic() - arrived, 3)
+
+    @staticmethod
+    def _report(outcome: Outcome, waited: float) -> None:
+        """Count and log how a held request left (the client gone is counted by hold)."""
+        name = outcome.service
+        match outcome:
+            case Ready():
+                event(log, "activator.released", service=name, waited=waited)
+            case QueueFull():
+                event(log, "activator.queue_full", service=name, level=logging.WARNING)
+            case DeadlinePassed(phase=phase):
+                abandoned(name, "deadline")
+                event(log, "activator.deadline", service=name, phase=phase, waited=waited,
+                      level=logging.WARNING)
+            case WakeFailed(outcome=result, message=message):
+                abandoned(name, "deadline" if result == "timeout" else "failed")
+                event(log, "activator.wake_failed", service=name, outcome=result,
+                      error=message, level=logging.WARNING)
+            case UnknownService():
+                event(log, "activator.unknown_service", service=name, level=logging.WARNING)
+            case FlipUnconfirmed(error=error):
+                abandoned(name, "failed")
+                event(log, "activator.flip_failed", service=name, error=error,
+                      level=logging.WARNING)

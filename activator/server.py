@@ -14,13 +14,13 @@ from aiohttp import web
 
 from activator.h2_holder import H2Holder
 from activator.handler import ActivatorHandler, make_app
-from activator.holding import HeldRequests
+from activator.holding import HeldRequests, Holding, ServiceLookup
 from activator.proxy import Proxy
-from activator.waker import Wakes
 from torpor.catalog import ServiceCatalog
 from torpor.clock import Clock
 from torpor.config import Config
 from torpor.errors import TorporError
+from torpor.lifecycle.ports import Wakes
 
 
 class ActivatorServer:
@@ -51,9 +51,12 @@ class ActivatorServer:
         """Listen; returns the bound port (the config's may be 0 in tests)."""
         listen = self._config.activator.listen
         await self._proxy.start()
-        handler = ActivatorHandler(self._catalog, self._waker, self.held, self._proxy,
-                                   self._config.activator.wake_timeout, self._clock,
-                                   self._on_held, self._on_miss)
+        # One lookup and one way of holding for both fronts: an HTTP/1 and an HTTP/2 request
+        # of the same service find it, queue, time out and fail alike.
+        lookup = ServiceLookup(self._catalog.by_host, self._on_miss)
+        holding = Holding(self.held, self._waker, self._config.activator.wake_timeout,
+                          self._clock, self._on_held)
+        handler = ActivatorHandler(lookup, holding, self._proxy)
         self._runner = web.AppRunner(make_app(handler), access_log=None,
                                      handler_cancellation=True)
         await self._runner.setup()
@@ -67,8 +70,7 @@ class ActivatorServer:
         server = site._server  # aiohttp exposes the bound socket only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else listen.port
-        self._h2 = H2Holder(handler.lookup, self._waker, self.held,
-                            self._config.activator.wake_timeout, self._after_wake, self._on_held)
+        self._h2 = H2Holder(lookup, holding, self._after_wake)
         h2_listen = self._config.activator.listen_h2
         try:
             self.port_h2 = await self._h2.start(h2_listen.host, h2_listen.port)

@@ -14,7 +14,7 @@ prints:
      etcd round trip (a Range get) on the same connection;
   2. a state change reaching Envoy through etcd: an in-process ControlPlane (its own
      EtcdStore and connection, FixedWorkloads) programs a real Envoy; a record is moved
-     ACTIVE -> HIBERNATING with torpor.transitions.change_state through a second
+     ACTIVE -> HIBERNATING with torpor.lifecycle.records.change_state through a second
      EtcdStore on its own connection (the writer stands for another process: its write
      reaches the control plane only through etcd's watch), and the time runs until the
      control plane's ADS server has Envoy's ACK of the resulting EDS change (the service's
@@ -80,10 +80,10 @@ from torpor import admin_client  # noqa: E402
 from torpor.config import load_config  # noqa: E402
 from torpor.etcd.connection import EtcdConnection  # noqa: E402
 from torpor.etcd.session import EtcdSession  # noqa: E402
+from torpor.lifecycle.records import change_state  # noqa: E402
 from torpor.locks.etcd import EtcdLocks  # noqa: E402
 from torpor.model import Endpoint, ServiceState  # noqa: E402
 from torpor.store.etcd import EtcdStore  # noqa: E402
-from torpor.transitions import change_state  # noqa: E402
 from xds_server import types  # noqa: E402
 from xds_server.control_plane import ControlPlane  # noqa: E402
 
@@ -279,7 +279,10 @@ async def bench_flip(etcd: EtcdServer, tmp: Path, rounds: int) -> None:
     async with contextlib.AsyncExitStack() as stack:
         cp_conn = EtcdConnection([etcd.endpoint], "/bench-flip/", 5.0)
         stack.push_async_callback(cp_conn.close)  # after the control plane's stop
-        cp = ControlPlane(config, EtcdStore(cp_conn, "cp"), FixedWorkloads(
+        cp_store = EtcdStore(cp_conn, "cp")
+        await cp_store.open()  # opened and closed here, as an assembly would
+        stack.push_async_callback(cp_store.close)
+        cp = ControlPlane(config, cp_store, FixedWorkloads(
             {FLIP_SERVICE: (replica,)}), serve_metrics=False, run_policy=False)
         stack.push_async_callback(_stop_control_plane, cp)
         await cp.start()

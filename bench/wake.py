@@ -43,7 +43,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -153,9 +152,13 @@ def still_running(p: Proc) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A port reserved for this run outside the kernel's ephemeral range (the tests' one
+    reservation, tests/support/net.py: a port found free by binding port 0 races)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # tests.support is not installed with torpor
+    from tests.support.net import free_port as reserved_port
+
+    return reserved_port()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +235,7 @@ class TorporUp:
         RUNNING.append(self)
         with self.output.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torpor.cli", "up", "--config", str(self.config_path)],
+                [sys.executable, "-m", "assembly.cli", "up", "--config", str(self.config_path)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=REPO)
 

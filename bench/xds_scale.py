@@ -14,9 +14,9 @@ For each size N, with a fresh control plane and fresh Envoy(s), this prints:
       the resources were built, each Envoy's VmRSS, and the RouteConfiguration's size.
 
 A benchmark prints figures; it never passes or fails on time. It stands alone with the
-torpor package (no tests.support): it reuses xds_server.* and torpor.gateway, and wires
-them itself. Everything listens on 127.0.0.1; every process it starts is stopped in a
-finally block; every wait has a deadline.
+torpor package (of tests.support only the port reservation): it reuses xds_server.* and
+torpor.gateway, and wires them itself. Everything listens on 127.0.0.1; every process it
+starts is stopped in a finally block; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -65,10 +64,15 @@ ALL_TYPES = frozenset(types.SHORT_NAMES.values())
 
 
 def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (Envoy's ports must be chosen up front)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A port reserved for this run outside the kernel's ephemeral range (Envoy's ports must
+    be chosen up front; the tests' one reservation, tests/support/net.py: a port found free
+    by binding port 0 races)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    if repo not in sys.path:
+        sys.path.insert(0, repo)  # tests.support is not installed with torpor
+    from tests.support.net import free_port as reserved_port
+
+    return reserved_port()
 
 
 def rss_kb(pid: int | str = "self") -> int:

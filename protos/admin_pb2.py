@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0ftorpor.admin.v1\"\x15\n\x13ListServicesRequest\"Z\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.torpor.admin.v1.ServiceStatus\x12\x10\n\x08problems\x18\x02 \x03(\t\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10HibernateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\nTransition\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x12\n\nfrom_state\x18\x02 \x01(\t\x12\x10\n\x08to_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x96\x02\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\x05\x12\x19\n\x11recorded_replicas\x18\x06 \x01(\x05\x12\x17\n\x0fready_endpoints\x18\x07 \x03(\t\x12\x16\n\tlast_call\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12,\n\x07history\x18\x0b \x03(\x0b\x32\x1b.torpor.admin.v1.TransitionB\x0c\n\n_last_call2\xcc\x02\n\x05\x41\x64min\x12[\n\x0cListServices\x12$.torpor.admin.v1.ListServicesRequest\x1a%.torpor.admin.v1.ListServicesResponse\x12P\n\nGetService\x12\".torpor.admin.v1.GetServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12N\n\tHibernate\x12!.torpor.admin.v1.HibernateRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12\x44\n\x04Wake\x12\x1c.torpor.admin.v1.WakeRequest\x1a\x1e.torpor.admin.v1.ServiceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0ftorpor.admin.v1\"\x15\n\x13ListServicesRequest\"Z\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.torpor.admin.v1.ServiceStatus\x12\x10\n\x08problems\x18\x02 \x03(\t\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10HibernateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11WaitRoutedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\nTransition\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x12\n\nfrom_state\x18\x02 \x01(\t\x12\x10\n\x08to_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x96\x02\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\x05\x12\x19\n\x11recorded_replicas\x18\x06 \x01(\x05\x12\x17\n\x0fready_endpoints\x18\x07 \x03(\t\x12\x16\n\tlast_call\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12,\n\x07history\x18\x0b \x03(\x0b\x32\x1b.torpor.admin.v1.TransitionB\x0c\n\n_last_call2\x9e\x03\n\x05\x41\x64min\x12[\n\x0cListServices\x12$.torpor.admin.v1.ListServicesRequest\x1a%.torpor.admin.v1.ListServicesResponse\x12P\n\nGetService\x12\".torpor.admin.v1.GetServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12N\n\tHibernate\x12!.torpor.admin.v1.HibernateRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12\x44\n\x04Wake\x12\x1c.torpor.admin.v1.WakeRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12P\n\nWaitRouted\x12\".torpor.admin.v1.WaitRoutedRequest\x1a\x1e.torpor.admin.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HIBERNATEREQUEST']._serialized_end=221
   _globals['_WAKEREQUEST']._serialized_start=223
   _globals['_WAKEREQUEST']._serialized_end=250
-  _globals['_TRANSITION']._serialized_start=252
-  _globals['_TRANSITION']._serialized_end=330
-  _globals['_SERVICESTATUS']._serialized_start=333
-  _globals['_SERVICESTATUS']._serialized_end=611
-  _globals['_ADMIN']._serialized_start=614
-  _globals['_ADMIN']._serialized_end=946
+  _globals['_WAITROUTEDREQUEST']._serialized_start=252
+  _globals['_WAITROUTEDREQUEST']._serialized_end=285
+  _globals['_TRANSITION']._serialized_start=287
+  _globals['_TRANSITION']._serialized_end=365
+  _globals['_SERVICESTATUS']._serialized_start=368
+  _globals['_SERVICESTATUS']._serialized_end=646
+  _globals['_ADMIN']._serialized_start=649
+  _globals['_ADMIN']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,12 @@ class WakeRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class WaitRoutedRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class Transition(_message.Message):
     __slots__ = ("at", "from_state", "to_state", "reason")
     AT_FIELD_NUMBER: _ClassVar[int]

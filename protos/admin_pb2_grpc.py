@@ -55,6 +55,11 @@ class AdminStub:
                 request_serializer=protos_dot_admin__pb2.WakeRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ServiceStatus.FromString,
                 _registered_method=True)
+        self.WaitRouted = channel.unary_unary(
+                '/torpor.admin.v1.Admin/WaitRouted',
+                request_serializer=protos_dot_admin__pb2.WaitRoutedRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ServiceStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -89,6 +94,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitRouted(self, request, context):
+        """Returns once every Envoy of this control plane sends the service's traffic to its
+        replicas (ACTIVE with a ready replica, pushed and applied): what a standalone
+        activator's HTTP/2 holder waits for before Envoy replays a held request.
+        UNAVAILABLE (or DEADLINE_EXCEEDED) when that could not be confirmed in time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +125,11 @@ def add_AdminServicer_to_server(servicer, server):
             'Wake': grpc.unary_unary_rpc_method_handler(
                     servicer.Wake,
                     request_deserializer=protos_dot_admin__pb2.WakeRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ServiceStatus.SerializeToString,
+            ),
+            'WaitRouted': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitRouted,
+                    request_deserializer=protos_dot_admin__pb2.WaitRoutedRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ServiceStatus.SerializeToString,
             ),
     }
@@ -221,6 +241,33 @@ class Admin:
             target,
             '/torpor.admin.v1.Admin/Wake',
             protos_dot_admin__pb2.WakeRequest.SerializeToString,
+            protos_dot_admin__pb2.ServiceStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitRouted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.admin.v1.Admin/WaitRouted',
+            protos_dot_admin__pb2.WaitRoutedRequest.SerializeToString,
             protos_dot_admin__pb2.ServiceStatus.FromString,
             options,
             channel_credentials,

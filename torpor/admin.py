@@ -36,3 +36,9 @@ class ServiceAdmin(Protocol):
     async def wake(self, name: str) -> ServiceStatus:
         """Wake a sleeping service now; returns its new status."""
         ...
+
+    async def wait_routed(self, name: str) -> ServiceStatus:
+        """Return once every Envoy of the control plane sends `name`'s traffic to its
+        replicas (a standalone activator's HTTP/2 holder waits for this before Envoy
+        replays a held request); raises TorporError when that cannot be confirmed."""
+        ...

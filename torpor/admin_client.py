@@ -74,6 +74,13 @@ def wake(address: str, name: str, timeout: float = 300.0) -> dict[str, Any]:
     return status_from_message(_invoke(address, "Wake", request, timeout, name))
 
 
+def wait_routed(address: str, name: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Return once every Envoy of the control plane at `address` routes `name` to its
+    replicas; its status dict. Raises AdminError when that could not be confirmed."""
+    request = admin_pb2.WaitRoutedRequest(name=name)
+    return status_from_message(_invoke(address, "WaitRouted", request, timeout, name))
+
+
 def status_from_message(message: Any) -> dict[str, Any]:
     """admin_pb2.ServiceStatus → the dict of `ServiceStatus.to_json()`."""
     try:

@@ -1,8 +1,8 @@
 """Plain data of the service model and its state machine.
 
-Owns: what a service record holds, which state changes are allowed, and how a change is
-written into a record's history. Must not do I/O: the store persists records, the
-reconciler and the activator decide when to change them.
+Owns: what a service record holds, which state changes are allowed at all (the graph), and
+how a change is written into a record's history. Must not do I/O nor choose a next state:
+the store persists records, torpor.lifecycle decides and carries out every change.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ class ServiceState(enum.StrEnum):
 
 S = ServiceState
 
-#: Allowed state changes. WAKING may fall back to HIBERNATED when a wake fails, and a
-#: hibernation that could not complete returns to ACTIVE.
+#: The edges of the state graph: a record refuses any other change. Which edge is taken on
+#: which event is torpor.lifecycle.transitions' table, whose edges are exactly these (a
+#: test checks). WAKING falls back to HIBERNATED when a wake fails; a hibernation that could
+#: not complete returns to ACTIVE; a wake may take over a hibernation a crash left half-done.
 ALLOWED_TRANSITIONS: Mapping[ServiceState, frozenset[ServiceState]] = {
     S.ACTIVE: frozenset({S.HIBERNATING}),
-    S.HIBERNATING: frozenset({S.HIBERNATED, S.ACTIVE}),
+    S.HIBERNATING: frozenset({S.HIBERNATED, S.ACTIVE, S.WAKING}),
     S.HIBERNATED: frozenset({S.EVICTED, S.WAKING}),
     S.EVICTED: frozenset({S.WAKING}),
-    S.WAKING: frozenset({S.ACTIVE, S.HIBERNATED, S.EVICTED}),
+    S.WAKING: frozenset({S.ACTIVE, S.HIBERNATED}),
 }
 
 #: How many transitions a record keeps; older ones are dropped (status shows the recent ones).

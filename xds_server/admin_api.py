@@ -96,7 +96,7 @@ class AdminServicer:
     """Implements the Admin service of protos/admin.proto on top of a ServiceAdmin.
 
     Registered with `admin_pb2_grpc.add_AdminServicer_to_server`, which only needs the
-    four methods; it does not subclass the generated (untyped) AdminServicer.
+    five methods; it does not subclass the generated (untyped) AdminServicer.
     """
 
     def __init__(self, admin: ServiceAdmin) -> None:
@@ -120,6 +120,12 @@ class AdminServicer:
     async def Wake(self, request: Any, context: Any) -> Any:
         name = await self._required_name(request, context)
         status = await self._call("Wake", name, context, lambda: self._admin.wake(name))
+        return status_to_message(status)
+
+    async def WaitRouted(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        status = await self._call("WaitRouted", name, context,
+                                  lambda: self._admin.wait_routed(name))
         return status_to_message(status)
 
     @staticmethod

@@ -31,7 +31,7 @@ from h2.events import (
 from prometheus_client import REGISTRY
 
 from activator.h2_holder import RETRY_HEADER, H2Holder, grpc_message
-from activator.holding import HeldRequests
+from activator.holding import HeldRequests, Holding, Lookup, ServiceLookup
 from torpor.config import ServiceConfig
 from torpor.errors import TorporError, WakeFailedError
 from torpor.model import Endpoint
@@ -240,11 +240,12 @@ class Harness:
         self._channels: list[grpc.aio.Channel] = []
 
     async def start(self, wake_timeout: float = 30.0, max_held: int = 100,
-                    after_wake: Callable[[str], Awaitable[None]] | None = None) -> H2Holder:
+                    after_wake: Callable[[str], Awaitable[None]] | None = None,
+                    find: Lookup | None = None) -> H2Holder:
         self.held = HeldRequests(max_per_service=max_held)
-        self.holder = H2Holder(lookup, self.waker, self.held, wake_timeout,
-                               after_wake=after_wake or self.after_wake,
-                               on_held=self.held_names.append)
+        holding = Holding(self.held, self.waker, wake_timeout, on_held=self.held_names.append)
+        self.holder = H2Holder(find or ServiceLookup(lookup), holding,
+                               after_wake=after_wake or self.after_wake)
         self.port = await asyncio.wait_for(self.holder.start("127.0.0.1", 0), DEADLINE)
         return self.holder
 
@@ -319,6 +320,46 @@ async def test_unknown_authority_raw(harness: Harness) -> None:
     body = client.bodies[plain_stream].decode()
     assert body == "no torpor service is configured for host 'nobody.localhost'\n"
     assert headers["content-length"] == str(len(body))
+
+
+async def test_unknown_authority_is_looked_up_again_after_a_refresh(harness: Harness) -> None:
+    """A service discovered a moment ago is found on its first gRPC request; the refresh
+    runs in the stream's task, so the connection's other streams go on meanwhile."""
+    late = ServiceConfig(name="late", host="late.localhost")
+    known = dict(SERVICES)
+    refreshes: list[str] = []
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def on_miss() -> None:
+        refreshes.append("refresh")
+        entered.set()
+        await release.wait()
+        known[late.host] = late
+
+    def by_host(authority: str) -> ServiceConfig | None:
+        return known.get(authority.rsplit(":", 1)[0].lower())
+
+    await harness.start(find=ServiceLookup(by_host, on_miss))
+    client = await harness.raw()
+    late_stream = await client.request("late.localhost:8080")
+    await asyncio.wait_for(entered.wait(), DEADLINE)
+
+    harness.waker.wake_up("svc")  # a known service is answered while the refresh runs
+    assert (await client.answer(await client.request("svc.localhost")))[RETRY_HEADER] == "1"
+    assert late_stream not in client.responses
+
+    release.set()
+    await harness.waker.until(lambda: "late" in harness.waker.calls)
+    harness.waker.wake_up("late")
+    headers = await client.answer(late_stream)
+    assert headers[":status"] == "503" and headers[RETRY_HEADER] == "1"
+    assert refreshes == ["refresh"] and harness.held_names == ["svc", "late"]
+
+    nobody = await client.request("nobody.localhost")  # still unknown after a refresh
+    headers = await client.answer(nobody)
+    assert headers[":status"] == "404" and headers["grpc-status"] == "5"
+    assert refreshes == ["refresh", "refresh"]
 
 
 # --- held, then "replay me" ------------------------------------------------------------------

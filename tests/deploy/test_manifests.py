@@ -31,7 +31,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 import torpor.metrics  # noqa: F401  (registers every torpor metric)
-from torpor import cli
+from assembly import cli
 from torpor.config import Address, load_config
 from torpor.gateway import envoy_binary
 
@@ -58,10 +58,10 @@ BOOTSTRAPS = {
 }
 
 #: First-party packages: where Kubernetes client calls and imports are looked for.
-PACKAGES = ("torpor", "xds_server", "activator", "policies", "protos")
+PACKAGES = ("torpor", "xds_server", "activator", "policies", "protos", "assembly")
 
 #: The processes that call the Kubernetes API: the `torpor` verb (handler `_<verb>` in
-#: torpor/cli.py), and in base/gateway/trial the ServiceAccount its Deployment runs as.
+#: assembly/cli.py), and in base/gateway/trial the ServiceAccount its Deployment runs as.
 #: Both run torpor/workloads/ (the activator wakes services itself in fleet mode).
 KUBE_PROCESSES = {"xds-server": "torpor-control-plane", "activator": "torpor-activator"}
 #: Deployment (gateway layouts) or container (sidecar) → the verb it runs.
@@ -435,13 +435,13 @@ def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
 
 def modules_run_by(verb: str) -> set[Path]:
     """The first-party source files `torpor VERB` can run: what its handler in
-    torpor/cli.py imports, and everything those import, transitively."""
-    cli_tree = ast.parse((ROOT / "torpor" / "cli.py").read_text(encoding="utf-8"))
+    assembly/cli.py imports, and everything those import, transitively."""
+    cli_tree = ast.parse((ROOT / "assembly" / "cli.py").read_text(encoding="utf-8"))
     handler = "_" + verb.replace("-", "_")
     (function,) = [n for n in ast.walk(cli_tree)
                    if isinstance(n, ast.FunctionDef) and n.name == handler]
-    todo = _imports(function, "torpor.cli", is_package=False)
-    assert todo, f"torpor/cli.py {handler} imports nothing: is this test out of date?"
+    todo = _imports(function, "assembly.cli", is_package=False)
+    assert todo, f"assembly/cli.py {handler} imports nothing: is this test out of date?"
     seen: dict[str, Path] = {}
     while todo:
         module = todo.pop()

@@ -30,11 +30,16 @@ async def test_restart_does_not_disturb_traffic(
     alpha, beta, beta2 = await start_backends("alpha", "beta", "beta2")
     workloads = FixedWorkloads({"alpha": (alpha.endpoint,), "beta": (beta.endpoint,)})
 
-    def control_plane() -> ControlPlane:
+    stores: list[SqliteStore] = []
+
+    async def control_plane() -> ControlPlane:
+        """A control plane on its own (opened) store, as its assembly would give it."""
         store = SqliteStore(config.store.path or tmp_path / "state.db")
+        await store.open()
+        stores.append(store)
         return ControlPlane(config, store, workloads, serve_metrics=False)
 
-    first = control_plane()
+    first = await control_plane()
     await first.start()
     envoy = envoys(config.control_plane.xds.port, "restart")
     url = f"http://{config.gateway.listen}/"
@@ -65,7 +70,7 @@ async def test_restart_does_not_disturb_traffic(
             during_outage = answered
             await wait_until(lambda: answered > during_outage + 100, 10,
                              "traffic while the control plane is down")
-            second = control_plane()
+            second = await control_plane()
             await second.start()
             await wait_until(lambda: bool(second and second.ads.streams()), 15,
                              "Envoy reconnected to the new control plane")
@@ -83,6 +88,8 @@ async def test_restart_does_not_disturb_traffic(
         stop.set()
         if second is not None:
             await second.stop()
+        for store in stores:
+            await store.close()
         for backend in (alpha, beta, beta2):
             await backend.stop()
     assert not failures, failures[:10]

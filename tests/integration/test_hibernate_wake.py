@@ -189,7 +189,7 @@ async def test_no_request_fails_under_load_across_hibernate_and_wake(start_up: A
         await wait_until(lambda: answered >= 25, 20, "load running")
         result = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "torpor.cli", "hibernate", "steady", "--config",
+            [sys.executable, "-m", "assembly.cli", "hibernate", "steady", "--config",
              str(up.config_path)], capture_output=True, timeout=120)
         assert result.returncode == 0, result.stderr.decode()
         # The load keeps coming: the activator holds it and wakes the service again.

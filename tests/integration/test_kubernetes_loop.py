@@ -133,7 +133,7 @@ async def test_api_errors_leave_a_consistent_state(kube: FakeKube, start_up: Any
     _, config = await start_up(kube_service_yaml("guarded", NS))
     kube.inject(403, verb="patch", resource="deployments", subresource="scale", times=1)
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "torpor.cli", "hibernate", "guarded",
+        subprocess.run, [sys.executable, "-m", "assembly.cli", "hibernate", "guarded",
                          "--config", str(config.path)], capture_output=True, timeout=60)
     assert result.returncode != 0
     assert b"403" in result.stderr and b"Forbidden" in result.stderr, result.stderr
@@ -178,7 +178,7 @@ async def test_discovery_and_a_lost_store(kube: FakeKube, start_up: Any,
     async def reported() -> bool:
         nonlocal out
         out = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "torpor.cli", "status", "--config",
+            subprocess.run, [sys.executable, "-m", "assembly.cli", "status", "--config",
                              str(config.path)], capture_output=True, timeout=30, text=True)
         return "torpor.io/never-sleep" in out.stdout
     await wait_until(reported, 15, "the bad annotation in torpor status")

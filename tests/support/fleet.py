@@ -116,7 +116,7 @@ services:
         return path
 
     def _proc(self, name: str, verb: str, config: Path, *extra: str) -> Proc:
-        argv = [sys.executable, "-m", "torpor.cli", verb, "--config", str(config),
+        argv = [sys.executable, "-m", "assembly.cli", verb, "--config", str(config),
                 "--log-level", "info", *extra]
         return Proc(name, argv, self.tmp / f"{name}.log")
 

@@ -27,7 +27,7 @@ class Up:
         self._offset = len(self.text()) if self.output.exists() else 0
         with self.output.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torpor.cli", "up", "--config", str(self.config_path)],
+                [sys.executable, "-m", "assembly.cli", "up", "--config", str(self.config_path)],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -67,7 +67,7 @@ async def stop_all(runners: list[Up]) -> None:
 
 def status_json(config_path: Path) -> list[dict[str, object]]:
     out = subprocess.run(
-        [sys.executable, "-m", "torpor.cli", "status", "--json", "--config", str(config_path)],
+        [sys.executable, "-m", "assembly.cli", "status", "--json", "--config", str(config_path)],
         capture_output=True, timeout=30,
     )
     assert out.returncode == 0, out.stderr.decode()

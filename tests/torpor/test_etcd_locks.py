@@ -22,18 +22,18 @@ import aiohttp
 import pytest
 from aetcd import rpc
 
-from activator.waker import Waker
 from tests.support.etcd import EtcdServer
 from tests.support.net import wait_until
 from tests.support.workloads import SimulatedWorkloads
 from torpor.errors import WakeFailedError
 from torpor.etcd.connection import EtcdConnection, StoreUnavailableError
 from torpor.etcd.session import EtcdSession
+from torpor.lifecycle.records import change_state
+from torpor.lifecycle.wake import Waker
 from torpor.locks import LockTimeoutError, lock_key
 from torpor.locks.etcd import EtcdLocks
 from torpor.model import ServiceRecord, ServiceState
 from torpor.store.etcd import EtcdStore
-from torpor.transitions import change_state
 
 S = ServiceState
 PREFIX = "/torpor-test/"

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.net import free_port
 from torpor import admin_client
 from torpor.admin_client import AdminError, format_status_table
 from torpor.errors import (
@@ -103,12 +104,6 @@ async def served() -> AsyncIterator[tuple[str, FakeAdmin]]:
         yield f"127.0.0.1:{port}", fake
     finally:
         await server.stop(None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_list_returns_contract_fields_with_types(served: tuple[str, FakeAdmin]) -> None:

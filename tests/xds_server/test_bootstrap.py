@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from torpor import cli
+from assembly import cli
 from torpor.config import Address, Config, load_config
 from torpor.gateway import envoy_binary
 from xds_server.bootstrap import bootstrap, bootstrap_json

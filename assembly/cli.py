@@ -13,11 +13,15 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from torpor import admin_client
 from torpor.config import Address, Config, load_config
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
+
+if TYPE_CHECKING:  # the handlers import what their verb runs, and nothing more
+    from assembly.components import Assembly
 
 DEFAULT_CONFIG = "torpor.yaml"
 
@@ -94,43 +98,34 @@ def _host_port(text: str) -> Address:
 
 
 def _up(args: argparse.Namespace, config: Config) -> int:
-    from torpor.up import run_up
+    from assembly.up import run_up
 
     return asyncio.run(run_up(config))
 
 
 def _xds_server(args: argparse.Namespace, config: Config) -> int:
-    from torpor.coordination import open_coordination
-    from torpor.workloads import make_workloads
-    from xds_server.control_plane import ControlPlane
+    from assembly.components import Assembly, Role
 
-    async def run() -> int:
-        fleet = open_coordination(config, args.member)
-        await fleet.open()
-        control_plane = ControlPlane(config, fleet.store, make_workloads(config),
-                                     locks=fleet.locks, election=fleet.election,
-                                     registry=fleet.registry)
-        try:
-            await control_plane.start()
-            await _until_signal()
-        finally:
-            await control_plane.stop()
-            await fleet.close()  # revokes this process's lease: its leadership goes at once
-        return 0
-
-    return asyncio.run(run())
+    return _run_role(Assembly(config, Role.XDS_SERVER, member=args.member))
 
 
 def _activator(args: argparse.Namespace, config: Config) -> int:
-    from activator.standalone import StandaloneActivator
+    from assembly.components import Assembly, Role
+
+    return _run_role(Assembly(config, Role.ACTIVATOR, member=args.member,
+                              advertise=args.advertise))
+
+
+def _run_role(assembly: Assembly) -> int:
+    """Run one component until SIGINT/SIGTERM; a clean stop revokes this process's lease,
+    so its leadership, locks and registration go at once."""
 
     async def run() -> int:
-        activator = StandaloneActivator(config, member=args.member, advertise=args.advertise)
         try:
-            await activator.start()
+            await assembly.start()
             await _until_signal()
         finally:
-            await activator.stop()
+            await assembly.close()
         return 0
 
     return asyncio.run(run())

@@ -1,9 +1,10 @@
-"""Writing a state change: the one path by which a service changes state.
+"""Writing a state change: the one path by which a service record changes state.
 
-Owns what every transition produces, whoever makes it (reconciler, waker, start-up repair):
-an entry in the record's history written to the store with compare-and-set, one structured
-log line with the service name, and the state metrics. Must not decide *whether* to change
-state; callers hold the service's lock and decide.
+Owns what every transition produces, whoever makes it (hibernation, wake, repair): an entry
+in the record's history written to the store with compare-and-set, one structured log line
+with the service name, and the state metrics; and the record of a service seen for the first
+time. Must not decide *whether* or *where* to change state: transitions.py does, and the
+procedures that call `change_state` hold the service's lock.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 from typing import Any
 
 from torpor import metrics
+from torpor.lifecycle.transitions import initial_state
 from torpor.logs import event
-from torpor.model import ServiceRecord, ServiceState
+from torpor.model import ServiceRecord, ServiceState, Transition
 from torpor.store.base import Store
 
 log = logging.getLogger("torpor.transitions")
@@ -34,6 +36,20 @@ async def change_state(store: Store, record: ServiceRecord, to: ServiceState, re
     metrics.set_service_state(record.name, to, stored.recorded_replicas)
     metrics.SERVICE_TRANSITIONS.labels(service=record.name, to_state=to.value).inc()
     return stored
+
+
+def first_record(name: str, configured: int, running: int, sleeping: int | None,
+                 now: float) -> ServiceRecord:
+    """The record of a service seen for the first time: ACTIVE with the replicas running
+    now (a Deployment) or configured; HIBERNATED with the count the workload recorded at an
+    earlier hibernation (a Deployment's annotation outlives a lost store)."""
+    record = ServiceRecord.new(name, running or configured, now)
+    if initial_state(running, sleeping) is ServiceState.ACTIVE or sleeping is None:
+        return record
+    found = Transition(at=now, from_state=None, to_state=ServiceState.HIBERNATED,
+                       reason="found scaled to 0 by torpor (recorded-replicas annotation)")
+    return dataclasses.replace(record, state=ServiceState.HIBERNATED, desired_replicas=0,
+                               recorded_replicas=sleeping, history=(found,))
 
 
 def last_woken(record: ServiceRecord) -> float | None:

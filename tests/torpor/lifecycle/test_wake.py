@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from activator.waker import Waker
 from tests.support.workloads import SimulatedWorkloads
 from torpor.errors import UnknownServiceError, WakeFailedError
+from torpor.lifecycle.transitions import Event
+from torpor.lifecycle.wake import Waker
 from torpor.locks import LocalLocks, lock_key
 from torpor.model import ServiceRecord, ServiceState
 from torpor.store.sqlite import SqliteStore
@@ -128,3 +129,29 @@ async def test_unknown_service(store: SqliteStore) -> None:
     waker = Waker(store, SimulatedWorkloads({}), LocalLocks(), wake_timeout=1)
     with pytest.raises(UnknownServiceError):
         await waker.wake("ghost", "r")
+
+
+async def test_a_wake_takes_over_a_hibernation_a_crash_left_half_done(
+        store: SqliteStore) -> None:
+    """HIBERNATING under a free lock: its hibernator is gone. The wake goes through WAKING
+    like any other (the table's HIBERNATING/WAKE row)."""
+    record = ServiceRecord.new("h", 2, 1000.0)
+    await store.put(record.with_state(S.HIBERNATING, 1001.0, "crashed half-way"))
+    workloads = SimulatedWorkloads({"h": 0.0})
+    await Waker(store, workloads, LocalLocks(), wake_timeout=5).wake("h", "first request")
+    stored = await store.get("h")
+    assert stored is not None and stored.state is S.ACTIVE
+    assert [t.to_state for t in stored.history][-3:] == [S.HIBERNATING, S.WAKING, S.ACTIVE]
+    assert workloads.calls == [("h", 2)]
+
+
+async def test_prewake_wakes_a_sleeping_service_and_leaves_an_awake_one_alone(
+        store: SqliteStore) -> None:
+    await sleeping(store, "p", recorded=2)
+    workloads = SimulatedWorkloads({"p": 0.0})
+    waker = Waker(store, workloads, LocalLocks(), wake_timeout=5)
+    assert len(await waker.wake("p", "predicted call", cause=Event.PREWAKE)) >= 1
+    stored = await store.get("p")
+    assert stored is not None and stored.state is S.ACTIVE
+    await waker.wake("p", "predicted call", cause=Event.PREWAKE)
+    assert workloads.calls == [("p", 2)]  # awake: no second scale

@@ -1,32 +1,25 @@
 """`torpor up`: the whole gateway on one machine, in the foreground.
 
-Owns the start and stop order: ports checked before anything starts; then the control
-plane (which loads state, starts replicas and only then serves xDS), the activator, and an
-Envoy bootstrapped to the control plane. On SIGINT/SIGTERM, or if Envoy dies, everything
-started here is stopped: Envoy first (no more traffic), then the activator, then the
-control plane and every replica it started.
+Owns what `up` adds to the assembly (components.py, Role.UP): ports checked before
+anything starts, start-up progress for a person, and running until SIGINT/SIGTERM or until
+Envoy dies. The assembly starts the control plane (which loads state, starts replicas and
+only then serves xDS), the activator and an Envoy bootstrapped to the control plane, and
+stops them in reverse: Envoy first (no more traffic), then the activator, then the control
+plane, the store and every replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import TextIO
 
-from activator.server import ActivatorServer
-from torpor.advertise import advertised_activator_host
+from assembly.components import Assembly, Role
 from torpor.config import Config
-from torpor.coordination import open_coordination
 from torpor.errors import TorporError
-from torpor.gateway import EnvoyProcess
-from torpor.model import Endpoint
-from torpor.workloads import make_workloads
-from xds_server.bootstrap import bootstrap
 from xds_server.control_plane import ControlPlane
 
 #: How long `up` shows start-up progress before it stops waiting for slow services.
@@ -59,31 +52,12 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop_on, stop, sig, out)
 
-    fleet = open_coordination(config)
-    await fleet.open()
-    control_plane = ControlPlane(config, fleet.store, make_workloads(config),
-                                 locks=fleet.locks, election=fleet.election,
-                                 registry=fleet.registry)
-    # One process, one waker: the activator and `torpor wake` share the control plane's.
-    activator = ActivatorServer(config, control_plane.waker, catalog=control_plane.catalog,
-                                on_held=control_plane.collector.note_held,
-                                after_wake=control_plane.wait_routed)
-    envoy: EnvoyProcess | None = None
+    gateway = Assembly(config, Role.UP, logs=logs)
     try:
-        ports = await control_plane.start()
-        say(out, f"control plane: xDS on {config.control_plane.xds.host}:{ports.xds}, "
-                 f"admin API on {config.control_plane.admin_api}, "
-                 f"metrics on http://{config.control_plane.metrics}/metrics")
-        await activator.start()
-        if fleet.registry is not None:  # store: etcd — other control planes list it too
-            host = advertised_activator_host(config.activator)
-            await fleet.registry.register(Endpoint(host, activator.port),
-                                          Endpoint(host, activator.port_h2))
-        envoy = await start_envoy(config, ports.xds, logs)
-        say(out, f"envoy: listening on http://{config.gateway.listen}, "
-                 f"admin on http://{config.gateway.admin} (log: {logs / 'envoy.log'})")
-        envoy_exit = asyncio.create_task(envoy.wait_exit())
-        progress = asyncio.create_task(show_progress(control_plane, config, out))
+        await gateway.start(lambda text: say(out, text))
+        assert gateway.envoy is not None and gateway.control_plane is not None
+        envoy_exit = asyncio.create_task(gateway.envoy.wait_exit())
+        progress = asyncio.create_task(show_progress(gateway.control_plane, config, out))
         stop_wait = asyncio.create_task(stop.wait())
         await asyncio.wait({envoy_exit, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         progress.cancel()
@@ -96,30 +70,9 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
         say(out, "stopping...")
         return 0
     finally:
-        if envoy is not None:
-            await envoy.stop()
-        await activator.stop()
         with contextlib.suppress(Exception):
-            await control_plane.stop()
-        with contextlib.suppress(Exception):
-            await fleet.close()
+            await gateway.close()
         say(out, "stopped; no process left running")
-
-
-async def start_envoy(config: Config, xds_port: int, logs: Path) -> EnvoyProcess:
-    xds = config.control_plane.xds
-    boot = bootstrap(config.control_plane.node_id, config.gateway.admin,
-                     type(xds)(xds.host, xds_port))
-    path = logs / "envoy-bootstrap.json"
-    path.write_text(json.dumps(boot, indent=2))
-    envoy = EnvoyProcess(path, logs / "envoy.log", config.gateway.admin)
-    await envoy.start()
-    try:
-        await envoy.wait_ready(timeout=60)
-    except BaseException:
-        await envoy.stop()
-        raise
-    return envoy
 
 
 async def show_progress(control_plane: ControlPlane, config: Config, out: TextIO) -> None:

@@ -1,6 +1,6 @@
-"""The reconciler with a real sqlite store, simulated replicas and a recording push:
-make-before-break order, abandoning a hibernation Envoy did not apply, eviction, the
-policy pass with an injected clock, and start-up repair."""
+"""The hibernation procedures with a real sqlite store, simulated replicas and a recording
+push: make-before-break order, abandoning a hibernation Envoy did not apply, eviction,
+start-up repair; and the policy loop that drives them, with an injected clock."""
 
 from __future__ import annotations
 
@@ -11,20 +11,22 @@ import pytest
 
 from tests.support.configs import model_service, write_config
 from tests.support.workloads import SimulatedWorkloads
+from torpor.catalog import ServiceCatalog
 from torpor.clock import ManualClock
 from torpor.config import Config, load_config
 from torpor.errors import InvalidTransitionError
+from torpor.lifecycle.hibernation import Hibernation
 from torpor.locks import LocalLocks
 from torpor.model import ServiceRecord, ServiceState
 from torpor.store.sqlite import SqliteStore
 from xds_server.collector import CallCollector
-from xds_server.reconciler import Reconciler, policy_settings
+from xds_server.policy_loop import PolicyLoop, policy_settings
 
 S = ServiceState
 
 
 class Table:
-    """What the control plane gives the reconciler: its records, apply, and push."""
+    """What the control plane gives the procedures: its records, apply, and push."""
 
     def __init__(self, workloads: SimulatedWorkloads, acked: bool = True) -> None:
         self.records: dict[str, ServiceRecord] = {}
@@ -55,6 +57,20 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[Config, SqliteStore, Manu
     await store.close()
 
 
+class Reconciler:
+    """The procedures and the policy loop over one table, as a control plane wires them."""
+
+    def __init__(self, hibernation: Hibernation, policy: PolicyLoop, table: Table) -> None:
+        self.hibernate = hibernation.hibernate
+        self.evict = hibernation.evict
+        self.check = policy.check
+        self._hibernation = hibernation
+        self._table = table
+
+    async def repair(self) -> None:
+        await self._hibernation.repair(self._table.records.values())
+
+
 async def make(setup: tuple[Config, SqliteStore, ManualClock], acked: bool = True
                ) -> tuple[Reconciler, Table, SimulatedWorkloads, CallCollector]:
     config, store, clock = setup
@@ -66,8 +82,11 @@ async def make(setup: tuple[Config, SqliteStore, ManualClock], acked: bool = Tru
         table.apply(record)
         await workloads.scale(service.name, service.replicas)
         collector.ensure(service.name, record.created_at)
-    reconciler = Reconciler(config, store, workloads, LocalLocks(), collector, clock,
-                            lambda: table.records, table.apply, table.push)
+    hibernation = Hibernation(store, workloads, LocalLocks(), table, collector, clock,
+                              lock_wait=5.0, on_record=table.apply)
+    policy = PolicyLoop(config, ServiceCatalog(config.services), lambda: table.records,
+                        collector, hibernation, clock)
+    reconciler = Reconciler(hibernation, policy, table)
     return reconciler, table, workloads, collector
 
 

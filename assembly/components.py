@@ -1,0 +1,215 @@
+"""One assembly of torpor's components for every process: `torpor up`, `torpor xds-server`
+and `torpor activator`.
+
+Owns which components a role runs, opening each resource once and closing it once, in one
+order: workloads (and discovery), then the store with its locks, election and registry,
+then the control plane, the activator (registered in the fleet once it listens), and last
+Envoy. Closing runs the same list backwards, also after a start that failed half-way: each
+resource is pushed on one exit stack the moment it is open. This is the only code that
+imports both xds_server and activator; the components below never import each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from activator.admin_waker import AdminRouteConfirmation, AdminWaker
+from activator.catalog_mirror import CatalogMirror
+from activator.server import ActivatorServer
+from torpor import metrics
+from torpor.advertise import advertised_activator_host
+from torpor.catalog import ServiceCatalog
+from torpor.config import Config
+from torpor.coordination import Coordination, open_coordination
+from torpor.gateway import EnvoyProcess
+from torpor.lifecycle.ports import Wakes
+from torpor.lifecycle.wake import Waker
+from torpor.logs import event
+from torpor.model import Endpoint
+from torpor.workloads import make_workloads
+from torpor.workloads.base import Discovery, Workloads
+from xds_server.bootstrap import bootstrap
+from xds_server.control_plane import BoundPorts, ControlPlane
+
+log = logging.getLogger("torpor.assembly")
+
+
+class Role(enum.StrEnum):
+    """What one torpor process runs."""
+
+    UP = "up"  # everything on one machine, Envoy included
+    XDS_SERVER = "xds-server"  # the control plane alone
+    ACTIVATOR = "activator"  # the activator alone
+
+
+def wakes_itself(config: Config) -> bool:
+    """Whether a standalone activator wakes services itself (etcd lock + Kubernetes: fleet
+    mode) or asks the control plane (local processes can only be scaled by the control
+    plane that started them)."""
+    return config.store.kind == "etcd" and config.workloads.kind == "kubernetes"
+
+
+class Assembly:
+    """The components of one process, started in order and closed in reverse order."""
+
+    def __init__(self, config: Config, role: Role, member: str | None = None,
+                 advertise: str | None = None, logs: Path | None = None) -> None:
+        """`member`: this process's name in a fleet. `advertise`: where Envoy reaches this
+        activator. `logs`: where `up` writes Envoy's bootstrap and log."""
+        if advertise:
+            config = dataclasses.replace(
+                config, activator=dataclasses.replace(config.activator, advertise=advertise))
+        self.config = config
+        self.role = role
+        self._member = member
+        self._logs = logs or config.log_dir()
+        self.catalog = ServiceCatalog(config.services)
+        self.workloads: Workloads | None = None
+        self.discovery: Discovery | None = None
+        self.coordination: Coordination | None = None
+        self.control_plane: ControlPlane | None = None
+        self.activator: ActivatorServer | None = None
+        self.envoy: EnvoyProcess | None = None
+        self.ports: BoundPorts | None = None
+        self._stack = contextlib.AsyncExitStack()
+
+    @property
+    def runs_control_plane(self) -> bool:
+        return self.role in (Role.UP, Role.XDS_SERVER)
+
+    @property
+    def runs_activator(self) -> bool:
+        return self.role in (Role.UP, Role.ACTIVATOR)
+
+    async def start(self, say: Callable[[str], None] = lambda text: None) -> None:
+        """Open and start everything the role runs; on failure, close what was opened and
+        raise. `say(text)`: progress for a person (`torpor up` prints it)."""
+        try:
+            await self._start(say)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close everything opened, newest first. Idempotent."""
+        await self._stack.aclose()
+
+    async def _start(self, say: Callable[[str], None]) -> None:
+        config = self.config
+        if self.role is Role.ACTIVATOR:
+            self._open_activator_metrics()
+        if self.runs_control_plane or wakes_itself(config):
+            # Before a lease is granted: listing every watched namespace can keep the loop
+            # busy for longer than a short lease TTL.
+            await self._open_workloads()
+        if self.runs_control_plane or config.store.kind == "etcd":
+            self.coordination = open_coordination(config, self._member)
+            await self.coordination.open()
+            self._stack.push_async_callback(self.coordination.close)
+        if self.runs_control_plane:
+            self.ports = await self._start_control_plane()
+            cp = config.control_plane
+            say(f"control plane: xDS on {cp.xds.host}:{self.ports.xds}, admin API on "
+                f"{cp.admin_api}, metrics on http://{cp.metrics}/metrics")
+        if self.runs_activator:
+            await self._start_activator()
+        if self.role is Role.UP:
+            assert self.ports is not None
+            self.envoy = await self._start_envoy(self.ports.xds)
+            say(f"envoy: listening on http://{config.gateway.listen}, admin on "
+                f"http://{config.gateway.admin} (log: {self._logs / 'envoy.log'})")
+
+    def _open_activator_metrics(self) -> None:
+        """A standalone activator serves its own metrics (under `up`, the control plane's
+        endpoint serves the one registry of the process)."""
+        listen = self.config.activator.metrics
+        server, _ = metrics.serve_metrics(listen.host, listen.port)
+        self._stack.push_async_callback(asyncio.to_thread, server.shutdown)
+
+    async def _open_workloads(self) -> None:
+        workloads = make_workloads(self.config)
+        await workloads.start()
+        self.workloads = workloads
+        self._stack.push_async_callback(workloads.close)
+        # Discovered services join the catalog before the first snapshot is built.
+        self.discovery = await workloads.discover(self.catalog)
+        if self.discovery is not None:
+            self._stack.push_async_callback(self.discovery.stop)
+
+    async def _start_control_plane(self) -> BoundPorts:
+        assert self.coordination is not None and self.workloads is not None
+        fleet = self.coordination
+        discovery = self.discovery
+        self.control_plane = ControlPlane(
+            self.config, fleet.store, self.workloads, locks=fleet.locks,
+            catalog=self.catalog, election=fleet.election, registry=fleet.registry,
+            problems=discovery.problems if discovery is not None else list)
+        self._stack.push_async_callback(self.control_plane.stop)
+        return await self.control_plane.start()
+
+    async def _start_activator(self) -> None:
+        """The activator with the waker and flip confirmation the role calls for, then its
+        registration (only a listening activator may be put in Envoy's endpoints)."""
+        waker, confirm, on_miss = await self._activator_parts()
+        cp = self.control_plane
+        self.activator = ActivatorServer(
+            self.config, waker, catalog=self.catalog, after_wake=confirm, on_miss=on_miss,
+            on_held=cp.collector.note_held if cp is not None else None)
+        self._stack.push_async_callback(self.activator.stop)
+        await self.activator.start()
+        await self._register()
+
+    async def _activator_parts(self) -> tuple[Wakes, Callable[[str], Awaitable[None]],
+                                              Callable[[], Awaitable[None]] | None]:
+        """(waker, flip confirmation, refresh on an unknown host) for this role."""
+        config = self.config
+        if self.control_plane is not None:
+            # One process, one waker: the activator and `torpor wake` share it.
+            return self.control_plane.waker, self.control_plane.wait_routed, None
+        admin = str(config.control_plane.admin_api)
+        confirm = AdminRouteConfirmation(admin, config.activator.wake_timeout).wait_routed
+        if wakes_itself(config):
+            assert self.coordination is not None and self.workloads is not None
+            waker = Waker(self.coordination.store, self.workloads, self.coordination.locks,
+                          wake_timeout=config.activator.wake_timeout,
+                          flip_when=config.wake.flip_when)
+            return waker, confirm, None
+        mirror = CatalogMirror(admin, self.catalog)
+        await mirror.start()
+        self._stack.push_async_callback(mirror.stop)
+        return AdminWaker(admin, config.activator.wake_timeout), confirm, mirror.refresh_on_miss
+
+    async def _register(self) -> None:
+        """In a fleet, put this activator in every control plane's activator cluster; the
+        registration goes first at close, so Envoy stops sending here before it stops."""
+        fleet = self.coordination
+        if fleet is None or fleet.registry is None or self.activator is None:
+            return
+        host = advertised_activator_host(self.config.activator)
+        await fleet.registry.register(Endpoint(host, self.activator.port),
+                                      Endpoint(host, self.activator.port_h2))
+        self._stack.push_async_callback(fleet.registry.deregister)
+        event(log, "activator.started", member=fleet.member, host=host,
+              port=self.activator.port, role=self.role.value,
+              wakes_itself=self.role is Role.UP or wakes_itself(self.config))
+
+    async def _start_envoy(self, xds_port: int) -> EnvoyProcess:
+        config = self.config
+        xds = config.control_plane.xds
+        self._logs.mkdir(parents=True, exist_ok=True)
+        boot = bootstrap(config.control_plane.node_id, config.gateway.admin,
+                         type(xds)(xds.host, xds_port))
+        path = self._logs / "envoy-bootstrap.json"
+        path.write_text(json.dumps(boot, indent=2))
+        envoy = EnvoyProcess(path, self._logs / "envoy.log", config.gateway.admin)
+        self._stack.push_async_callback(envoy.stop)
+        await envoy.start()
+        await envoy.wait_ready(timeout=60)
+        return envoy

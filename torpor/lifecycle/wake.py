@@ -1,0 +1,233 @@
+"""The wake procedure: lock → WAKING → scale to the recorded count → ready → ACTIVE.
+
+Owns carrying out the wake steps of transitions.py: doing a wake once however many requests
+ask (single flight within the process, the service lock across processes), and turning how
+it ended (ready, scale failed, timed out) into the table's event, so that a failed wake
+leaves the service HIBERNATED, never stuck in WAKING. Must not hold or proxy requests (the
+activator) nor push Envoy config: whoever routes sees the store change (WAKING re-adds an
+evicted route, ACTIVE flips the endpoints back) and pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from torpor import metrics
+from torpor.clock import Clock, SystemClock
+from torpor.errors import (
+    ConflictError,
+    StoreError,
+    UnknownServiceError,
+    WakeFailedError,
+    WorkloadError,
+)
+from torpor.lifecycle.records import change_state
+from torpor.lifecycle.transitions import Action, Event, Step, decide
+from torpor.locks import LockTimeoutError, ServiceLocks, lock_key
+from torpor.logs import event
+from torpor.model import Endpoint, ServiceRecord
+from torpor.store.base import Store
+from torpor.workloads.base import Workloads
+
+log = logging.getLogger("torpor.waker")
+
+FLIP_WHEN = ("first_ready", "all_ready")
+
+
+class SingleFlight:
+    """One running wake per service; every caller awaits the same one.
+
+    A caller that gives up (deadline, client gone) is cancelled alone: the wake goes on
+    for the others and for the next request.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Future[tuple[Endpoint, ...]]] = {}
+
+    def running(self, name: str) -> bool:
+        return name in self._running
+
+    async def join(self, name: str,
+                   start: Callable[[], Awaitable[tuple[Endpoint, ...]]]) -> tuple[Endpoint, ...]:
+        future = self._running.get(name)
+        if future is None:
+            future = asyncio.ensure_future(start())
+            self._running[name] = future
+            future.add_done_callback(lambda f: self._finished(name, f))
+        return await asyncio.shield(future)
+
+    def _finished(self, name: str, future: asyncio.Future[tuple[Endpoint, ...]]) -> None:
+        if self._running.get(name) is future:
+            del self._running[name]
+        if not future.cancelled():
+            future.exception()  # retrieved: nobody may be left waiting on a failed wake
+
+
+class _Wake:
+    """One wake of one service, under its lock: the record as it goes, and the clock."""
+
+    def __init__(self, record: ServiceRecord, reason: str, started: float,
+                 deadline: float) -> None:
+        self.record = record
+        self.reason = reason
+        self.started = started
+        self.deadline = deadline
+        self.replicas = max(1, record.recorded_replicas)
+        self.scaled = False
+
+
+class Waker:
+    """Wakes services through the store, the workloads and the service lock.
+
+    Implements torpor.lifecycle.ports.Wakes."""
+
+    def __init__(self, store: Store, workloads: Workloads, locks: ServiceLocks, *,
+                 wake_timeout: float, flip_when: str = "first_ready",
+                 clock: Clock | None = None) -> None:
+        if flip_when not in FLIP_WHEN:
+            raise ValueError(f"flip_when must be one of {FLIP_WHEN}, not {flip_when!r}")
+        self._store = store
+        self._workloads = workloads
+        self._locks = locks
+        self._wake_timeout = wake_timeout
+        self._flip_when = flip_when
+        self._clock = clock or SystemClock()
+        self._flights = SingleFlight()
+
+    def waking(self, name: str) -> bool:
+        """Whether a wake of `name` is under way in this process."""
+        return self._flights.running(name)
+
+    async def wake(self, name: str, reason: str,
+                   cause: Event = Event.WAKE) -> tuple[Endpoint, ...]:
+        """Ready endpoints of `name`, waking it first if it sleeps. `cause`: WAKE (a request
+        or `torpor wake`), PREWAKE or VERSION_SHIFT. Raises UnknownServiceError, or
+        WakeFailedError when it did not get ready in time."""
+        return await self._flights.join(name, lambda: self._wake(name, reason, cause))
+
+    async def _wake(self, name: str, reason: str, cause: Event) -> tuple[Endpoint, ...]:
+        started = self._clock.monotonic()
+        try:
+            async with self._locks.hold(lock_key(name), self._wake_timeout):
+                record = await self._store.get(name)
+                if record is None:
+                    raise UnknownServiceError(f"unknown service {name!r}")
+                wake = _Wake(record, reason, started, started + self._wake_timeout)
+                return await self._carry_out(wake, cause)
+        except LockTimeoutError as exc:
+            self._count(name, "failed", started)
+            raise WakeFailedError(f"service {name!r}: {exc}", "failed") from exc
+        except ConflictError as exc:
+            self._count(name, "failed", started)
+            raise WakeFailedError(f"service {name!r}: its record kept changing during the "
+                                  f"wake ({exc})", "failed") from exc
+        except StoreError as exc:
+            # etcd down (or sqlite failing): no wake without the lock and the record.
+            self._count(name, "failed", started)
+            raise WakeFailedError(f"service {name!r} cannot be woken now: the store is "
+                                  f"unavailable ({exc})", "failed") from exc
+
+    async def _carry_out(self, wake: _Wake, cause: Event) -> tuple[Endpoint, ...]:
+        """The table's wake step, then the step of how it ended."""
+        name = wake.record.name
+        step = decide(name, wake.record.state, cause)
+        wake.record = await self._take(wake, step, wake.reason)
+        try:
+            ready = await self._run(wake, step.after)
+        except WorkloadError as exc:
+            await self._end(wake, Event.WAKE_FAILED, f"wake failed: {exc}", "failed")
+            raise WakeFailedError(f"service {name!r}: {exc}", "failed") from exc
+        except TimeoutError as exc:
+            await self._end(wake, Event.WAKE_TIMED_OUT,
+                            f"wake timed out: not ready after {self._wake_timeout:g}s",
+                            "timeout")
+            raise WakeFailedError(
+                f"service {name!r} did not become ready within {self._wake_timeout:g}s "
+                f"({exc})", "timeout") from exc
+        took = self._clock.monotonic() - wake.started
+        done = decide(name, wake.record.state, Event.WAKE_SUCCEEDED)
+        try:
+            await self._take(wake, done, f"{wake.reason}; {len(ready)} ready after {took:.1f}s",
+                             desired_replicas=wake.replicas)
+        except StoreError as exc:
+            # The replicas are ready: serve what is held. The record stays WAKING until
+            # the store is back and the leader's repair sees ready replicas (→ ACTIVE).
+            event(log, "wake.state_write_failed", service=name, error=str(exc),
+                  level=logging.ERROR)
+        self._count(name, "woken", wake.started)
+        return ready
+
+    async def _run(self, wake: _Wake, actions: tuple[Action, ...]) -> tuple[Endpoint, ...]:
+        """The step's effects in order; returns the ready endpoints WAIT_READY found."""
+        ready: tuple[Endpoint, ...] = ()
+        for action in actions:
+            if action is Action.SCALE_UP:
+                event(log, "wake.scaling", service=wake.record.name, replicas=wake.replicas,
+                      flip_when=self._flip_when)
+                await self._workloads.scale(wake.record.name, wake.replicas)
+                wake.scaled = True
+            elif action is Action.WAIT_READY:
+                ready = await self._ready(wake)
+            elif action is Action.SCALE_TO_ZERO:  # giving up: best effort, logged
+                try:
+                    await self._workloads.scale(wake.record.name, 0)
+                except WorkloadError as exc:
+                    event(log, "wake.scale_down_failed", service=wake.record.name,
+                          error=str(exc), level=logging.WARNING)
+            else:  # pragma: no cover - the table gives a wake no other action
+                raise AssertionError(f"a wake cannot {action.value}")
+        return ready
+
+    async def _ready(self, wake: _Wake) -> tuple[Endpoint, ...]:
+        """Wait until enough replicas are ready (all of them with flip_when all_ready, when
+        this wake started them), at most until the wake's deadline."""
+        name = wake.record.name
+        needed = wake.replicas if wake.scaled and self._flip_when == "all_ready" else 1
+        current = self._workloads.ready_endpoints(name)
+        if len(current) >= needed:
+            return current
+        remaining = max(0.0, wake.deadline - self._clock.monotonic())
+        return await self._workloads.wait_ready(name, needed, remaining)
+
+    async def _end(self, wake: _Wake, ended: Event, reason: str, outcome: str) -> None:
+        """How a failed wake leaves the service: the table's step for `ended`, on the record
+        as stored now (HIBERNATED with no replica after a wake that started them, so that a
+        later request tries again from a known state)."""
+        current = await self._store.get(wake.record.name)
+        if current is not None:
+            wake.record = current
+            await self._take(wake, decide(current.name, current.state, ended), reason)
+        self._count(wake.record.name, outcome, wake.started)
+
+    async def _take(self, wake: _Wake, step: Step, reason: str,
+                    **changes: int) -> ServiceRecord:
+        """Carry out `step`'s `before` effects and write its state. The `after` effects
+        are the caller's (they decide how the wake ends)."""
+        if step.before:
+            await self._run(wake, step.before)
+        if step.to is None:
+            return wake.record
+        wake.record = await self._move(wake.record, step, reason, **changes)
+        return wake.record
+
+    async def _move(self, record: ServiceRecord, step: Step, reason: str,
+                    **changes: int) -> ServiceRecord:
+        """change_state, re-reading once if the record changed meanwhile (a status write)."""
+        assert step.to is not None
+        now = self._clock.now()
+        try:
+            return await change_state(self._store, record, step.to, reason, now, **changes)
+        except ConflictError:
+            fresh = await self._store.get(record.name)
+            if fresh is None:
+                raise UnknownServiceError(f"unknown service {record.name!r}") from None
+            return await change_state(self._store, fresh, step.to, reason, now, **changes)
+
+    def _count(self, name: str, outcome: str, started: float) -> None:
+        took = self._clock.monotonic() - started
+        metrics.WAKE_OUTCOMES.labels(service=name, outcome=outcome).inc()
+        metrics.WAKE_DURATION.labels(outcome=outcome).observe(took)
+        event(log, "wake.finished", service=name, outcome=outcome, seconds=round(took, 3),
+              level=logging.INFO if outcome == "woken" else logging.WARNING)

@@ -1,0 +1,152 @@
+"""The service table as Envoy sees it: build the resources, push, confirm.
+
+Owns turning the table into Envoy's resources by each state's route (transitions.route:
+an ACTIVE service's ready replicas, else the activator; an EVICTED one nowhere), the
+activator endpoints (the registered replicas of a fleet, else the configured address),
+coalescing changes into one push at a time, and answering "has every Envoy applied it?"
+(the lifecycle's Routing and RouteConfirmation ports). Must not change records nor speak
+the xDS protocol (server.py, publisher.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from torpor import metrics
+from torpor.config import Config, ServiceConfig
+from torpor.errors import TorporError, UnknownServiceError
+from torpor.etcd.registry import Activator
+from torpor.lifecycle.transitions import Route, route
+from torpor.logs import event
+from torpor.model import Endpoint, ServiceRecord, ServiceState
+from torpor.service_table import ServiceTable
+from torpor.workloads.base import Workloads
+from xds_server.cache import SnapshotCache
+from xds_server.publisher import Publisher, Resources
+from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
+from xds_server.server import AdsServer
+
+log = logging.getLogger("torpor.control_plane")
+
+
+def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> GatewaySettings:
+    """Envoy settings from the config: route timeouts and circuit breakers that allow for
+    a cold start and many held requests (FIELD_NOTES.md)."""
+    return GatewaySettings(
+        listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
+        activators=(activator[0],),
+        activators_h2=(activator[1],),
+        route_timeout=config.activator.wake_timeout + 30.0,
+        max_requests=max(1024, 4 * config.activator.max_held_per_service),
+        retry_buffer_bytes=config.gateway.retry_buffer_bytes,
+    )
+
+
+class EnvoyRouting:
+    """Pushes the table to every connected Envoy. Implements the lifecycle's Routing
+    (`push`) and RouteConfirmation (`wait_routed`)."""
+
+    def __init__(self, table: ServiceTable, workloads: Workloads, builder: ResourceBuilder,
+                 cache: SnapshotCache, ads: AdsServer, publisher: Publisher,
+                 configured_activator: tuple[Endpoint, Endpoint],
+                 confirm_timeout: float) -> None:
+        self._table = table
+        self._workloads = workloads
+        self.builder = builder
+        self._cache = cache
+        self._ads = ads
+        self._publisher = publisher
+        self._configured_activator = configured_activator
+        self._confirm_timeout = confirm_timeout
+        self._dirty = asyncio.Event()
+
+    def desired(self) -> Resources:
+        return self.builder.build(self._routed_services())
+
+    def _routed_services(self) -> list[RoutedService]:
+        routed = []
+        for service in self._table.catalog.services():
+            record = self._table.records.get(service.name)
+            if record is not None and route(record.state) is not Route.NOWHERE:
+                routed.append(RoutedService(service.name, service.host,
+                                            self._target(service, record),
+                                            http2=service.protocol == "http2"))
+        return routed
+
+    def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
+        """Ready replicas of a service routed to them; otherwise the activator, which holds
+        the request and wakes the service (Knative's rule: no ready endpoint → activator)."""
+        if route(record.state) is Route.REPLICAS:
+            ready = self._workloads.ready_endpoints(service.name)
+            if ready:
+                return ready
+        return self.builder.activator_targets(service.protocol == "http2")
+
+    # --- pushing ----------------------------------------------------------------------
+
+    def mark_dirty(self) -> None:
+        """Something the resources depend on changed: the sync loop pushes soon."""
+        self._dirty.set()
+
+    async def push(self) -> bool:
+        """Push the table as it is now; True once every connected Envoy has applied it
+        (also when a concurrent push already carried the change)."""
+        ok = await self._publisher.publish(self.desired)
+        snapshot = self._cache.snapshot()
+        return ok and (snapshot is None or not self._ads.lagging(snapshot.version))
+
+    async def run(self) -> None:
+        """Coalesce changes: one push carries every change made meanwhile."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.push()
+            except Exception:
+                log.exception("xds.sync_failed")
+
+    async def wait_routed(self, name: str) -> None:
+        """Return once every connected Envoy sends `name`'s traffic to its replicas: the
+        table holds it ACTIVE with a ready replica (a wake written by another process
+        arrives through the store's watch), and a push of that table was applied. What a
+        held HTTP/2 request waits for before Envoy replays it. Raises TorporError."""
+        if name not in self._table.records:
+            raise UnknownServiceError(f"unknown service {name!r}")
+
+        def awake() -> bool:
+            record = self._table.records.get(name)
+            return (record is not None and record.state is ServiceState.ACTIVE
+                    and bool(self._workloads.ready_endpoints(name)))
+
+        if not await self._table.wait_for(awake, self._confirm_timeout):
+            record = self._table.records.get(name)
+            state = record.state.value if record is not None else "gone"
+            raise TorporError(f"service {name!r} is {state} here after "
+                              f"{self._confirm_timeout:g}s: its route was not switched back")
+        if not await self.push():
+            raise TorporError(f"service {name!r}: an Envoy did not apply the switch back to "
+                              "its replicas in time")
+
+    # --- what the resources depend on -----------------------------------------------
+
+    def on_endpoints(self, name: str, endpoints: tuple[Endpoint, ...]) -> None:
+        metrics.SERVICE_READY_ENDPOINTS.labels(service=name).set(len(endpoints))
+        with contextlib.suppress(UnknownServiceError):
+            metrics.SERVICE_REPLICAS.labels(service=name).set(
+                self._workloads.running_replicas(name))
+        event(log, "service.endpoints", service=name,
+              ready=[str(e) for e in endpoints])
+        self._table.endpoints_changed()
+
+    def on_activators(self, activators: dict[str, Activator]) -> None:
+        """The registered activator replicas changed: they become the endpoints of the
+        activator cluster and of every sleeping service. None registered (all restarting):
+        the configured address, rather than no endpoint at all."""
+        metrics.ACTIVATORS.set(len(activators))
+        found = sorted(activators.values()) or [self._configured_activator]
+        if self.builder.set_activators(tuple(a[0] for a in found), tuple(a[1] for a in found)):
+            event(log, "activators.changed",
+                  members=sorted(activators), http=[str(a[0]) for a in found])
+            self.mark_dirty()

@@ -1,0 +1,69 @@
+"""The admin operations of a control plane (torpor.admin.ServiceAdmin), over its parts.
+
+Owns what `torpor status`, `torpor hibernate`, `torpor wake` and a standalone activator's
+"is the flip applied?" mean for this process: read the table, run the lifecycle procedure,
+push, answer with the service's status. Must not speak gRPC (admin_api.py) nor decide
+states (torpor.lifecycle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torpor.errors import UnknownServiceError, WorkloadError
+from torpor.lifecycle.hibernation import Hibernation
+from torpor.lifecycle.wake import Waker
+from torpor.model import ServiceState, ServiceStatus
+from torpor.service_table import ServiceTable
+from xds_server.collector import CallCollector
+from xds_server.routing import EnvoyRouting
+
+
+class ControlPlaneAdmin:
+    """Implements torpor.admin.ServiceAdmin for one control plane."""
+
+    def __init__(self, table: ServiceTable, collector: CallCollector, hibernation: Hibernation,
+                 waker: Waker, routing: EnvoyRouting,
+                 problems: Callable[[], list[str]] = list) -> None:
+        self._table = table
+        self._collector = collector
+        self._hibernation = hibernation
+        self._waker = waker
+        self._routing = routing
+        self._problems = problems
+
+    async def statuses(self) -> list[ServiceStatus]:
+        return [self._status(name) for name in sorted(self._table.records)]
+
+    def problems(self) -> list[str]:
+        return self._problems()
+
+    async def status(self, name: str) -> ServiceStatus:
+        if name not in self._table.records:
+            raise UnknownServiceError(f"unknown service {name!r}")
+        return self._status(name)
+
+    async def hibernate(self, name: str) -> ServiceStatus:
+        """Raises WorkloadError when the hibernation was abandoned (the service is ACTIVE
+        again, on its running replicas), so `torpor hibernate` does not report success."""
+        await self.status(name)
+        record = await self._hibernation.hibernate(name, "torpor hibernate")
+        if record.state is ServiceState.ACTIVE:
+            raise WorkloadError(f"service {name!r} stays ACTIVE: {record.history[-1].reason}")
+        return self._status(name)
+
+    async def wake(self, name: str) -> ServiceStatus:
+        await self.status(name)
+        await self._waker.wake(name, "torpor wake")
+        await self._routing.push()  # the answer shows the service routed to its replicas
+        return self._status(name)
+
+    async def wait_routed(self, name: str) -> ServiceStatus:
+        """Once every Envoy of this control plane routes `name` to its replicas (raises
+        TorporError when that could not be confirmed in time)."""
+        await self.status(name)
+        await self._routing.wait_routed(name)
+        return self._status(name)
+
+    def _status(self, name: str) -> ServiceStatus:
+        return self._table.status(name, self._collector.last_call(name))
