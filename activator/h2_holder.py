@@ -1,4 +1,4 @@
-"""HTTP/2 (h2c, prior knowledge) front of the activator: DESIGN.md's second way to answer a
+"""HTTP/2 (h2c, prior knowledge) front of the activator: the second way to answer a
 held request, for services whose Envoy cluster speaks HTTP/2 (gRPC above all).
 
 Owns: the HTTP/2 connections Envoy opens to the activator (one `h2` state machine each, many

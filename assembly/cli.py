@@ -1,4 +1,4 @@
-"""The `torpor` command line: the verbs of DESIGN.md's contract.
+"""The `torpor` command line: the verbs of docs/architecture.md.
 
 Owns: argument parsing, turning torpor errors into one clear line and an exit code
 (2 for bad input such as a bad config, 1 for a failure at run time), and choosing what

@@ -272,7 +272,7 @@ def fully_synced(ads: AdsServer, envoys: int, version: int) -> bool:
 async def run_size(n: int, envoy_count: int, a: Backend, b: Backend,
                    monitor: LoopMonitor) -> Result:
     res = Result(size=n, envoys=envoy_count)
-    deadline_sync = 30.0 + n * 0.004  # generous: FIELD_NOTES says ~4-5 s to load 10k
+    deadline_sync = 30.0 + n * 0.004  # generous: Envoy takes ~4-5 s to load 10k
     gc.collect()
     res.cp_baseline_kb = rss_kb()
     push_log = PushLog()

@@ -1,4 +1,4 @@
-"""Config: the YAML of DESIGN.md loaded into typed, validated objects.
+"""Config: the YAML of the README's Config section loaded into typed, validated objects.
 
 Owns: parsing, defaults and validation. A bad file raises ConfigError naming the file, the
 key and the problem, before anything starts. Must not start anything or touch the network.

@@ -14,7 +14,8 @@ from typing import Any
 
 
 class ServiceState(enum.StrEnum):
-    """The states of DESIGN.md. The string values are part of the contract (status --json)."""
+    """The service states (docs/architecture.md). The string values are part of the contract
+    (status --json)."""
 
     ACTIVE = "ACTIVE"
     HIBERNATING = "HIBERNATING"

@@ -7,8 +7,8 @@ of it to the store (`flush`, `run_flusher`) and reading it back after a restart 
 so that a restarted control plane does not mistake a busy service for an idle one.
 
 Must not: decide anything (policies read `stats()` and decide), write service records,
-log or allocate per entry beyond what counting needs (Envoy can send ~45k entries/s, see
-FIELD_NOTES.md), or raise out of a flush because the store is down (it keeps the data and
+log or allocate per entry beyond what counting needs (Envoy can send ~45k entries/s,
+measured), or raise out of a flush because the store is down (it keeps the data and
 tries again at the next flush).
 
 Which service an entry is for: every service route is named after its service, so

@@ -8,7 +8,7 @@ with access logs, the admin API, metrics). Must not hold the table's logic
 Envoy config (routing.py, resources.py) nor open or close what the assembly owns (store,
 locks, election, registry, workloads, discovery): it uses them.
 
-Start-up order matters (FIELD_NOTES.md): the desired state is loaded from the store and
+Start-up order matters (measured): the desired state is loaded from the store and
 put in the cache *before* the xDS port accepts a stream, so a restarted control plane never
 wipes Envoy's routes with an empty snapshot.
 """

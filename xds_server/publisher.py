@@ -1,7 +1,7 @@
 """Staged pushes: a new desired config reaches Envoy in an order that drops no request.
 
 Owns: splitting a change into stages and waiting, between stages, until every connected
-Envoy applied the previous one (FIELD_NOTES.md: CDS/EDS/LDS/RDS back to back gave up to
+Envoy applied the previous one (measured: CDS/EDS/LDS/RDS back to back gave up to
 252 ms of 503s for a new host; waiting for the cluster ACK removed them).
 
 - stage 1: clusters and endpoints of old + new (new definitions win); listeners and

@@ -33,7 +33,7 @@ log = logging.getLogger("torpor.control_plane")
 
 def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> GatewaySettings:
     """Envoy settings from the config: route timeouts and circuit breakers that allow for
-    a cold start and many held requests (FIELD_NOTES.md)."""
+    a cold start and many held requests (measured)."""
     return GatewaySettings(
         listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
         activators=(activator[0],),

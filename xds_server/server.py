@@ -5,7 +5,7 @@ Owns: one gRPC stream per Envoy, what each stream was sent and has applied, and 
 of what a resource means; reads resources from the cache through `create_watch` and
 `snapshot`. A delta front end would sit beside this module and use the same cache.
 
-Protocol rules (FIELD_NOTES.md): a NACK is logged with Envoy's error and counted, and the
+Protocol rules (measured): a NACK is logged with Envoy's error and counted, and the
 rejected version is never sent again (only a newer snapshot is); a stale nonce is ignored;
 EDS/RDS responses carry only changed, subscribed resources; streams are not served before
 the cache holds the desired state.

@@ -1,6 +1,6 @@
 """Envoy xDS type URLs, in one place, and the order in which they must be applied.
 
-Order matters (go-control-plane's lesson, measured in FIELD_NOTES.md): clusters and their
+Order matters (go-control-plane's lesson, measured): clusters and their
 endpoints must be in Envoy before a route points at them, and routes must be gone before
 the clusters they point at are removed. `ADD_ORDER` is the order of a push that adds.
 """

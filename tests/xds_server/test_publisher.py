@@ -1,5 +1,5 @@
 """Staged pushes: `stages()` as a table, each stage checked against the ordering invariants
-of FIELD_NOTES.md (clusters and endpoints before the routes that use them; routes gone
+of Envoy (clusters and endpoints before the routes that use them; routes gone
 before their clusters), and `Publisher` pushing those stages through the cache in order."""
 
 from __future__ import annotations

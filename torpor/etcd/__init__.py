@@ -3,5 +3,5 @@ them (the store's records and watches, the wake lock, leader election, the regis
 activator replicas).
 
 aetcd supplies the generated etcd protos and stubs; its higher-level helpers are not used
-(FIELD_NOTES.md: its lock leaks a lease per failed attempt and never refreshes it).
+(measured: its lock leaks a lease per failed attempt and never refreshes it).
 """

@@ -5,7 +5,7 @@ activator registration): granted once, refreshed every third of its TTL by a kee
 task, re-granted when etcd says it expired (listeners are told, so that keys on the old
 lease are put again), and revoked on a clean stop so that nothing this process held
 outlives it. A process killed with SIGKILL loses its keys when the TTL runs out.
-FIELD_NOTES.md: aetcd's own lock grants a lease per attempt, never refreshes it and never
+Measured: aetcd's own lock grants a lease per attempt, never refreshes it and never
 revokes it; this is the fix.
 """
 
