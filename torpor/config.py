@@ -95,6 +95,8 @@ class WorkloadsConfig:
     namespaces: tuple[str, ...] = ()
     # kubernetes: how often state is re-listed while a watch cannot be held (fallback poll).
     poll_every: float = 5.0
+    # local: where replicas listen, "LOW-HIGH"; None → just below the kernel's ephemeral range.
+    ports: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,6 +574,18 @@ def _names(r: _Reader, key: str, value: object) -> tuple[str, ...]:
     return tuple(_kube_name(r, f"{key}[{index}]", item) for index, item in enumerate(value))
 
 
+def _port_range(r: _Reader, key: str, value: object) -> tuple[int, int]:
+    """LOW-HIGH, both inclusive, from 1024 to 65535 (local replicas' ports)."""
+    text = str(value) if isinstance(value, str) else ""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if match is None:
+        r.fail(key, f"expected a port range like 20000-29999, got {_describe(value)}")
+    low, high = int(match[1]), int(match[2])
+    if not 1024 <= low < high <= 65535:
+        r.fail(key, f"expected LOW-HIGH with 1024 ≤ LOW < HIGH ≤ 65535, got {text.strip()}")
+    return low, high
+
+
 def _kube_name(r: _Reader, key: str, value: object) -> str:
     text = _string(r, key, value)
     if len(text) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", text):
@@ -581,7 +595,8 @@ def _kube_name(r: _Reader, key: str, value: object) -> str:
 
 #: Kubernetes-only keys under `kind: local` are errors, not silently ignored.
 _WORKLOADS: Mapping[str, _Schema[WorkloadsConfig]] = {
-    "local": _Schema(WorkloadsConfig, {"kind": _Field(_choice("local", "kubernetes"), "local")}),
+    "local": _Schema(WorkloadsConfig, {"kind": _Field(_choice("local", "kubernetes"), "local"),
+                                       "ports": _Field(_port_range)}),
     "kubernetes": _Schema(
         WorkloadsConfig,
         {

@@ -305,3 +305,15 @@ async def test_unknown_services_are_refused(make: MakeWorkloads) -> None:
             workloads.running_replicas(name)
         with pytest.raises(UnknownServiceError):
             workloads.ready_endpoints(name)
+
+
+async def test_replicas_listen_outside_the_ephemeral_range(make: MakeWorkloads) -> None:
+    """No outgoing connection of any process can take a replica's port before it binds."""
+    from torpor.workloads.local_ports import ephemeral_range
+
+    workloads = make(tiny())
+    await workloads.start()
+    await workloads.scale("tiny", 2)
+    ready = await workloads.wait_ready("tiny", 2, timeout=WAIT)
+    low, high = ephemeral_range()
+    assert all(not low <= e.port <= high for e in ready), ready

@@ -12,7 +12,8 @@ def make_workloads(config: Config) -> Workloads:
     if config.workloads.kind == "local":
         from torpor.workloads.local import LocalWorkloads
 
-        return LocalWorkloads(config.services, log_dir=str(config.log_dir()))
+        return LocalWorkloads(config.services, log_dir=str(config.log_dir()),
+                              ports=config.workloads.ports)
     if config.workloads.kind == "kubernetes":
         from torpor.workloads.kubernetes import KubernetesWorkloads
 

@@ -1,6 +1,7 @@
 """Local workloads: each replica of a service is a process group on this machine.
 
-Owns: starting replicas on free loopback ports, probing their readiness over HTTP,
+Owns: starting replicas on loopback ports picked outside the kernel's ephemeral range
+(local_ports.py), probing their readiness over HTTP,
 restarting crashed replicas with backoff, and stopping whole process groups (SIGTERM, then
 SIGKILL after the grace). Must not know about service states, the store or Envoy: it runs
 what `scale` asks for and tells listeners which endpoints are ready.
@@ -14,7 +15,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
@@ -27,6 +27,7 @@ from torpor.listeners import Listeners
 from torpor.logs import event
 from torpor.model import Endpoint
 from torpor.workloads.base import EndpointListener, Workloads, wait_for_ready
+from torpor.workloads.local_ports import ReplicaPorts, ephemeral_range
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,10 @@ class LocalWorkloads(Workloads):
         restart_backoff: tuple[float, float] = (0.5, 30.0),
         clock: Clock | None = None,
         backoff_reset_after: float = 10.0,
+        ports: tuple[int, int] | None = None,
     ) -> None:
+        """`ports`: where replicas listen (workloads.ports; default: just below the
+        kernel's ephemeral range)."""
         self._services = {
             s.name: _Service(s.name, s.local, next_restart_delay=restart_backoff[0])
             for s in services
@@ -120,11 +124,17 @@ class LocalWorkloads(Workloads):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
+        self._ports = ReplicaPorts(ports)
 
     # -- the Workloads contract ------------------------------------------------------------
 
     async def start(self) -> None:
         self._check_open()
+        if self._ports.overlaps(ephemeral_range()):
+            low, high = self._ports.range
+            event(logger, "workloads.ports_overlap_ephemeral", level=logging.WARNING,
+                  ports=f"{low}-{high}", hint="a replica may lose its port to an outgoing "
+                  "connection before it binds it (it is then restarted on another port)")
 
     async def close(self) -> None:
         """Idempotent; a second caller waits for the first close, and cancelling a caller
@@ -243,7 +253,7 @@ class LocalWorkloads(Workloads):
     # -- one replica -----------------------------------------------------------------------
 
     async def _start_replica(self, svc: _Service) -> None:
-        port = _free_port()
+        port = self._ports.pick(self._ports_in_use())
         argv = _argv(svc.name, svc.config.command, port)
         log_path = self._log_dir / f"{svc.name}-{port}.log"
         process = await self._spawn_process(svc, argv, log_path)
@@ -259,6 +269,11 @@ class LocalWorkloads(Workloads):
             pid=process.pid,
             log=str(log_path),
         )
+
+    def _ports_in_use(self) -> set[int]:
+        """Ports of this process's replicas, running or stopping."""
+        return {r.port for svc in self._services.values()
+                for r in (*svc.replicas, *svc.stopping)}
 
     async def _spawn_process(
         self, svc: _Service, argv: list[str], log_path: Path
@@ -427,14 +442,6 @@ class LocalWorkloads(Workloads):
 def _wake_waiters(svc: _Service) -> None:
     changed, svc.changed = svc.changed, asyncio.Event()
     changed.set()
-
-
-def _free_port() -> int:
-    """A loopback port free now. The replica binds it a moment later; the race with other
-    programs is accepted (a replica that fails to bind crashes and is restarted elsewhere)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def _argv(name: str, command: tuple[str, ...], port: int) -> list[str]:
