@@ -11,7 +11,6 @@ to anything outside the service table.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 
@@ -24,7 +23,7 @@ from activator.answers import (
     unknown_host,
     upstream_failed,
 )
-from activator.holding import DeadlinePassed, Holding, Lookup, Ready
+from activator.holding import Holding, Lookup, Ready
 from activator.proxy import Proxy, ProxyError
 from torpor import metrics
 from torpor.logs import event
@@ -58,12 +57,7 @@ class ActivatorHandler:
         if isinstance(outcome, Ready):
             return await self._forward(request, name, outcome.endpoints,
                                        round(outcome.waited * 1000))
-        answer = answer_for(outcome)
-        if isinstance(outcome, DeadlinePassed):
-            # HTTP/1 has never sent Retry-After with its own deadline's 504 (HTTP/2 does);
-            # kept as it was so that no client sees a change.
-            answer = dataclasses.replace(answer, retry_after=False)
-        return json_answer(answer, service=name)
+        return json_answer(answer_for(outcome), service=name)
 
     async def _forward(self, request: web.Request, name: str, endpoints: tuple[Endpoint, ...],
                        cold_start_ms: int) -> web.StreamResponse:

@@ -181,10 +181,11 @@ async def test_http1_queue_full() -> None:
                                                                      "1")
 
 
-async def test_http1_deadline_has_no_retry_after() -> None:
+async def test_http1_deadline_answers_like_http2() -> None:
+    """One mapping for both fronts: the deadline's 504 asks the client to retry shortly."""
     assert await http1(Waker()) == (
         504, {"error": "wake_timeout", "service": "svc",
-              "message": "service 'svc' did not become ready within 0.05s"}, None)
+              "message": "service 'svc' did not become ready within 0.05s"}, "1")
 
 
 @pytest.mark.parametrize(("error", "expected"), [
