@@ -29,23 +29,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from tests.support.ads_client import AdsClient, Response
-from tests.support.envoy import Envoy, stop_envoy
+from tests.support.envoy import Envoy
 from tests.support.etcd import EtcdServer
 from tests.support.fake_kube import FakeKube
-from tests.support.fleet import NS, Proc
-from tests.support.grpc_pod import METHOD, grpc_deployment, grpc_service, grpc_service_yaml
-from tests.support.net import free_port, wait_until
-from tests.support.up import processes_mentioning
+from tests.support.fleet import NS
+from tests.support.grpc_pod import grpc_deployment, grpc_service, grpc_service_yaml
+from tests.support.net import wait_until
+from tests.support.split_stack import SERVICE, SplitStack, describe, split_config, torpor_proc
 from torpor import admin_client
 
 pytestmark = pytest.mark.envoy
 
-SERVICE = "grpcsvc"
-HOST = f"{SERVICE}.localhost"
 #: How the activator is started (argv before its verb). A proof that the test tells a
 #: confirming activator from one that does not confirm replaces this, from outside.
 ACTIVATOR_COMMAND = [sys.executable, "-m", "assembly.cli"]
@@ -57,89 +54,33 @@ DEADLINE = 90.0
 
 
 @dataclasses.dataclass
-class Stack:
-    """The processes of the test and the addresses they were given."""
+class Stack(SplitStack):
+    """The split stack on etcd and the fake Kubernetes API; its replicas are pods."""
 
-    tmp: Path
+    noun = "pod"
+
     etcd: EtcdServer
     kube: FakeKube
-    config: Path
-    ports: dict[str, int]
-    control_plane: Proc
-    activator: Proc
-    envoy: Envoy
-    slow: AdsClient
-    #: The name the pods put in front of every answer, unique to this test: their
-    #: processes are found by it, also while another test run is going on.
-    replica: str
-
-    @property
-    def admin_api(self) -> str:
-        return f"127.0.0.1:{self.ports['api']}"
-
-    @property
-    def activator_h2(self) -> str:
-        return f"127.0.0.1:{self.ports['acth2']}"
-
-    async def status(self) -> dict[str, Any]:
-        return await asyncio.to_thread(admin_client.get_status, self.admin_api, SERVICE)
 
     async def record(self) -> dict[str, Any]:
         value = await self.etcd.get(f"/torpor/services/{SERVICE}")
         return {} if value is None else dict(json.loads(value))
 
-    async def call(self, payload: bytes, timeout: float = DEADLINE) -> tuple[bytes, float]:
-        """One gRPC call through the real Envoy: (answer, monotonic time it completed)."""
-        options = [("grpc.default_authority", HOST), ("grpc.enable_http_proxy", 0)]
-        target = f"127.0.0.1:{self.ports['listen']}"
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
-            say = channel.unary_unary(METHOD)
-            answer = await say(payload, timeout=timeout)
-        return bytes(answer), time.monotonic()
-
-    def pod_processes(self) -> list[str]:
-        return processes_mentioning(f"--name {self.replica} ")
-
     def scale_patches(self) -> int:
         return self.kube.count("patch", "deployments", "scale", SERVICE)
 
-    def logs(self) -> str:
-        return (f"--- control plane:\n{self.control_plane.text()[-4000:]}\n"
-                f"--- activator:\n{self.activator.text()[-4000:]}\n"
-                f"--- envoy:\n{self.envoy.log_text()[-2000:]}")
-
 
 def write_config(tmp: Path, etcd: EtcdServer) -> tuple[Path, dict[str, int]]:
-    """One config for both processes (each names itself with --member): they agree on every
-    address. The control plane's ack_timeout is far longer than the test holds an ACK, so
-    that only the slow Envoy's release ends the wait."""
-    names = ("listen", "admin", "xds", "api", "metrics", "act", "actm", "acth2")
-    p = {k: free_port() for k in names}
-    text = f"""
-gateway: {{listen: 127.0.0.1:{p['listen']}, admin: 127.0.0.1:{p['admin']}}}
-control_plane: {{xds: 127.0.0.1:{p['xds']}, admin_api: 127.0.0.1:{p['api']},
-                metrics: 127.0.0.1:{p['metrics']}, ack_timeout: 60s}}
-activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']},
-            listen_h2: 127.0.0.1:{p['acth2']}, wake_timeout: 80s}}
-store: {{kind: etcd, endpoints: ["{etcd.endpoint}"], lease_ttl: 5s, timeout: 2s}}
-workloads: {{kind: kubernetes, kubeconfig: ./kubeconfig, poll_every: 1s, discover: false,
-            namespaces: [{NS}]}}
-policy: {{idle_after: 1h, evict_after: 2h, check_every: 1s}}
-services:
-{grpc_service_yaml(SERVICE, NS)}
-"""
-    path = tmp / "torpor.yaml"
-    path.write_text(text)
-    return path, p
-
-
-async def _wait_logged(proc: Proc, marker: str) -> None:
-    async def logged() -> bool:
-        if not proc.alive:
-            raise AssertionError(f"{proc.name} exited:\n{proc.text()[-3000:]}")
-        return marker in proc.text()
-
-    await wait_until(logged, DEADLINE, f"{proc.name}: {marker}", interval=0.05)
+    """etcd store, Kubernetes workloads (each process names itself with --member). The
+    control plane's ack_timeout is far longer than the test holds an ACK, so that only the
+    slow Envoy's release ends the wait."""
+    store = f'{{kind: etcd, endpoints: ["{etcd.endpoint}"], lease_ttl: 5s, timeout: 2s}}'
+    workloads = ("{kind: kubernetes, kubeconfig: ./kubeconfig, poll_every: 1s, "
+                 f"discover: false, namespaces: [{NS}]}}")
+    return split_config(tmp, store=store, workloads=workloads,
+                        services=grpc_service_yaml(SERVICE, NS),
+                        control_plane_extra="ack_timeout: 60s",
+                        activator_extra="wake_timeout: 80s")
 
 
 @pytest.fixture
@@ -155,59 +96,31 @@ async def stack(tmp_path: Path, etcd: EtcdServer, kube: FakeKube) -> AsyncIterat
     kube.create(grpc_service(SERVICE, NS))
     config, ports = write_config(tmp_path, etcd)
     stack = Stack(
-        tmp_path, etcd, kube, config, ports,
-        control_plane=Proc("xds-server", [sys.executable, "-m", "assembly.cli", "xds-server",
-                                          "--config", str(config), "--log-level", "info",
-                                          "--member", "cp0"], tmp_path / "xds-server.log"),
-        activator=Proc("activator", [*ACTIVATOR_COMMAND, "activator", "--config", str(config),
-                                     "--log-level", "info", "--member", "a0",
-                                     "--advertise", "127.0.0.1"], tmp_path / "activator.log"),
+        tmp_path, config, ports,
+        control_plane=torpor_proc(tmp_path, "xds-server", config, "--member", "cp0"),
+        activator=torpor_proc(tmp_path, "activator", config, "--member", "a0",
+                              "--advertise", "127.0.0.1", command=ACTIVATOR_COMMAND),
         envoy=Envoy(tmp_path, "real-envoy", ports["admin"], ports["xds"]),
-        slow=AdsClient(f"127.0.0.1:{ports['xds']}", "slow-envoy"), replica=replica)
-    problems: list[str] = []
+        slow=AdsClient(f"127.0.0.1:{ports['xds']}", "slow-envoy"), replica=replica,
+        etcd=etcd, kube=kube)
+
+    async def registered() -> bool:
+        if not stack.activator.alive:
+            raise AssertionError(f"activator exited:\n{stack.activator.text()[-3000:]}")
+        return await etcd.get("/torpor/activators/a0") is not None
+
+    async def activator_up() -> None:
+        await wait_until(registered, DEADLINE, "the activator registered in etcd",
+                         interval=0.1)
+
     try:
         await asyncio.to_thread(kube.wait_for, lambda: len(kube.pod_processes(NS)) == 1,
                                 DEADLINE, "the service's pod running")
-        stack.control_plane.start()
-        await _wait_logged(stack.control_plane, "control_plane.started")
-        await stack.slow.start()
-        stack.activator.start()
-
-        async def registered() -> bool:
-            if not stack.activator.alive:
-                raise AssertionError(f"activator exited:\n{stack.activator.text()[-3000:]}")
-            return await etcd.get("/torpor/activators/a0") is not None
-
-        await wait_until(registered, DEADLINE, "the activator registered in etcd",
-                         interval=0.1)
-        stack.envoy.start()
-        await stack.envoy.wait_ready(timeout=DEADLINE)
-        await _wait_serving(stack)
+        await stack.start(activator_up, timeout=DEADLINE, envoy_timeout=DEADLINE)
         yield stack
     finally:
-        await stack.slow.stop()
-        await stop_envoy(stack.envoy)
-        for proc in (stack.activator, stack.control_plane):
-            try:
-                code = await proc.stop()
-            finally:
-                proc.kill()
-            if code not in (0, None):
-                problems.append(f"{proc.name}: exit {code}\n{proc.text()[-3000:]}")
+        problems = await stack.stop()
     assert not problems, problems
-
-
-async def _wait_serving(stack: Stack) -> None:
-    """ACTIVE with a ready pod, in the real Envoy's cluster and in the slow client's."""
-    async def serving() -> bool:
-        status = await stack.status()
-        if status["state"] != "ACTIVE" or not status["ready_endpoints"]:
-            return False
-        pod = status["ready_endpoints"][0]
-        hosts = await stack.envoy.cluster_hosts()
-        return hosts.get(SERVICE) == {pod} and stack.slow.last_endpoints(SERVICE) == {pod}
-
-    await wait_until(serving, DEADLINE, f"{SERVICE} served by its pod", interval=0.1)
 
 
 async def _hibernate(stack: Stack) -> None:
@@ -225,20 +138,11 @@ async def _hibernate(stack: Stack) -> None:
         hosts = (await stack.envoy.cluster_hosts()).get(SERVICE, set())
         return (hosts == {stack.activator_h2} and stack.slow.held is None
                 and stack.slow.last_endpoints(SERVICE) == {stack.activator_h2}
-                and not stack.kube.pod_processes(NS) and not stack.pod_processes())
+                and not stack.kube.pod_processes(NS) and not stack.replica_processes())
 
     await wait_until(asleep, DEADLINE, f"{SERVICE} routed to the activator everywhere, "
                      "no pod", interval=0.1)
     assert (await stack.record())["state"] == "HIBERNATED"
-
-
-def _describe(task: asyncio.Task[tuple[bytes, float]]) -> str:
-    if not task.done():
-        return "pending"
-    if task.cancelled():
-        return "cancelled"
-    exc = task.exception()
-    return f"failed: {exc!r}" if exc is not None else f"answered {task.result()[0]!r}"
 
 
 async def test_fleet_activator_replays_a_grpc_call_only_after_every_envoy_applied_the_flip(
@@ -260,7 +164,7 @@ async def test_fleet_activator_replays_a_grpc_call_only_after_every_envoy_applie
         nonlocal flip, pod
         if call.done():
             raise AssertionError(
-                f"the held call ended ({_describe(call)}) while the slow Envoy held its "
+                f"the held call ended ({describe(call)}) while the slow Envoy held its "
                 f"ACKs; slow client saw {stack.slow.responses[-3:]}\n{stack.logs()}")
         if (await stack.record()).get("state") != "ACTIVE":
             return False
@@ -283,7 +187,7 @@ async def test_fleet_activator_replays_a_grpc_call_only_after_every_envoy_applie
         await asyncio.sleep(HOLD_AFTER_CONDITIONS)
 
         # Everything but the slow Envoy's ACK is done: the call must still be held.
-        assert not call.done(), (f"the call ended ({_describe(call)}) before the slow Envoy "
+        assert not call.done(), (f"the call ended ({describe(call)}) before the slow Envoy "
                                  f"applied the flip\n{stack.logs()}")
         assert stack.slow.held is flip and flip.acked_at is None
         record = await stack.record()

@@ -22,7 +22,6 @@ activator without the confirmation fails: its call is replayed and answered).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import subprocess
 import sys
 import time
@@ -35,84 +34,30 @@ import grpc
 import pytest
 
 from tests.support.ads_client import AdsClient, Response
-from tests.support.envoy import Envoy, stop_envoy
-from tests.support.fleet import Proc
-from tests.support.net import free_port, wait_until
-from tests.support.up import processes_mentioning, status_json
-from torpor import admin_client
+from tests.support.envoy import Envoy
+from tests.support.net import wait_until
+from tests.support.split_stack import (
+    HOST,
+    SERVICE,
+    SplitStack,
+    describe,
+    split_config,
+    torpor_proc,
+    wait_logged,
+)
+from tests.support.up import status_json
 
 pytestmark = pytest.mark.envoy
 
 GRPC_ECHO = Path(__file__).resolve().parents[1] / "support" / "grpc_echo.py"
-SERVICE = "grpcsvc"
-HOST = "grpcsvc.localhost"
-METHOD = "/torpor.test.Echo/Say"
 #: How long the slow client keeps holding the ACK of the flip once everything else is
 #: in place (the real Envoy routes to the ready replica): the call must still be pending.
 HOLD_AFTER_CONDITIONS = 2.0
 
 
-@dataclasses.dataclass
-class Stack:
-    """The processes of one test and the addresses they were given."""
-
-    tmp: Path
-    config: Path
-    ports: dict[str, int]
-    control_plane: Proc
-    activator: Proc
-    envoy: Envoy
-    slow: AdsClient
-    #: The replica's name (grpc_echo puts it in front of every answer), unique to this
-    #: stack: its process is found by it, also while another test run is going on.
-    replica: str
-
-    @property
-    def admin_api(self) -> str:
-        return f"127.0.0.1:{self.ports['api']}"
-
-    @property
-    def activator_h2(self) -> str:
-        return f"127.0.0.1:{self.ports['acth2']}"
-
-    def status(self) -> dict[str, Any]:
-        return admin_client.get_status(self.admin_api, SERVICE)
-
-    async def call(self, payload: bytes, timeout: float = 90) -> tuple[bytes, float]:
-        """One gRPC call through the real Envoy: (answer, monotonic time it completed)."""
-        options = [("grpc.default_authority", HOST), ("grpc.enable_http_proxy", 0)]
-        target = f"127.0.0.1:{self.ports['listen']}"
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
-            say = channel.unary_unary(METHOD)
-            answer = await say(payload, timeout=timeout)
-        return bytes(answer), time.monotonic()
-
-    def logs(self) -> str:
-        return (f"--- control plane:\n{self.control_plane.text()[-4000:]}\n"
-                f"--- activator:\n{self.activator.text()[-4000:]}\n"
-                f"--- envoy:\n{self.envoy.log_text()[-2000:]}")
-
-
-    def replica_processes(self) -> list[str]:
-        return processes_mentioning(f"--name {self.replica} ")
-
-
 def write_config(tmp: Path, ack_timeout: str, replica: str) -> tuple[Path, dict[str, int]]:
-    """One config for both processes: they agree on every address (the control plane
-    routes sleeping services to activator.listen_h2; the activator calls admin_api)."""
-    names = ("listen", "admin", "xds", "api", "metrics", "act", "actm", "acth2")
-    p = {k: free_port() for k in names}
-    text = f"""
-gateway: {{listen: 127.0.0.1:{p['listen']}, admin: 127.0.0.1:{p['admin']}}}
-control_plane: {{xds: 127.0.0.1:{p['xds']}, admin_api: 127.0.0.1:{p['api']},
-                metrics: 127.0.0.1:{p['metrics']}, ack_timeout: {ack_timeout}}}
-activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']},
-            listen_h2: 127.0.0.1:{p['acth2']}, wake_timeout: 60s}}
-store: {{kind: sqlite, path: ./state.db}}
-workloads: {{kind: local}}
-policy: {{idle_after: 1h, evict_after: 2h, check_every: 1s}}
-services:
-  - name: {SERVICE}
+    """sqlite store, local workloads: the service's one replica is a grpc_echo."""
+    services = f"""  - name: {SERVICE}
     host: {HOST}
     replicas: 1
     protocol: http2
@@ -122,92 +67,50 @@ services:
       ready_probe: tcp
       stop_grace: 5s
 """
-    path = tmp / "torpor.yaml"
-    path.write_text(text)
-    return path, p
-
-
-def _proc(tmp: Path, name: str, verb: str, config: Path) -> Proc:
-    argv = [sys.executable, "-m", "assembly.cli", verb, "--config", str(config),
-            "--log-level", "info"]
-    return Proc(name, argv, tmp / f"{name}.log")
-
-
-async def _wait_logged(proc: Proc, marker: str, timeout: float = 60) -> None:
-    async def logged() -> bool:
-        if not proc.alive:
-            raise AssertionError(f"{proc.name} exited:\n{proc.text()[-3000:]}")
-        return marker in proc.text()
-
-    await wait_until(logged, timeout, f"{proc.name}: {marker}", interval=0.05)
+    return split_config(tmp, store="{kind: sqlite, path: ./state.db}",
+                        workloads="{kind: local}", services=services,
+                        control_plane_extra=f"ack_timeout: {ack_timeout}",
+                        activator_extra="wake_timeout: 60s")
 
 
 @pytest.fixture
-async def start_stack(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Stack]]]:
+async def start_stack(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[SplitStack]]]:
     """start_stack(ack_timeout) starts `torpor xds-server`, the slow ADS client, `torpor
     activator` and a real Envoy, and waits until the service is ACTIVE behind Envoy.
     Everything it started is stopped at teardown, whatever happened."""
-    stacks: list[Stack] = []
+    stacks: list[SplitStack] = []
 
-    async def start(ack_timeout: str) -> Stack:
+    async def start(ack_timeout: str) -> SplitStack:
         replica = f"standalone-echo-{uuid.uuid4().hex[:8]}"
         config, ports = write_config(tmp_path, ack_timeout, replica)
-        stack = Stack(
+        stack = SplitStack(
             tmp_path, config, ports,
-            control_plane=_proc(tmp_path, "xds-server", "xds-server", config),
-            activator=_proc(tmp_path, "activator", "activator", config),
+            control_plane=torpor_proc(tmp_path, "xds-server", config),
+            activator=torpor_proc(tmp_path, "activator", config),
             envoy=Envoy(tmp_path, "real-envoy", ports["admin"], ports["xds"]),
             slow=AdsClient(f"127.0.0.1:{ports['xds']}", "slow-envoy"), replica=replica)
         stacks.append(stack)
-        stack.control_plane.start()
-        await _wait_logged(stack.control_plane, "control_plane.started")
-        await stack.slow.start()
-        stack.activator.start()  # its catalog mirror asks the control plane first
-        await _wait_logged(stack.activator, "activator.h2.listening")
-        stack.envoy.start()
-        await stack.envoy.wait_ready()
-        await _wait_serving(stack)
+        await stack.start(lambda: wait_logged(stack.activator, "activator.h2.listening"))
         return stack
 
     yield start
     problems = []
     left = []
     for stack in stacks:
-        await stack.slow.stop()
-        await stop_envoy(stack.envoy)
-        for proc in (stack.activator, stack.control_plane):
-            try:
-                code = await proc.stop()
-            finally:
-                proc.kill()
-            if code not in (0, None):
-                problems.append(f"{proc.name}: exit {code}\n{proc.text()[-3000:]}")
+        problems += await stack.stop()
         left += stack.replica_processes()
     assert not left, f"replicas left running: {left}"
     assert not problems, problems
 
 
-async def _wait_serving(stack: Stack) -> None:
-    """ACTIVE with a ready replica, in the real Envoy's cluster and in the slow client's."""
-    async def serving() -> bool:
-        status = await asyncio.to_thread(stack.status)
-        if status["state"] != "ACTIVE" or not status["ready_endpoints"]:
-            return False
-        replica = status["ready_endpoints"][0]
-        hosts = (await stack.envoy.cluster_hosts()).get(SERVICE, set())
-        return hosts == {replica} and stack.slow.last_endpoints(SERVICE) == {replica}
-
-    await wait_until(serving, 60, f"{SERVICE} served by its replica", interval=0.1)
-
-
-async def _hibernate(stack: Stack) -> None:
+async def _hibernate(stack: SplitStack) -> None:
     """`torpor hibernate` while every Envoy ACKs; then asleep everywhere."""
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "assembly.cli", "hibernate", SERVICE, "--config",
          str(stack.config)], capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
-    status = await asyncio.to_thread(stack.status)
+    status = await stack.status()
     assert status["state"] == "HIBERNATED" and not status["ready_endpoints"], status
 
     async def asleep() -> bool:
@@ -220,18 +123,9 @@ async def _hibernate(stack: Stack) -> None:
                      interval=0.1)
 
 
-def _describe(task: asyncio.Task[tuple[bytes, float]]) -> str:
-    if not task.done():
-        return "pending"
-    if task.cancelled():
-        return "cancelled"
-    exc = task.exception()
-    return f"failed: {exc!r}" if exc is not None else f"answered {task.result()[0]!r}"
-
-
 async def test_held_grpc_call_is_replayed_only_after_every_envoy_applied_the_flip(
         start_stack: Any) -> None:
-    stack: Stack = await start_stack("45s")  # ack_timeout: far more than the hold below
+    stack: SplitStack = await start_stack("45s")  # ack_timeout: far more than the hold below
     answer, _ = await stack.call(b"warm")
     assert answer == f"{stack.replica}:warm".encode()
     await _hibernate(stack)
@@ -248,9 +142,9 @@ async def test_held_grpc_call_is_replayed_only_after_every_envoy_applied_the_fli
         nonlocal flip, replica
         if call.done():
             raise AssertionError(
-                f"the held call ended ({_describe(call)}) while the slow Envoy held its "
+                f"the held call ended ({describe(call)}) while the slow Envoy held its "
                 f"ACKs; slow client saw {stack.slow.responses[-3:]}\n{stack.logs()}")
-        status = await asyncio.to_thread(stack.status)
+        status = await stack.status()
         if status["state"] != "ACTIVE" or not status["ready_endpoints"]:
             return False
         replica = status["ready_endpoints"][0]
@@ -269,7 +163,7 @@ async def test_held_grpc_call_is_replayed_only_after_every_envoy_applied_the_fli
         await asyncio.sleep(HOLD_AFTER_CONDITIONS)
 
         # Everything but the slow Envoy's ACK is done: the call must still be held.
-        assert not call.done(), (f"the call ended ({_describe(call)}) before the slow Envoy "
+        assert not call.done(), (f"the call ended ({describe(call)}) before the slow Envoy "
                                  f"applied the flip\n{stack.logs()}")
         assert stack.slow.held is flip and flip.acked_at is None
         table = {s["name"]: s for s in await asyncio.to_thread(status_json, stack.config)}
@@ -299,7 +193,7 @@ async def test_held_grpc_call_is_replayed_only_after_every_envoy_applied_the_fli
     assert "activator.released" in activator_log
     assert "activator.flip_failed" not in activator_log
     assert "xds.push_incomplete" not in stack.control_plane.text()
-    history = [h["to"] for h in (await asyncio.to_thread(stack.status))["history"]]
+    history = [h["to"] for h in (await stack.status())["history"]]
     assert history[-3:] == ["HIBERNATED", "WAKING", "ACTIVE"]
     print(f"held {held_for:.2f}s before the release; answered "
           f"{completed_at - released_at:.3f}s after it")
@@ -310,7 +204,7 @@ async def test_held_grpc_call_is_not_replayed_when_an_envoy_never_applies_the_fl
     """The degraded path: the slow Envoy holds the flip's ACK past ack_timeout. The held
     call is answered UNAVAILABLE ("did not confirm its route"), not replayed, although the
     real Envoy routes to the replica; once the slow Envoy ACKs, calls go through."""
-    stack: Stack = await start_stack("3s")
+    stack: SplitStack = await start_stack("3s")
     await _hibernate(stack)
 
     stack.slow.hold_acks()
@@ -321,7 +215,7 @@ async def test_held_grpc_call_is_not_replayed_when_an_envoy_never_applies_the_fl
         assert "did not confirm its route" in (failed.value.details() or ""), failed.value
         held = stack.slow.held
         assert held is not None and held.type == "eds" and held.acked_at is None
-        status = await asyncio.to_thread(stack.status)
+        status = await stack.status()
         assert status["state"] == "ACTIVE" and held.endpoints.get(SERVICE) == set(
             status["ready_endpoints"])
         assert (await stack.envoy.cluster_hosts())[SERVICE] == set(status["ready_endpoints"])

@@ -1,29 +1,22 @@
 """A gRPC replica as a Kubernetes pod, for fleet tests of HTTP/2 services on the fake API.
 
-tests/support/grpc_echo.py binds 127.0.0.1 only, but the fake kubelet gives every pod its
-own loopback IP and Envoy reaches the pod at that IP (the EndpointSlice's address). This
-module is both the Deployment that runs such a pod and the pod's program: the same echo
-(one unary method, `/torpor.test.Echo/Say`, answering its request with `NAME:` in front,
-after an optional load delay) bound to `--host`, the pod IP.
-
-`python tests/support/grpc_pod.py --host IP --port N --name NAME [--load-seconds S]`
+The fake kubelet gives every pod its own loopback IP and Envoy reaches the pod at that IP
+(the EndpointSlice's address), so the pod runs tests/support/grpc_echo.py bound to it
+(`--host $(POD_IP)`). Also the Service and the config entry that go with it.
 """
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
-import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
+from tests.support.grpc_echo import METHOD
 
-METHOD = "/torpor.test.Echo/Say"
+__all__ = ["METHOD", "PORT", "grpc_deployment", "grpc_service", "grpc_service_yaml"]
+
 PORT = 8080
-PROGRAM = Path(__file__).resolve()
+PROGRAM = Path(__file__).resolve().with_name("grpc_echo.py")
 
 
 def grpc_deployment(name: str, namespace: str, replicas: int, answer_name: str,
@@ -79,31 +72,3 @@ def grpc_service_yaml(name: str, namespace: str, replicas: int = 1) -> str:
     protocol: http2
     kubernetes: {{namespace: {namespace}, deployment: {name}, port: {PORT}}}
 """
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--name", default="grpc-pod")
-    parser.add_argument("--load-seconds", type=float, default=0.0)
-    args = parser.parse_args()
-    time.sleep(args.load_seconds)
-    prefix = f"{args.name}:".encode()
-
-    def say(request: bytes, context: Any) -> bytes:
-        return prefix + request
-
-    handler = grpc.method_handlers_generic_handler(
-        "torpor.test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"{args.host}:{args.port}")
-    server.start()
-    print(f"grpc_pod {args.name} listening on {args.host}:{args.port}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(1))
-    server.wait_for_termination()
-
-
-if __name__ == "__main__":
-    main()
