@@ -28,7 +28,7 @@ class AdminWaker:
         self._address = address
         # The control plane's own wake gives up after wake_timeout; allow for the call.
         self._call_timeout = wake_timeout + 10.0
-        self._flights = SingleFlight()
+        self._flights: SingleFlight[tuple[Endpoint, ...]] = SingleFlight()
 
     async def wake(self, name: str, reason: str) -> tuple[Endpoint, ...]:
         return await self._flights.join(name, lambda: asyncio.to_thread(self._wake, name))
@@ -47,13 +47,20 @@ class AdminWaker:
 class AdminRouteConfirmation:
     """Implements torpor.lifecycle.ports.RouteConfirmation over the admin API at
     `address`: the control plane answers once its Envoys route the service to its
-    replicas. The holder's own deadline bounds the wait; `timeout` bounds one call."""
+    replicas. The holder's own deadline bounds the wait; `timeout` bounds one call.
+
+    One call per service at a time, shared by all its held streams: a thousand held gRPC
+    calls must not become a thousand blocking RPCs queued on the thread pool."""
 
     def __init__(self, address: str, timeout: float) -> None:
         self._address = address
         self._timeout = timeout
+        self._flights: SingleFlight[None] = SingleFlight()
 
     async def wait_routed(self, name: str) -> None:
+        await self._flights.join(name, lambda: self._wait_routed(name))
+
+    async def _wait_routed(self, name: str) -> None:
         try:
             await asyncio.to_thread(admin_client.wait_routed, self._address, name,
                                     self._timeout)

@@ -121,10 +121,8 @@ class ControlPlane:
 
     async def start(self) -> BoundPorts:
         """Load the table, start replicas of services that should run, then serve."""
-        await self.table.load()
-        await self.collector.load(self.store)
-        for name, record in self.table.records.items():
-            self.collector.ensure(name, record.created_at)
+        await self.table.load()  # registers each service's statistics with the collector
+        await self.collector.load(self.store)  # adds the stored counts to them
         if self.election is None:  # a fleet's leader repairs in its policy passes
             await self.hibernation.repair(self.table.records.values())
         self._remove_listeners = [self.workloads.add_listener(self.routing.on_endpoints),

@@ -18,7 +18,8 @@ from torpor import metrics
 from torpor.config import Config, ServiceConfig
 from torpor.errors import TorporError, UnknownServiceError
 from torpor.etcd.registry import Activator
-from torpor.lifecycle.transitions import Route, route
+from torpor.lifecycle.transitions import Route, route, routed
+from torpor.lifecycle.wake import SingleFlight
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState
 from torpor.service_table import ServiceTable
@@ -61,19 +62,22 @@ class EnvoyRouting:
         self._configured_activator = configured_activator
         self._confirm_timeout = confirm_timeout
         self._dirty = asyncio.Event()
+        # Every held HTTP/2 stream of a service waits for the same confirmation: one wait
+        # and one push per service, not one build of the whole config per stream.
+        self._confirming: SingleFlight[None] = SingleFlight()
 
     def desired(self) -> Resources:
         return self.builder.build(self._routed_services())
 
     def _routed_services(self) -> list[RoutedService]:
-        routed = []
+        services = []
         for service in self._table.catalog.services():
             record = self._table.records.get(service.name)
-            if record is not None and route(record.state) is not Route.NOWHERE:
-                routed.append(RoutedService(service.name, service.host,
-                                            self._target(service, record),
-                                            http2=service.protocol == "http2"))
-        return routed
+            if record is not None and routed(record.state):
+                services.append(RoutedService(service.name, service.host,
+                                              self._target(service, record),
+                                              http2=service.protocol == "http2"))
+        return services
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
         """Ready replicas of a service routed to them; otherwise the activator, which holds
@@ -114,6 +118,10 @@ class EnvoyRouting:
         held HTTP/2 request waits for before Envoy replays it. Raises TorporError."""
         if name not in self._table.records:
             raise UnknownServiceError(f"unknown service {name!r}")
+        await self._confirming.join(name, lambda: self._confirm(name))
+
+    async def _confirm(self, name: str) -> None:
+        """One confirmation: the table shows `name` awake, then a push of it is applied."""
 
         def awake() -> bool:
             record = self._table.records.get(name)

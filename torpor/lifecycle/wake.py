@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 from torpor import metrics
 from torpor.clock import Clock, SystemClock
@@ -35,34 +36,36 @@ log = logging.getLogger("torpor.waker")
 
 FLIP_WHEN = ("first_ready", "all_ready")
 
+T = TypeVar("T")
 
-class SingleFlight:
-    """One running wake per service; every caller awaits the same one.
 
-    A caller that gives up (deadline, client gone) is cancelled alone: the wake goes on
-    for the others and for the next request.
+class SingleFlight(Generic[T]):
+    """One running task per key; every caller awaits the same one (a wake per service, a
+    flip confirmation per service).
+
+    A caller that gives up (deadline, client gone) is cancelled alone: the task goes on
+    for the others and for the next caller.
     """
 
     def __init__(self) -> None:
-        self._running: dict[str, asyncio.Future[tuple[Endpoint, ...]]] = {}
+        self._running: dict[str, asyncio.Future[T]] = {}
 
-    def running(self, name: str) -> bool:
-        return name in self._running
+    def running(self, key: str) -> bool:
+        return key in self._running
 
-    async def join(self, name: str,
-                   start: Callable[[], Awaitable[tuple[Endpoint, ...]]]) -> tuple[Endpoint, ...]:
-        future = self._running.get(name)
+    async def join(self, key: str, start: Callable[[], Awaitable[T]]) -> T:
+        future = self._running.get(key)
         if future is None:
             future = asyncio.ensure_future(start())
-            self._running[name] = future
-            future.add_done_callback(lambda f: self._finished(name, f))
+            self._running[key] = future
+            future.add_done_callback(lambda f: self._finished(key, f))
         return await asyncio.shield(future)
 
-    def _finished(self, name: str, future: asyncio.Future[tuple[Endpoint, ...]]) -> None:
-        if self._running.get(name) is future:
-            del self._running[name]
+    def _finished(self, key: str, future: asyncio.Future[T]) -> None:
+        if self._running.get(key) is future:
+            del self._running[key]
         if not future.cancelled():
-            future.exception()  # retrieved: nobody may be left waiting on a failed wake
+            future.exception()  # retrieved: nobody may be left waiting on a failed task
 
 
 class _Wake:
@@ -94,7 +97,7 @@ class Waker:
         self._wake_timeout = wake_timeout
         self._flip_when = flip_when
         self._clock = clock or SystemClock()
-        self._flights = SingleFlight()
+        self._flights: SingleFlight[tuple[Endpoint, ...]] = SingleFlight()
 
     def waking(self, name: str) -> bool:
         """Whether a wake of `name` is under way in this process."""
@@ -133,7 +136,7 @@ class Waker:
         """The table's wake step, then the step of how it ended."""
         name = wake.record.name
         step = decide(name, wake.record.state, cause)
-        wake.record = await self._take(wake, step, wake.reason)
+        await self._take(wake, step, wake.reason)
         try:
             ready = await self._run(wake, step.after)
         except WorkloadError as exc:
@@ -201,16 +204,13 @@ class Waker:
             await self._take(wake, decide(current.name, current.state, ended), reason)
         self._count(wake.record.name, outcome, wake.started)
 
-    async def _take(self, wake: _Wake, step: Step, reason: str,
-                    **changes: int) -> ServiceRecord:
-        """Carry out `step`'s `before` effects and write its state. The `after` effects
-        are the caller's (they decide how the wake ends)."""
+    async def _take(self, wake: _Wake, step: Step, reason: str, **changes: int) -> None:
+        """Carry out `step`'s `before` effects and write its state into `wake.record`. The
+        `after` effects are the caller's (they decide how the wake ends)."""
         if step.before:
             await self._run(wake, step.before)
-        if step.to is None:
-            return wake.record
-        wake.record = await self._move(wake.record, step, reason, **changes)
-        return wake.record
+        if step.to is not None:
+            wake.record = await self._move(wake.record, step, reason, **changes)
 
     async def _move(self, record: ServiceRecord, step: Step, reason: str,
                     **changes: int) -> ServiceRecord:
