@@ -110,10 +110,19 @@ class PolicySettings:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    """What the policy says about one service, and why (for logs and service history)."""
+    """What the policy says about one service, and why (for logs and service history).
+
+    `keep_alive`: the idle time (seconds) the service is kept loaded after a call, when the
+    policy has one (the fixed policy: idle_after). `next_call`: when the policy expects the
+    next call, if it predicts one. `prewake`: the service should be loaded now ahead of a
+    predicted call (it matters only for a service that sleeps).
+    """
 
     activity: Activity
     reason: str
+    keep_alive: float | None = None
+    next_call: float | None = None
+    prewake: bool = False
 
 
 def decide(
