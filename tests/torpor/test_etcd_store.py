@@ -499,6 +499,51 @@ async def test_unreadable_call_stats_are_skipped(
     assert b._watch_task is not None and not b._watch_task.done()
 
 
+# --- documents -----------------------------------------------------------------------------
+
+
+async def test_documents_are_one_value_for_the_fleet(
+        etcd: EtcdServer, pair: tuple[EtcdStore, EtcdStore]) -> None:
+    a, b = pair
+    assert await a.load_documents("ledger") == {}
+    await a.save_documents("ledger", {"echo": {"saved": 1.0}, "other": {"saved": 2.0}})
+    await a.save_documents("learned", {"echo": {"gaps": [1, 2]}})
+    # Another member reads what the leader wrote; a later writer replaces it.
+    assert await b.load_documents("ledger") == {"echo": {"saved": 1.0},
+                                                "other": {"saved": 2.0}}
+    await b.save_documents("ledger", {"echo": {"saved": 3.0}})
+    assert await a.load_documents("ledger") == {"echo": {"saved": 3.0},
+                                                "other": {"saved": 2.0}}
+    assert await a.load_documents("learned") == {"echo": {"gaps": [1, 2]}}
+    assert sorted(await etcd.keys(PREFIX + "docs/")) == sorted([
+        PREFIX + "docs/learned/echo", PREFIX + "docs/ledger/echo", PREFIX + "docs/ledger/other"])
+
+    await a.delete_documents("ledger", ["echo", "unknown"])
+    assert await b.load_documents("ledger") == {"other": {"saved": 2.0}}
+    assert await b.load_documents("learned") == {"echo": {"gaps": [1, 2]}}
+    assert await a.list() == []  # not records
+
+
+async def test_many_documents_take_several_transactions_and_bad_ones_are_skipped(
+        pair: tuple[EtcdStore, EtcdStore], caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair
+    count = 2 * MAX_TXN_OPS + 3
+    await a.save_documents("ledger", {f"svc-{i:04d}": {"i": i} for i in range(count)})
+    conn = a._conn
+    for key, value in ((conn.key("docs", "ledger", "torn"), b"{not json"),
+                       (conn.key("docs", "ledger", "listed"), b"[1, 2]")):
+        await conn.call("put", conn.kv.Put, rpc.PutRequest(key=key, value=value))
+
+    loaded = await b.load_documents("ledger")
+    assert len(loaded) == count and loaded["svc-0200"] == {"i": 200}
+    unreadable = sorted(r.__dict__["service"] for r in caplog.records
+                        if r.getMessage() == "store.document_unreadable")
+    assert unreadable == ["listed", "torn"]
+
+    await a.delete_documents("ledger", [f"svc-{i:04d}" for i in range(count)])
+    assert set(await b.load_documents("ledger")) == set()
+
+
 # --- etcd down ------------------------------------------------------------------------------
 
 

@@ -297,7 +297,7 @@ async def test_schema_1_file_migrates_and_gains_call_stats(tmp_path: Path) -> No
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (SCHEMA_VERSION,) == (2,)
+    assert version == (SCHEMA_VERSION,) == (3,)
 
     # Opening again runs no migration twice.
     again = SqliteStore(path)
@@ -306,3 +306,77 @@ async def test_schema_1_file_migrates_and_gains_call_stats(tmp_path: Path) -> No
         assert await again.load_call_stats() == {"echo": stats_dict(3)}
     finally:
         await again.close()
+
+
+# --- documents ------------------------------------------------------------------------
+
+
+async def test_documents_round_trip_per_kind_and_upsert(store: SqliteStore) -> None:
+    assert await store.load_documents("ledger") == {}
+    await store.save_documents("ledger", {})  # nothing to write: no error
+    await store.delete_documents("ledger", [])
+
+    await store.save_documents("ledger", {"a": {"saved": 1.5}, "b": {"saved": 2}})
+    await store.save_documents("learned", {"a": {"gaps": [1, 2, 3]}})
+    assert await store.load_documents("ledger") == {"a": {"saved": 1.5}, "b": {"saved": 2}}
+    assert await store.load_documents("learned") == {"a": {"gaps": [1, 2, 3]}}
+
+    # Replaces the names given, leaves the others (and the other kind) alone.
+    await store.save_documents("ledger", {"b": {"saved": 5}, "c": {"saved": 3}})
+    assert await store.load_documents("ledger") == {
+        "a": {"saved": 1.5}, "b": {"saved": 5}, "c": {"saved": 3}
+    }
+    await store.delete_documents("ledger", ["a", "c", "unknown"])
+    assert await store.load_documents("ledger") == {"b": {"saved": 5}}
+    assert await store.load_documents("learned") == {"a": {"gaps": [1, 2, 3]}}
+    # Outside the records and the calling statistics.
+    assert await store.list() == []
+    assert await store.load_call_stats() == {}
+
+
+async def test_documents_survive_reopen_and_unreadable_ones_are_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.db"
+    first = SqliteStore(path)
+    await first.open()
+    try:
+        await first.save_documents("ledger", {"echo": {"saved": 4.0}})
+    finally:
+        await first.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("INSERT INTO documents VALUES ('ledger', 'torn', '{\"saved\": 1')")
+        conn.execute("INSERT INTO documents VALUES ('ledger', 'listed', '[1]')")
+
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        with caplog.at_level(logging.WARNING, logger="torpor.store.sqlite"):
+            assert await second.load_documents("ledger") == {"echo": {"saved": 4.0}}
+    finally:
+        await second.close()
+    skipped = sorted(
+        (r.__dict__["kind"], r.__dict__["service"]) for r in caplog.records
+        if r.getMessage() == "store.document_unreadable"
+    )
+    assert skipped == [("ledger", "listed"), ("ledger", "torn")]
+
+
+async def test_schema_2_file_migrates_and_gains_documents(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for statement in _SCHEMA_1:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE call_stats (name TEXT PRIMARY KEY, data TEXT NOT NULL)")
+        conn.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
+        conn.execute("INSERT INTO call_stats VALUES ('echo', ?)", (json.dumps(stats_dict(2)),))
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.load_call_stats() == {"echo": stats_dict(2)}  # kept
+        assert await store.load_documents("ledger") == {}
+        await store.save_documents("ledger", {"echo": {"saved": 1}})
+        assert await store.load_documents("ledger") == {"echo": {"saved": 1}}
+    finally:
+        await store.close()

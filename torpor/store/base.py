@@ -3,12 +3,14 @@
 Owns the contract every backend (sqlite for one machine, etcd for a fleet) implements.
 Writes are compare-and-set on a record's `revision`, never last-writer-wins, so that a
 reconciler and an activator racing on one service cannot silently undo each other.
+Besides records: calling statistics, and per-service JSON documents of a kind ("learned",
+"ledger"), plain last-writer-wins values that only a fleet's leader writes.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torpor.model import ServiceRecord
@@ -68,3 +70,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def load_call_stats(self) -> dict[str, dict[str, Any]]:
         """Every stored statistics entry (service name → dict), {} when none."""
+
+    @abc.abstractmethod
+    async def save_documents(self, kind: str, docs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Write JSON documents of `kind` (service name → JSON object), replacing what is
+        stored for those names; names not given are left alone. One value per (kind, name)
+        shared by every member of a fleet: last writer wins, so only the leader writes."""
+
+    @abc.abstractmethod
+    async def load_documents(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Every stored document of `kind` (service name → dict), {} when none. A document
+        that is not a JSON object is skipped with a log line (`store.document_unreadable`)."""
+
+    @abc.abstractmethod
+    async def delete_documents(self, kind: str, names: Iterable[str]) -> None:
+        """Forget the documents of `kind` for `names` (unknown names are no error)."""

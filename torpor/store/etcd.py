@@ -7,6 +7,8 @@ Keys under the configured prefix:
   the same service can never undo each other, whoever writes second gets ConflictError.
 - `stats/<name>/<member>`: what one control plane counted (CallStats JSON). Each writes
   its own key: no control plane overwrites another's counts.
+- `docs/<kind>/<name>`: a per-service JSON document of a kind ("learned", "ledger"), one
+  value for the whole fleet (last writer wins: only the leader writes). Not watched.
 
 Owns: the encoding, compare-and-set, and the watch that hands every record written by
 any process to this process's listeners within milliseconds (control planes push it to
@@ -23,7 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aetcd import rpc
@@ -54,6 +56,7 @@ class EtcdStore(Store):
         self._member = member
         self._services = conn.key("services") + b"/"
         self._stats = conn.key("stats") + b"/"
+        self._docs = conn.key("docs") + b"/"
         self._listeners: Listeners[[ServiceRecord]] = Listeners("store.listener_failed")
         self._call_listeners: Listeners[[str, float]] = Listeners("store.listener_failed")
         self._watch_task: asyncio.Task[None] | None = None
@@ -126,9 +129,7 @@ class EtcdStore(Store):
                    key=self._stats_key(name),
                    value=json.dumps(data, separators=(",", ":")).encode()))
                for name, data in stats.items()]
-        for start in range(0, len(ops), MAX_TXN_OPS):
-            await self._conn.call("save call stats", self._conn.kv.Txn,
-                                  rpc.TxnRequest(success=ops[start:start + MAX_TXN_OPS]))
+        await self._txns("save call stats", ops)
 
     async def load_call_stats(self) -> dict[str, dict[str, Any]]:
         """This member's own entries, each with the latest `last_call` any member saw
@@ -153,6 +154,41 @@ class EtcdStore(Store):
 
     def _stats_key(self, name: str) -> bytes:
         return self._stats + f"{name}/{self._member}".encode()
+
+    # --- documents ----------------------------------------------------------------------
+
+    async def save_documents(self, kind: str, docs: Mapping[str, Mapping[str, Any]]) -> None:
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(
+                   key=self._doc_key(kind, name),
+                   value=json.dumps(data, separators=(",", ":")).encode()))
+               for name, data in docs.items()]
+        await self._txns(f"save {kind} documents", ops)
+
+    async def load_documents(self, kind: str) -> dict[str, dict[str, Any]]:
+        prefix = self._doc_key(kind, "")
+        kvs, _ = await self._scan(prefix)
+        loaded: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            name = kv.key[len(prefix):].decode(errors="replace")
+            value = _json_object(kv.value, name, "store.document_unreadable", kind=kind)
+            if value is not None:
+                loaded[name] = value
+        return loaded
+
+    async def delete_documents(self, kind: str, names: Iterable[str]) -> None:
+        ops = [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                   key=self._doc_key(kind, name)))
+               for name in names]
+        await self._txns(f"delete {kind} documents", ops)
+
+    def _doc_key(self, kind: str, name: str) -> bytes:
+        return self._docs + f"{kind}/{name}".encode()
+
+    async def _txns(self, what: str, ops: builtins.list[Any]) -> None:
+        """`ops` in transactions of at most MAX_TXN_OPS operations (etcd's limit)."""
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            await self._conn.call(what, self._conn.kv.Txn,
+                                  rpc.TxnRequest(success=ops[start:start + MAX_TXN_OPS]))
 
     # --- following other writers --------------------------------------------------------
 
@@ -260,12 +296,13 @@ def _conflict(record: ServiceRecord, stored: int | None) -> ConflictError:
                          f"{record.revision}, stored {stored})")
 
 
-def _json_object(value: bytes, name: str) -> dict[str, Any] | None:
+def _json_object(value: bytes, name: str, what: str = "store.call_stats_unreadable",
+                 **fields: Any) -> dict[str, Any] | None:
     try:
         data = json.loads(value)
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        event(log, "store.call_stats_unreadable", service=name, level=logging.WARNING)
+        event(log, what, service=name, level=logging.WARNING, **fields)
         return None
     return data

@@ -2,9 +2,9 @@
 
 Owns: the schema (and its version, so later migrations are possible), compare-and-set
 writes on a store-wide revision counter (etcd's model, so that the etcd store can replace
-this one without callers noticing), the calling statistics the collector flushes (plain
-last-writer-wins rows, outside the revision counter), and translating sqlite3's errors into
-StoreError.
+this one without callers noticing), the calling statistics the collector flushes and the
+per-service documents (plain last-writer-wins rows, outside the revision counter), and
+translating sqlite3's errors into StoreError.
 Must not decide anything about services: it keeps what it is given.
 
 Operations are short single-row statements on a local file, so they run inline on the
@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 1 → 2: calling statistics, service name → CallStats.to_dict() as JSON.
     ("CREATE TABLE call_stats (name TEXT PRIMARY KEY, data TEXT NOT NULL)",),
+    # 2 → 3: per-service JSON documents of a kind ("learned", "ledger").
+    ("CREATE TABLE documents ("
+     " kind TEXT NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (kind, name))",),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -153,18 +156,51 @@ class SqliteStore(Store):
             )
         loaded: dict[str, dict[str, Any]] = {}
         for name, data in rows:
-            try:
-                value = json.loads(data)
-            except (ValueError, TypeError) as exc:
-                value, problem = None, repr(exc)
-            else:
-                problem = f"not a JSON object but {type(value).__name__}"
-            if not isinstance(value, dict):
+            value, problem = _json_object(data)
+            if value is None:
                 event(logger, "store.call_stats_unreadable", level=logging.WARNING,
                       service=name, path=str(self._path), error=problem)
                 continue
             loaded[name] = value
         return loaded
+
+    # --- documents --------------------------------------------------------------------
+
+    async def save_documents(self, kind: str, docs: Mapping[str, Mapping[str, Any]]) -> None:
+        if not docs:
+            return
+        rows = [(kind, name, json.dumps(data, separators=(",", ":")))
+                for name, data in docs.items()]
+        with self._errors(), self._write() as conn:
+            conn.executemany(
+                "INSERT INTO documents (kind, name, data) VALUES (?, ?, ?)"
+                " ON CONFLICT (kind, name) DO UPDATE SET data = excluded.data",
+                rows,
+            )
+
+    async def load_documents(self, kind: str) -> dict[str, dict[str, Any]]:
+        with self._errors():
+            rows = (
+                self._connection()
+                .execute("SELECT name, data FROM documents WHERE kind = ? ORDER BY name", (kind,))
+                .fetchall()
+            )
+        loaded: dict[str, dict[str, Any]] = {}
+        for name, data in rows:
+            value, problem = _json_object(data)
+            if value is None:
+                event(logger, "store.document_unreadable", level=logging.WARNING,
+                      kind=kind, service=name, path=str(self._path), error=problem)
+                continue
+            loaded[name] = value
+        return loaded
+
+    async def delete_documents(self, kind: str, names: Iterable[str]) -> None:
+        rows = [(kind, name) for name in names]
+        if not rows:
+            return
+        with self._errors(), self._write() as conn:
+            conn.executemany("DELETE FROM documents WHERE kind = ? AND name = ?", rows)
 
     def _notify(self, record: ServiceRecord) -> None:
         """Tell listeners about a write; one failing listener must not hide it from the others."""
@@ -242,6 +278,17 @@ def _check_revision(record: ServiceRecord, stored: int | None) -> None:
             f"{record.name}: changed meanwhile (expected revision {record.revision},"
             f" stored {stored})"
         )
+
+
+def _json_object(data: str) -> tuple[dict[str, Any] | None, str]:
+    """A stored row as a JSON object, or (None, what is wrong with it)."""
+    try:
+        value = json.loads(data)
+    except (ValueError, TypeError) as exc:
+        return None, repr(exc)
+    if not isinstance(value, dict):
+        return None, f"not a JSON object but {type(value).__name__}"
+    return value, ""
 
 
 def _meta_value(conn: sqlite3.Connection, key: str) -> int:
