@@ -99,12 +99,25 @@ class WorkloadsConfig:
     ports: tuple[int, int] | None = None
 
 
+#: The idle policies: `learned` (each service's keep-alive learned from its own calling
+#: history, with pre-wake) and `fixed` (one timer, `idle_after`, for every service).
+POLICY_KINDS = ("learned", "fixed")
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
+    # `learned`: the keep-alive is learned per service (policies/learning.py); `idle_after`
+    # is then only the keep-alive while nothing has been learned yet (no service has a gap
+    # between calls). `fixed`: every service is hibernated `idle_after` after its last call.
+    kind: str = "learned"
     idle_after: float = 600.0
     evict_after: float = 86400.0
     creation_grace: float = 300.0
     check_every: float = 10.0
+    # learned: what one cold start is worth, in seconds of a service loaded and idle.
+    cold_start_price: float = 7200.0
+    # learned: wake a sleeping service ahead of a call its history predicts.
+    prewake: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +127,9 @@ class ServicePolicyConfig:
     idle_after: float | None = None
     evict_after: float | None = None
     creation_grace: float | None = None
+    kind: str | None = None
+    cold_start_price: float | None = None
+    prewake: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,18 +628,24 @@ _WORKLOADS: Mapping[str, _Schema[WorkloadsConfig]] = {
 _POLICY = _Schema(
     PolicyConfig,
     {
+        "kind": _Field(_choice(*POLICY_KINDS)),
         "idle_after": _Field(_duration()),
         "evict_after": _Field(_duration()),
         "creation_grace": _Field(_duration()),
         "check_every": _Field(_duration(positive=True)),
+        "cold_start_price": _Field(_duration()),
+        "prewake": _Field(_boolean),
     },
 )
 _SERVICE_POLICY = _Schema(
     ServicePolicyConfig,
     {
+        "kind": _Field(_choice(*POLICY_KINDS)),
         "idle_after": _Field(_duration()),
         "evict_after": _Field(_duration()),
         "creation_grace": _Field(_duration()),
+        "cold_start_price": _Field(_duration()),
+        "prewake": _Field(_boolean),
     },
 )
 _WAKE = _Schema(WakeConfig, {"flip_when": _Field(_choice("first_ready", "all_ready"))})

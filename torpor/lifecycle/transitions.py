@@ -151,7 +151,7 @@ _TABLE: Mapping[tuple[ServiceState, Event], Step] = {
     (S.EVICTED, E.POLICY_DORMANT): STAY,
     (S.EVICTED, E.HIBERNATE): REFUSED,
     (S.EVICTED, E.WAKE): _WAKE,  # WAKING re-adds the route
-    (S.EVICTED, E.PREWAKE): _WAKE,
+    (S.EVICTED, E.PREWAKE): STAY,  # a prediction never brings back an evicted service
     (S.EVICTED, E.VERSION_SHIFT): _WAKE,
     (S.EVICTED, E.WAKE_SUCCEEDED): REFUSED,
     (S.EVICTED, E.WAKE_FAILED): REFUSED,

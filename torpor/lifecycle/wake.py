@@ -136,6 +136,12 @@ class Waker:
         """The table's wake step, then the step of how it ended."""
         name = wake.record.name
         step = decide(name, wake.record.state, cause)
+        if step.to is None and not step.before and not step.after:
+            # Nothing to do (a pre-wake of an EVICTED or HIBERNATING service): no wake
+            # happened, so no "woken" outcome; whatever is ready now.
+            event(log, "wake.not_needed", service=name, state=wake.record.state.value,
+                  cause=cause.value, level=logging.DEBUG)
+            return self._workloads.ready_endpoints(name)
         await self._take(wake, step, wake.reason)
         try:
             ready = await self._run(wake, step.after)

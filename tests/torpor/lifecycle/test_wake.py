@@ -155,3 +155,13 @@ async def test_prewake_wakes_a_sleeping_service_and_leaves_an_awake_one_alone(
     assert stored is not None and stored.state is S.ACTIVE
     await waker.wake("p", "predicted call", cause=Event.PREWAKE)
     assert workloads.calls == [("p", 2)]  # awake: no second scale
+
+
+async def test_prewake_leaves_an_evicted_service_evicted(store: SqliteStore) -> None:
+    await sleeping(store, "e", recorded=1, state=S.EVICTED)
+    workloads = SimulatedWorkloads({"e": 0.0})
+    waker = Waker(store, workloads, LocalLocks(), wake_timeout=5)
+    assert await waker.wake("e", "pre-wake: call predicted", cause=Event.PREWAKE) == ()
+    stored = await store.get("e")
+    assert stored is not None and stored.state is S.EVICTED
+    assert workloads.calls == []
