@@ -123,6 +123,26 @@ ETCD_WATCH_RESTARTS = Counter(
 ACTIVATORS = Gauge("torpor_activators", "Activator replicas registered in etcd, as this "
                    "control plane sees them (the endpoints of Envoy's activator cluster)")
 
+# The savings ledger (torpor/ledger.py): exported only by the control plane whose ledger
+# counts (the leader in a fleet).
+REPLICA_SECONDS_SAVED = Counter(
+    "torpor_replica_seconds_saved",
+    "Replica-seconds not run because the service slept (time HIBERNATED or EVICTED x its "
+    "recorded replicas)", ["service"],
+)
+COLD_STARTS = Counter(
+    "torpor_cold_starts", "Completed wakes a request (or torpor wake) asked for; pre-wakes are "
+    "not cold starts", ["service"],
+)
+COLD_START_SECONDS = Histogram(
+    "torpor_cold_start_seconds", "A cold start's wait, from WAKING to ACTIVE", ["service"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+PREWAKES = Counter(
+    "torpor_prewakes", "Pre-wakes by outcome: useful (a call came before the service slept "
+    "again) or wasted", ["service", "outcome"],
+)
+
 
 def set_service_state(service: str, state: ServiceState, recorded_replicas: int = 0) -> None:
     """Export `state` as the one current state of `service` (an enum as 0/1 gauges), and
@@ -143,7 +163,15 @@ def forget_service(service: str) -> None:
         _remove(gauge, service)
 
 
-def _remove(metric: Gauge, *labels: str) -> None:
+def forget_savings(service: str) -> None:
+    """Drop a service's ledger series (this process's ledger stopped counting)."""
+    for metric in (REPLICA_SECONDS_SAVED, COLD_STARTS, COLD_START_SECONDS):
+        _remove(metric, service)
+    for outcome in ("useful", "wasted"):
+        _remove(PREWAKES, service, outcome)
+
+
+def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
     try:
         metric.remove(*labels)
     except KeyError:

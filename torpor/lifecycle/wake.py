@@ -68,6 +68,22 @@ class SingleFlight(Generic[T]):
             future.exception()  # retrieved: nobody may be left waiting on a failed task
 
 
+#: How the history reason of a wake nobody waits on starts (torpor/ledger.py reads it: such
+#: a wake is not a cold start).
+PREWAKE_REASON = "pre-wake"
+VERSION_SHIFT_REASON = "version shift"
+_REASON_PREFIXES = {Event.PREWAKE: PREWAKE_REASON, Event.VERSION_SHIFT: VERSION_SHIFT_REASON}
+
+
+def reason_for(reason: str, cause: Event) -> str:
+    """`reason` as the wake writes it: starting with "pre-wake" for a PREWAKE and with
+    "version shift" for a VERSION_SHIFT (unless it already does)."""
+    prefix = _REASON_PREFIXES.get(cause)
+    if prefix is None or reason.startswith(prefix):
+        return reason
+    return f"{prefix}: {reason}"
+
+
 class _Wake:
     """One wake of one service, under its lock: the record as it goes, and the clock."""
 
@@ -112,6 +128,7 @@ class Waker:
 
     async def _wake(self, name: str, reason: str, cause: Event) -> tuple[Endpoint, ...]:
         started = self._clock.monotonic()
+        reason = reason_for(reason, cause)
         try:
             async with self._locks.hold(lock_key(name), self._wake_timeout):
                 record = await self._store.get(name)

@@ -13,7 +13,7 @@ import pytest
 from tests.support.workloads import SimulatedWorkloads
 from torpor.errors import UnknownServiceError, WakeFailedError
 from torpor.lifecycle.transitions import Event
-from torpor.lifecycle.wake import Waker
+from torpor.lifecycle.wake import Waker, reason_for
 from torpor.locks import LocalLocks, lock_key
 from torpor.model import ServiceRecord, ServiceState
 from torpor.store.sqlite import SqliteStore
@@ -155,6 +155,21 @@ async def test_prewake_wakes_a_sleeping_service_and_leaves_an_awake_one_alone(
     assert stored is not None and stored.state is S.ACTIVE
     await waker.wake("p", "predicted call", cause=Event.PREWAKE)
     assert workloads.calls == [("p", 2)]  # awake: no second scale
+
+
+async def test_a_prewake_writes_its_reason_starting_with_pre_wake(store: SqliteStore) -> None:
+    """torpor/ledger.py tells a pre-wake from a cold start by this prefix."""
+    await sleeping(store, "p", recorded=1)
+    await sleeping(store, "q", recorded=1)
+    waker = Waker(store, SimulatedWorkloads({"p": 0.0, "q": 0.0}), LocalLocks(), wake_timeout=5)
+    await waker.wake("p", "predicted call", cause=Event.PREWAKE)
+    await waker.wake("q", "first request")
+    p, q = await store.get("p"), await store.get("q")
+    assert p is not None and q is not None
+    assert [t.reason.split(";")[0] for t in p.history[-2:]] == ["pre-wake: predicted call"] * 2
+    assert [t.reason.split(";")[0] for t in q.history[-2:]] == ["first request"] * 2
+    assert reason_for("pre-wake: x", Event.PREWAKE) == "pre-wake: x"
+    assert reason_for("shift", Event.VERSION_SHIFT) == "version shift: shift"
 
 
 async def test_prewake_leaves_an_evicted_service_evicted(store: SqliteStore) -> None:
