@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from torpor import admin_client
@@ -30,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.handler is None:  # a verb that needs no config (policy replay)
+            standalone: Callable[[argparse.Namespace], int] = args.standalone
+            return standalone(args)
         config = load_config(args.config)
         setup_logging(args.log_level)
         handler: Callable[[argparse.Namespace, Config], int] = args.handler
@@ -86,6 +92,26 @@ def _parser() -> argparse.ArgumentParser:
                                 "Service name (default: control_plane.xds)")
     bootstrap.add_argument("--admin-address", type=_host_port, metavar="HOST:PORT",
                            help="where Envoy's admin listener binds (default: gateway.admin)")
+
+    policy = sub.add_parser("policy", help="evaluate idle policies offline",
+                            description="evaluate idle policies offline")
+    policy_sub = policy.add_subparsers(dest="policy_verb", required=True, metavar="VERB")
+    text = ("replay recorded traces through the fixed timers and the learning policy: cold "
+            "starts against loaded-idle time (needs no config and no running gateway)")
+    replay = policy_sub.add_parser(
+        "replay", help=text, description=text,
+        epilog="Each PATH is one trace. --json prints {\"trace\": {...}, \"rows\": [...]} for "
+               "one PATH and a JSON list of such objects for several.")
+    replay.add_argument("paths", nargs="+", metavar="PATH",
+                        help="servegen: a folder of chunk-*-trace.csv (or one file); "
+                             "azure-functions: a *_inv.csv file (or its folder)")
+    replay.add_argument("--format", required=True, choices=["servegen", "azure-functions"],
+                        help="the traces' format")
+    replay.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    replay.add_argument("--plot", metavar="FILE.png",
+                        help="also draw cold starts against loaded-idle time, one panel per "
+                             "trace (needs torpor[plot])")
+    replay.set_defaults(handler=None, standalone=_policy_replay)
     return parser
 
 
@@ -170,6 +196,59 @@ def _envoy_bootstrap(args: argparse.Namespace, config: Config) -> int:
 
     print(bootstrap_json(config, xds=args.xds_address, admin=args.admin_address))
     return 0
+
+
+def _policy_replay(args: argparse.Namespace) -> int:
+    from assembly.replay_report import PlotUnavailable, check_plot_available, format_report, plot
+    from assembly.traces import TraceError, read_trace
+    from policies.replay import sweep
+
+    try:  # bad input: exit code 2, before a replay that can take a while
+        if args.plot:
+            check_plot_available()
+        traces = [read_trace(path, args.format) for path in args.paths]
+    except (TraceError, PlotUnavailable) as exc:
+        print(f"torpor: {exc}", file=sys.stderr)
+        return 2
+    results = []
+    for loaded in traces:
+        trace = loaded.trace
+        with _progress(f"replaying {trace.name}: {len(trace.services)} services x "
+                       f"{trace.windows} windows..."):
+            results.append((loaded, sweep(trace)))
+    if args.json:
+        documents = [{"trace": loaded.summary(), "rows": [row.as_json() for row in rows]}
+                     for loaded, rows in results]
+        print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2))
+    else:
+        print("\n\n".join(format_report(loaded, rows) for loaded, rows in results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(text: str, after: float = 1.0) -> Iterator[None]:
+    """Print `text` on stderr if the block takes longer than `after` seconds, and then how
+    long it took."""
+    started = time.monotonic()
+    shown = threading.Event()
+
+    def show() -> None:
+        print(f"torpor: {text}", file=sys.stderr, flush=True)
+        shown.set()
+
+    timer = threading.Timer(after, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if shown.is_set():
+            print(f"torpor: done in {time.monotonic() - started:.1f} s", file=sys.stderr,
+                  flush=True)
 
 
 if __name__ == "__main__":

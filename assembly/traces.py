@@ -20,6 +20,7 @@ Formats (one PATH is one trace):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -37,14 +38,14 @@ class TraceError(TorporError):
 
 
 @dataclasses.dataclass(frozen=True)
-class LoadedTrace:
+class LoadedTrace:  # not slots: windows_with_calls is a cached_property
     """A trace and where it came from."""
 
     trace: Trace
     path: str
     format: str
 
-    @property
+    @functools.cached_property
     def windows_with_calls(self) -> int:
         return sum(sum(1 for busy in series if busy) for series in self.trace.services.values())
 
