@@ -258,7 +258,7 @@ activator: {{listen: {LOOPBACK}:{p['act']}, metrics: {LOOPBACK}:{p['actm']},
             listen_h2: {LOOPBACK}:{p['acth2']}, wake_timeout: 30s}}
 store: {{kind: etcd, endpoints: ["{etcd.endpoint}"], prefix: /bench-flip/, member: cp}}
 workloads: {{kind: local}}
-policy: {{idle_after: 24h, evict_after: 48h}}
+policy: {{kind: fixed, idle_after: 24h, evict_after: 48h}}
 services:
 {local_service_yaml(FLIP_SERVICE, 1)}"""
     path = tmp / "flip.yaml"

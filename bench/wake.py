@@ -198,7 +198,7 @@ activator: {{listen: {LOOPBACK}:{p['act']}, metrics: {LOOPBACK}:{p['actm']},
             max_held_per_service: {max_held}, wake_timeout: {WAKE_TIMEOUT:g}s}}
 store: {{kind: sqlite, path: ./state.db}}
 workloads: {{kind: local}}
-policy: {{idle_after: 24h, evict_after: 7d, creation_grace: 24h, check_every: 10s}}
+policy: {{kind: fixed, idle_after: 24h, evict_after: 7d, creation_grace: 24h, check_every: 10s}}
 services:{entries}""")
     return path
 

@@ -55,7 +55,7 @@ class Transition(_message.Message):
     def __init__(self, at: _Optional[float] = ..., from_state: _Optional[str] = ..., to_state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history")
+    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history", "keep_alive", "next_call")
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class ServiceStatus(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CALL_FIELD_NUMBER: _ClassVar[int]
     name: str
     host: str
     state: str
@@ -78,4 +80,6 @@ class ServiceStatus(_message.Message):
     created_at: float
     updated_at: float
     history: _containers.RepeatedCompositeFieldContainer[Transition]
-    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ...) -> None: ...
+    keep_alive: float
+    next_call: float
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ...) -> None: ...

@@ -104,6 +104,8 @@ def status_from_message(message: Any) -> dict[str, Any]:
                 )
                 for t in message.history
             ),
+            keep_alive=float(message.keep_alive) if message.HasField("keep_alive") else None,
+            next_call=float(message.next_call) if message.HasField("next_call") else None,
         )
     except ValueError as exc:
         raise AdminError(
@@ -184,6 +186,40 @@ def format_ago(at: float | None, now: float) -> str:
     return f"{seconds // 86400}d ago"
 
 
+def format_keep(seconds: float | None) -> str:
+    """A keep-alive: "-" when unknown or never, else "45s", "10m", "2h30m" (whole seconds
+    below a minute, at most two units)."""
+    if seconds is None:
+        return "-"
+    rest = max(0, int(seconds))
+    if rest < 60 and seconds < 10 and seconds != rest:
+        return f"{seconds:.1f}s"
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        amount, rest = divmod(rest, size)
+        if amount:
+            parts.append(f"{amount}{unit}")
+        if len(parts) == 2:
+            break
+    return "".join(parts) or "0s"
+
+
+def format_next(at: float | None, now: float) -> str:
+    """A predicted call: "-" for none, "in 5m", or "due" once its time has come."""
+    if at is None:
+        return "-"
+    seconds = int(at - now)
+    if seconds <= 0:
+        return "due"
+    if seconds < 60:
+        return f"in {seconds}s"
+    if seconds < 3600:
+        return f"in {seconds // 60}m"
+    if seconds < 86400:
+        return f"in {seconds // 3600}h"
+    return f"in {seconds // 86400}d"
+
+
 def _format_clock(at: float, now: float) -> str:
     """Local wall-clock time of `at`; with the date when it is not today."""
     when = time.localtime(at)
@@ -208,7 +244,8 @@ def format_status_table(statuses: Sequence[Mapping[str, Any]], now: float | None
     if not statuses:
         return "no services"
     current = time.time() if now is None else now
-    headers = ("NAME", "STATE", "REPLICAS", "RECORDED", "LAST CALL", "HOST")
+    headers = ("NAME", "STATE", "REPLICAS", "RECORDED", "LAST CALL", "KEEP", "NEXT CALL",
+               "HOST")
     rows = [
         (
             str(status["name"]),
@@ -216,6 +253,8 @@ def format_status_table(statuses: Sequence[Mapping[str, Any]], now: float | None
             str(status["replicas"]),
             str(status["recorded_replicas"]),
             format_ago(status.get("last_call"), current),
+            format_keep(status.get("keep_alive")),
+            format_next(status.get("next_call"), current),
             str(status.get("host") or ""),
         )
         for status in statuses

@@ -65,6 +65,10 @@ HIBERNATE_FAILURES = Counter(
     "Hibernations abandoned (an Envoy did not ACK the flip, or scaling failed)", ["service"],
 )
 POLICY_CHECKS = Counter("torpor_policy_checks", "Reconciler passes over the service table")
+POLICY_PREWAKES = Counter(
+    "torpor_policy_prewakes", "Pre-wakes the learning policy started ahead of a predicted call",
+    ["service"],
+)
 CALL_STATS_FLUSHES = Counter(
     "torpor_call_stats_flushes", "Flushes of calling statistics to the store", ["outcome"]
 )

@@ -155,6 +155,8 @@ class ServiceStatus:
     """What `torpor status` shows of one service: its record joined with live workload facts.
 
     `replicas` is how many run now; `recorded_replicas` is what a wake restores.
+    `keep_alive`: seconds idle before the policy hibernates it (None: unknown, or never);
+    `next_call`: when the policy predicts its next call (unix seconds; None: no prediction).
     """
 
     name: str
@@ -168,6 +170,8 @@ class ServiceStatus:
     created_at: float
     updated_at: float
     history: tuple[Transition, ...]
+    keep_alive: float | None = None
+    next_call: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -183,6 +187,8 @@ class ServiceStatus:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "history": [t.to_dict() for t in self.history],
+            "keep_alive": self.keep_alive,
+            "next_call": self.next_call,
         }
 
 

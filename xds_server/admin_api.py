@@ -62,7 +62,8 @@ def status_code_for(error: TorporError) -> Any:
 
 
 def status_to_message(status: ServiceStatus) -> Any:
-    """ServiceStatus → admin_pb2.ServiceStatus (last_call left unset when None)."""
+    """ServiceStatus → admin_pb2.ServiceStatus (last_call, keep_alive, next_call left unset
+    when None)."""
     message = admin_pb2.ServiceStatus(
         name=status.name,
         host=status.host,
@@ -85,6 +86,10 @@ def status_to_message(status: ServiceStatus) -> Any:
     )
     if status.last_call is not None:
         message.last_call = status.last_call
+    if status.keep_alive is not None:
+        message.keep_alive = status.keep_alive
+    if status.next_call is not None:
+        message.next_call = status.next_call
     return message
 
 

@@ -106,9 +106,11 @@ class ControlPlane:
             lock_wait=max(config.activator.wake_timeout, config.control_plane.ack_timeout),
             on_record=self.table.apply)
         self.policy = PolicyLoop(config, self.catalog, lambda: self.table.records,
-                                 self.collector, self.hibernation, self.clock, self.is_leader)
+                                 self.collector, self.hibernation, self.clock, self.is_leader,
+                                 waker=self.waker, store=store)
         self.admin = ControlPlaneAdmin(self.table, self.collector, self.hibernation,
-                                       self.waker, self.routing, problems)
+                                       self.waker, self.routing, problems,
+                                       outlook=self.policy.outlook)
         self._run_policy = run_policy
         self._serve_metrics = serve_metrics
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,6 +158,8 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self._run_policy:
+            await self.policy.close()  # pre-wakes stopped, learned states saved
         for server in self._servers:
             await server.stop(1.0)
         self._servers.clear()

@@ -8,7 +8,9 @@ states (torpor.lifecycle).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
 from torpor.errors import UnknownServiceError, WorkloadError
 from torpor.lifecycle.hibernation import Hibernation
@@ -19,12 +21,26 @@ from xds_server.collector import CallCollector
 from xds_server.routing import EnvoyRouting
 
 
+class Outlook(Protocol):
+    """What the policy expects of a service (xds_server.policy_loop.Outlook)."""
+
+    @property
+    def keep_alive(self) -> float | None: ...
+
+    @property
+    def next_call(self) -> float | None: ...
+
+
 class ControlPlaneAdmin:
     """Implements torpor.admin.ServiceAdmin for one control plane."""
 
     def __init__(self, table: ServiceTable, collector: CallCollector, hibernation: Hibernation,
                  waker: Waker, routing: EnvoyRouting,
-                 problems: Callable[[], list[str]] = list) -> None:
+                 problems: Callable[[], list[str]] = list,
+                 outlook: Callable[[str], Outlook] | None = None) -> None:
+        """`outlook(name)`: the policy's keep-alive and next predicted call of a service
+        (None: status shows neither)."""
+        self._outlook = outlook
         self._table = table
         self._collector = collector
         self._hibernation = hibernation
@@ -66,4 +82,9 @@ class ControlPlaneAdmin:
         return self._status(name)
 
     def _status(self, name: str) -> ServiceStatus:
-        return self._table.status(name, self._collector.last_call(name))
+        status = self._table.status(name, self._collector.last_call(name))
+        if self._outlook is None:
+            return status
+        outlook = self._outlook(name)
+        return dataclasses.replace(status, keep_alive=outlook.keep_alive,
+                                   next_call=outlook.next_call)

@@ -33,7 +33,8 @@ from torpor.config import Config, load_config
 
 pytestmark = pytest.mark.envoy
 
-FAST_POLICY = "policy: {idle_after: 5s, evict_after: 12s, creation_grace: 0s, check_every: 250ms}"
+FAST_POLICY = ("policy: {kind: fixed, idle_after: 5s, evict_after: 12s, creation_grace: 0s, "
+               "check_every: 250ms}")
 
 
 @pytest.fixture

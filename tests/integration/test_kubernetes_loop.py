@@ -32,7 +32,8 @@ from torpor.workloads.annotations import RECORDED_REPLICAS
 pytestmark = pytest.mark.envoy
 
 NS = "models"
-FAST_POLICY = "policy: {idle_after: 5s, evict_after: 12s, creation_grace: 0s, check_every: 250ms}"
+FAST_POLICY = ("policy: {kind: fixed, idle_after: 5s, evict_after: 12s, creation_grace: 0s, "
+               "check_every: 250ms}")
 
 
 @pytest.fixture

@@ -72,7 +72,8 @@ class Fleet:
 
     def __init__(self, tmp: Path, etcd: EtcdServer, kube: FakeKube, services: str, *,
                  control_planes: int = 2, activators: int = 3, lease_ttl: str = "2s",
-                 policy: str = "policy: {idle_after: 1h, evict_after: 2h, check_every: 250ms}",
+                 policy: str = ("policy: {kind: fixed, idle_after: 1h, evict_after: 2h, "
+                                "check_every: 250ms}"),
                  wake_timeout: str = "30s") -> None:
         self.tmp = tmp
         self.etcd = etcd

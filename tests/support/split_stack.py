@@ -64,7 +64,7 @@ activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']},
             listen_h2: 127.0.0.1:{p['acth2']}{act_extra}}}
 store: {store}
 workloads: {workloads}
-policy: {{idle_after: 1h, evict_after: 2h, check_every: 1s}}
+policy: {{kind: fixed, idle_after: 1h, evict_after: 2h, check_every: 1s}}
 services:
 {services}"""
     path = tmp / "torpor.yaml"

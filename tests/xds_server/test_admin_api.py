@@ -257,20 +257,35 @@ def test_status_table() -> None:
         make_status("old", S.EVICTED, replicas=0, last_call=now - 3 * 86400).to_json(),
     ]
     statuses[0]["history"] = [Transition(now - 3600, None, S.ACTIVE, "registered").to_dict()]
+    statuses[0].update(keep_alive=630.0, next_call=now + 150)
+    statuses[1].update(keep_alive=0.3)
     statuses[2]["history"] = []
 
     table = format_status_table(statuses, now=now)
 
     assert table.splitlines() == [
-        "NAME          STATE    REPLICAS  RECORDED  LAST CALL  HOST",
-        "echo          ACTIVE   2         2         12s ago    echo.localhost",
+        "NAME          STATE    REPLICAS  RECORDED  LAST CALL  KEEP    NEXT CALL  HOST",
+        "echo          ACTIVE   2         2         12s ago    10m30s  in 2m      echo.localhost",
         f"  {clock(now - 3600)} (new) -> ACTIVE  (registered)",
-        "sleepy-model  WAKING   0         2         never      sleepy-model.localhost",
+        "sleepy-model  WAKING   0         2         never      0.3s    -          "
+        "sleepy-model.localhost",
         f"  {clock(now - 300)} ACTIVE -> HIBERNATING  (idle for 10m)",
         f"  {clock(now - 290)} HIBERNATING -> HIBERNATED  (scaled to 0)",
         f"  {clock(now - 100)} HIBERNATED -> WAKING",
-        "old           EVICTED  0         2         3d ago     old.localhost",
+        "old           EVICTED  0         2         3d ago     -       -          old.localhost",
     ]
+
+
+def test_keep_alive_and_next_call_round_trip() -> None:
+    status = dataclasses.replace(make_status("echo"), keep_alive=45.0, next_call=1_700_000_000.5)
+    back = admin_client.status_from_message(status_to_message(status))
+    assert (back["keep_alive"], back["next_call"]) == (45.0, 1_700_000_000.5)
+    plain = status_to_message(make_status("quiet"))
+    assert not plain.HasField("keep_alive") and not plain.HasField("next_call")
+    back = admin_client.status_from_message(plain)
+    assert back["keep_alive"] is None and back["next_call"] is None
+    assert admin_client.format_next(100.0, 200.0) == "due"
+    assert admin_client.format_keep(7200.0) == "2h"
 
 
 def test_status_table_edge_cases() -> None:

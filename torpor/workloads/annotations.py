@@ -370,7 +370,10 @@ def _policy(problems: _Problems, given: Mapping[str, str]) -> ServicePolicyConfi
             except ValueError as exc:
                 problems.add(key, str(exc))
                 failed = True
-    return None if failed else ServicePolicyConfig(**values)
+    if failed:
+        return None
+    return ServicePolicyConfig(idle_after=values["idle_after"], evict_after=values["evict_after"],
+                               creation_grace=values["creation_grace"])
 
 
 def _port(
