@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from torpor import admin_client
-from torpor.config import Address, Config, load_config
+from torpor.config import Address, Config, load_config, parse_duration
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
 
@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                        ("wake", "wake a sleeping service now")):
         p = verb(name, _hibernate if name == "hibernate" else _wake, text)
         p.add_argument("name", metavar="NAME", help="service name")
+    report = verb("report", _report, "what sleeping saved and what waking cost, per service")
+    report.add_argument("--json", action="store_true",
+                        help='print {"services": [...], "total": {...}, "since", "generated_at"}')
+    report.add_argument("--since", type=_duration, metavar="DURATION",
+                        help="only the last DURATION (e.g. 1h, 7d; whole hours, whole days "
+                             "beyond two days; default: everything the ledger holds)")
     bootstrap = verb("envoy-bootstrap", _envoy_bootstrap,
                      "print the Envoy bootstrap that points at the control plane")
     bootstrap.add_argument("--xds-address", type=_host_port, metavar="HOST:PORT",
@@ -121,6 +127,17 @@ def _host_port(text: str) -> Address:
     if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 1..65535, got {text!r}")
     return Address(host, int(port))
+
+
+def _duration(text: str) -> float:
+    """A positive duration on the command line (argparse type): 30m, 24h, 7d, or seconds."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return seconds
 
 
 def _up(args: argparse.Namespace, config: Config) -> int:
@@ -188,6 +205,15 @@ def _wake(args: argparse.Namespace, config: Config) -> int:
     timeout = config.activator.wake_timeout + 30
     result = admin_client.wake(str(config.control_plane.admin_api), args.name, timeout)
     print(admin_client.format_status_table([result]))
+    return 0
+
+
+def _report(args: argparse.Namespace, config: Config) -> int:
+    from torpor.report import format_report_table, report_json
+
+    response = admin_client.report(str(config.control_plane.admin_api), args.since)
+    document = report_json(response, args.since)
+    print(json.dumps(document, indent=2) if args.json else format_report_table(document))
     return 0
 
 

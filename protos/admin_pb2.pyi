@@ -83,3 +83,37 @@ class ServiceStatus(_message.Message):
     keep_alive: float
     next_call: float
     def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("since_seconds",)
+    SINCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    since_seconds: float
+    def __init__(self, since_seconds: _Optional[float] = ...) -> None: ...
+
+class ServiceSavings(_message.Message):
+    __slots__ = ("name", "replica_seconds_saved", "replica_seconds_idle", "cold_starts", "cold_start_seconds", "prewakes", "prewakes_wasted")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SECONDS_SAVED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SECONDS_IDLE_FIELD_NUMBER: _ClassVar[int]
+    COLD_STARTS_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREWAKES_FIELD_NUMBER: _ClassVar[int]
+    PREWAKES_WASTED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    replica_seconds_saved: float
+    replica_seconds_idle: float
+    cold_starts: int
+    cold_start_seconds: float
+    prewakes: int
+    prewakes_wasted: int
+    def __init__(self, name: _Optional[str] = ..., replica_seconds_saved: _Optional[float] = ..., replica_seconds_idle: _Optional[float] = ..., cold_starts: _Optional[int] = ..., cold_start_seconds: _Optional[float] = ..., prewakes: _Optional[int] = ..., prewakes_wasted: _Optional[int] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("services", "total", "generated_at")
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_AT_FIELD_NUMBER: _ClassVar[int]
+    services: _containers.RepeatedCompositeFieldContainer[ServiceSavings]
+    total: ServiceSavings
+    generated_at: float
+    def __init__(self, services: _Optional[_Iterable[_Union[ServiceSavings, _Mapping]]] = ..., total: _Optional[_Union[ServiceSavings, _Mapping]] = ..., generated_at: _Optional[float] = ...) -> None: ...

@@ -60,6 +60,11 @@ class AdminStub:
                 request_serializer=protos_dot_admin__pb2.WaitRoutedRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ServiceStatus.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/torpor.admin.v1.Admin/Report',
+                request_serializer=protos_dot_admin__pb2.ReportRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ReportResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -104,6 +109,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """What sleeping saved and what waking cost, per service (the leader's savings ledger,
+        torpor/ledger.py; another control plane answers from what the leader saved).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +144,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WaitRouted,
                     request_deserializer=protos_dot_admin__pb2.WaitRoutedRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ServiceStatus.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=protos_dot_admin__pb2.ReportRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +287,33 @@ class Admin:
             '/torpor.admin.v1.Admin/WaitRouted',
             protos_dot_admin__pb2.WaitRoutedRequest.SerializeToString,
             protos_dot_admin__pb2.ServiceStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.admin.v1.Admin/Report',
+            protos_dot_admin__pb2.ReportRequest.SerializeToString,
+            protos_dot_admin__pb2.ReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,13 @@ def wait_routed(address: str, name: str, timeout: float = 30.0) -> dict[str, Any
     return status_from_message(_invoke(address, "WaitRouted", request, timeout, name))
 
 
+def report(address: str, since: float | None = None, timeout: float = 30.0) -> Any:
+    """The savings report, an admin_pb2.ReportResponse (torpor/report.py reads it); `since`:
+    only the last that many seconds."""
+    request = admin_pb2.ReportRequest(since_seconds=since)
+    return _invoke(address, "Report", request, timeout, None)
+
+
 def status_from_message(message: Any) -> dict[str, Any]:
     """admin_pb2.ServiceStatus → the dict of `ServiceStatus.to_json()`."""
     try:

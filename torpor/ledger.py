@@ -133,19 +133,22 @@ class Ledger:
     """Every service's account; `started_at` is where a service without one starts."""
 
     def __init__(self, started_at: float, accounts: Mapping[str, Account] | None = None,
-                 idle_window_limit: float = math.inf) -> None:
+                 idle_window_limit: float = math.inf, export_metrics: bool = True) -> None:
         """`idle_window_limit`: a tick longer than this (the control plane was down or
         not leading: replicas may not have run, calls were not seen) counts loaded-idle
         time only for its last `idle_window_limit` seconds; sleeping time, read from the
-        records' history, counts whole."""
+        records' history, counts whole. `export_metrics`: False for a copy that only
+        reports (the counting ledger exports them)."""
         self._started_at = started_at
         self._idle_window_limit = idle_window_limit
+        self._export = export_metrics
         self._accounts: dict[str, Account] = dict(accounts or {})
         self._dirty: set[str] = set()
 
     @classmethod
     def from_documents(cls, docs: Mapping[str, Mapping[str, Any]], now: float,
-                       idle_window_limit: float = math.inf) -> Ledger:
+                       idle_window_limit: float = math.inf,
+                       export_metrics: bool = True) -> Ledger:
         """The ledger the stored documents describe; an unreadable one is skipped with a
         log line (that service's counting starts at `now`)."""
         accounts: dict[str, Account] = {}
@@ -155,7 +158,7 @@ class Ledger:
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 event(log, "ledger.document_unreadable", service=name, error=repr(exc),
                       level=logging.WARNING)
-        return cls(now, accounts, idle_window_limit)
+        return cls(now, accounts, idle_window_limit, export_metrics)
 
     def names(self) -> list[str]:
         return sorted(self._accounts)
@@ -219,10 +222,11 @@ class Ledger:
         for into in (account.totals, bucket):
             into.cold_starts += 1
             into.cold_start_seconds += wait
-        metrics.COLD_STARTS.labels(service=name).inc()
-        metrics.COLD_START_SECONDS.labels(service=name).observe(wait)
-        event(log, "ledger.cold_start", service=name, seconds=round(wait, 3),
-              reason=waking.reason)
+        if self._export:
+            metrics.COLD_STARTS.labels(service=name).inc()
+            metrics.COLD_START_SECONDS.labels(service=name).observe(wait)
+            event(log, "ledger.cold_start", service=name, seconds=round(wait, 3),
+                  reason=waking.reason)
 
     def _count_time(self, record: ServiceRecord, account: Account, start: float, end: float,
                     last_call: float | None) -> None:
@@ -234,7 +238,8 @@ class Ledger:
             if state in SLEEPING:
                 saved = (b - a) * record.recorded_replicas
                 self._spread(account, a, b, saved, "replica_seconds_saved")
-                metrics.REPLICA_SECONDS_SAVED.labels(service=record.name).inc(saved)
+                if self._export:
+                    metrics.REPLICA_SECONDS_SAVED.labels(service=record.name).inc(saved)
             elif state is ServiceState.ACTIVE and not called and b > idle_from:
                 a = max(a, idle_from)
                 idle = (b - a) * _loaded_replicas(record)
@@ -272,8 +277,9 @@ class Ledger:
             return
         account.pending = None
         self._dirty.add(record.name)
-        metrics.PREWAKES.labels(service=record.name, outcome=outcome).inc()
-        event(log, "ledger.prewake_settled", service=record.name, outcome=outcome)
+        if self._export:
+            metrics.PREWAKES.labels(service=record.name, outcome=outcome).inc()
+            event(log, "ledger.prewake_settled", service=record.name, outcome=outcome)
 
     # --- documents and reports ----------------------------------------------------------
 

@@ -9,6 +9,7 @@ The client side (message → status dict) lives in torpor/admin_client.py.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from torpor.errors import (
     WakeFailedError,
     WorkloadError,
 )
+from torpor.ledger import Savings, total
 from torpor.logs import event
 from torpor.model import ServiceStatus
 
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 ERROR_KIND_KEY = "torpor-error"
 
 T = TypeVar("T")
+
+#: The savings report of a control plane (xds_server/savings.py SavingsKeeper.report):
+#: seconds back (None: everything) → (service name, savings) sorted by name.
+SavingsReport = Callable[[float | None], Awaitable[list[tuple[str, Savings]]]]
 
 #: Most specific first: the first class the error is an instance of decides the code.
 _ERROR_CODES: tuple[tuple[type[TorporError], Any], ...] = (
@@ -93,6 +99,15 @@ def status_to_message(status: ServiceStatus) -> Any:
     return message
 
 
+def savings_to_message(name: str, savings: Savings) -> Any:
+    """(name, Savings) → admin_pb2.ServiceSavings."""
+    return admin_pb2.ServiceSavings(
+        name=name, replica_seconds_saved=savings.replica_seconds_saved,
+        replica_seconds_idle=savings.replica_seconds_idle, cold_starts=savings.cold_starts,
+        cold_start_seconds=savings.cold_start_seconds, prewakes=savings.prewakes,
+        prewakes_wasted=savings.prewakes_wasted)
+
+
 def _error_kind(error: BaseException) -> tuple[tuple[str, str], ...]:
     return ((ERROR_KIND_KEY, type(error).__name__),)
 
@@ -101,11 +116,12 @@ class AdminServicer:
     """Implements the Admin service of protos/admin.proto on top of a ServiceAdmin.
 
     Registered with `admin_pb2_grpc.add_AdminServicer_to_server`, which only needs the
-    five methods; it does not subclass the generated (untyped) AdminServicer.
+    methods; it does not subclass the generated (untyped) AdminServicer.
     """
 
-    def __init__(self, admin: ServiceAdmin) -> None:
+    def __init__(self, admin: ServiceAdmin, report: SavingsReport | None = None) -> None:
         self._admin = admin
+        self._report = report
 
     async def ListServices(self, request: Any, context: Any) -> Any:
         statuses = await self._call("ListServices", "", context, self._admin.statuses)
@@ -132,6 +148,20 @@ class AdminServicer:
         status = await self._call("WaitRouted", name, context,
                                   lambda: self._admin.wait_routed(name))
         return status_to_message(status)
+
+    async def Report(self, request: Any, context: Any) -> Any:
+        since = request.since_seconds if request.HasField("since_seconds") else None
+        if since is not None and since <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "since must be positive")
+        rows = await self._call("Report", "", context, lambda: self._savings(since))
+        return admin_pb2.ReportResponse(
+            services=[savings_to_message(name, savings) for name, savings in rows],
+            total=savings_to_message("total", total(rows)), generated_at=time.time())
+
+    async def _savings(self, since: float | None) -> list[tuple[str, Savings]]:
+        if self._report is None:
+            raise NotSupportedError("this process keeps no savings ledger")
+        return await self._report(since)
 
     @staticmethod
     async def _required_name(request: Any, context: Any) -> str:
@@ -169,15 +199,18 @@ class AdminServicer:
         raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-async def start_admin_server(address: str, admin: ServiceAdmin) -> tuple[grpc.aio.Server, int]:
-    """Serve `admin` on `address` ("host:port"; port 0 picks a free one).
+async def start_admin_server(address: str, admin: ServiceAdmin,
+                             report: SavingsReport | None = None,
+                             ) -> tuple[grpc.aio.Server, int]:
+    """Serve `admin` (and `report`, for the Report RPC) on `address` ("host:port"; port 0
+    picks a free one).
 
     Returns the started server and the bound port. Stop it with `await server.stop(grace)`.
     Raises TorporError if the address cannot be bound (in use, or not a host:port).
     """
     # SO_REUSEPORT off: a second torpor on the same port must fail, not share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin, report), server)
     try:
         port = int(server.add_insecure_port(address))
     except RuntimeError as exc:

@@ -47,6 +47,7 @@ from xds_server.policy_loop import PolicyLoop
 from xds_server.publisher import Publisher
 from xds_server.resources import ResourceBuilder
 from xds_server.routing import EnvoyRouting, gateway_settings
+from xds_server.savings import SavingsKeeper
 from xds_server.server import AdsServer
 from xds_server.service_admin import ControlPlaneAdmin
 from xds_server.serving import start_xds_listener
@@ -112,6 +113,10 @@ class ControlPlane:
                                        self.waker, self.routing, problems,
                                        outlook=self.policy.outlook)
         self._run_policy = run_policy
+        self.savings = SavingsKeeper(  # the leader's savings ledger (torpor report)
+            store, lambda: self.table.records, self.collector.last_call, self.clock,
+            lambda: self._run_policy and self.is_leader(), tick_every=config.policy.check_every,
+            save_every=config.control_plane.stats_flush_every)
         self._serve_metrics = serve_metrics
         self._tasks: list[asyncio.Task[None]] = []
         self._servers: list[grpc.aio.Server] = []
@@ -129,6 +134,7 @@ class ControlPlane:
             await self.hibernation.repair(self.table.records.values())
         self._remove_listeners = [self.workloads.add_listener(self.routing.on_endpoints),
                                   self.store.add_listener(self.table.apply),
+                                  self.store.add_listener(self.savings.on_record),
                                   self.store.add_call_listener(self.collector.note_peer_call),
                                   self.catalog.add_listener(self._on_catalog)]
         if self.registry is not None:
@@ -139,6 +145,7 @@ class ControlPlane:
         self.ports = await self._serve()
         self._tasks.append(asyncio.create_task(
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
+        self._tasks.append(asyncio.create_task(self.savings.run()))
         if self._run_policy:
             self._tasks.append(asyncio.create_task(self.policy.run()))
             if self.election is not None:
@@ -165,6 +172,7 @@ class ControlPlane:
         self._servers.clear()
         # After the servers: access-log entries that arrived during their grace are saved.
         await self.collector.flush(self.store)
+        await self.savings.close()  # counted up to now and saved (the leader)
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server = None
@@ -174,7 +182,8 @@ class ControlPlane:
         cp = self.config.control_plane
         xds_server, xds_port = await start_xds_listener(str(cp.xds), self.ads, self.collector)
         self._servers.append(xds_server)
-        admin_server, admin_port = await start_admin_server(str(cp.admin_api), self.admin)
+        admin_server, admin_port = await start_admin_server(str(cp.admin_api), self.admin,
+                                                            report=self.savings.report)
         self._servers.append(admin_server)
         metrics_port = 0
         if self._serve_metrics:
