@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.etcd import EtcdServer
+from tests.torpor.test_etcd_store import opened_store
 from tests.xds_server.test_admin_api import FakeAdmin
 from torpor import admin_client
 from torpor.admin_client import AdminError
@@ -18,6 +20,7 @@ from torpor.errors import StoreError
 from torpor.ledger import DOCUMENT_KIND, Savings
 from torpor.model import ServiceRecord, ServiceState
 from torpor.report import format_duration, format_report_table, report_json
+from torpor.store.base import Store
 from torpor.store.sqlite import SqliteStore
 from xds_server.admin_api import start_admin_server
 from xds_server.savings import SavingsKeeper
@@ -45,7 +48,7 @@ class Fleet:
         self.calls: dict[str, float] = {}
         self.leading = True
 
-    def keeper(self, store: SqliteStore) -> SavingsKeeper:
+    def keeper(self, store: Store) -> SavingsKeeper:
         return SavingsKeeper(store, lambda: self.records, self.calls.get, self.clock,
                              lambda: self.leading, tick_every=10.0, save_every=30.0)
 
@@ -177,3 +180,40 @@ async def test_report_rpc_through_the_cli_client() -> None:
     (187200, "2d04h")])
 def test_durations_are_readable(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+async def test_in_a_fleet_a_new_leader_continues_the_ledger_the_old_one_saved(
+        etcd: EtcdServer) -> None:
+    """Two control planes on a real etcd: the follower reports what the leader saved; when
+    leadership moves, the new leader loads it and counts on, nothing twice."""
+    fleet = Fleet()
+    fleet.records["echo"] = ServiceRecord.new("echo", replicas=2, now=T0)
+    other = Fleet()
+    other.clock, other.records, other.leading = fleet.clock, fleet.records, False
+    async with opened_store(etcd.endpoint, "a") as store_a, \
+            opened_store(etcd.endpoint, "b") as store_b:
+        leader, follower = fleet.keeper(store_a), other.keeper(store_b)
+        await leader.tick()
+        await follower.tick()
+        fleet.clock.advance(10)
+        fleet.move("echo", S.HIBERNATING)
+        fleet.move("echo", S.HIBERNATED, desired_replicas=0)
+        fleet.clock.advance(50)
+        fleet.move("echo", S.WAKING, "first request")
+        fleet.clock.advance(3)
+        leader.on_record(fleet.move("echo", S.ACTIVE, "first request; 1 ready",
+                                    desired_replicas=2))
+        follower.on_record(fleet.records["echo"])  # not counting: ignored
+        await leader.tick()
+        await leader.save()
+        assert saved(await follower.report(None)).cold_starts == 1
+        assert saved(await follower.report(None)).replica_seconds_saved == pytest.approx(100)
+
+        fleet.leading, other.leading = False, True  # leadership moves
+        await leader.tick()
+        await follower.tick()
+        assert follower.counting and not leader.counting
+        fleet.clock.advance(10)
+        rows = await follower.report(None)
+        assert saved(rows).cold_starts == 1
+        assert saved(rows).replica_seconds_saved == pytest.approx(100)
