@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -225,15 +226,18 @@ def _envoy_bootstrap(args: argparse.Namespace, config: Config) -> int:
 
 
 def _policy_replay(args: argparse.Namespace) -> int:
-    from assembly.replay_report import PlotUnavailable, check_plot_available, format_report, plot
+    from assembly.replay_report import PlotError, check_plot_available, format_report, plot
     from assembly.traces import TraceError, read_trace
     from policies.replay import sweep
 
     try:  # bad input: exit code 2, before a replay that can take a while
         if args.plot:
             check_plot_available()
+            folder = os.path.dirname(os.path.abspath(args.plot))
+            if not os.path.isdir(folder):
+                raise PlotError(f"{args.plot}: no folder {folder} to write the plot in")
         traces = [read_trace(path, args.format) for path in args.paths]
-    except (TraceError, PlotUnavailable) as exc:
+    except (TraceError, PlotError) as exc:
         print(f"torpor: {exc}", file=sys.stderr)
         return 2
     results = []

@@ -16,7 +16,7 @@ from policies.replay import Row
 from policies.tiered import format_duration
 from torpor.errors import TorporError
 
-__all__ = ["Comparison", "PlotUnavailable", "check_plot_available", "compare", "format_report",
+__all__ = ["Comparison", "PlotError", "check_plot_available", "compare", "format_report",
            "plot"]
 
 
@@ -108,16 +108,16 @@ def format_report(loaded: LoadedTrace, rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-class PlotUnavailable(TorporError):
-    """matplotlib is not installed."""
+class PlotError(TorporError):
+    """--plot cannot work: matplotlib is not installed, or the file cannot be written."""
 
 
 def check_plot_available() -> None:
-    """Raise PlotUnavailable now, before a long replay, when --plot cannot work."""
+    """Raise PlotError now, before a long replay, when --plot cannot work."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise PlotUnavailable("--plot needs matplotlib: pip install 'torpor[plot]'") from None
+        raise PlotError("--plot needs matplotlib: pip install 'torpor[plot]'") from None
 
 
 def plot(results: Sequence[tuple[LoadedTrace, Sequence[Row]]], path: str | Path) -> None:

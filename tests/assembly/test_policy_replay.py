@@ -157,6 +157,18 @@ def bad_input(tmp_path: Path, case: str) -> Path:
     return tmp_path / case
 
 
+def test_plot_into_a_missing_folder_fails_before_the_replay(
+        synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "nowhere" / "x.png"
+    code = cli.main(["policy", "replay", str(synthetic), "--format", "servegen",
+                     "--plot", str(target)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"torpor: {target}: no folder {target.parent} to write the plot in\n"
+
+
 @pytest.mark.parametrize(("case", "says"), [
     ("nowhere", "nowhere: no such file or folder"),
     ("empty", "no chunk-*-trace.csv files"),
