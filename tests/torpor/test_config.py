@@ -416,6 +416,36 @@ BAD_CASES = [
         ["greater than 0"],
         id="zero-flush-interval",
     ),
+    pytest.param(
+        "policy: {kind: smart}\n" + SERVICE,
+        "policy.kind",
+        ["expected one of learned, fixed", "'smart'"],
+        id="policy-kind-unknown",
+    ),
+    pytest.param(
+        "policy: {cold_start_price: expensive}\n" + SERVICE,
+        "policy.cold_start_price",
+        ["not a duration"],
+        id="cold-start-price-not-a-duration",
+    ),
+    pytest.param(
+        "policy: {prewake: sometimes}\n" + SERVICE,
+        "policy.prewake",
+        ["expected true or false"],
+        id="prewake-not-boolean",
+    ),
+    pytest.param(
+        SERVICE + "    policy: {kind: timer}\n",
+        "services[0].policy.kind",
+        ["expected one of learned, fixed"],
+        id="service-policy-kind-unknown",
+    ),
+    pytest.param(
+        SERVICE + "    policy: {cold_start_pric: 1h}\n",
+        "services[0].policy.cold_start_pric",
+        ["unknown key", "did you mean 'cold_start_price'"],
+        id="service-policy-typo",
+    ),
 ]
 
 
@@ -471,3 +501,20 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(path)
     assert str(path) in str(info.value)
     assert "not found" in str(info.value)
+
+
+def test_policy_kind_and_learning_keys(tmp_path: Path) -> None:
+    defaults = load_config(write(tmp_path, SERVICE))
+    assert defaults.policy.kind == "learned"  # the default
+    assert (defaults.policy.cold_start_price, defaults.policy.prewake) == (7200.0, True)
+    own = defaults.services[0].policy
+    assert (own.kind, own.cold_start_price, own.prewake) == (None, None, None)
+    config = load_config(write(tmp_path, """\
+policy: {kind: fixed, cold_start_price: 30m, prewake: false}
+""" + SERVICE + """\
+    policy: {kind: learned, cold_start_price: 90s, prewake: true}
+"""))
+    assert (config.policy.kind, config.policy.cold_start_price, config.policy.prewake) == (
+        "fixed", 1800.0, False)
+    own = config.services[0].policy
+    assert (own.kind, own.cold_start_price, own.prewake) == ("learned", 90.0, True)
