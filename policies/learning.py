@@ -69,18 +69,23 @@ class LearningSettings:
     `cold_start_price`: what one cold start is worth in seconds of loaded-idle time (the
     aggressiveness: small → sleep early and pay cold starts, large → stay loaded). Keep-alives
     are chosen within [`min_keep`, `max_keep`]; `min_keep` is also the finest gap the policy
-    can tell (live: the policy loop's period). `prior_weight`: how many gaps of its own a
-    service needs before they count as much as the prior from all services.
+    can tell (live: the policy loop's period). `prior_weight` pseudo-gaps of
+    `prior_share * cold_start_price` stand for "a gap longer than any seen so far may come":
+    with few gaps of its own a service keeps that long, like a fixed timer. A pre-wake window
+    needs at least `prewake_min_gaps` of the service's own gaps inside it.
     """
 
     cold_start_price: float = 2 * _H
     min_keep: float = 10.0
     max_keep: float = 7 * _D
     prewake: bool = True
-    prior_weight: float = 20.0
+    prior_weight: float = 1.0
+    prior_share: float = 0.25
+    prewake_min_gaps: float = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("cold_start_price", "min_keep", "max_keep", "prior_weight"):
+        for name in ("cold_start_price", "min_keep", "max_keep", "prior_weight", "prior_share",
+                     "prewake_min_gaps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, not {value!r}")
@@ -199,42 +204,85 @@ def pooled(states: Iterable[LearnedState]) -> LearnedState:
 
 
 def plan(state: LearnedState, prior: LearnedState | None, settings: LearningSettings) -> Plan:
-    """The keep-alive (and pre-wake window) that minimises loaded-idle time + price × cold
-    starts over the service's gaps blended with the prior. See the module docstring."""
-    counts, sums = _blend(state, prior, settings.prior_weight)
+    """The keep-alive (and pre-wake window) that minimises loaded-idle time + price * cold
+    starts over the service's own gaps plus the pseudo-gap prior (see LearningSettings).
+    `prior` (all services' gaps, `pooled`) stands in for the own gaps of a service that has
+    none yet; blending it into services that have some measured worse on the traces (busy
+    services' short gaps outnumber everything else and pull every keep-alive down)."""
+    own = state if state.gaps > 0 or prior is None else prior
+    counts, sums = list(own.counts), list(own.sums)
+    if settings.prior_weight > 0:
+        gap = min(settings.cold_start_price * settings.prior_share, settings.max_keep)
+        j = bisect.bisect_right(GAP_BINS, gap) - 1
+        counts[j] += settings.prior_weight
+        sums[j] += gap * settings.prior_weight
     if sum(counts) <= 0:
         return Plan(keep_alive=min(max(settings.cold_start_price, settings.min_keep),
                                    settings.max_keep))
-    return _cheapest(counts, sums, settings)
+    return _cheapest(counts, sums, own.counts, settings)
 
 
-def _blend(state: LearnedState, prior: LearnedState | None,
-           weight: float) -> tuple[list[float], list[float]]:
-    if prior is None or prior.gaps <= 0 or weight <= 0:
-        return list(state.counts), list(state.sums)
-    scale = weight / prior.gaps
-    return ([a + scale * b for a, b in zip(state.counts, prior.counts, strict=True)],
-            [a + scale * b for a, b in zip(state.sums, prior.sums, strict=True)])
-
-
-def _cheapest(counts: Sequence[float], sums: Sequence[float],
+def _cheapest(counts: Sequence[float], sums: Sequence[float], evidence: Sequence[float],
               settings: LearningSettings) -> Plan:
-    """Keep-alive K = an edge of GAP_BINS within [min_keep, max_keep] minimising
-    sum(gaps < K) + count(gaps >= K) · (K + price)."""
+    """The keep-alive K and pre-wake window [a, b) (edges of GAP_BINS, K within
+    [min_keep, max_keep], K <= a < b <= max_keep) minimising the expected cost over the
+    histogram. Cost = A(K) + B(a, b), where A(K) is a keep-alive's cost when every gap from K
+    on is a cold start, and B(a, b) (<= 0 when it pays) what a window changes: for gaps in
+    [a, b) the cold start is saved and g - a is spent, for gaps >= b, b - a is spent.
+    B does not depend on K, so the best window starting at or after each edge is a suffix
+    minimum: O(bins²) in all. A window is only considered with `prewake_min_gaps` of the
+    `evidence` (the service's own gap counts) inside it: one odd gap predicts nothing."""
     price = settings.cold_start_price
-    best: tuple[float, Plan] | None = None
-    below_sum = 0.0
-    above = sum(counts)
-    for j, edge in enumerate(GAP_BINS):
-        keep = max(edge, settings.min_keep)
-        if keep <= settings.max_keep and (edge >= settings.min_keep or j == 0):
-            cost = below_sum + above * (keep + price)
-            if best is None or cost < best[0]:
-                best = (cost, Plan(keep_alive=keep))
-        below_sum += sums[j]
-        above -= counts[j]
-    assert best is not None
-    return best[1]
+    n = len(GAP_BINS)
+    # Prefix sums over bins: count and total of gaps below edge i.
+    below_count = [0.0] * (n + 1)
+    below_sum = [0.0] * (n + 1)
+    seen = [0.0] * (n + 1)
+    for j in range(n):
+        below_count[j + 1] = below_count[j] + counts[j]
+        below_sum[j + 1] = below_sum[j] + sums[j]
+        seen[j + 1] = seen[j] + evidence[j]
+    total = below_count[n]
+    edges = [max(edge, settings.min_keep) for edge in GAP_BINS]
+    usable = [settings.min_keep <= edge <= settings.max_keep or (j == 0 and edges[0]
+              <= settings.max_keep) for j, edge in enumerate(GAP_BINS)]
+
+    # best_window[i]: (B, a, b) of the cheapest window with a = edge >= i (B = 0: none).
+    best_window: list[tuple[float, int, int]] = [(0.0, -1, -1)] * (n + 1)
+    if settings.prewake and seen[n] >= settings.prewake_min_gaps:
+        for i in range(n - 1, -1, -1):
+            best = best_window[i + 1]
+            # The first end with enough own gaps inside (`seen` never decreases).
+            first = bisect.bisect_left(seen, seen[i] + settings.prewake_min_gaps, i + 1)
+            if usable[i] and GAP_BINS[i] > 0:
+                a = edges[i]
+                for k in range(first, n):
+                    if not usable[k]:
+                        break
+                    b = edges[k]
+                    inside_count = below_count[k] - below_count[i]
+                    inside_sum = below_sum[k] - below_sum[i]
+                    value = (inside_sum - a * inside_count - price * inside_count
+                             + (b - a) * (total - below_count[k]))
+                    if value < best[0]:
+                        best = (value, i, k)
+            best_window[i] = best
+
+    choice: tuple[float, int, tuple[float, int, int]] | None = None
+    for j in range(n):
+        if not usable[j]:
+            continue
+        keep = edges[j]
+        cost_keep = below_sum[j] + (total - below_count[j]) * (keep + price)
+        window = best_window[j + 1]
+        cost = cost_keep + window[0]
+        if choice is None or cost < choice[0]:
+            choice = (cost, j, window)
+    assert choice is not None
+    _, j, (_, a, b) = choice
+    if a < 0:
+        return Plan(keep_alive=edges[j])
+    return Plan(keep_alive=edges[j], prewake_from=edges[a], prewake_until=edges[b])
 
 
 def decide(stats: CallStats, plan_: Plan, settings: PolicySettings, now: float,
