@@ -81,7 +81,7 @@ class LearningSettings:
     prewake: bool = True
     prior_weight: float = 1.0
     prior_share: float = 0.25
-    prewake_min_gaps: float = 3.0
+    prewake_min_gaps: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("cold_start_price", "min_keep", "max_keep", "prior_weight", "prior_share",

@@ -3,8 +3,8 @@
 Two services are called in bursts every PERIOD seconds, nothing in between. After the first
 gap each has learned a keep-alive shorter than the gap: it is hibernated between bursts,
 long before the config's `idle_after` (60 s, only the keep-alive while nothing is learned).
-`a` goes on being called: it is pre-woken before its next burst, which finds it ACTIVE with
-a ready replica (no cold start). `b` stops: it is hibernated seconds after its last call.
+`a` goes on being called: once two gaps agree (one odd gap predicts nothing), it is
+pre-woken before its next burst, which finds it ACTIVE with a ready replica (no cold start). `b` stops: it is hibernated seconds after its last call.
 Then `torpor up` restarts: the learned keep-alives are shown again before any new call.
 
 Holds for any sensible plan: regular gaps of ~PERIOD give a keep-alive below PERIOD and a
@@ -117,11 +117,17 @@ async def test_learned_keep_alive_prewake_and_restart(up: Any) -> None:
         assert time.monotonic() - last_b < IDLE_AFTER / 2
         assert b["keep_alive"] is not None and b["keep_alive"] < PERIOD
 
-        # (a) Hibernated between bursts too ...
+        # (a) Hibernated between bursts too; its third burst wakes it (one gap is no pattern).
         await wait_status(config, "a", "HIBERNATED", lambda s: s["state"] == "HIBERNATED",
                           timeout=PERIOD / 2)
-        # ... and pre-woken before the next burst: ACTIVE with a ready replica.
-        deadline = t0 + 2 * PERIOD - time.monotonic() - 0.2
+        await at(t0 + 2 * PERIOD)
+        woken_by_calls = len((await asyncio.to_thread(status, config, "a"))["history"])
+        await burst(session, config, "a")
+        await wait_status(config, "a", "HIBERNATED after its third burst",
+                          lambda s: s["state"] == "HIBERNATED"
+                          and len(s["history"]) >= woken_by_calls + 4, timeout=PERIOD / 2)
+        # Two agreeing gaps: pre-woken before the next burst, ACTIVE with a ready replica.
+        deadline = t0 + 3 * PERIOD - time.monotonic() - 0.2
         a = await wait_status(
             config, "a", "pre-woken, ACTIVE with a ready replica",
             lambda s: (s["state"] == "ACTIVE" and len(s["ready_endpoints"]) >= 1
@@ -132,7 +138,7 @@ async def test_learned_keep_alive_prewake_and_restart(up: Any) -> None:
         woke = next(t for t in a["history"] if str(t["reason"]).startswith("pre-wake"))
         assert woke["from"] == "HIBERNATED" and woke["to"] == "WAKING"
 
-        await at(t0 + 2 * PERIOD)
+        await at(t0 + 3 * PERIOD)
         assert await burst(session, config, "a") == [False] * 3, "the call went through a wake"
         after = await asyncio.to_thread(status, config, "a")
         assert after["history"][-1]["to"] == "ACTIVE"  # no wake since the pre-wake
