@@ -135,10 +135,12 @@ def plot(results: Sequence[tuple[LoadedTrace, Sequence[Row]]], path: str | Path)
     try:
         for ax, (loaded, rows) in zip(axes[0], results, strict=True):
             fixed = [r for r in rows if r.policy == "fixed"]
-            learned = [r for r in rows if r.policy != "fixed"]
+            learned = [r for r in rows if r.policy != "fixed" and "prewake" not in r.setting]
+            prewake = [r for r in rows if r.policy != "fixed" and "prewake" in r.setting]
             positive = all(r.cold_start_share > 0 for r in rows)
             for series, style, label in ((fixed, "o-", "fixed timer"),
-                                         (learned, ".-", "learned (cold-start price)")):
+                                         (learned, ".-", "learned (cold-start price)"),
+                                         (prewake, ".--", "learned with pre-wake")):
                 if series:
                     ax.plot([100 * r.cold_start_share for r in series],
                             [r.loaded_idle_hours for r in series], style, label=label)
