@@ -4,8 +4,9 @@ Two services are called in bursts every PERIOD seconds, nothing in between. Afte
 gap each has learned a keep-alive shorter than the gap: it is hibernated between bursts,
 long before the config's `idle_after` (60 s, only the keep-alive while nothing is learned).
 `a` goes on being called: once two gaps agree (one odd gap predicts nothing), it is
-pre-woken before its next burst, which finds it ACTIVE with a ready replica (no cold start). `b` stops: it is hibernated seconds after its last call.
-Then `torpor up` restarts: the learned keep-alives are shown again before any new call.
+pre-woken before its next burst, which finds it ACTIVE with a ready replica (no cold
+start). `b` stops: it is hibernated seconds after its last call. Then `torpor up`
+restarts: the learned keep-alives are shown again before any new call.
 
 Holds for any sensible plan: regular gaps of ~PERIOD give a keep-alive below PERIOD and a
 pre-wake window that starts before PERIOD (with cold_start_price 10 s: a cold start is worth
