@@ -96,6 +96,9 @@ def test_each_annotation_is_read() -> None:
                 "torpor.io/idle-after": "10m",
                 "torpor.io/evict-after": "24h",
                 "torpor.io/creation-grace": "90",
+                "torpor.io/policy": "learned",
+                "torpor.io/cold-start-price": "30m",
+                "torpor.io/prewake": "false",
             }
         )
     )
@@ -108,7 +111,8 @@ def test_each_annotation_is_read() -> None:
     assert service.protocol == "http2"
     assert service.never_sleep is True
     assert service.policy == ServicePolicyConfig(
-        idle_after=600.0, evict_after=86400.0, creation_grace=90.0
+        idle_after=600.0, evict_after=86400.0, creation_grace=90.0, kind="learned",
+        cold_start_price=1800.0, prewake=False,
     )
 
 
@@ -218,6 +222,9 @@ def test_every_problem_is_reported_together() -> None:
                     "torpor.io/evict-after": "-1h",
                     "torpor.io/creation-grace": "1h30m",
                     "torpor.io/idle_after": "10m",
+                    "torpor.io/policy": "smart",
+                    "torpor.io/cold-start-price": "soon",
+                    "torpor.io/prewake": "yes",
                 },
                 TWO_PORTS,
             )
@@ -236,6 +243,9 @@ def test_every_problem_is_reported_together() -> None:
             "torpor.io/evict-after",
             "torpor.io/creation-grace",
             "torpor.io/idle_after",
+            "torpor.io/policy",
+            "torpor.io/cold-start-price",
+            "torpor.io/prewake",
         ]
     )
     assert str(err) == "deployment models/echo: " + "; ".join(err.problems)
@@ -247,6 +257,8 @@ def test_every_problem_is_reported_together() -> None:
     assert "expected one of http1, http2" in by_key["torpor.io/protocol"]
     assert by_key["torpor.io/never-sleep"] == 'expected "true" or "false", got \'yes\''
     assert "must not be negative" in by_key["torpor.io/evict-after"]
+    assert by_key["torpor.io/policy"] == "expected one of learned, fixed, got 'smart'"
+    assert by_key["torpor.io/prewake"] == 'expected "true" or "false", got \'yes\''
 
 
 def test_unknown_annotation_suggests_the_closest() -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from torpor.config import (
     _SERVICE_NAME_RE,
+    POLICY_KINDS,
     KubernetesServiceConfig,
     ServiceConfig,
     ServicePolicyConfig,
@@ -44,6 +45,9 @@ NEVER_SLEEP = PREFIX + "never-sleep"
 IDLE_AFTER = PREFIX + "idle-after"
 EVICT_AFTER = PREFIX + "evict-after"
 CREATION_GRACE = PREFIX + "creation-grace"
+POLICY_KIND = PREFIX + "policy"
+COLD_START_PRICE = PREFIX + "cold-start-price"
+PREWAKE = PREFIX + "prewake"
 
 #: Annotations torpor writes on a Deployment it hibernates; never read here, and left out of
 #: the fingerprint so that torpor's own writes do not look like a config change.
@@ -63,6 +67,9 @@ KNOWN_ANNOTATIONS = (
     IDLE_AFTER,
     EVICT_AFTER,
     CREATION_GRACE,
+    POLICY_KIND,
+    COLD_START_PRICE,
+    PREWAKE,
 )
 PROTOCOLS = ("http1", "http2")
 
@@ -361,7 +368,7 @@ def _policy(problems: _Problems, given: Mapping[str, str]) -> ServicePolicyConfi
     """Per-service policy overrides; an absent annotation leaves the policy section's value."""
     values: dict[str, float | None] = {}
     failed = False
-    for key in (IDLE_AFTER, EVICT_AFTER, CREATION_GRACE):
+    for key in (IDLE_AFTER, EVICT_AFTER, CREATION_GRACE, COLD_START_PRICE):
         field = key.removeprefix(PREFIX).replace("-", "_")
         values[field] = None
         if key in given:
@@ -370,10 +377,20 @@ def _policy(problems: _Problems, given: Mapping[str, str]) -> ServicePolicyConfi
             except ValueError as exc:
                 problems.add(key, str(exc))
                 failed = True
+    kind = given.get(POLICY_KIND)
+    if kind is not None and kind not in POLICY_KINDS:
+        problems.add(POLICY_KIND, f"expected one of {', '.join(POLICY_KINDS)}, got {kind!r}")
+        failed = True
+    prewake = given.get(PREWAKE)
+    if prewake is not None and prewake not in ("true", "false"):
+        problems.add(PREWAKE, f'expected "true" or "false", got {prewake!r}')
+        failed = True
     if failed:
         return None
     return ServicePolicyConfig(idle_after=values["idle_after"], evict_after=values["evict_after"],
-                               creation_grace=values["creation_grace"])
+                               creation_grace=values["creation_grace"], kind=kind,
+                               cold_start_price=values["cold_start_price"],
+                               prewake=None if prewake is None else prewake == "true")
 
 
 def _port(
