@@ -222,6 +222,16 @@ class Config:
 # --------------------------------------------------------------------------------------
 
 _DURATION_UNITS: Mapping[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: Bounds of counts, so that a typo is a config error and not a crash at run time.
+MAX_HELD_PER_SERVICE = 1_000_000
+MAX_REPLICAS = 10_000
+#: Replicas of one service on this machine (`workloads.kind: local`): each is a process.
+MAX_LOCAL_REPLICAS = 64
+
+#: The longest duration any setting takes (a year and a day). Envoy refuses durations past
+#: ~10,000 years in a whole RouteConfiguration, and nothing in torpor means more than a year.
+MAX_DURATION = 366 * 86400.0
+
 _DURATION_RE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>ms|s|m|h|d)?")
 _DURATION_HELP = (
     "expected a number of seconds or a number with a unit ms, s, m, h or d "
@@ -251,6 +261,9 @@ def parse_duration(text: str | int | float) -> float:
         raise ValueError(f"{text!r} is not a duration; {_DURATION_HELP}")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{text!r} is not a duration; it must be a finite number ≥ 0")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION // 86400:g}d, the longest "
+                         "duration torpor takes")
     return seconds
 
 
@@ -517,12 +530,25 @@ def _service_name(r: _Reader, key: str, value: object) -> str:
     return text
 
 
+_HOST_LABEL_RE = re.compile(r"[a-z0-9_]([-a-z0-9_]*[a-z0-9_])?")
+
+
 def _service_host(r: _Reader, key: str, value: object) -> str:
-    """The Host header to match, lowercased because Host matching ignores case."""
+    """The Host header to match, lowercased because Host matching ignores case. A DNS name
+    (labels of letters, digits, '-' and '_', at most 253 characters): a wildcard or any
+    other character would make Envoy refuse the whole route table, every service's."""
     text = _string(r, key, value)
     if any(c.isspace() for c in text) or ":" in text or "/" in text:
         r.fail(key, f"expected a bare host name without spaces, port or path, got {text!r}")
-    return text.lower()
+    host = text.lower()
+    if "*" in host:
+        r.fail(key, f"{text!r}: wildcard hosts are not supported; give the exact host name")
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(len(label) <= 63 and _HOST_LABEL_RE.fullmatch(label)
+                                  for label in labels):
+        r.fail(key, f"{text!r} is not a host name; expected labels of letters, digits, '-' "
+               "and '_' separated by dots (each at most 63 characters, 253 in all)")
+    return host
 
 
 def _advertised_host(r: _Reader, key: str, value: object) -> str:
@@ -555,7 +581,7 @@ _ACTIVATOR = _Schema(
         "listen": _Field(_address, "127.0.0.1:18080"),
         "metrics": _Field(_address, "127.0.0.1:19091"),
         "listen_h2": _Field(_address, "127.0.0.1:18081"),
-        "max_held_per_service": _Field(_integer(1)),
+        "max_held_per_service": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
         "wake_timeout": _Field(_duration(positive=True)),
         "advertise": _Field(_advertised_host),
     },
@@ -681,7 +707,7 @@ _SERVICE = _Schema(
         "host": _Field(
             _service_host, _REQUIRED, "give the Host header it answers, e.g. echo.localhost"
         ),
-        "replicas": _Field(_integer(0)),
+        "replicas": _Field(_integer(0, MAX_REPLICAS)),
         "local": _Field(_section(_LOCAL)),
         "kubernetes": _Field(_section(_KUBERNETES)),
         "protocol": _Field(_choice("http1", "http2")),
@@ -733,6 +759,9 @@ def _services(r: _Reader, key: str, value: object, workloads: str) -> tuple[Serv
             )
         if getattr(service, other) is not None:
             r.fail(_join(at, other), f"not used when workloads.kind is {workloads}; remove it")
+        if workloads == "local" and service.replicas > MAX_LOCAL_REPLICAS:
+            r.fail(_join(at, "replicas"), f"expected at most {MAX_LOCAL_REPLICAS} replicas of "
+                   f"one service on this machine (each is a process), got {service.replicas}")
         if service.name in first_by_name:
             r.fail(
                 _join(at, "name"),

@@ -261,6 +261,13 @@ def test_every_problem_is_reported_together() -> None:
     assert by_key["torpor.io/prewake"] == 'expected "true" or "false", got \'yes\''
 
 
+@pytest.mark.parametrize("host", ["*", "*.example.com", "echo!.example.com"])
+def test_a_host_envoy_would_refuse_is_rejected(host: str) -> None:
+    with pytest.raises(AnnotationError) as info:
+        service_from_deployment(deployment({"torpor.io/host": host}))
+    assert [p.split(": ", 1)[0] for p in info.value.problems] == ["torpor.io/host"]
+
+
 def test_unknown_annotation_suggests_the_closest() -> None:
     (problem,) = problems(deployment({"torpor.io/idle_after": "10m"}))
     assert problem.startswith("torpor.io/idle_after: unknown annotation")
