@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from activator.edge_server import EdgeAppRunner
 from activator.h2_holder import H2Holder
 from activator.handler import ActivatorHandler, make_app
 from activator.holding import HeldRequests, Holding, ServiceLookup
@@ -57,7 +58,9 @@ class ActivatorServer:
         holding = Holding(self.held, self._waker, self._config.activator.wake_timeout,
                           self._clock, self._on_held)
         handler = ActivatorHandler(lookup, holding, self._proxy)
-        self._runner = web.AppRunner(make_app(handler), access_log=None,
+        # Parser limits from the edge limits Envoy's listener has too (torpor/edge.py).
+        self._runner = EdgeAppRunner(make_app(handler), self._config.gateway.edge,
+                                     access_log=None,
                                      handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, listen.host, listen.port, backlog=4096)

@@ -16,6 +16,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 import yaml
 
+from torpor.edge import DEFAULT_MAX_REQUEST_HEADERS_KB, MAX_REQUEST_HEADERS_KB_LIMIT, EdgeLimits
 from torpor.errors import ConfigError
 
 
@@ -37,6 +38,13 @@ class GatewayConfig:
     # Request bodies up to this size are buffered by Envoy so that a request an activator
     # replica held when it died can be replayed on another; larger ones are not retried.
     retry_buffer_bytes: int = 1_048_576
+    # The edge limits (torpor/edge.py): Envoy's max_request_headers_kb, and the
+    # activator's aiohttp parser limits from the same number.
+    max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB
+
+    @property
+    def edge(self) -> EdgeLimits:
+        return EdgeLimits(max_request_headers_kb=self.max_request_headers_kb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,7 +570,8 @@ def _advertised_host(r: _Reader, key: str, value: object) -> str:
 _GATEWAY = _Schema(
     GatewayConfig,
     {"listen": _Field(_address, "127.0.0.1:8080"), "admin": _Field(_address, "127.0.0.1:9901"),
-     "retry_buffer_bytes": _Field(_integer(0, 64 * 1024 * 1024))},
+     "retry_buffer_bytes": _Field(_integer(0, 64 * 1024 * 1024)),
+     "max_request_headers_kb": _Field(_integer(1, MAX_REQUEST_HEADERS_KB_LIMIT))},
 )
 _CONTROL_PLANE = _Schema(
     ControlPlaneConfig,

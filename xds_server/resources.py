@@ -47,6 +47,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from torpor.edge import EdgeLimits
 from torpor.model import Endpoint
 from xds_server import types
 from xds_server.cache import Resource
@@ -87,6 +88,9 @@ class GatewaySettings:
     # streamed and not retried (Envoy's behaviour). Above the listener's 1 MiB default it
     # raises the stream's buffer too (measured: at 4 MiB a 2 MB body was replayed).
     retry_buffer_bytes: int = 1_048_576
+    # Header size and count limits, header timeout (torpor/edge.py): the activator's
+    # aiohttp server is built from the same values.
+    edge: EdgeLimits = dataclasses.field(default_factory=EdgeLimits)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activators", _endpoint_set(self.activators))
@@ -293,9 +297,27 @@ class ResourceBuilder:
                              _cla(ACTIVATOR_CLUSTER, self.settings.activators))
 
     def _listener(self) -> listener_pb2.Listener:
+        """The edge: limits from `settings.edge` (the activator's are the same, so a
+        request that reaches an awake service can wake a sleeping one); the client's
+        address is the connection's (use_remote_address, no trusted hops: a client cannot
+        claim another address in X-Forwarded-For); paths normalised (RFC 3986) and slashes
+        merged before routing; WebSocket upgrades pass (to replicas, or to the activator,
+        which holds the upgrade, wakes the service and relays it)."""
+        edge = self.settings.edge
         manager = hcm_pb2.HttpConnectionManager(
             stat_prefix="torpor",
             codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+            max_request_headers_kb=wrappers_pb2.UInt32Value(value=edge.max_request_headers_kb),
+            common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+                max_headers_count=wrappers_pb2.UInt32Value(
+                    value=edge.max_request_headers_count)),
+            request_headers_timeout=_duration(edge.request_headers_timeout),
+            use_remote_address=wrappers_pb2.BoolValue(value=True),
+            xff_num_trusted_hops=0,
+            normalize_path=wrappers_pb2.BoolValue(value=True),
+            merge_slashes=True,
+            upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(
+                upgrade_type="websocket")],
             rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=_ads()),
             http_filters=[
                 hcm_pb2.HttpFilter(name="envoy.filters.http.router",

@@ -42,6 +42,7 @@ def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> Ga
         route_timeout=config.activator.wake_timeout + 30.0,
         max_requests=max(1024, 4 * config.activator.max_held_per_service),
         retry_buffer_bytes=config.gateway.retry_buffer_bytes,
+        edge=config.gateway.edge,
     )
 
 

@@ -359,6 +359,18 @@ BAD_CASES = [
         id="too-many-local-replicas",
     ),
     pytest.param(
+        "gateway: {max_request_headers_kb: 0}\n" + SERVICE,
+        "gateway.max_request_headers_kb",
+        ["expected an integer from 1 to 8192", "got 0"],
+        id="header-limit-zero",
+    ),
+    pytest.param(
+        "gateway: {max_request_headers_kb: 8193}\n" + SERVICE,
+        "gateway.max_request_headers_kb",
+        ["expected an integer from 1 to 8192", "got 8193"],
+        id="header-limit-past-envoys-bound",
+    ),
+    pytest.param(
         "gateway: {listen: 127.0.0.1:70000}\n" + SERVICE,
         "gateway.listen",
         ["port 70000", "0..65535"],

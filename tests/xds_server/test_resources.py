@@ -17,6 +17,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf.message import Message
 
+from torpor.edge import EdgeLimits
 from torpor.model import Endpoint
 from xds_server import types
 from xds_server.cache import Resource
@@ -102,6 +103,14 @@ def test_one_listener_whose_hcm_uses_rds_over_ads_and_logs_to_the_control_plane(
     assert manager.rds.config_source.resource_api_version == config_source_pb2.V3
     assert [f.name for f in manager.http_filters][-1] == "envoy.filters.http.router"
 
+    # The edge (torpor/edge.py): Envoy's limits are the activator's, WebSocket passes.
+    assert manager.max_request_headers_kb.value == 60
+    assert manager.common_http_protocol_options.max_headers_count.value == 100
+    assert manager.request_headers_timeout.seconds == 10
+    assert manager.use_remote_address.value and manager.xff_num_trusted_hops == 0
+    assert manager.normalize_path.value and manager.merge_slashes
+    assert [u.upgrade_type for u in manager.upgrade_configs] == ["websocket"]
+
     (access_log,) = manager.access_log
     assert access_log.name == "envoy.access_loggers.http_grpc"
     als = als_pb2.HttpGrpcAccessLogConfig()
@@ -171,6 +180,16 @@ def test_every_vhost_buffers_request_bodies_up_to_the_retry_limit(
 
 def test_the_default_retry_buffer_is_one_mebibyte() -> None:
     assert GatewaySettings(listen=LISTEN).retry_buffer_bytes == 1_048_576
+
+
+def test_edge_limits_come_from_the_settings() -> None:
+    settings = GatewaySettings(listen=LISTEN, activators=(ACTIVATOR,),
+                               edge=EdgeLimits(max_request_headers_kb=16))
+    built = ResourceBuilder(settings).build([ECHO])
+    listener = unpack(built[types.LISTENER][LISTENER_NAME], listener_pb2.Listener())
+    manager = hcm_pb2.HttpConnectionManager()
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert manager.max_request_headers_kb.value == 16
 
 
 def test_one_eds_cluster_per_service_over_ads_with_raised_circuit_breakers(

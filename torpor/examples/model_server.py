@@ -12,6 +12,7 @@ something to wait for. Then it answers:
   the label of a tiny lexicon-based sentiment classifier, plus the pid and port that
   answered, so tests can tell replicas apart
 - `POST /echo` → the request body streamed back unchanged
+- `GET /ws` → a WebSocket that sends every text or binary message back unchanged
 
 Every response carries `x-served-by: NAME:PORT`. SIGTERM/SIGINT stop it gracefully.
 Must stay pure Python with no downloads: tests start many of these.
@@ -113,6 +114,7 @@ def classify(text: str) -> Prediction:
 # HTTP
 # --------------------------------------------------------------------------------------
 
+_MAX_LINE = 64 * 1024
 _NAME = web.AppKey("name", str)
 _PORT = web.AppKey("port", int)
 
@@ -168,6 +170,18 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _ws_echo(request: web.Request) -> web.WebSocketResponse:
+    """Every text or binary message back unchanged, until the client closes."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        if message.type == web.WSMsgType.TEXT:
+            await ws.send_str(message.data)
+        elif message.type == web.WSMsgType.BINARY:
+            await ws.send_bytes(message.data)
+    return ws
+
+
 async def _served_by(request: web.Request, response: web.StreamResponse) -> None:
     """Tag every response, errors included, with the replica that produced it."""
     response.headers["x-served-by"] = f"{request.app[_NAME]}:{request.app[_PORT]}"
@@ -182,6 +196,7 @@ def make_app(name: str, port: int, log_requests: bool = False) -> web.Applicatio
     app.router.add_post("/predict", _predict)
     app.router.add_get("/predict", _predict)
     app.router.add_post("/echo", _echo)
+    app.router.add_get("/ws", _ws_echo)
     return app
 
 
@@ -218,7 +233,10 @@ async def serve(host: str, port: int, name: str, load_seconds: float,
     # Bind the socket ourselves: with --port 0 the app must know the port it reports.
     sock = socket.create_server((host, port))
     bound_port = int(sock.getsockname()[1])
-    runner = web.AppRunner(make_app(name, bound_port, log_requests), access_log=None)
+    # Headers and URLs up to 64 KB, like a real model server behind torpor's edge limits
+    # (60 KB, torpor/edge.py); aiohttp's default is 8 KB.
+    runner = web.AppRunner(make_app(name, bound_port, log_requests), access_log=None,
+                           max_line_size=_MAX_LINE, max_field_size=_MAX_LINE)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
