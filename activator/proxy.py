@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
+from torpor.edge import ENVOY_ADDED_HEADERS, EdgeLimits
 from torpor.errors import TorporError
 from torpor.logs import event
 from torpor.model import Endpoint
@@ -62,6 +63,9 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 #: How often a forward checks whether its client has gone (see `_client_left`).
 CLIENT_CHECK_SECONDS = 1.0
+
+#: Response header limits towards the services: the edge limits' defaults (torpor/edge.py).
+_RESPONSE_LIMITS = EdgeLimits()
 
 #: Largest WebSocket message relayed; aiohttp reassembles fragmented messages in memory.
 WS_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -129,6 +133,11 @@ class Proxy:
             trust_env=False,
             timeout=self._timeout,
             skip_auto_headers=_NO_AUTO_HEADERS,
+            # A service's answer may carry headers as large as a request may (Envoy passes
+            # them to an awake service's client); aiohttp's default is 8 KB.
+            max_line_size=_RESPONSE_LIMITS.max_request_headers_bytes,
+            max_field_size=_RESPONSE_LIMITS.max_request_headers_bytes,
+            max_headers=_RESPONSE_LIMITS.max_request_headers_count + ENVOY_ADDED_HEADERS,
         )
 
     async def close(self) -> None:

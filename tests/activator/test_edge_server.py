@@ -7,12 +7,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from activator.edge_server import EdgeAppRunner
+from activator.proxy import Proxy
 from tests.support.net import free_port
 from torpor.edge import EdgeLimits
+from torpor.model import Endpoint
 
 MARKER = b"QZXJ"
 
@@ -78,3 +81,36 @@ async def test_malformed_request_400_without_echo(port: int) -> None:
     assert code == 400
     assert json.loads(body)["error"] == "bad_request"
     assert MARKER not in body and headers["Server"] == "torpor"
+
+
+async def test_proxy_passes_a_service_answer_with_large_headers() -> None:
+    """A 20 KB response header (aiohttp's client default stops at 8 KB) reaches the client."""
+    big = "b" * 20_000
+
+    async def service(request: web.Request) -> web.Response:
+        return web.Response(text="served", headers={"x-big": big})
+
+    proxy = Proxy()
+    await proxy.start()
+    backend_port, front_port = free_port(), free_port()
+
+    async def front(request: web.Request) -> web.StreamResponse:
+        return await proxy.forward(request, Endpoint("127.0.0.1", backend_port), {})
+
+    runners = []
+    try:
+        for handler, chosen in ((service, backend_port), (front, front_port)):
+            app = web.Application()
+            app.router.add_get("/", handler)
+            runner = web.AppRunner(app, access_log=None)
+            runners.append(runner)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", chosen).start()
+        async with aiohttp.ClientSession(max_field_size=64 * 1024) as session, \
+                session.get(f"http://127.0.0.1:{front_port}/") as response:
+            assert response.status == 200 and await response.text() == "served"
+            assert response.headers["x-big"] == big
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        await proxy.close()
