@@ -17,6 +17,7 @@ from typing import assert_never
 
 from activator.holding import (
     DeadlinePassed,
+    Draining,
     FlipUnconfirmed,
     Outcome,
     QueueFull,
@@ -85,6 +86,13 @@ def answer_for(outcome: Outcome) -> Answer:
             return Answer(503, "flip_unconfirmed", GRPC_UNAVAILABLE,
                           f"service {name!r} is ready but the gateway did not confirm its "
                           f"route: {error}", retry_after=True)
+        case Draining(when="refused"):
+            return Answer(503, "draining", GRPC_UNAVAILABLE,
+                          "the activator is shutting down; try again", retry_after=True)
+        case Draining():
+            return Answer(503, "draining", GRPC_UNAVAILABLE,
+                          f"the activator is shutting down and service {name!r} was not ready "
+                          "within its drain grace; try again", retry_after=True)
         case _:
             assert_never(outcome)
 

@@ -138,6 +138,20 @@ class H2Holder:
         if server is not None:
             await server.wait_closed()
 
+    def stop_listening(self) -> None:
+        """Accept no new connection (the drain); open connections go on."""
+        if self._server is not None:
+            self._server.close()
+
+    @property
+    def draining(self) -> bool:
+        return self._holding.draining
+
+    async def wait_idle(self) -> None:
+        """Until no stream is being looked up, held or answered (the activator's drain)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))  # never cancels them, unlike gather
+
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -217,6 +231,11 @@ class _Connection(asyncio.Protocol):
 
     def _on_request(self, received: RequestReceived) -> None:
         stream_id = received.stream_id
+        if self._holder.draining:
+            # Not processed: Envoy's retry policy (refused-stream) replays it on another
+            # activator of the fleet; a lone activator's Envoy answers 503.
+            self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         headers: dict[str, str] = {}
         for name, value in received.headers or ():
             headers.setdefault(_text(name).lower(), _text(value))

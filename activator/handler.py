@@ -11,6 +11,7 @@ to anything outside the service table.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 
@@ -43,8 +44,25 @@ class ActivatorHandler:
         self._holding = holding
         self._proxy = proxy
         self._turn = itertools.count()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request is being held, answered or proxied (the activator's drain)."""
+        await self._idle.wait()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._handle(request)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         host = request.headers.get("Host", "")
         service = await self._lookup(host)
         if service is None:

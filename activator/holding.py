@@ -89,8 +89,8 @@ class HeldRequests:
 
 def abandoned(name: str, reason: str) -> None:
     """A held request left without an answer from its service: `reason` is "deadline"
-    (wake_timeout passed), "failed" (the wake or the flip failed) or "disconnected" (the
-    client hung up while held)."""
+    (wake_timeout passed), "failed" (the wake or the flip failed), "disconnected" (the
+    client hung up while held) or "drained" (still held when the drain grace ended)."""
     metrics.HELD_ABANDONED.labels(service=name, reason=reason).inc()
 
 
@@ -169,7 +169,21 @@ class FlipUnconfirmed:
     error: str
 
 
-Outcome = Ready | QueueFull | DeadlinePassed | WakeFailed | UnknownService | FlipUnconfirmed
+@dataclasses.dataclass(frozen=True)
+class Draining:
+    """The activator is shutting down: refused at once when it arrived during the drain
+    ("refused"), or still held when the drain grace ended ("grace_ended")."""
+
+    service: str
+    when: Literal["refused", "grace_ended"]
+
+
+Outcome = (Ready | QueueFull | DeadlinePassed | WakeFailed | UnknownService | FlipUnconfirmed
+           | Draining)
+
+
+class _DrainEnded(Exception):
+    """The drain grace ended while the request was still held."""
 
 
 class Holding:
@@ -185,6 +199,22 @@ class Holding:
         # Told of every request that arrives for a sleeping service (the idle policy
         # counts them as calls), refused or not.
         self._on_held = on_held or (lambda name: None)
+        self._draining = False
+        self._drain_ended = asyncio.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_drain(self) -> None:
+        """Refuse every request from now on (Draining "refused"); those already held go on
+        waiting for their wake."""
+        self._draining = True
+
+    def end_drain(self) -> None:
+        """Release every request still held with Draining "grace_ended"."""
+        self._draining = True
+        self._drain_ended.set()
 
     async def hold(self, name: str, after_wake: AfterWake | None = None) -> Outcome:
         """Hold one request of `name`: take a slot, trigger or join its wake, then, when
@@ -196,23 +226,24 @@ class Holding:
         """
         arrived = self._clock.monotonic()
         self._on_held(name)
-        phase: Phase = "wake"
+        if self._draining:
+            refused = Draining(name, "refused")
+            self._report(refused, 0.0)
+            return refused
+        phases: list[Phase] = ["wake"]
         unconfirmed: str | None = None
         outcome: Outcome
         try:
             with self.held.slot(name):
                 async with asyncio.timeout(self._wake_timeout):
-                    endpoints = await self._wakes.wake(name, "first request")
-                    phase = "flip"
-                    if after_wake is not None:
-                        try:
-                            await after_wake(name)
-                        except TorporError as exc:
-                            unconfirmed = str(exc)
+                    endpoints, unconfirmed = await self._until_drain_ends(
+                        self._wait(name, after_wake, phases))
+        except _DrainEnded:
+            outcome = Draining(name, "grace_ended")
         except QueueFullError as exc:
             outcome = QueueFull(name, str(exc))
         except TimeoutError:
-            outcome = DeadlinePassed(name, phase, self._wake_timeout)
+            outcome = DeadlinePassed(name, phases[-1], self._wake_timeout)
         except WakeFailedError as exc:
             outcome = WakeFailed(name, "timeout" if exc.outcome == "timeout" else "failed",
                                  str(exc))
@@ -220,7 +251,7 @@ class Holding:
             outcome = UnknownService(name, str(exc))
         except asyncio.CancelledError:
             abandoned(name, "disconnected")
-            event(log, "activator.client_gone", service=name, phase=phase,
+            event(log, "activator.client_gone", service=name, phase=phases[-1],
                   waited=self._waited(arrived))
             raise
         else:
@@ -230,6 +261,38 @@ class Holding:
                 outcome = Ready(name, endpoints, self._clock.monotonic() - arrived)
         self._report(outcome, self._waited(arrived))
         return outcome
+
+    async def _wait(self, name: str, after_wake: AfterWake | None,
+                    phases: list[Phase]) -> tuple[tuple[Endpoint, ...], str | None]:
+        """The wake, then the route confirmation when asked for: (endpoints, why the flip
+        is unconfirmed or None). Appends "flip" to `phases` once the wake is done."""
+        endpoints = await self._wakes.wake(name, "first request")
+        phases.append("flip")
+        if after_wake is not None:
+            try:
+                await after_wake(name)
+            except TorporError as exc:
+                return endpoints, str(exc)
+        return endpoints, None
+
+    async def _until_drain_ends(
+            self, waiting: Awaitable[tuple[tuple[Endpoint, ...], str | None]]
+    ) -> tuple[tuple[Endpoint, ...], str | None]:
+        """`waiting`'s result, unless the drain grace ends first (raises _DrainEnded; the
+        wake goes on for nobody, the process is stopping)."""
+        task = asyncio.ensure_future(waiting)
+        ended = asyncio.ensure_future(self._drain_ended.wait())
+        try:
+            await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise _DrainEnded
+        return task.result()
 
     def _waited(self, arrived: float) -> float:
         return round(self._clock.monotonic() - arrived, 3)
@@ -253,6 +316,12 @@ class Holding:
                       error=message, level=logging.WARNING)
             case UnknownService():
                 event(log, "activator.unknown_service", service=name, level=logging.WARNING)
+            case Draining(when="refused"):
+                event(log, "activator.refused_draining", service=name)
+            case Draining():
+                abandoned(name, "drained")
+                event(log, "activator.drain_ended", service=name, waited=waited,
+                      level=logging.WARNING)
             case FlipUnconfirmed(error=error):
                 abandoned(name, "failed")
                 event(log, "activator.flip_failed", service=name, error=error,

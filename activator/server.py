@@ -8,6 +8,8 @@ request notices the disconnect and leaves its queue.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -22,6 +24,13 @@ from torpor.clock import Clock
 from torpor.config import Config
 from torpor.errors import TorporError
 from torpor.lifecycle.ports import Wakes
+from torpor.logs import event
+
+log = logging.getLogger("torpor.activator")
+
+#: After the drain grace: how long the answers to the requests still held (and requests
+#: still being proxied) get before the server closes.
+ANSWER_SECONDS = 5.0
 
 
 class ActivatorServer:
@@ -42,6 +51,9 @@ class ActivatorServer:
         self._on_held = on_held
         self._after_wake = after_wake
         self._h2: H2Holder | None = None
+        self._handler: ActivatorHandler | None = None
+        self._site: web.TCPSite | None = None
+        self._holding: Holding | None = None
         self.port_h2 = 0
         self._runner: web.AppRunner | None = None
         self._proxy = Proxy()
@@ -58,6 +70,7 @@ class ActivatorServer:
         holding = Holding(self.held, self._waker, self._config.activator.wake_timeout,
                           self._clock, self._on_held)
         handler = ActivatorHandler(lookup, holding, self._proxy)
+        self._handler, self._holding = handler, holding
         # Parser limits from the edge limits Envoy's listener has too (torpor/edge.py).
         self._runner = EdgeAppRunner(make_app(handler), self._config.gateway.edge,
                                      access_log=None,
@@ -70,6 +83,7 @@ class ActivatorServer:
             await self.stop()
             raise TorporError(f"cannot listen for the activator on {listen}: {exc.strerror}") \
                 from exc
+        self._site = site
         server = site._server  # aiohttp exposes the bound socket only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else listen.port
@@ -81,6 +95,55 @@ class ActivatorServer:
             await self.stop()
             raise
         return self.port
+
+    def refuse_new(self) -> None:
+        """From now on no new connection is accepted and every new request is refused at
+        once: HTTP/1 503 "draining" + Retry-After, HTTP/2 RST_STREAM REFUSED_STREAM (`drain`
+        does this first; the assembly calls it before closing Envoy's listeners)."""
+        if self._holding is not None:
+            self._holding.start_drain()
+        # No new connection either: in a fleet, Envoy's retry (connect-failure) takes a
+        # new request to another activator; open connections stay for the held requests.
+        if self._site is not None:
+            server = self._site._server  # aiohttp exposes the listening server only here
+            if server is not None:
+                server.close()
+        if self._h2 is not None:
+            self._h2.stop_listening()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """The first half of a graceful stop: refuse new connections and requests
+        (`refuse_new`), let the held ones wait for their wake and be
+        answered (proxied, or replayed by Envoy) for up to `grace` seconds (default
+        `activator.drain_grace`), then answer those still held 503 + Retry-After and give
+        the answers a moment to be written. Nothing is cut here; `stop` follows."""
+        holding, handler = self._holding, self._handler
+        if holding is None or handler is None:
+            return
+        grace = self._config.activator.drain_grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        held = holding.held.total()
+        self.refuse_new()
+        event(log, "activator.draining", held=held, grace=grace)
+        if not await self._idle_within(grace):
+            holding.end_drain()
+            await self._idle_within(ANSWER_SECONDS)
+        event(log, "activator.drained", left=holding.held.total(),
+              seconds=round(loop.time() - started, 3))
+
+    async def _idle_within(self, seconds: float) -> bool:
+        """Whether both fronts are done with every request within `seconds`."""
+        assert self._handler is not None
+        waits = [self._handler.wait_idle()]
+        if self._h2 is not None:
+            waits.append(self._h2.wait_idle())
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         if self._h2 is not None:

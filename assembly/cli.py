@@ -161,13 +161,15 @@ def _activator(args: argparse.Namespace, config: Config) -> int:
 
 
 def _run_role(assembly: Assembly) -> int:
-    """Run one component until SIGINT/SIGTERM; a clean stop revokes this process's lease,
-    so its leadership, locks and registration go at once."""
+    """Run one component until SIGINT/SIGTERM; an activator then drains (no new requests,
+    held ones finish within `activator.drain_grace`). A clean stop revokes this process's
+    lease, so its leadership, locks and registration go at once."""
 
     async def run() -> int:
         try:
             await assembly.start()
             await _until_signal()
+            await assembly.drain()
         finally:
             await assembly.close()
         return 0

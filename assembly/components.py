@@ -97,6 +97,24 @@ class Assembly:
             await self.close()
             raise
 
+    async def drain(self, say: Callable[[str], None] = lambda text: None) -> None:
+        """A graceful stop's first half, while everything still runs: the activator leaves
+        the fleet's endpoints and `up`'s Envoy closes its listeners (nothing new comes in),
+        then the activator lets its held requests finish (their wakes need the control
+        plane, the replicas and Envoy, all still up) for up to `activator.drain_grace` and
+        answers what is left 503 + Retry-After. `close` follows."""
+        if self.activator is None:
+            return
+        fleet = self.coordination
+        if fleet is not None and fleet.registry is not None:
+            await fleet.registry.deregister()  # idempotent: close does it again
+        self.activator.refuse_new()
+        if self.envoy is not None:
+            await self.envoy.stop_listening()
+        say(f"draining: new requests refused; {self.activator.held.total()} held may finish "
+            f"within {self.config.activator.drain_grace:g}s (activator.drain_grace)")
+        await self.activator.drain()
+
     async def close(self) -> None:
         """Close everything opened, newest first. Idempotent."""
         await self._stack.aclose()

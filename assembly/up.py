@@ -3,9 +3,10 @@
 Owns what `up` adds to the assembly (components.py, Role.UP): ports checked before
 anything starts, start-up progress for a person, and running until SIGINT/SIGTERM or until
 Envoy dies. The assembly starts the control plane (which loads state, starts replicas and
-only then serves xDS), the activator and an Envoy bootstrapped to the control plane, and
-stops them in reverse: Envoy first (no more traffic), then the activator, then the control
-plane, the store and every replica.
+only then serves xDS), the activator and an Envoy bootstrapped to the control plane. On a
+signal it drains first (Envoy's listeners closed, held requests finish within
+`activator.drain_grace`, the rest answered 503), then stops them in reverse: Envoy (no more
+traffic), then the activator, then the control plane, the store and every replica.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
             return 1
         stop_wait.cancel()
         envoy_exit.cancel()
+        await gateway.drain(lambda text: say(out, text))
         say(out, "stopping...")
         return 0
     finally:

@@ -69,6 +69,10 @@ class ActivatorConfig:
     listen_h2: Address = Address("127.0.0.1", 18081)
     max_held_per_service: int = 1000
     wake_timeout: float = 120.0
+    # On SIGTERM/SIGINT: how long held requests (and those being proxied) may still finish
+    # while nothing new is taken; what is still held then is answered 503 + Retry-After.
+    # A held request never waits longer than wake_timeout anyway.
+    drain_grace: float = 30.0
     # The host Envoy reaches the activator at (an IP or a DNS name, e.g. the activator's
     # Kubernetes Service); default: the listen host. Ports are the listen ports.
     advertise: str | None = None
@@ -592,6 +596,7 @@ _ACTIVATOR = _Schema(
         "listen_h2": _Field(_address, "127.0.0.1:18081"),
         "max_held_per_service": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
         "wake_timeout": _Field(_duration(positive=True)),
+        "drain_grace": _Field(_duration()),
         "advertise": _Field(_advertised_host),
     },
 )

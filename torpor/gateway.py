@@ -69,6 +69,18 @@ class EnvoyProcess:
                 await asyncio.sleep(0.1)
         raise TorporError(f"envoy not ready after {timeout:.0f}s; see {self.log_path}")
 
+    async def stop_listening(self) -> None:
+        """Close Envoy's listeners to new connections (admin POST /drain_listeners, not
+        graceful: at once); connections already open, and the requests on them, go on.
+        Best effort: an Envoy that does not answer is stopped anyway a moment later."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        url = f"http://{self.admin.host}:{self.admin.port}/drain_listeners"
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                    session.post(url) as response:
+                await response.read()
+
     async def wait_exit(self) -> int:
         assert self.proc is not None
         return await self.proc.wait()

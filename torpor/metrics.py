@@ -80,7 +80,8 @@ HELD_REQUESTS_TOTAL = Counter(
 HELD_ABANDONED = Counter(
     "torpor_held_abandoned",
     "Held requests that left the queue unanswered: the client hung up (disconnected) or the "
-    "wake deadline passed (deadline)", ["service", "reason"],
+    "wake deadline passed (deadline), the wake failed (failed) or the activator stopped (drained)",
+    ["service", "reason"],
 )
 QUEUE_OVERFLOWS = Counter(
     "torpor_queue_overflows", "Requests refused with 503 because a service's queue was full",

@@ -993,3 +993,34 @@ def test_the_docker_context_holds_every_package() -> None:
     packages = {p.rstrip("*") for p in includes}
     assert packages <= allowed
     assert {"pyproject.toml", "README.md"} <= allowed
+
+
+# --------------------------------------------------------------------------------------
+# Graceful stop
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_activator_pods_outlast_the_drain_grace(rendered: dict[str, list[Any]], mode: str,
+                                                tmp_path: Path) -> None:
+    """On SIGTERM an activator drains for up to activator.drain_grace, then stops: the
+    pod's terminationGracePeriodSeconds must leave room for both before the SIGKILL."""
+    checked = 0
+    for where, template in pod_templates(rendered, mode):
+        spec = template["spec"]
+        for c in spec["containers"]:
+            args = c.get("args", [])
+            if not (c["image"].startswith("torpor:") and args and args[0] == "activator"):
+                continue
+            path = option(args, "--config")
+            assert path is not None, f"{mode} {where}: no --config"
+            data: dict[str, str] = {}
+            for cm in docs(rendered, mode, "ConfigMap"):
+                data.update(cm.get("data", {}))
+            (tmp_path / "torpor.yaml").write_text(data[Path(path).name], encoding="utf-8")
+            grace = load_config(tmp_path / "torpor.yaml").activator.drain_grace
+            assert grace > 0, f"{mode} {where}: no drain"
+            assert spec.get("terminationGracePeriodSeconds", 30) >= grace + 15, \
+                f"{mode} {where}: terminationGracePeriodSeconds " \
+                f"{spec.get('terminationGracePeriodSeconds', 30)} vs drain_grace {grace:g}s"
+            checked += 1
+    assert checked >= 1, f"{mode}: no activator found"

@@ -1,0 +1,145 @@
+"""Graceful drain of `torpor up` (a real Envoy, local model servers): SIGTERM with requests
+held on a sleeping service.
+
+(a) the wake finishes within the drain grace: every held request gets its 200 from the
+service, and `torpor up` exits 0; (b) the wake takes longer than the grace: every held
+request gets 503 + Retry-After (none cut), and the process exits within grace + a few
+seconds; (c) a request sent after SIGTERM is refused at once (connection refused or 503),
+not held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.configs import model_service, write_config
+from tests.support.net import wait_until
+from tests.support.up import Up, processes_mentioning, stop_all
+from torpor import admin_client
+from torpor.config import Config, load_config
+
+pytestmark = pytest.mark.envoy
+
+HELD = 20
+
+
+@pytest.fixture
+async def start_up(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[Up, Config]]]]:
+    """start_up(services_yaml, activator=...) runs `torpor up`; always stopped."""
+    runners: list[Up] = []
+
+    async def start(services: str, activator: str) -> tuple[Up, Config]:
+        path = write_config(tmp_path, services, activator=activator)
+        runner = Up(path)
+        runners.append(runner)
+        runner.start()
+        await runner.wait_ready()
+        return runner, load_config(path)
+
+    yield start
+    await stop_all(runners)
+
+
+def held_now(config: Config, name: str) -> float:
+    """torpor_held_requests{service=name} from `up`'s metrics endpoint."""
+    with urllib.request.urlopen(f"http://{config.control_plane.metrics}/metrics",
+                                timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'torpor_held_requests{{service="{name}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def asleep_with_held(config: Config, name: str,
+                           session: aiohttp.ClientSession) -> list[asyncio.Task[Any]]:
+    """Hibernate `name`, send HELD requests on their own connections, and return once the
+    activator holds them all."""
+    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api), name)
+    await wait_until(lambda: not processes_mentioning(f"--name {name} "), 15, "no replica")
+
+    async def one(i: int) -> tuple[int, bytes, dict[str, str]]:
+        async with session.get(f"http://{config.gateway.listen}/predict?text=good{i}",
+                               headers={"Host": f"{name}.localhost"}) as r:
+            return r.status, await r.read(), dict(r.headers)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(HELD)]
+    try:
+        await wait_until(lambda: held_now(config, name) == HELD, 15, f"{HELD} held requests",
+                         interval=0.05)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    return tasks
+
+
+async def refused_after_sigterm(up: Up, config: Config, name: str) -> None:
+    """(c): once `up` says it drains, a new request is refused or answered 503 at once."""
+    await wait_until(lambda: "torpor: draining" in up.text(), 10, "up to start draining")
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as fresh, \
+                fresh.get(f"http://{config.gateway.listen}/predict?text=late",
+                          headers={"Host": f"{name}.localhost"}) as r:
+            assert r.status == 503, await r.text()
+            assert json.loads(await r.read())["error"] == "draining"
+    except aiohttp.ClientConnectorError:
+        pass  # Envoy's listener is closed: connection refused
+    assert time.monotonic() - started < 2.0
+
+
+def session() -> aiohttp.ClientSession:
+    # One connection per request (no pool limit), none reused after SIGTERM.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                 timeout=aiohttp.ClientTimeout(total=60))
+
+
+async def test_sigterm_lets_held_requests_finish(start_up: Any) -> None:
+    up, config = await start_up(model_service("drowsy", 1, load_seconds=2.0),
+                                "wake_timeout: 30s, drain_grace: 20s")
+    async with session() as client:
+        tasks = await asleep_with_held(config, "drowsy", client)
+        assert up.proc is not None
+        up.proc.send_signal(signal.SIGTERM)
+        await refused_after_sigterm(up, config, "drowsy")
+        results = await asyncio.gather(*tasks)
+    for code, body, headers in results:
+        assert code == 200, body[:300]
+        assert json.loads(body)["label"] == "positive"
+        assert int(headers["x-torpor-cold-start-ms"]) >= 1000  # it waited for the wake
+    assert await asyncio.to_thread(up.proc.wait, 30) == 0, up.text()[-3000:]
+    assert not processes_mentioning("--name drowsy ")
+
+
+async def test_wake_longer_than_grace_answers_503(start_up: Any) -> None:
+    grace = 3.0
+    up, config = await start_up(model_service("sloth", 1, load_seconds=15.0),
+                                f"wake_timeout: 60s, drain_grace: {grace:g}s")
+    async with session() as client:
+        tasks = await asleep_with_held(config, "sloth", client)
+        assert up.proc is not None
+        signalled = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)
+        await refused_after_sigterm(up, config, "sloth")
+        results = await asyncio.gather(*tasks)  # a cut connection raises here
+        answered = time.monotonic() - signalled
+        assert await asyncio.to_thread(up.proc.wait, 30) == 0, up.text()[-3000:]
+        exited = time.monotonic() - signalled
+    for code, body, headers in results:
+        assert code == 503, body[:300]
+        assert headers["Retry-After"] == "1"
+        assert json.loads(body)["error"] == "draining"
+    assert grace - 0.5 <= answered < grace + 3, answered
+    assert exited < grace + 8, exited
+    assert not processes_mentioning("--name sloth ")
