@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -54,6 +55,7 @@ class ActivatorServer:
         self._handler: ActivatorHandler | None = None
         self._site: web.TCPSite | None = None
         self._holding: Holding | None = None
+        self._grace_over = asyncio.Event()
         self.port_h2 = 0
         self._runner: web.AppRunner | None = None
         self._proxy = Proxy()
@@ -111,6 +113,11 @@ class ActivatorServer:
         if self._h2 is not None:
             self._h2.stop_listening()
 
+    def end_grace(self) -> None:
+        """End a drain's grace now (a second SIGTERM/SIGINT): what is held is answered
+        503 + Retry-After at once."""
+        self._grace_over.set()
+
     async def drain(self, grace: float | None = None) -> None:
         """The first half of a graceful stop: refuse new connections and requests
         (`refuse_new`), let the held ones wait for their wake and be
@@ -126,24 +133,29 @@ class ActivatorServer:
         held = holding.held.total()
         self.refuse_new()
         event(log, "activator.draining", held=held, grace=grace)
-        if not await self._idle_within(grace):
+        if not await self._idle_within(grace, self._grace_over):
             holding.end_drain()
             await self._idle_within(ANSWER_SECONDS)
         event(log, "activator.drained", left=holding.held.total(),
               seconds=round(loop.time() - started, 3))
 
-    async def _idle_within(self, seconds: float) -> bool:
-        """Whether both fronts are done with every request within `seconds`."""
+    async def _idle_within(self, seconds: float, cut: asyncio.Event | None = None) -> bool:
+        """Whether both fronts are done with every request within `seconds` (and before
+        `cut` is set)."""
         assert self._handler is not None
         waits = [self._handler.wait_idle()]
         if self._h2 is not None:
             waits.append(self._h2.wait_idle())
+        idle: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
+        cut_wait: asyncio.Future[Any] = asyncio.ensure_future((cut or asyncio.Event()).wait())
         try:
-            async with asyncio.timeout(seconds):
-                await asyncio.gather(*waits)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait({idle, cut_wait}, timeout=seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut_wait.cancel()
+            if not idle.done():
+                idle.cancel()
+        return idle.done() and not idle.cancelled()
 
     async def stop(self) -> None:
         if self._h2 is not None:

@@ -168,7 +168,7 @@ def _run_role(assembly: Assembly) -> int:
     async def run() -> int:
         try:
             await assembly.start()
-            await _until_signal()
+            await _until_signal(again=assembly.end_grace)
             await assembly.drain()
         finally:
             await assembly.close()
@@ -177,11 +177,18 @@ def _run_role(assembly: Assembly) -> int:
     return asyncio.run(run())
 
 
-async def _until_signal() -> None:
+async def _until_signal(again: Callable[[], None] = lambda: None) -> None:
+    """Until SIGINT/SIGTERM; each later one calls `again` (ends a drain's grace)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            again()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
 
 

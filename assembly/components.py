@@ -115,6 +115,12 @@ class Assembly:
             f"within {self.config.activator.drain_grace:g}s (activator.drain_grace)")
         await self.activator.drain()
 
+    def end_grace(self) -> None:
+        """Cut a running drain's grace short (a second signal): the activator answers what
+        it holds 503 + Retry-After now."""
+        if self.activator is not None:
+            self.activator.end_grace()
+
     async def close(self) -> None:
         """Close everything opened, newest first. Idempotent."""
         await self._stack.aclose()

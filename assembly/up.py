@@ -49,11 +49,11 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     logs = config.log_dir()
     logs.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
+    gateway = Assembly(config, Role.UP, logs=logs)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _stop_on, stop, sig, out)
+        loop.add_signal_handler(sig, _stop_on, stop, sig, out, gateway)
 
-    gateway = Assembly(config, Role.UP, logs=logs)
     try:
         await gateway.start(lambda text: say(out, text))
         assert gateway.envoy is not None and gateway.control_plane is not None
@@ -103,7 +103,13 @@ async def show_progress(control_plane: ControlPlane, config: Config, out: TextIO
     say(out, "Ctrl-C stops torpor and every process it started.")
 
 
-def _stop_on(stop: asyncio.Event, sig: signal.Signals, out: TextIO) -> None:
+def _stop_on(stop: asyncio.Event, sig: signal.Signals, out: TextIO,
+             gateway: Assembly) -> None:
+    """The first signal stops (after the drain); a second one ends the drain's grace."""
+    if stop.is_set():
+        say(out, f"received {sig.name} again: answering held requests now")
+        gateway.end_grace()
+        return
     say(out, f"received {sig.name}")
     stop.set()
 

@@ -143,3 +143,24 @@ async def test_wake_longer_than_grace_answers_503(start_up: Any) -> None:
     assert grace - 0.5 <= answered < grace + 3, answered
     assert exited < grace + 8, exited
     assert not processes_mentioning("--name sloth ")
+
+
+async def test_second_signal_ends_the_grace(start_up: Any) -> None:
+    up, config = await start_up(model_service("dozy", 1, load_seconds=10.0),
+                                "wake_timeout: 60s, drain_grace: 60s")
+    async with session() as client:
+        tasks = await asleep_with_held(config, "dozy", client)
+        assert up.proc is not None
+        up.proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: "torpor: draining" in up.text(), 10, "up to start draining")
+        assert not any(task.done() for task in tasks)  # held through the drain
+        again = time.monotonic()
+        up.proc.send_signal(signal.SIGINT)
+        results = await asyncio.gather(*tasks)
+        answered = time.monotonic() - again
+        assert await asyncio.to_thread(up.proc.wait, 30) == 0, up.text()[-3000:]
+    for code, body, headers in results:
+        assert code == 503, body[:300]
+        assert headers["Retry-After"] == "1" and json.loads(body)["error"] == "draining"
+    assert answered < 3, answered  # not the 60 s grace, nor the 10 s wake
+    assert "received SIGINT again: answering held requests now" in up.text()
