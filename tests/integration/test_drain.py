@@ -5,14 +5,17 @@ held on a sleeping service.
 service, and `torpor up` exits 0; (b) the wake takes longer than the grace: every held
 request gets 503 + Retry-After (none cut), and the process exits within grace + a few
 seconds; (c) a request sent after SIGTERM is refused at once (connection refused or 503),
-not held.
+not held; a second signal ends the grace at once; gRPC calls held on the h2 holder are
+replayed when woken within the grace, answered UNAVAILABLE when not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from tests.support.configs import model_service, write_config
@@ -164,3 +168,65 @@ async def test_second_signal_ends_the_grace(start_up: Any) -> None:
         assert headers["Retry-After"] == "1" and json.loads(body)["error"] == "draining"
     assert answered < 3, answered  # not the 60 s grace, nor the 10 s wake
     assert "received SIGINT again: answering held requests now" in up.text()
+
+
+GRPC_ECHO = Path(__file__).resolve().parents[1] / "support" / "grpc_echo.py"
+
+
+def grpc_service(name: str, load_seconds: float) -> str:
+    return f"""  - name: {name}
+    host: {name}.localhost
+    replicas: 1
+    protocol: http2
+    local:
+      command: [{sys.executable}, {GRPC_ECHO}, --port, "{{port}}", --name, {name},
+                --load-seconds, "{load_seconds}"]
+      ready_probe: tcp
+      stop_grace: 5s
+"""
+
+
+def no_replica(name: str) -> bool:
+    return not processes_mentioning(f"--name {name} ")
+
+
+async def test_grpc_streams_drain_on_the_h2_holder(start_up: Any) -> None:
+    """Held gRPC calls: woken within the grace → replayed by Envoy to the replica; still
+    held at its end → UNAVAILABLE with the drain's message (never a reset stream)."""
+    grace = 6.0
+    up, config = await start_up(grpc_service("gquick", 1.5) + grpc_service("gslow", 20.0),
+                                f"wake_timeout: 60s, drain_grace: {grace:g}s")
+    target = str(config.gateway.listen)
+
+    async def call(name: str, payload: bytes) -> bytes | grpc.aio.AioRpcError:
+        options = [("grpc.default_authority", f"{name}.localhost"), ("grpc.enable_retries", 0)]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            say = channel.unary_unary("/torpor.test.Echo/Say")
+            try:
+                return bytes(await say(payload, timeout=40))
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+    for name in ("gquick", "gslow"):
+        await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+                                name)
+        await wait_until(functools.partial(no_replica, name), 15, f"no {name} replica")
+    calls = [asyncio.create_task(call(name, f"{name}-{i}".encode()))
+             for name in ("gquick", "gslow") for i in range(10)]
+    try:
+        await wait_until(lambda: held_now(config, "gquick") == held_now(config, "gslow") == 10,
+                         15, "10 held calls on each service", interval=0.05)
+    except BaseException:
+        for task in calls:
+            task.cancel()
+        raise
+    assert up.proc is not None
+    up.proc.send_signal(signal.SIGTERM)
+    results = await asyncio.gather(*calls)
+    assert await asyncio.to_thread(up.proc.wait, 30) == 0, up.text()[-3000:]
+
+    assert results[:10] == [f"gquick:gquick-{i}".encode() for i in range(10)]
+    for result in results[10:]:
+        assert isinstance(result, grpc.aio.AioRpcError), result
+        assert result.code() is grpc.StatusCode.UNAVAILABLE, result
+        assert "drain grace" in (result.details() or ""), result.details()
