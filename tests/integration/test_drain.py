@@ -28,7 +28,7 @@ import pytest
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import wait_until
-from tests.support.up import Up, processes_mentioning, stop_all
+from tests.support.up import Up, UpRuns, processes_mentioning
 from torpor import admin_client
 from torpor.config import Config, load_config
 
@@ -40,18 +40,14 @@ HELD = 20
 @pytest.fixture
 async def start_up(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[Up, Config]]]]:
     """start_up(services_yaml, activator=...) runs `torpor up`; always stopped."""
-    runners: list[Up] = []
+    runs = UpRuns()
 
     async def start(services: str, activator: str) -> tuple[Up, Config]:
         path = write_config(tmp_path, services, activator=activator)
-        runner = Up(path)
-        runners.append(runner)
-        runner.start()
-        await runner.wait_ready()
-        return runner, load_config(path)
+        return await runs.start(path), load_config(path)
 
     yield start
-    await stop_all(runners)
+    await runs.stop_all()
 
 
 def held_now(config: Config, name: str) -> float:

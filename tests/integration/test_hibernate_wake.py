@@ -27,7 +27,7 @@ import pytest
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import wait_until
-from tests.support.up import Up, processes_mentioning, status_json, stop_all
+from tests.support.up import Up, UpRuns, processes_mentioning, status_json
 from torpor import admin_client
 from torpor.config import Config, load_config
 
@@ -40,19 +40,15 @@ FAST_POLICY = ("policy: {kind: fixed, idle_after: 5s, evict_after: 12s, creation
 @pytest.fixture
 async def start_up(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[Up, Config]]]]:
     """start_up(services_yaml, extra=..., activator=...) runs `torpor up`; always stopped."""
-    runners: list[Up] = []
+    runs = UpRuns()
 
     async def start(services: str, extra: str = "", activator: str = "wake_timeout: 30s"
                     ) -> tuple[Up, Config]:
         path = write_config(tmp_path, services, extra, activator)
-        runner = Up(path)
-        runners.append(runner)
-        runner.start()
-        await runner.wait_ready()
-        return runner, load_config(path)
+        return await runs.start(path), load_config(path)
 
     yield start
-    await stop_all(runners)
+    await runs.stop_all()
 
 
 def status(config: Config, name: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from tests.support.configs import write_config
 from tests.support.fake_kube import FakeKube
 from tests.support.kube_objects import kube_service_yaml, model_deployment, model_service
 from tests.support.net import wait_until
-from tests.support.up import Up, stop_all
+from tests.support.up import Up, UpRuns
 from torpor import admin_client
 from torpor.config import Config, load_config
 from torpor.workloads.annotations import RECORDED_REPLICAS
@@ -47,21 +47,17 @@ async def start_up(tmp_path: Path, kube: FakeKube
                    ) -> AsyncIterator[Callable[..., Awaitable[tuple[Up, Config]]]]:
     """start_up(services_yaml, extra=..., discover=...) runs `torpor up` on kubernetes
     workloads against the fake; always stopped."""
-    runners: list[Up] = []
+    runs = UpRuns()
     kube.write_kubeconfig(tmp_path / "kubeconfig")
 
     async def start(services: str, extra: str = "", discover: bool = False) -> tuple[Up, Config]:
         workloads = ("{kind: kubernetes, kubeconfig: ./kubeconfig, poll_every: 1s, "
                      f"discover: {str(discover).lower()}, namespaces: [{NS}]}}")
         path = write_config(tmp_path, services, extra, workloads=workloads)
-        runner = Up(path)
-        runners.append(runner)
-        runner.start()
-        await runner.wait_ready()
-        return runner, load_config(path)
+        return await runs.start(path), load_config(path)
 
     yield start
-    await stop_all(runners)
+    await runs.stop_all()
 
 
 def replicas_of(kube: FakeKube, name: str) -> int:

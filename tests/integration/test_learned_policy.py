@@ -26,7 +26,7 @@ import pytest
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import wait_until
-from tests.support.up import Up, stop_all
+from tests.support.up import Up, UpRuns
 from torpor import admin_client
 from torpor.config import Config, load_config
 
@@ -41,19 +41,15 @@ POLICY = (f"policy: {{kind: learned, cold_start_price: 10s, idle_after: {IDLE_AF
 
 @pytest.fixture
 async def up(tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[tuple[Up, Config]]]]:
-    runners: list[Up] = []
+    runs = UpRuns()
     path = write_config(tmp_path, model_service("a", 1, load_seconds=0.5) +
                         model_service("b", 1, load_seconds=0.5), POLICY)
 
     async def start() -> tuple[Up, Config]:
-        runner = Up(path)
-        runners.append(runner)
-        runner.start()
-        await runner.wait_ready()
-        return runner, load_config(path)
+        return await runs.start(path), load_config(path)
 
     yield start
-    await stop_all(runners)
+    await runs.stop_all()
 
 
 def status(config: Config, name: str) -> dict[str, Any]:

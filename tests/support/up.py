@@ -55,6 +55,24 @@ class Up:
             self.proc.wait()
 
 
+class UpRuns:
+    """The `torpor up` runs of one test: `start(path)` starts one and waits until it is
+    ready; `stop_all()` (in the fixture's teardown) stops every one, even after a failure."""
+
+    def __init__(self) -> None:
+        self.runners: list[Up] = []
+
+    async def start(self, config_path: Path) -> Up:
+        runner = Up(config_path)
+        self.runners.append(runner)
+        runner.start()
+        await runner.wait_ready()
+        return runner
+
+    async def stop_all(self) -> None:
+        await stop_all(self.runners)
+
+
 async def stop_all(runners: list[Up]) -> None:
     """Stop every runner a test started (SIGTERM, then SIGKILL if it fails), asserting
     each exited cleanly."""
