@@ -23,6 +23,7 @@ from torpor import admin_client
 from torpor.config import Address, Config, load_config, parse_duration
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
+from torpor.supervision import AlreadyRunningError
 
 if TYPE_CHECKING:  # the handlers import what their verb runs, and nothing more
     from assembly.components import Assembly
@@ -43,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, config)
     except ConfigError as exc:
         print(f"torpor: config error: {exc}", file=sys.stderr)
+        return 2
+    except AlreadyRunningError as exc:
+        print(f"torpor: error: {exc}", file=sys.stderr)
         return 2
     except admin_client.AdminError as exc:
         print(f"torpor: {exc}", file=sys.stderr)

@@ -16,9 +16,11 @@ import contextlib
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from assembly.components import Assembly, Role
+from torpor import supervision
 from torpor.config import Config
 from torpor.errors import TorporError
 from xds_server.control_plane import ControlPlane
@@ -44,10 +46,23 @@ def check_ports_free(config: Config) -> None:
 
 
 async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
-    """Run until a signal arrives; returns the exit code."""
-    check_ports_free(config)
+    """Run until a signal arrives; returns the exit code. Raises AlreadyRunningError when
+    another `torpor up` runs with the same log folder; stops what a killed previous run
+    left running (supervision.py) before checking ports."""
     logs = config.log_dir()
-    logs.mkdir(parents=True, exist_ok=True)
+    run_file = supervision.RunFile(logs)
+    leftovers = run_file.acquire()
+    try:
+        supervision.stop_leftovers(leftovers, lambda text: say(out, text))
+        check_ports_free(config)
+        supervision.set_current(run_file)
+        return await _run(config, logs, out)
+    finally:
+        supervision.set_current(None)
+        run_file.release()
+
+
+async def _run(config: Config, logs: Path, out: TextIO) -> int:
     stop = asyncio.Event()
     gateway = Assembly(config, Role.UP, logs=logs)
     loop = asyncio.get_running_loop()

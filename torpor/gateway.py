@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
+from torpor import supervision
 from torpor.config import Address
 from torpor.errors import TorporError
 
@@ -35,7 +36,8 @@ def envoy_binary() -> str:
 
 
 class EnvoyProcess:
-    """One Envoy, in its own process group so that nothing of it outlives torpor."""
+    """One Envoy, in its own process group so that nothing of it outlives torpor; on
+    Linux it also dies with torpor, even when torpor is SIGKILLed (supervision.py)."""
 
     def __init__(self, bootstrap_path: Path, log_path: Path, admin: Address,
                  concurrency: int = 2) -> None:
@@ -48,11 +50,14 @@ class EnvoyProcess:
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
+            argv = supervision.die_with_parent([
                 envoy_binary(), "-c", str(self.bootstrap_path), "--disable-hot-restart",
                 "--concurrency", str(self.concurrency), "--log-level", "warning",
-                stdout=log, stderr=log, start_new_session=True,
+            ])
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=log, stderr=log, start_new_session=True,
             )
+        supervision.track("envoy", "envoy", self.proc.pid)
 
     async def wait_ready(self, timeout: float) -> None:
         """Until Envoy's admin /ready says LIVE; raises TorporError if Envoy exits first."""
@@ -87,7 +92,10 @@ class EnvoyProcess:
 
     async def stop(self, grace: float = 10.0) -> None:
         proc = self.proc
-        if proc is None or proc.returncode is not None:
+        if proc is None:
+            return
+        if proc.returncode is not None:
+            supervision.untrack(proc.pid)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -97,3 +105,4 @@ class EnvoyProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        supervision.untrack(proc.pid)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from torpor import supervision
 from torpor.clock import Clock, SystemClock
 from torpor.config import LocalServiceConfig, ServiceConfig
 from torpor.errors import UnknownServiceError, WorkloadError
@@ -279,17 +280,21 @@ class LocalWorkloads(Workloads):
         self, svc: _Service, argv: list[str], log_path: Path
     ) -> asyncio.subprocess.Process:
         """Start `argv` in a new session, so that the replica and its children form one
-        process group that a stop can signal as a whole."""
+        process group that a stop can signal as a whole; on Linux the replica also dies
+        with torpor, even when torpor is SIGKILLed (supervision.py). Called on the event
+        loop's thread, which lives as long as the process (the parent-death signal
+        follows the thread that forked)."""
         cwd = svc.config.cwd
         with _open_log(svc.name, log_path) as log:
             try:
-                return await asyncio.create_subprocess_exec(
-                    *argv,
+                env = {**os.environ, **dict(svc.config.env)}
+                process = await asyncio.create_subprocess_exec(
+                    *supervision.die_with_parent(argv, env, cwd),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
                     cwd=cwd,
-                    env={**os.environ, **dict(svc.config.env)},
+                    env=env,
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -297,10 +302,13 @@ class LocalWorkloads(Workloads):
                 raise WorkloadError(
                     f"service {svc.name!r}: cannot run command {argv!r}{where}: {exc}"
                 ) from exc
+        supervision.track("replica", svc.name, process.pid)
+        return process
 
     async def _watch(self, svc: _Service, replica: _Replica) -> None:
         """Notice a replica's exit: a stop expects it; anything else is a crash to restart."""
         returncode = await replica.process.wait()
+        supervision.untrack(replica.pid)
         if replica.probe_task is not None:
             replica.probe_task.cancel()
         if replica.stopping:
@@ -361,6 +369,8 @@ class LocalWorkloads(Workloads):
                     )
         finally:
             svc.stopping.discard(replica)
+            if not replica.alive:
+                supervision.untrack(replica.pid)
         event(
             logger,
             "replica.stopped",
