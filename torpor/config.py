@@ -189,6 +189,11 @@ class ServiceConfig:
     # Never hibernated by the policy (`torpor hibernate` still works).
     never_sleep: bool = False
     policy: ServicePolicyConfig = ServicePolicyConfig()
+    # Envoy replays a request whose upstream reset it before any response header (a replica
+    # or an activator that died holding it) only for idempotent methods (GET, HEAD, OPTIONS,
+    # PUT, DELETE, TRACE); true: for every method (POST too), for services whose calls may
+    # run twice.
+    retry_non_idempotent: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -727,6 +732,7 @@ _SERVICE = _Schema(
         "protocol": _Field(_choice("http1", "http2")),
         "never_sleep": _Field(_boolean),
         "policy": _Field(_section(_SERVICE_POLICY)),
+        "retry_non_idempotent": _Field(_boolean),
     },
 )
 _TOP_LEVEL_KEYS = (

@@ -14,11 +14,16 @@ addresses, `activator_targets`), never its route or cluster; an activator replic
 or going (`set_activators`) changes only the activator's CLA here, and the CLAs of the
 hibernated services once the caller rebuilds them with the new targets.
 
-Failover: every route retries a request whose upstream connection failed, was refused, or
-was reset before any response header arrived, on another host (previous_hosts). A request
-held by an activator replica that dies is thus replayed on another replica, provided its
-body fit the virtual host's request body buffer (`retry_buffer_bytes`); Envoy does not
-retry a request whose body outgrew that buffer, the client gets the error instead.
+Failover: every route retries, on another host (previous_hosts), a request that never
+reached an upstream (connect failure, refused stream, reset before the request was sent)
+and the activator's "replay me" answer to a held HTTP/2 request. A request whose upstream
+reset it after it was sent but before any response header (a replica or an activator
+replica that died holding it) may have run there, so it is replayed only for idempotent
+methods (`IDEMPOTENT_METHODS`), or for every method when the service opts in
+(`retry_non_idempotent`): a POST is never executed twice unless the service says it may.
+A replay needs the body to have fit the virtual host's request body buffer
+(`retry_buffer_bytes`); Envoy does not retry a request whose body outgrew that buffer, the
+client gets the error instead.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from torpor.edge import EdgeLimits
@@ -62,6 +68,12 @@ CATCH_ALL_VHOST = "torpor_catch_all"
 #: request (retry_on: retriable-headers) once the service's endpoints are back.
 RETRY_HEADER = "x-torpor-retry"
 _HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+#: Methods whose repetition has the effect of one call (RFC 9110 9.2.2): replayed after a reset.
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
+#: Always safe to replay: the request never reached an upstream, or the activator asks for it.
+SAFE_RETRY_ON = "connect-failure,refused-stream,reset-before-request,retriable-headers"
+#: Also replays a request an upstream reset after it was sent (before any response header).
+RESET_RETRY_ON = SAFE_RETRY_ON + ",reset"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +117,8 @@ class RoutedService:
     host: str
     endpoints: tuple[Endpoint, ...]
     http2: bool = False  # its cluster speaks HTTP/2 (h2c) to replicas and activator alike
+    # Replay every method after an upstream reset, not only idempotent ones.
+    retry_non_idempotent: bool = False
 
 
 class ResourceBuilder:
@@ -112,14 +126,14 @@ class ResourceBuilder:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        # name -> (host it was built for, its VirtualHost)
-        self._vhosts: dict[str, tuple[str, route_components_pb2.VirtualHost]] = {}
+        # name -> (host and retry choice it was built for, its VirtualHost)
+        self._vhosts: dict[str, tuple[tuple[str, bool], route_components_pb2.VirtualHost]] = {}
         self._clusters: dict[str, tuple[bool, Resource]] = {}
         # name -> (endpoints it was built for, its ClusterLoadAssignment)
         self._endpoints: dict[str, tuple[tuple[Endpoint, ...], Resource]] = {}
         # The RouteConfiguration is ~290 bytes per service (2.8 MB at 10k): rebuilt and
         # re-hashed only when the (name, host) list changes, not on endpoint flips.
-        self._routes: tuple[tuple[tuple[str, str], ...], Resource] | None = None
+        self._routes: tuple[tuple[tuple[str, str, bool], ...], Resource] | None = None
         self._static = {
             types.LISTENER: {LISTENER_NAME: Resource.pack(LISTENER_NAME, self._listener())},
         }
@@ -167,11 +181,11 @@ class ResourceBuilder:
         }
 
     def _route_config(self, ordered: list[RoutedService]) -> Resource:
-        key = tuple((s.name, s.host) for s in ordered)
+        key = tuple((s.name, s.host, s.retry_non_idempotent) for s in ordered)
         if self._routes is None or self._routes[0] != key:
             routes = route_pb2.RouteConfiguration(
                 name=ROUTE_CONFIG_NAME,
-                virtual_hosts=[*(self._vhost(n, h) for n, h in key), self._catch_all()],
+                virtual_hosts=[*(self._vhost(n, h, r) for n, h, r in key), self._catch_all()],
             )
             self._routes = (key, Resource.pack(ROUTE_CONFIG_NAME, routes))
         return self._routes[1]
@@ -186,28 +200,53 @@ class ResourceBuilder:
 
     # --- per service ----------------------------------------------------------------
 
-    def _vhost(self, name: str, host: str) -> route_components_pb2.VirtualHost:
+    def _vhost(self, name: str, host: str,
+               retry_non_idempotent: bool) -> route_components_pb2.VirtualHost:
         cached = self._vhosts.get(name)
-        if cached is None or cached[0] != host:
-            vhost = self._vhost_proto(name, [host, f"{host}:*"], cluster=name)
-            cached = self._vhosts[name] = (host, vhost)
+        if cached is None or cached[0] != (host, retry_non_idempotent):
+            vhost = self._vhost_proto(name, [host, f"{host}:*"], cluster=name,
+                                      retry_non_idempotent=retry_non_idempotent)
+            cached = self._vhosts[name] = ((host, retry_non_idempotent), vhost)
         return cached[1]
 
-    def _vhost_proto(self, name: str, domains: list[str],
-                     cluster: str) -> route_components_pb2.VirtualHost:
-        """A virtual host with its one route. Its request body buffer is what a retry can
+    def _vhost_proto(self, name: str, domains: list[str], cluster: str,
+                     retry_non_idempotent: bool = False) -> route_components_pb2.VirtualHost:
+        """A virtual host with its routes. Its request body buffer is what a retry can
         replay: bodies up to `retry_buffer_bytes` are kept until the response starts."""
         return route_components_pb2.VirtualHost(
             name=name,
             domains=domains,
-            routes=[self._route(name, cluster)],
+            routes=self._routes_to(name, cluster, retry_non_idempotent),
             # Not per_request_buffer_limit_bytes: deprecated in favour of this field.
             request_body_buffer_limit=wrappers_pb2.UInt64Value(
                 value=self.settings.retry_buffer_bytes),
         )
 
-    def _route(self, route_name: str, cluster: str) -> route_components_pb2.Route:
-        """A route that survives a cold start: long timeout, safe retries on another host."""
+    def _routes_to(self, name: str, cluster: str,
+                   retry_non_idempotent: bool) -> list[route_components_pb2.Route]:
+        """One route replaying after a reset for every method (the service opted in), or
+        two: idempotent methods with it, the others (POST, PATCH, ...) without it."""
+        if retry_non_idempotent:
+            return [self._route(name, cluster, RESET_RETRY_ON)]
+        idempotent = self._route(f"{name}/idempotent", cluster, RESET_RETRY_ON)
+        idempotent.match.headers.append(route_components_pb2.HeaderMatcher(
+            name=":method",
+            string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(
+                regex="|".join(IDEMPOTENT_METHODS)))))
+        return [idempotent, self._route(name, cluster, SAFE_RETRY_ON)]
+
+    def _route(self, route_name: str, cluster: str, retry_on: str) -> route_components_pb2.Route:
+        """A route that survives a cold start: long timeout, retries on another host.
+        `retry_on` is SAFE_RETRY_ON or RESET_RETRY_ON (module docstring):
+        - connect-failure, refused-stream, reset-before-request: the request never reached
+          an upstream, safe to replay even for POST /predict;
+        - retriable-headers: the activator's "replay me" answer to a held HTTP/2 request,
+          sent only once the service's endpoints flipped back;
+        - reset: the upstream closed or reset the connection before sending any response
+          header (never once a header was received): an activator replica killed holding
+          the request, or a replica that crashed while running it, which the replay may
+          repeat. A replay needs the body to have fit the virtual host's
+          request_body_buffer_limit (retry_buffer_bytes)."""
         s = self.settings
         return route_components_pb2.Route(
             name=route_name,
@@ -216,20 +255,7 @@ class ResourceBuilder:
                 cluster=cluster,
                 timeout=_duration(s.route_timeout),
                 retry_policy=route_components_pb2.RetryPolicy(
-                    # connect-failure, refused-stream, reset-before-request: the request
-                    # never reached an upstream, safe to replay even for POST /predict.
-                    # reset: the upstream closed or reset the connection before sending
-                    # any response header (never once a header was received): an activator
-                    # replica that died (kill -9) holding the request; replayed on another
-                    # replica (previous_hosts). It equally replays a request to an active
-                    # service whose replica crashed (or reset) before answering, on another
-                    # replica: accepted, the alternative is a 503 for a call the service
-                    # may or may not have started. A replay needs the body to have fit in
-                    # the virtual host's request_body_buffer_limit (retry_buffer_bytes).
-                    # retriable-headers: the activator's "replay me" answer to a held
-                    # HTTP/2 request, sent only once the service's endpoints flipped back.
-                    retry_on="connect-failure,refused-stream,reset-before-request,reset,"
-                             "retriable-headers",
+                    retry_on=retry_on,
                     retriable_headers=[route_components_pb2.HeaderMatcher(
                         name=RETRY_HEADER, present_match=True)],
                     num_retries=wrappers_pb2.UInt32Value(value=s.retries),

@@ -77,7 +77,8 @@ class EnvoyRouting:
             if record is not None and routed(record.state):
                 services.append(RoutedService(service.name, service.host,
                                               self._target(service, record),
-                                              http2=service.protocol == "http2"))
+                                              http2=service.protocol == "http2",
+                                              retry_non_idempotent=service.retry_non_idempotent))
         return services
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:

@@ -1,5 +1,6 @@
 """Fleet mode, Envoy's side: a request held by an activator replica that dies is replayed on
-another replica, never lost.
+another replica, never lost (idempotent methods, PUT here; a POST only where the service
+opted in: tests/integration/test_safe_retries.py).
 
 A real Envoy, programmed by the in-process xDS server, fronts a hibernated service `svc`
 whose endpoints are every activator replica (`activator_targets`). Replica A reads the
@@ -13,17 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.support.backends import Backend
+from tests.support.aborting import AbortingUpstream, EchoUpstream
 from tests.support.envoy import Envoy
 from tests.support.net import free_port, wait_until
 from tests.support.xds import XdsHarness, hibernated
@@ -36,113 +34,16 @@ BODY = b"x" * 100_000
 ROUTE_TIMEOUT = 20.0  # short, so that "failed fast rather than hung" means something
 
 
-class AbortingActivator:
-    """Reads each request whole (head and Content-Length body), then closes the connection
-    without a byte of response: what Envoy sees when the replica holding it is killed.
-    With `hold`, it keeps every request until `kill()` drops them all at once."""
-
-    def __init__(self, name: str, reset: bool, hold: bool = False) -> None:
-        self.name = name
-        self.reset = reset  # RST (SO_LINGER 0) rather than FIN
-        self.hold = hold
-        self.received: list[tuple[str, int]] = []  # (Host, body bytes) of each request
-        self.held: list[asyncio.Transport] = []
-        self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.Transport] = set()
-
-    @property
-    def endpoint(self) -> Endpoint:
-        assert self._server is not None
-        return Endpoint("127.0.0.1", self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> AbortingActivator:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Aborting(self), "127.0.0.1", 0)
-        return self
-
-    async def stop(self) -> None:
-        for transport in list(self._transports):
-            transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def kill(self) -> None:
-        """kill -9 while holding: the listener goes (new connections are refused) and every
-        held connection closes unanswered, all at once."""
-        if self._server is not None:
-            self._server.close()
-        held, self.held = self.held, []
-        for transport in held:
-            self._close(transport)
-
-    def received_whole(self, transport: asyncio.Transport) -> None:
-        if self.hold:
-            self.held.append(transport)
-        else:
-            self._close(transport)
-
-    def _close(self, transport: asyncio.Transport) -> None:
-        if self.reset:
-            sock = transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-
-
-class _Aborting(asyncio.Protocol):
-    def __init__(self, owner: AbortingActivator) -> None:
-        self.owner = owner
-        self.data = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.owner._transports.add(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.owner._transports.discard(self.transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-        head, sep, body = self.data.partition(b"\r\n\r\n")
-        if not sep:
-            return
-        headers = _headers(head)
-        length = int(headers.get("content-length", "0"))
-        if len(body) < length:
-            return
-        self.owner.received.append((headers.get("host", ""), len(body)))
-        assert self.transport is not None
-        self.owner.received_whole(self.transport)
-
-
-def _headers(head: bytes) -> dict[str, str]:
-    lines = head.decode("latin-1").split("\r\n")[1:]
-    pairs = (line.partition(":") for line in lines)
-    return {name.strip().lower(): value.strip() for name, _, value in pairs}
-
-
-class EchoActivator(Backend):
-    """Answers 200 with its name and the body length it received."""
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        body = await request.read()
-        return web.Response(text=f"{self.name} {len(body)}")
-
-
 @pytest.fixture(params=["fin", "rst"])
-async def replica_a(request: pytest.FixtureRequest) -> AsyncIterator[AbortingActivator]:
-    a = await AbortingActivator("A", reset=request.param == "rst").start()
+async def replica_a(request: pytest.FixtureRequest) -> AsyncIterator[AbortingUpstream]:
+    a = await AbortingUpstream("A", reset=request.param == "rst").start()
     yield a
     await a.stop()
 
 
 @pytest.fixture
-async def replica_b() -> AsyncIterator[EchoActivator]:
-    b = EchoActivator("B")
+async def replica_b() -> AsyncIterator[EchoUpstream]:
+    b = EchoUpstream("B")
     await b.start()
     yield b
     await b.stop()
@@ -162,28 +63,30 @@ async def gateway(envoys: Callable[[int, str], Envoy], *activators: Endpoint,
         await harness.stop()
 
 
-async def post_all(url: str, host: str, body: bytes,
-                   n: int = REQUESTS) -> list[tuple[int, str, float]]:
-    """n concurrent POSTs: (status, body, seconds) each."""
+async def send_all(url: str, host: str, body: bytes, n: int = REQUESTS,
+                   method: str = "PUT") -> list[tuple[int, str, float]]:
+    """n concurrent requests with a body: (status, body, seconds) each. PUT by default: an
+    idempotent method, which Envoy replays after a reset (a POST only where the service
+    opted in: tests/integration/test_safe_retries.py)."""
     timeout = aiohttp.ClientTimeout(total=ROUTE_TIMEOUT + 10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def one() -> tuple[int, str, float]:
             started = time.monotonic()
-            async with session.post(url, data=body, headers={"Host": host}) as r:
+            async with session.request(method, url, data=body, headers={"Host": host}) as r:
                 return r.status, await r.text(), time.monotonic() - started
 
         return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
 async def test_requests_dropped_by_a_dying_activator_are_replayed_on_another(
-    envoys: Callable[[int, str], Envoy], replica_a: AbortingActivator,
-    replica_b: EchoActivator,
+    envoys: Callable[[int, str], Envoy], replica_a: AbortingUpstream,
+    replica_b: EchoUpstream,
 ) -> None:
     async with gateway(envoys, replica_a.endpoint, replica_b.endpoint) as (url, envoy):
         # A hibernated service (its own cluster), and an unknown host (the catch-all's
         # activator cluster): both point at every replica.
-        results = {host: await post_all(url, host, BODY) for host in ("svc.test", "nobody.test")}
+        results = {host: await send_all(url, host, BODY) for host in ("svc.test", "nobody.test")}
         retries = {c: await envoy.stat(f"cluster.{c}.upstream_rq_retry")
                    for c in ("svc", "torpor_activator")}
         # The retry buffer is set with a field Envoy 1.40 does not deprecate.
@@ -203,8 +106,8 @@ async def test_requests_dropped_by_a_dying_activator_are_replayed_on_another(
 
 
 async def test_a_body_beyond_the_retry_buffer_fails_fast_instead_of_being_replayed(
-    envoys: Callable[[int, str], Envoy], replica_a: AbortingActivator,
-    replica_b: EchoActivator,
+    envoys: Callable[[int, str], Envoy], replica_a: AbortingUpstream,
+    replica_b: EchoUpstream,
 ) -> None:
     """Envoy stops buffering (and gives up retrying) a body larger than the limit, streams
     it on, and answers the reset with a 503: the client learns of the loss at once."""
@@ -212,7 +115,7 @@ async def test_a_body_beyond_the_retry_buffer_fails_fast_instead_of_being_replay
     big = b"y" * 200_000
     async with gateway(envoys, replica_a.endpoint, replica_b.endpoint,
                        retry_buffer_bytes=limit) as (url, envoy):
-        answers = await post_all(url, "svc.test", big, n=10)
+        answers = await send_all(url, "svc.test", big, n=10)
         abandoned = await envoy.stat("cluster.svc.retry_or_shadow_abandoned")
         retries = await envoy.stat("cluster.svc.upstream_rq_retry")
     failed = [(status, text) for status, text, _ in answers if status != 200]
@@ -234,17 +137,17 @@ async def test_a_body_beyond_the_retry_buffer_fails_fast_instead_of_being_replay
 
 
 async def test_every_request_a_killed_activator_held_is_replayed(
-    envoys: Callable[[int, str], Envoy], replica_b: EchoActivator,
+    envoys: Callable[[int, str], Envoy], replica_b: EchoUpstream,
 ) -> None:
     """The real failure: a replica holding many requests (waiting for a wake) dies, and all
     of them reset in the same instant. Envoy must replay every one: with max_requests 100,
     Envoy's parallel-retry ceiling (max_retries) must not turn the excess into 503s."""
     n = 60
-    holder = await AbortingActivator("A", reset=False, hold=True).start()
+    holder = await AbortingUpstream("A", reset=False, hold=True).start()
     try:
         async with gateway(envoys, holder.endpoint, replica_b.endpoint,
                            max_requests=100) as (url, envoy):
-            sending = asyncio.create_task(post_all(url, "svc.test", BODY, n=n))
+            sending = asyncio.create_task(send_all(url, "svc.test", BODY, n=n))
             await wait_until(lambda: len(holder.held) + replica_b.requests == n, 10,
                              "every request held by A or answered by B")
             held = len(holder.held)
@@ -263,11 +166,11 @@ async def test_every_request_a_killed_activator_held_is_replayed(
 
 
 async def test_an_activator_nobody_listens_on_is_skipped(
-    envoys: Callable[[int, str], Envoy], replica_b: EchoActivator,
+    envoys: Callable[[int, str], Envoy], replica_b: EchoUpstream,
 ) -> None:
     dead = Endpoint("127.0.0.1", free_port())  # nothing listens: connect refused
     async with gateway(envoys, dead, replica_b.endpoint) as (url, envoy):
-        answers = await post_all(url, "svc.test", BODY)
+        answers = await send_all(url, "svc.test", BODY)
         connect_failures = await envoy.stat("cluster.svc.upstream_cx_connect_fail")
         retries = await envoy.stat("cluster.svc.upstream_rq_retry")
     print(f"connect failures {connect_failures}, retries {retries}, "

@@ -77,10 +77,11 @@ def hpa(name: str, namespace: str, deployment: str, min_replicas: int, max_repli
     }
 
 
-def kube_service_yaml(name: str, namespace: str, replicas: int = 1) -> str:
-    """One `services:` entry of a config with kubernetes workloads."""
+def kube_service_yaml(name: str, namespace: str, replicas: int = 1, extra: str = "") -> str:
+    """One `services:` entry of a config with kubernetes workloads (`extra`: more keys,
+    e.g. "retry_non_idempotent: true")."""
     return f"""  - name: {name}
     host: {name}.localhost
     replicas: {replicas}
     kubernetes: {{namespace: {namespace}, deployment: {name}, port: {PORT}}}
-"""
+""" + (f"    {extra}\n" if extra else "")

@@ -80,6 +80,7 @@ def test_minimal_labelled_deployment_takes_every_default() -> None:
     assert service.kubernetes.service_name == "echo"
     assert service.protocol == "http1"
     assert service.never_sleep is False
+    assert service.retry_non_idempotent is False
     assert service.policy == ServicePolicyConfig()
 
 
@@ -99,9 +100,11 @@ def test_each_annotation_is_read() -> None:
                 "torpor.io/policy": "learned",
                 "torpor.io/cold-start-price": "30m",
                 "torpor.io/prewake": "false",
+                "torpor.io/retry-non-idempotent": "true",
             }
         )
     )
+    assert service.retry_non_idempotent is True
     assert service.name == "echo-svc"
     assert service.host == "echo.example.com"
     assert service.kubernetes is not None

@@ -467,6 +467,12 @@ BAD_CASES = [
         id="never-sleep-not-boolean",
     ),
     pytest.param(
+        SERVICE + "    retry_non_idempotent: sometimes\n",
+        "services[0].retry_non_idempotent",
+        ["expected true or false"],
+        id="retry-non-idempotent-not-boolean",
+    ),
+    pytest.param(
         SERVICE + "    policy: {idle_after: soon}\n",
         "services[0].policy.idle_after",
         ["not a duration"],
@@ -520,6 +526,7 @@ BAD_CASES = [
 def test_hibernation_keys(tmp_path: Path) -> None:
     path = write(tmp_path, SERVICE + """\
     never_sleep: true
+    retry_non_idempotent: true
     policy: {idle_after: 30s}
 wake: {flip_when: all_ready}
 control_plane: {stats_flush_every: 5s}
@@ -527,6 +534,7 @@ control_plane: {stats_flush_every: 5s}
     config = load_config(path)
     service = config.services[0]
     assert service.never_sleep is True
+    assert service.retry_non_idempotent is True
     assert service.policy.idle_after == 30.0
     assert service.policy.evict_after is None  # inherits policy.evict_after
     assert config.wake.flip_when == "all_ready"
@@ -534,6 +542,7 @@ control_plane: {stats_flush_every: 5s}
     defaults = load_config(write(tmp_path, SERVICE))
     assert defaults.wake.flip_when == "first_ready"
     assert defaults.services[0].never_sleep is False
+    assert defaults.services[0].retry_non_idempotent is False
 
 
 @pytest.mark.parametrize(("text", "key", "problem"), BAD_CASES)

@@ -3,6 +3,7 @@ per-service caching (reuse what did not change, forget services that left)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TypeVar
 
 import pytest
@@ -132,37 +133,62 @@ def test_one_vhost_per_service_sorted_then_the_catch_all_last(
         (CATCH_ALL_VHOST, ["*"]),
     ]
     for vhost in config.virtual_hosts:
-        (route,) = vhost.routes
-        assert route.name == vhost.name
-        assert route.match.prefix == "/"
+        idempotent, other = vhost.routes
+        assert [idempotent.name, other.name] == [f"{vhost.name}/idempotent", vhost.name]
         target = ACTIVATOR_CLUSTER if vhost.name == CATCH_ALL_VHOST else vhost.name
-        assert route.route.cluster == target
+        for route in vhost.routes:
+            assert route.match.prefix == "/"
+            assert route.route.cluster == target
+        (method,) = idempotent.match.headers
+        assert method.name == ":method"
+        assert method.string_match.safe_regex.regex == "GET|HEAD|OPTIONS|PUT|DELETE|TRACE"
+        assert not other.match.headers  # everything else: POST, PATCH, unknown methods
+
+
+SAFE = {"connect-failure", "refused-stream", "reset-before-request", "retriable-headers"}
 
 
 def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
     built: dict[str, dict[str, Resource]],
 ) -> None:
     for vhost in route_config(built).virtual_hosts:
-        action: route_components_pb2.RouteAction = vhost.routes[0].route
-        assert action.HasField("timeout")
-        assert action.timeout.ToNanoseconds() == int(SETTINGS.route_timeout * 1e9)
-        assert action.timeout.ToSeconds() > 15  # Envoy's default would cut cold starts
-        policy = action.retry_policy
-        assert action.HasField("retry_policy")
-        # "reset": a replica (activator or service) that died before answering.
-        assert set(policy.retry_on.split(",")) == {
-            "connect-failure", "refused-stream", "reset-before-request", "reset",
-            "retriable-headers",
-        }
-        # Only the activator's marker header is retriable, never a service's own answer.
-        assert [(h.name, h.present_match) for h in policy.retriable_headers] == [
-            (RETRY_HEADER, True)]
-        assert policy.num_retries.value == SETTINGS.retries
-        # A replay goes to another host: never back to the activator replica that died.
-        assert [p.name for p in policy.retry_host_predicate] == [
-            "envoy.retry_host_predicates.previous_hosts"
-        ]
-        assert policy.host_selection_retry_max_attempts == 3
+        retry_on = []
+        for route in vhost.routes:
+            action: route_components_pb2.RouteAction = route.route
+            assert action.HasField("timeout")
+            assert action.timeout.ToNanoseconds() == int(SETTINGS.route_timeout * 1e9)
+            assert action.timeout.ToSeconds() > 15  # Envoy's default would cut cold starts
+            policy = action.retry_policy
+            assert action.HasField("retry_policy")
+            retry_on.append(set(policy.retry_on.split(",")))
+            # Only the activator's marker header is retriable, never a service's own answer.
+            assert [(h.name, h.present_match) for h in policy.retriable_headers] == [
+                (RETRY_HEADER, True)]
+            assert policy.num_retries.value == SETTINGS.retries
+            # A replay goes to another host: never back to the activator replica that died.
+            assert [p.name for p in policy.retry_host_predicate] == [
+                "envoy.retry_host_predicates.previous_hosts"
+            ]
+            assert policy.host_selection_retry_max_attempts == 3
+        # "reset" (an upstream that died after the request was sent, before answering)
+        # replays idempotent methods only: a POST may have run.
+        assert retry_on == [SAFE | {"reset"}, SAFE]
+
+
+def test_a_service_that_opts_in_replays_every_method_after_a_reset() -> None:
+    opted = RoutedService("opted", "opted.localhost", ECHO.endpoints, retry_non_idempotent=True)
+    built = ResourceBuilder(SETTINGS).build([opted, ECHO])
+    vhosts = {v.name: v for v in route_config(built).virtual_hosts}
+    (route,) = vhosts["opted"].routes
+    assert not route.match.headers
+    assert set(route.route.retry_policy.retry_on.split(",")) == SAFE | {"reset"}
+    assert len(vhosts["echo"].routes) == 2
+    # Opting out again rebuilds the virtual host (it is cached per service).
+    builder = ResourceBuilder(SETTINGS)
+    builder.build([opted])
+    again = builder.build([dataclasses.replace(opted, retry_non_idempotent=False)])
+    (vhost,) = (v for v in route_config(again).virtual_hosts if v.name == "opted")
+    assert len(vhost.routes) == 2
 
 
 def test_every_vhost_buffers_request_bodies_up_to_the_retry_limit(
@@ -302,7 +328,7 @@ def test_a_host_change_drops_the_old_vhost_from_the_cache() -> None:
     builder = ResourceBuilder(SETTINGS)
     builder.build([ECHO])
     builder.build([RoutedService("echo", "echo2.localhost", ECHO.endpoints)])
-    assert {name: host for name, (host, _) in builder._vhosts.items()} == {
+    assert {name: host for name, ((host, _), _) in builder._vhosts.items()} == {
         "echo": "echo2.localhost"}
 
 

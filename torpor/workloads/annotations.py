@@ -48,6 +48,7 @@ CREATION_GRACE = PREFIX + "creation-grace"
 POLICY_KIND = PREFIX + "policy"
 COLD_START_PRICE = PREFIX + "cold-start-price"
 PREWAKE = PREFIX + "prewake"
+RETRY_NON_IDEMPOTENT = PREFIX + "retry-non-idempotent"
 
 #: Annotations torpor writes on a Deployment it hibernates; never read here, and left out of
 #: the fingerprint so that torpor's own writes do not look like a config change.
@@ -70,6 +71,7 @@ KNOWN_ANNOTATIONS = (
     POLICY_KIND,
     COLD_START_PRICE,
     PREWAKE,
+    RETRY_NON_IDEMPOTENT,
 )
 PROTOCOLS = ("http1", "http2")
 
@@ -288,7 +290,8 @@ def _build(
     port = _port(problems, given, deployment)
     kube_service = _kube_service(problems, given, name)
     protocol = problems.check(PROTOCOL, _choice(*PROTOCOLS), given.get(PROTOCOL, "http1"))
-    never_sleep = _never_sleep(problems, given)
+    never_sleep = _flag(problems, given, NEVER_SLEEP)
+    retry_non_idempotent = _flag(problems, given, RETRY_NON_IDEMPOTENT)
     policy = _policy(problems, given)
     if (
         name is None
@@ -299,6 +302,7 @@ def _build(
         or kube_service is None
         or protocol is None
         or never_sleep is None
+        or retry_non_idempotent is None
         or policy is None
     ):
         return None
@@ -313,6 +317,7 @@ def _build(
         protocol=protocol,
         never_sleep=never_sleep,
         policy=policy,
+        retry_non_idempotent=retry_non_idempotent,
     )
 
 
@@ -356,10 +361,11 @@ def _kube_service(problems: _Problems, given: Mapping[str, str], name: str | Non
     return text
 
 
-def _never_sleep(problems: _Problems, given: Mapping[str, str]) -> bool | None:
-    text = given.get(NEVER_SLEEP, "false")
+def _flag(problems: _Problems, given: Mapping[str, str], key: str) -> bool | None:
+    """A "true"/"false" annotation; absent is false."""
+    text = given.get(key, "false")
     if text not in ("true", "false"):
-        problems.add(NEVER_SLEEP, f'expected "true" or "false", got {text!r}')
+        problems.add(key, f'expected "true" or "false", got {text!r}')
         return None
     return text == "true"
 
