@@ -48,30 +48,38 @@ class QueueFullError(TorporError):
 
 
 class HeldRequests:
-    """Counts of requests waiting for a wake, per service."""
+    """Counts of requests waiting for a wake, per service and in all."""
 
-    def __init__(self, max_per_service: int) -> None:
-        if max_per_service < 1:
-            raise ValueError("max_per_service must be at least 1")
+    def __init__(self, max_per_service: int, max_total: int | None = None) -> None:
+        if max_per_service < 1 or (max_total is not None and max_total < 1):
+            raise ValueError("max_per_service and max_total must be at least 1")
         self.max_per_service = max_per_service
+        self.max_total = max_total
         self._held: dict[str, int] = {}
+        self._total = 0
 
     def count(self, name: str) -> int:
         return self._held.get(name, 0)
 
     def total(self) -> int:
-        return sum(self._held.values())
+        return self._total
 
     @contextlib.contextmanager
     def slot(self, name: str) -> Iterator[None]:
         """Hold one request of `name` for the duration of the block; raises QueueFullError
-        when the queue is full. The slot is given back however the block ends."""
+        when the service's queue, or the activator as a whole, is full. The slot is given
+        back however the block ends."""
         held = self._held.get(name, 0)
         if held >= self.max_per_service:
             metrics.QUEUE_OVERFLOWS.labels(service=name).inc()
             raise QueueFullError(
                 f"service {name!r} already has {held} requests waiting for it to wake "
                 f"(activator.max_held_per_service)")
+        if self.max_total is not None and self._total >= self.max_total:
+            metrics.QUEUE_OVERFLOWS.labels(service=name).inc()
+            raise QueueFullError(
+                f"this activator already holds {self._total} requests for sleeping services "
+                f"(activator.max_held)")
         self._set(name, held + 1)
         metrics.HELD_REQUESTS_TOTAL.labels(service=name).inc()
         try:
@@ -80,6 +88,7 @@ class HeldRequests:
             self._set(name, self._held.get(name, 1) - 1)
 
     def _set(self, name: str, value: int) -> None:
+        self._total += value - self._held.get(name, 0)
         if value > 0:
             self._held[name] = value
         else:

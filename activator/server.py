@@ -59,7 +59,8 @@ class ActivatorServer:
         self.port_h2 = 0
         self._runner: web.AppRunner | None = None
         self._proxy = Proxy()
-        self.held = HeldRequests(config.activator.max_held_per_service)
+        self.held = HeldRequests(config.activator.max_held_per_service,
+                                 config.activator.max_held)
         self.port = 0
 
     async def start(self) -> int:

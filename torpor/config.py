@@ -68,6 +68,9 @@ class ActivatorConfig:
     # replayed by Envoy's retry once the service is awake.
     listen_h2: Address = Address("127.0.0.1", 18081)
     max_held_per_service: int = 1000
+    # Requests held at once for all services together: one activator's memory and file
+    # descriptors are bounded however many services sleep. Beyond it: 503 + Retry-After.
+    max_held: int = 10_000
     wake_timeout: float = 120.0
     # On SIGTERM/SIGINT: how long held requests (and those being proxied) may still finish
     # while nothing new is taken; what is still held then is answered 503 + Retry-After.
@@ -600,6 +603,7 @@ _ACTIVATOR = _Schema(
         "metrics": _Field(_address, "127.0.0.1:19091"),
         "listen_h2": _Field(_address, "127.0.0.1:18081"),
         "max_held_per_service": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
+        "max_held": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
         "wake_timeout": _Field(_duration(positive=True)),
         "drain_grace": _Field(_duration()),
         "advertise": _Field(_advertised_host),
