@@ -160,6 +160,41 @@ async def test_kill_9_the_activator_holding_the_wake_lock(fleet: Fleet) -> None:
     assert new_holder["history"][-1]["to"] == "ACTIVE"
 
 
+async def test_sigterm_of_the_activator_holding_the_wake_drains_it(fleet: Fleet) -> None:
+    """`torpor activator` on SIGTERM (a Kubernetes pod deleted): it leaves the fleet's
+    endpoints and refuses new requests, but the requests it holds wait for their wake and
+    are answered within activator.drain_grace; none is cut. Then it exits 0."""
+    await hibernate(fleet, "sleepy")
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        requests = [asyncio.create_task(send(session, fleet, "sleepy.localhost",
+                                             "/echo", f"req-{i}".encode()))
+                    for i in range(60)]
+        holder: list[str] = []
+
+        async def locked() -> bool:
+            found = await fleet.holder("locks/wake/sleepy")
+            holder[:] = [found] if found else []
+            return bool(found)
+
+        await wait_until(locked, 15, "an activator holds wake/sleepy")
+        victim = next(p for p in fleet.activators if p.name == holder[0])
+        held_by_victim = (await fleet.held_by_activator("sleepy")).get(victim.name, 0)
+        exit_code = await victim.stop()  # SIGTERM, then waits for the exit
+        results = await asyncio.gather(*requests)
+
+    codes = [code for code, _, _ in results]
+    print(f"\nSIGTERM {victim.name} (wake lock holder, {held_by_victim:.0f} requests held "
+          f"there): exit {exit_code}, {codes.count(200)}/60 x 200")
+    assert held_by_victim > 0
+    assert exit_code == 0
+    assert codes.count(200) == 60, sorted(set(codes))
+    for i, (_, body, _) in enumerate(results):
+        assert body == f"req-{i}".encode()
+    assert "activator.draining" in victim.text()
+    await fleet.wait_state("sleepy", "ACTIVE", 15)
+
+
 async def test_kill_the_leader_another_takes_over(fleet: Fleet) -> None:
     leader: list[str] = []
 
