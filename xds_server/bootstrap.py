@@ -30,17 +30,30 @@ def bootstrap(node_id: str, admin: Address, xds: Address) -> dict[str, Any]:
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {"clusters": [_control_plane_cluster(xds)]},
-        "layered_runtime": {
-            "layers": [
-                {
-                    "name": "static",
-                    "static_layer": {
-                        # A ceiling on downstream connections (Envoy warns without one).
-                        "overload.global_downstream_max_connections": 50000,
-                    },
-                },
-            ]
-        },
+        "overload_manager": _overload_manager(),
+    }
+
+
+#: Downstream connections Envoy keeps open at once, over all listeners: held requests are
+#: open connections too, so this caps them before file descriptors run out. Beyond it
+#: Envoy closes new connections at once.
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+
+def _overload_manager() -> dict[str, Any]:
+    """A ceiling on downstream connections (Envoy warns without one). The resource monitor,
+    not the runtime key `overload.global_downstream_max_connections`, which Envoy 1.40
+    reports as deprecated."""
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                         "downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+            },
+        }],
     }
 
 

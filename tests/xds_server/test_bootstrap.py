@@ -126,3 +126,14 @@ def test_cli_prints_the_bootstrap_as_json(tmp_path: Path, config: Config,
     assert json.loads(out) == bootstrap("edge-7", config.gateway.admin, config.control_plane.xds)
     result = validate(tmp_path, out)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_downstream_connections_are_capped_by_the_overload_manager_not_the_runtime_key(
+    config: Config,
+) -> None:
+    """Envoy 1.40 reports the runtime key as deprecated; the resource monitor replaces it."""
+    boot = bootstrap("n", config.gateway.admin, config.control_plane.xds)
+    assert "layered_runtime" not in boot
+    (monitor,) = boot["overload_manager"]["resource_monitors"]
+    assert monitor["name"] == "envoy.resource_monitors.global_downstream_max_connections"
+    assert monitor["typed_config"]["max_active_downstream_connections"] == 50_000
