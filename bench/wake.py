@@ -57,6 +57,7 @@ import aiohttp
 from torpor import admin_client
 from torpor.config import load_config
 from torpor.gateway import envoy_binary
+from xds_server.resources import MAX_UPSTREAM_CONNECTIONS
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -195,7 +196,8 @@ gateway: {{listen: {LOOPBACK}:{p['listen']}, admin: {LOOPBACK}:{p['admin']}}}
 control_plane: {{xds: {LOOPBACK}:{p['xds']}, admin_api: {LOOPBACK}:{p['api']},
                 metrics: {LOOPBACK}:{p['metrics']}}}
 activator: {{listen: {LOOPBACK}:{p['act']}, metrics: {LOOPBACK}:{p['actm']},
-            max_held_per_service: {max_held}, wake_timeout: {WAKE_TIMEOUT:g}s}}
+            max_held_per_service: {max_held}, max_held: {max_held},
+            wake_timeout: {WAKE_TIMEOUT:g}s}}
 store: {{kind: sqlite, path: ./state.db}}
 workloads: {{kind: local}}
 policy: {{kind: fixed, idle_after: 24h, evict_after: 7d, creation_grace: 24h, check_every: 10s}}
@@ -1038,7 +1040,10 @@ async def run(args: argparse.Namespace) -> int:
               "which may itself be the bottleneck for both targets", flush=True)
     info = machine_info()
     load_before = os.getloadavg()
-    need_fds = max(args.steps, default=0) * 2 + 100
+    # Envoy: one descriptor per client connection, plus at most MAX_UPSTREAM_CONNECTIONS to
+    # the activator (the requests beyond them queue inside Envoy).
+    most = max(args.steps, default=0)
+    need_fds = most + min(most, MAX_UPSTREAM_CONNECTIONS) + 100
     print(f"wake: {info}; RLIMIT_NOFILE {nofile[0]}; load average (1 min) "
           f"{load_before[0]:.2f}; pid {os.getpid()}", flush=True)
     if nofile[0] < need_fds:

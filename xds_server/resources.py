@@ -411,18 +411,29 @@ def _http2_options() -> http_protocol_options_pb2.HttpProtocolOptions:
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()))
 
 
+#: Upstream connections one cluster may open (all Envoy workers together). HTTP/1 takes a
+#: connection per request in flight, so without a ceiling 10,000 held requests are 10,000
+#: connections to the activator beside the 10,000 from clients: more descriptors than a
+#: 20,000 RLIMIT_NOFILE allows (measured: 29 of 10,000 lost to "Too many open files").
+#: Requests beyond it wait in Envoy's pending queue (max_pending_requests), which costs
+#: memory, not descriptors, and are sent as connections free up.
+MAX_UPSTREAM_CONNECTIONS = 4096
+
+
 def _circuit_breakers(limit: int) -> circuit_breaker_pb2.CircuitBreakers:
     """Thresholds for clusters whose requests the activator may hold. max_retries (parallel
     retries) is the request limit too: an activator replica that dies resets every request
     it held at once, and each retry beyond the ceiling is a 503 (measured with a tenth of
     the limit: 40 held requests dropped at once, 10 replayed, 30 lost to retry_overflow).
-    Our retry_on never replays an answered request, and num_retries bounds each request."""
+    Our retry_on never replays an answered request, and num_retries bounds each request.
+    Connections stop at MAX_UPSTREAM_CONNECTIONS; the requests beyond queue in Envoy."""
     value = wrappers_pb2.UInt32Value(value=limit)
     return circuit_breaker_pb2.CircuitBreakers(
         thresholds=[
             circuit_breaker_pb2.CircuitBreakers.Thresholds(
                 priority=base_pb2.DEFAULT,
-                max_connections=value,
+                max_connections=wrappers_pb2.UInt32Value(
+                    value=min(limit, MAX_UPSTREAM_CONNECTIONS)),
                 max_pending_requests=value,
                 max_requests=value,
                 max_retries=value,

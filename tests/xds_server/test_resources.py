@@ -27,6 +27,7 @@ from xds_server.resources import (
     CATCH_ALL_VHOST,
     CONTROL_PLANE_CLUSTER,
     LISTENER_NAME,
+    MAX_UPSTREAM_CONNECTIONS,
     RETRY_HEADER,
     ROUTE_CONFIG_NAME,
     GatewaySettings,
@@ -260,10 +261,14 @@ def assert_thresholds(cluster: cluster_pb2.Cluster) -> None:
     (thresholds,) = cluster.circuit_breakers.thresholds
     assert thresholds.priority == base_pb2.DEFAULT
     # max_retries too: a dying activator replica's held requests all retry at once.
-    for field in ("max_connections", "max_pending_requests", "max_requests", "max_retries"):
+    for field in ("max_pending_requests", "max_requests", "max_retries"):
         value = getattr(thresholds, field)
         assert thresholds.HasField(field), field
         assert value.value >= SETTINGS.max_requests, field
+    # Connections stop below the descriptors a held request each would take; the rest of
+    # the requests queue in Envoy (pending), they are not refused.
+    assert SETTINGS.max_requests > MAX_UPSTREAM_CONNECTIONS
+    assert thresholds.max_connections.value == MAX_UPSTREAM_CONNECTIONS
 
 
 def test_cla_endpoints_equal_the_given_endpoints(
