@@ -29,7 +29,7 @@ from torpor.workloads.annotations import (
     service_from_deployment,
 )
 from torpor.workloads.kube_api import KubeCalls
-from torpor.workloads.kube_watch import Objects, Reflector
+from torpor.workloads.kube_watch import Change, Reflector
 
 log = logging.getLogger("torpor.discovery")
 
@@ -58,7 +58,6 @@ class KubernetesDiscovery:
         self._seen: dict[str, tuple[tuple[str, str], ...]] = {}  # source → fingerprint
         self._names: dict[str, str] = {}  # source → service name in the catalog
         self._problems: dict[str, str] = {}  # source → why it is not (updated as) a service
-        self._objects: dict[str, Objects] = {}  # reflector → its objects
 
     async def start(self) -> None:
         """Watch, and return once the first list was applied (or FIRST_LIST_TIMEOUT)."""
@@ -95,12 +94,16 @@ class KubernetesDiscovery:
 
     # --- applying changes -----------------------------------------------------------------
 
-    def _changed(self, reflector: str, objects: Objects) -> None:
-        self._objects[reflector] = objects
-        current = {source_of(d): d for objs in self._objects.values() for d in objs.values()}
-        for source in sorted(set(self._seen) - set(current)):
-            self._gone(source)
-        for source, deployment in sorted(current.items()):
+    def _changed(self, reflector: str, changes: list[Change]) -> None:
+        """Only the Deployments that changed are looked at: those gone first (a host or
+        name they free may be what an added one needs), then the others."""
+        for before, after in changes:
+            if after is None and before is not None:
+                self._gone(source_of(before))
+        for _, deployment in changes:
+            if deployment is None:
+                continue
+            source = source_of(deployment)
             mark = fingerprint(deployment)
             if self._seen.get(source) != mark:
                 self._seen[source] = mark

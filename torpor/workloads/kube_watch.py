@@ -4,8 +4,11 @@ Owns the watch protocol as the API server speaks it: list to get a resourceVersi
 from it, follow bookmarks, re-list at once when the watch expires (410 Gone: the server
 compacted the history), and while a watch cannot be held (errors, no answer) re-list every
 `poll_every` seconds, so readiness still flows, only later. The blocking client runs on a
-thread of its own; changes reach the event loop through `call_soon_threadsafe`. Must not
-interpret the objects: the owner gets them as plain dicts.
+thread of its own; each event reaches the event loop through `call_soon_threadsafe` and is
+applied there, so `objects` is only ever changed on the loop. The owner is told what
+changed, object by object (before, after), never handed the whole set: an event about one
+of 10,000 Deployments costs work for that one (a re-list is diffed, and reports only the
+objects that differ). Must not interpret the objects: the owner gets them as plain dicts.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ log = logging.getLogger("torpor.kubernetes.watch")
 
 #: Objects by name (namespaced lists key by "namespace/name").
 Objects = dict[str, dict[str, Any]]
-#: Called on the loop with the whole current set after every list, and after every event.
-OnChange = Callable[[Objects], None]
+#: One object's change: (before, after); None before = added, None after = deleted.
+Change = tuple[dict[str, Any] | None, dict[str, Any] | None]
+#: Called on the loop with the changes of one event, or of one re-list (only the objects
+#: that differ from what was known; nothing when none does).
+OnChange = Callable[[list[Change]], None]
 
 #: How long the server keeps one watch open before we re-watch from the last version.
 WATCH_SECONDS = 240
@@ -115,37 +121,48 @@ class Reflector:
                                  _request_timeout=(5.0, 30.0), **self._kwargs)
         body = json.loads(response.data)
         objects = {key_of(item): item for item in body.get("items") or []}
-        self._publish(objects)
+        self._post(self._replace, objects)
         return str(body["metadata"]["resourceVersion"])
 
     def _watch_from(self, version: str) -> str:
-        """Apply events until the server ends the watch; returns the last version seen."""
+        """Pass events on until the server ends the watch; returns the last version seen."""
         self._watch = watch.Watch()
         stream = self._watch.stream(self._list_fn, *self._args, resource_version=version,
                                     timeout_seconds=WATCH_SECONDS, allow_watch_bookmarks=True,
                                     _request_timeout=(5.0, WATCH_SECONDS + 30.0),
                                     **self._kwargs)
-        objects = dict(self.objects)
         for change in stream:
             if self._stop.is_set():
                 break
             raw = change["raw_object"]
             version = str((raw.get("metadata") or {}).get("resourceVersion") or version)
             kind = change["type"]
-            if kind == "BOOKMARK":
-                continue
-            if kind == "DELETED":
-                objects.pop(key_of(raw), None)
-            else:
-                objects[key_of(raw)] = raw
-            self._publish(dict(objects))
+            if kind != "BOOKMARK":
+                self._post(self._apply, kind == "DELETED", raw)
         return version
 
-    def _publish(self, objects: Objects) -> None:
-        self.objects = objects
+    def _post(self, apply: Callable[..., None], *args: Any) -> None:
+        """Run `apply(*args)` on the loop, in the order the thread posts them."""
         with contextlib.suppress(RuntimeError):  # the loop closed while we stopped
-            self._loop.call_soon_threadsafe(self._deliver, objects)
+            self._loop.call_soon_threadsafe(apply, *args)
 
-    def _deliver(self, objects: Objects) -> None:
+    # --- on the loop ----------------------------------------------------------------------
+
+    def _replace(self, objects: Objects) -> None:
+        """A re-list: the new set, and the objects that differ from the known ones."""
+        known, self.objects = self.objects, objects
+        changes = [(known.get(key), objects.get(key)) for key in sorted(known.keys() | objects)
+                   if known.get(key) != objects.get(key)]
+        self._deliver(changes)
+
+    def _apply(self, deleted: bool, raw: dict[str, Any]) -> None:
+        key = key_of(raw)
+        before = self.objects.pop(key, None) if deleted else self.objects.get(key)
+        if not deleted:
+            self.objects[key] = raw
+        self._deliver([] if deleted and before is None else [(before, None if deleted else raw)])
+
+    def _deliver(self, changes: list[Change]) -> None:
         self.synced.set()
-        self._on_change(objects)
+        if changes:
+            self._on_change(changes)

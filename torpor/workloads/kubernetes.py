@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,7 +30,7 @@ from torpor.workloads.base import Discovery, EndpointListener, Workloads, wait_f
 from torpor.workloads.discovery import KubernetesDiscovery
 from torpor.workloads.hpa import HpaGuard
 from torpor.workloads.kube_api import KubeCalls, make_api_client
-from torpor.workloads.kube_watch import Objects, Reflector
+from torpor.workloads.kube_watch import Change, Objects, OnChange, Reflector, key_of
 
 log = logging.getLogger("torpor.kubernetes")
 
@@ -54,11 +55,14 @@ class _Tracked:
 
 @dataclasses.dataclass
 class _Namespace:
-    """The reflectors of one namespace, shared by its services."""
+    """The reflectors of one namespace, shared by its services, and its EndpointSlices by
+    the Kubernetes Service they belong to (kept from the slices' changes, so a change is
+    looked at for its own Service only)."""
 
     deployments: Reflector
     slices: Reflector
     hpas: Reflector
+    slices_of: dict[str, dict[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
 
 def _tracked(service: ServiceConfig) -> _Tracked:
@@ -76,13 +80,15 @@ class KubernetesWorkloads(Workloads):
         self._settings = settings
         self._calls = calls
         self._services: dict[str, _Tracked] = {}
+        # (namespace, Kubernetes Service) -> the torpor services whose endpoints it lists
+        self._users: dict[tuple[str, str], set[str]] = {}
         self._namespaces: dict[str, _Namespace] = {}
         self._listeners: Listeners[[str, tuple[Endpoint, ...]]] = Listeners(
             "workloads.listener_failed")
         self._hpa: HpaGuard | None = None
         self._started = False
         for service in services:
-            self._services[service.name] = _tracked(service)
+            self._add(_tracked(service))
 
     @property
     def calls(self) -> KubeCalls:
@@ -126,19 +132,34 @@ class KubernetesWorkloads(Workloads):
     def track(self, service: ServiceConfig) -> None:
         """Manage `service` too (or again, with a changed config)."""
         tracked = _tracked(service)
-        old = self._services.get(service.name)
+        old = self._remove(service.name)
         if old is not None:
             tracked.published, tracked.changed = old.published, old.changed
-        self._services[service.name] = tracked
+        self._add(tracked)
         if self._started:
             self._watch_namespace(tracked.namespace)
-            self._refresh(tracked.namespace)
+            self._publish_ready(tracked)
 
     def untrack(self, name: str) -> None:
         """Stop managing `name` (its Deployment is left as it is)."""
-        tracked = self._services.pop(name, None)
+        tracked = self._remove(name)
         if tracked is not None:
             _wake_waiters(tracked)
+
+    def _add(self, tracked: _Tracked) -> None:
+        self._services[tracked.config.name] = tracked
+        self._users.setdefault((tracked.namespace, tracked.service), set()).add(
+            tracked.config.name)
+
+    def _remove(self, name: str) -> _Tracked | None:
+        tracked = self._services.pop(name, None)
+        if tracked is not None:
+            key = (tracked.namespace, tracked.service)
+            users = self._users.get(key, set())
+            users.discard(name)
+            if not users:
+                self._users.pop(key, None)
+        return tracked
 
     # --- the Workloads contract -----------------------------------------------------------
 
@@ -257,14 +278,15 @@ class KubernetesWorkloads(Workloads):
         calls = self.calls
         every = self._settings.poll_every
 
-        def reflector(resource: str, list_fn: Callable[..., Any]) -> Reflector:
+        def reflector(resource: str, list_fn: Callable[..., Any],
+                      on_change: OnChange = _unused) -> Reflector:
             return Reflector(f"{resource}/{namespace}", list_fn, (namespace,), {},
-                             lambda _objects: self._refresh(namespace), every, loop)
+                             on_change, every, loop)
 
         ns = _Namespace(
             deployments=reflector("deployments", calls.apps.list_namespaced_deployment),
-            slices=reflector("endpointslices",
-                             calls.discovery.list_namespaced_endpoint_slice),
+            slices=reflector("endpointslices", calls.discovery.list_namespaced_endpoint_slice,
+                             functools.partial(self._slices_changed, namespace)),
             hpas=reflector("horizontalpodautoscalers",
                            calls.autoscaling.list_namespaced_horizontal_pod_autoscaler),
         )
@@ -281,24 +303,40 @@ class KubernetesWorkloads(Workloads):
         except TimeoutError:
             event(log, "kubernetes.not_synced", seconds=timeout, level=logging.WARNING)
 
-    def _refresh(self, namespace: str) -> None:
-        """Recompute the ready endpoints of the namespace's services; notify changes."""
+    def _slices_changed(self, namespace: str, changes: list[Change]) -> None:
+        """Keep the namespace's slices by Service; recompute the ready endpoints of the
+        torpor services of the Kubernetes Services these slices belong (or belonged) to."""
         ns = self._namespaces.get(namespace)
         if ns is None:
             return
-        by_service: dict[str, list[dict[str, Any]]] = {}
-        for item in ns.slices.objects.values():
-            labels = (item.get("metadata") or {}).get("labels") or {}
-            by_service.setdefault(labels.get(SERVICE_NAME_LABEL, ""), []).append(item)
-        for tracked in list(self._services.values()):
-            if tracked.namespace != namespace:
-                continue
-            ready = ready_endpoints(by_service.get(tracked.service, ()), tracked.service,
-                                    tracked.port)
-            if ready != tracked.published:
-                tracked.published = ready
-                _wake_waiters(tracked)
-                self._listeners.notify(tracked.config.name, ready)
+        affected: set[str] = set()
+        for before, after in changes:
+            for item, present in ((before, False), (after, True)):
+                if item is None:
+                    continue
+                owner = _service_of(item)
+                affected.add(owner)
+                group = ns.slices_of.setdefault(owner, {})
+                if present:
+                    group[key_of(item)] = item
+                else:
+                    group.pop(key_of(item), None)
+                    if not group:
+                        ns.slices_of.pop(owner, None)
+        for owner in sorted(affected):
+            for name in sorted(self._users.get((namespace, owner), ())):
+                self._publish_ready(self._services[name])
+
+    def _publish_ready(self, tracked: _Tracked) -> None:
+        """Recompute one service's ready endpoints from its Service's slices; notify a
+        change."""
+        ns = self._namespaces.get(tracked.namespace)
+        slices = ns.slices_of.get(tracked.service, {}) if ns is not None else {}
+        ready = ready_endpoints(slices.values(), tracked.service, tracked.port)
+        if ready != tracked.published:
+            tracked.published = ready
+            _wake_waiters(tracked)
+            self._listeners.notify(tracked.config.name, ready)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -317,6 +355,16 @@ class KubernetesWorkloads(Workloads):
     def _hpas_of(self, namespace: str) -> Objects:
         ns = self._namespaces.get(namespace)
         return ns.hpas.objects if ns is not None else {}
+
+
+def _unused(changes: list[Change]) -> None:
+    """Deployments and HPAs are read when asked for (`objects`); their changes need no work."""
+
+
+def _service_of(item: dict[str, Any]) -> str:
+    """The Kubernetes Service an EndpointSlice belongs to (its service-name label)."""
+    labels = (item.get("metadata") or {}).get("labels") or {}
+    return str(labels.get(SERVICE_NAME_LABEL, ""))
 
 
 def _wake_waiters(tracked: _Tracked) -> None:

@@ -149,6 +149,17 @@ class FakeKube:
         res = resource_for(obj.get("apiVersion", ""), obj.get("kind", ""))
         return self._call(self.store.create, res, obj)
 
+    def create_many(self, objs: list[dict[str, Any]], timeout: float = 120.0) -> None:
+        """Create every object in one turn of the fake's loop: the controllers then make one
+        pass over all of them, not one per object (10,000 Deployments in seconds)."""
+
+        async def create_all() -> None:
+            for obj in objs:
+                self.store.create(resource_for(obj.get("apiVersion", ""), obj.get("kind", "")),
+                                  obj)
+
+        self._submit(create_all(), timeout)
+
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call(self.store.get, resource_for(api_version, kind), namespace, name)
 

@@ -459,6 +459,9 @@ class Store:
         self.watchers: set[Watcher] = set()
         self.listeners: list[Callable[[Event], None]] = []
         self._objects: dict[tuple[Resource, str, str], Obj] = {}
+        # The same objects by (resource, namespace), then name: a list reads its own kind
+        # and namespace, not every object (10,000 Deployments made each pass quadratic).
+        self._by_kind: dict[tuple[Resource, str], dict[str, Obj]] = {}
 
     # reads ------------------------------------------------------------------------------
     def get(self, res: Resource, namespace: str, name: str) -> Obj | None:
@@ -466,10 +469,15 @@ class Store:
         return copy.deepcopy(found) if found is not None else None
 
     def items(self, res: Resource, namespace: str | None = None,
-              match: Matcher | None = None) -> list[Obj]:
-        keys = sorted(k for k in self._objects if k[0] is res and namespace in (None, k[1]))
-        found = (self._objects[k] for k in keys)
-        return [copy.deepcopy(o) for o in found if match is None or match(o)]
+              match: Matcher | None = None, *, copied: bool = True) -> list[Obj]:
+        """Matching objects in name order; `copied=False` hands out the stored objects
+        themselves, for controllers that only read them (copying 10,000 Deployments on every
+        pass was most of a pass)."""
+        groups = sorted((ns, objs) for (r, ns), objs in self._by_kind.items()
+                        if r is res and namespace in (None, ns))
+        found = (objs[name] for _, objs in groups for name in sorted(objs))
+        chosen = (o for o in found if match is None or match(o))
+        return [copy.deepcopy(o) for o in chosen] if copied else list(chosen)
 
     def all_uids(self) -> set[str]:
         return {obj["metadata"]["uid"] for obj in self._objects.values()}
@@ -525,7 +533,7 @@ class Store:
     def set_status(self, res: Resource, namespace: str, name: str, status: Obj) -> Obj | None:
         """A controller's or kubelet's status write; skipped (no RV bump) when nothing changed."""
         old = self._objects.get((res, namespace, name))
-        if old is None:
+        if old is None or old.get("status") == status:
             return None
         return self._write_if_changed(res, {**copy.deepcopy(old), "status": status}, old)
 
@@ -564,10 +572,13 @@ class Store:
             if not meta.get(field, True):
                 del meta[field]  # Go's omitempty: an empty map or list is not served
         key = (res, meta["namespace"], meta["name"])
+        group = self._by_kind.setdefault((res, meta["namespace"]), {})
         if kind == "DELETED":
             del self._objects[key]
+            del group[meta["name"]]
         else:
             self._objects[key] = obj
+            group[meta["name"]] = obj
         event = Event(self.rv, kind, res, copy.deepcopy(obj), copy.deepcopy(old) if old else None)
         self.events.append(event)
         while len(self.events) > self.history:

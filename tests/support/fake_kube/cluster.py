@@ -86,6 +86,9 @@ class Cluster:
         self._pending = False
         self._stopped = False
         self._ticker: asyncio.Task[None] | None = None
+        # Deployment uid -> (generation, pod-template-hash): hashing every template on every
+        # pass was most of a pass at 10,000 Deployments; a template change bumps generation.
+        self._hashes: dict[str, tuple[int, str]] = {}
         store.listeners.append(self._on_event)
 
     def start(self) -> None:
@@ -136,7 +139,7 @@ class Cluster:
 
     # deployments --------------------------------------------------------------------------
     def _sync_deployments(self) -> None:
-        for deployment in self.store.items(DEPLOYMENTS):
+        for deployment in self.store.items(DEPLOYMENTS, copied=False):  # read only
             namespace, uid = deployment["metadata"]["namespace"], deployment["metadata"]["uid"]
             # Match before the store copies: copying every pod per Deployment is quadratic
             # (a hundred Deployments took seconds per pass).
@@ -149,8 +152,7 @@ class Cluster:
     def _scale_pods(self, deployment: Obj, owned: list[Obj]) -> None:
         """Create up to spec.replicas pods of the current template; drop the surplus, and the
         old template's pods once the new ones are ready (a rolling update with 100% surge)."""
-        wanted, pod_hash = deployment["spec"]["replicas"], template_hash(
-            deployment["spec"]["template"])
+        wanted, pod_hash = deployment["spec"]["replicas"], self._pod_hash(deployment)
         active = [p for p in owned if "deletionTimestamp" not in p["metadata"]]
         current = [p for p in active if p["metadata"]["labels"].get("pod-template-hash")
                    == pod_hash]
@@ -164,6 +166,14 @@ class Cluster:
             doomed += [p for p in active if p not in current]
         for pod in doomed:
             self.store.delete(PODS, *_name_key(pod))
+
+    def _pod_hash(self, deployment: Obj) -> str:
+        meta = deployment["metadata"]
+        known = self._hashes.get(meta["uid"])
+        if known is None or known[0] != meta["generation"]:
+            known = (meta["generation"], template_hash(deployment["spec"]["template"]))
+            self._hashes[meta["uid"]] = known
+        return known[1]
 
     @staticmethod
     def _new_pod(deployment: Obj, pod_hash: str) -> Obj:
@@ -180,7 +190,7 @@ class Cluster:
 
     def _deployment_status(self, deployment: Obj, owned: list[Obj]) -> None:
         spec, meta = deployment["spec"], deployment["metadata"]
-        pod_hash = template_hash(spec["template"])
+        pod_hash = self._pod_hash(deployment)
         active = [p for p in owned if "deletionTimestamp" not in p["metadata"]]
         ready = sum(is_ready(p) for p in active)
         updated = sum(p["metadata"]["labels"].get("pod-template-hash") == pod_hash
