@@ -22,12 +22,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from assembly.envoy_process import SupervisedEnvoy
 from tests.support.configs import model_service, write_config
-from tests.support.net import wait_until
+from tests.support.net import free_port, wait_until
 from tests.support.up import UpRuns, processes_mentioning, status_json
 from torpor import admin_client
-from torpor.config import Config, load_config
-from torpor.supervision import PIDS_NAME, start_time
+from torpor.config import Address, Config, load_config
+from torpor.supervision import PIDS_NAME, RestartPolicy, start_time
 
 pytestmark = [pytest.mark.envoy,
               pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -192,3 +193,36 @@ async def test_a_stopped_replica_is_killed_and_replaced(tmp_path: Path, runs: Up
     assert metric(config, "torpor_replica_restarts_total", service="echo",
                   reason="liveness") == 1
     assert status_json(path)[0]["replicas"] == 1
+
+
+async def test_an_envoy_that_keeps_dying_is_given_up(tmp_path: Path) -> None:
+    admin = Address("127.0.0.1", free_port())
+    boot = tmp_path / "bootstrap.json"
+    boot.write_text(json.dumps({"admin": {"address": {"socket_address": {
+        "address": "127.0.0.1", "port_value": admin.port}}}}))
+    said: list[str] = []
+    policy = RestartPolicy(first_delay=0.1, max_delay=0.2, give_up_after=3, window=60)
+    envoy = SupervisedEnvoy(boot, tmp_path / "envoy.log", admin, policy=policy,
+                            say=said.append)
+    pids = []
+    try:
+        await envoy.start()
+        for restart in (1, 2):
+            pid = envoy.pid
+            assert pid is not None
+            pids.append(pid)
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda r=restart: envoy.restarts == r and  # type: ignore[misc]
+                             any(s.startswith("envoy restarted") for s in said[-1:]),
+                             BACK_WITHIN, f"restart {restart} ready")
+        assert envoy.pid is not None
+        pids.append(envoy.pid)
+        os.kill(envoy.pid, signal.SIGKILL)
+        message = await asyncio.wait_for(envoy.wait_failed(), BACK_WITHIN)
+    finally:
+        await envoy.stop()
+    assert message.startswith("envoy died 3 times within 60s (last: signal SIGKILL)"), message
+    assert envoy.restarts == 2
+    assert [s.split(" exited")[0] for s in said if "exited" in s] == \
+        [f"envoy (pid {p})" for p in pids[:2]]
+    assert all(start_time(p) is None for p in pids)
