@@ -20,9 +20,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
 from assembly.envoy_process import SupervisedEnvoy
+from tests.integration.test_drain import grpc_service
 from tests.support.configs import model_service, write_config
 from tests.support.net import free_port, wait_until
 from tests.support.up import UpRuns, processes_mentioning, status_json
@@ -162,6 +164,46 @@ async def test_requests_held_when_envoy_dies_leave_and_retries_are_answered(
     assert answers == [200] * held, (answers, up.text()[-3000:])
     assert metric(config, "torpor_held_abandoned_total", service="drowsy",
                   reason="disconnected") == held
+
+
+async def test_grpc_calls_held_when_envoy_dies_leave_and_retries_are_answered(
+        tmp_path: Path, runs: UpRuns) -> None:
+    held = 5
+    path = write_config(tmp_path, grpc_service("gdrowsy", 4.0))
+    config = load_config(path)
+    await runs.start(path)
+    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+                            "gdrowsy")
+    await wait_until(lambda: not processes_mentioning("--name gdrowsy "), 15, "no replica")
+
+    async def call(payload: bytes) -> bytes | grpc.StatusCode:
+        options = [("grpc.default_authority", "gdrowsy.localhost"), ("grpc.enable_retries", 0)]
+        async with grpc.aio.insecure_channel(str(config.gateway.listen),
+                                             options=options) as channel:
+            try:
+                return bytes(await channel.unary_unary("/torpor.test.Echo/Say")(
+                    payload, timeout=40))
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+    def held_now() -> float:
+        return metric(config, "torpor_held_requests", service="gdrowsy")
+
+    calls = [asyncio.create_task(call(b"early")) for _ in range(held)]
+    try:
+        await wait_until(lambda: held_now() == held, 15, f"{held} held", interval=0.05)
+        old, _ = await kill_envoy(config)
+        outcomes = await asyncio.gather(*calls)
+    finally:
+        for task in calls:
+            task.cancel()
+    assert outcomes == [grpc.StatusCode.UNAVAILABLE] * held, outcomes
+
+    await wait_until(lambda: held_now() == 0, 10, "no call held")
+    await wait_until(lambda: status_json(path)[0]["state"] == "ACTIVE", 30, "ACTIVE")
+    await envoy_restarted(config, old)
+    answers = await asyncio.gather(*(call(f"late-{i}".encode()) for i in range(held)))
+    assert answers == [f"gdrowsy:late-{i}".encode() for i in range(held)], answers
 
 
 async def test_a_stopped_replica_is_killed_and_replaced(tmp_path: Path, runs: UpRuns) -> None:
