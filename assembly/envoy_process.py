@@ -150,8 +150,9 @@ class SupervisedEnvoy:
             code = await child.wait() if child is not None else 127
             if self._closing:
                 return
-            exits.append(loop.time())
-            delay = supervision.next_restart(self.policy, exits, loop.time())
+            now = loop.time()
+            exits = [at for at in exits if now - at <= self.policy.window] + [now]
+            delay = supervision.next_restart(self.policy, exits, now)
             self._log_exit(child.pid if child is not None else None, code, delay)
             if delay is None:
                 self._give_up(len(exits), code)
