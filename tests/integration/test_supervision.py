@@ -115,9 +115,11 @@ async def test_killed_envoy_is_restarted_and_traffic_comes_back(
     new = await envoy_restarted(config, old)
     assert new != old and start_time(old) is None
     assert up.proc is not None and up.proc.poll() is None
+    # The supervisor prints its line once it sees /ready, maybe after the first answer.
+    await wait_until(lambda: f"envoy restarted (pid {new})" in up.text(), 10,
+                     "the restart reported")
     text = up.text()
     assert f"envoy (pid {old}) exited unexpectedly (signal SIGKILL)" in text, text[-3000:]
-    assert f"envoy restarted (pid {new})" in text
     assert metric(config, "torpor_envoy_restarts_total") == 1
     # The dead Envoy's ADS stream is gone: only the new one counts ...
     await wait_until(lambda: metric(config, "torpor_xds_connected_envoys") == 1, 10,
