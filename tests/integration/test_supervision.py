@@ -27,7 +27,7 @@ from assembly.envoy_process import SupervisedEnvoy
 from tests.integration.test_drain import grpc_service
 from tests.support.configs import model_service, write_config
 from tests.support.net import free_port, wait_until
-from tests.support.up import UpRuns, processes_mentioning, status_json
+from tests.support.up import Up, UpRuns, processes_mentioning, status_json
 from torpor import admin_client
 from torpor.config import Address, Config, load_config
 from torpor.supervision import PIDS_NAME, RestartPolicy, start_time
@@ -129,6 +129,32 @@ async def test_killed_envoy_is_restarted_and_traffic_comes_back(
     await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api), "echo")
     await wait_until(lambda: status_json(path)[0]["state"] == "HIBERNATED", 15, "HIBERNATED")
     assert await ask(config, "echo.localhost", timeout=30) == 200
+
+
+async def test_torpor_up_stops_with_exit_1_when_envoy_keeps_dying(tmp_path: Path) -> None:
+    path = write_config(tmp_path, model_service("echo", 1))
+    config = load_config(path)
+    up = Up(path)
+    up.start()
+    try:
+        await up.wait_ready()
+        killed: list[int] = []
+        for _ in range(5):  # the 5th exit within 2 minutes is not restarted
+            await wait_until(lambda: children(config, "envoy") not in ([], *([k] for k in killed)),
+                             BACK_WITHIN, "a running envoy")
+            [pid] = children(config, "envoy")
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        assert up.proc is not None
+        code = await asyncio.to_thread(up.proc.wait, 60)
+    finally:
+        up.kill()
+    text = up.text()
+    assert code == 1, text[-3000:]
+    assert "envoy died 5 times within 120s (last: signal SIGKILL); not restarting it again" \
+        in text, text[-3000:]
+    assert "stopped; no process left running" in text
+    assert not processes_mentioning("--name echo ")
 
 
 async def test_requests_held_when_envoy_dies_leave_and_retries_are_answered(
