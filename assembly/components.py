@@ -23,12 +23,12 @@ from pathlib import Path
 from activator.admin_waker import AdminRouteConfirmation, AdminWaker
 from activator.catalog_mirror import CatalogMirror
 from activator.server import ActivatorServer
+from assembly.envoy_process import SupervisedEnvoy
 from torpor import metrics
 from torpor.advertise import advertised_activator_host
 from torpor.catalog import ServiceCatalog
 from torpor.config import Config
 from torpor.coordination import Coordination, open_coordination
-from torpor.gateway import EnvoyProcess
 from torpor.lifecycle.ports import Wakes
 from torpor.lifecycle.wake import Waker
 from torpor.logs import event
@@ -76,7 +76,7 @@ class Assembly:
         self.coordination: Coordination | None = None
         self.control_plane: ControlPlane | None = None
         self.activator: ActivatorServer | None = None
-        self.envoy: EnvoyProcess | None = None
+        self.envoy: SupervisedEnvoy | None = None
         self.ports: BoundPorts | None = None
         self._stack = contextlib.AsyncExitStack()
 
@@ -146,7 +146,7 @@ class Assembly:
             await self._start_activator()
         if self.role is Role.UP:
             assert self.ports is not None
-            self.envoy = await self._start_envoy(self.ports.xds)
+            self.envoy = await self._start_envoy(self.ports.xds, say)
             say(f"envoy: listening on http://{config.gateway.listen}, admin on "
                 f"http://{config.gateway.admin} (log: {self._logs / 'envoy.log'})")
 
@@ -224,7 +224,8 @@ class Assembly:
               port=self.activator.port, role=self.role.value,
               wakes_itself=self.role is Role.UP or wakes_itself(self.config))
 
-    async def _start_envoy(self, xds_port: int) -> EnvoyProcess:
+    async def _start_envoy(self, xds_port: int,
+                           say: Callable[[str], None]) -> SupervisedEnvoy:
         config = self.config
         xds = config.control_plane.xds
         self._logs.mkdir(parents=True, exist_ok=True)
@@ -232,8 +233,7 @@ class Assembly:
                          type(xds)(xds.host, xds_port))
         path = self._logs / "envoy-bootstrap.json"
         path.write_text(json.dumps(boot, indent=2))
-        envoy = EnvoyProcess(path, self._logs / "envoy.log", config.gateway.admin)
+        envoy = SupervisedEnvoy(path, self._logs / "envoy.log", config.gateway.admin, say=say)
         self._stack.push_async_callback(envoy.stop)
-        await envoy.start()
-        await envoy.wait_ready(timeout=60)
+        await envoy.start()  # until LIVE; restarted from then on when it dies
         return envoy

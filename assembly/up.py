@@ -2,8 +2,9 @@
 
 Owns what `up` adds to the assembly (components.py, Role.UP): ports checked before
 anything starts, start-up progress for a person, and running until SIGINT/SIGTERM or until
-Envoy dies. The assembly starts the control plane (which loads state, starts replicas and
-only then serves xDS), the activator and an Envoy bootstrapped to the control plane. On a
+Envoy died too often to be restarted (envoy_process.py restarts it otherwise). The
+assembly starts the control plane (which loads state, starts replicas and only then serves
+xDS), the activator and an Envoy bootstrapped to the control plane. On a
 signal it drains first (Envoy's listeners closed, held requests finish within
 `activator.drain_grace`, the rest answered 503), then stops them in reverse: Envoy (no more
 traffic), then the activator, then the control plane, the store and every replica.
@@ -72,17 +73,16 @@ async def _run(config: Config, logs: Path, out: TextIO) -> int:
     try:
         await gateway.start(lambda text: say(out, text))
         assert gateway.envoy is not None and gateway.control_plane is not None
-        envoy_exit = asyncio.create_task(gateway.envoy.wait_exit())
+        envoy_failed = asyncio.create_task(gateway.envoy.wait_failed())
         progress = asyncio.create_task(show_progress(gateway.control_plane, config, out))
         stop_wait = asyncio.create_task(stop.wait())
-        await asyncio.wait({envoy_exit, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({envoy_failed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         progress.cancel()
-        if envoy_exit.done():
-            say(out, f"envoy exited with code {envoy_exit.result()}; stopping "
-                     f"(see {logs / 'envoy.log'})")
+        if envoy_failed.done():
+            say(out, f"{envoy_failed.result()}; stopping")
             return 1
         stop_wait.cancel()
-        envoy_exit.cancel()
+        envoy_failed.cancel()
         await gateway.drain(lambda text: say(out, text))
         say(out, "stopping...")
         return 0

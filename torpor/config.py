@@ -155,6 +155,17 @@ class WakeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LivenessConfig:
+    """A local replica that was ready and then fails `failures` liveness probes in a row
+    (the readiness probe, or the process is stopped) is killed and replaced."""
+
+    enabled: bool = True
+    period: float = 5.0  # seconds between two probes
+    timeout: float = 2.0  # a probe not answered within this failed
+    failures: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
 class LocalServiceConfig:
     command: tuple[str, ...]  # "{port}" is replaced by the replica's port
     ready_path: str = "/healthz"
@@ -165,6 +176,7 @@ class LocalServiceConfig:
     stop_grace: float = 10.0
     # "http": GET ready_path answers 2xx; "tcp": the port accepts connections (gRPC servers).
     ready_probe: str = "http"
+    liveness: LivenessConfig = LivenessConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,6 +453,19 @@ def _duration_at_least(minimum: float) -> _Parser:
     return parse
 
 
+def _duration_within(low: float, high: float) -> _Parser:
+    """A duration from `low` to `high` seconds, both inclusive."""
+    base = _duration()
+
+    def parse(r: _Reader, key: str, value: object) -> float:
+        seconds = float(base(r, key, value))
+        if not low <= seconds <= high:
+            r.fail(key, f"expected a duration from {low:g}s to {high:g}s, got {seconds:g}s")
+        return seconds
+
+    return parse
+
+
 def _key_prefix(r: _Reader, key: str, value: object) -> str:
     """An etcd key prefix: starts with "/"; a "/" is added at the end if missing."""
     text = _string(r, key, value)
@@ -698,6 +723,15 @@ _SERVICE_POLICY = _Schema(
     },
 )
 _WAKE = _Schema(WakeConfig, {"flip_when": _Field(_choice("first_ready", "all_ready"))})
+_LIVENESS = _Schema(
+    LivenessConfig,
+    {
+        "enabled": _Field(_boolean),
+        "period": _Field(_duration_within(0.5, 3600)),
+        "timeout": _Field(_duration_within(0.1, 300)),
+        "failures": _Field(_integer(1, 100)),
+    },
+)
 _LOCAL = _Schema(
     LocalServiceConfig,
     {
@@ -712,6 +746,7 @@ _LOCAL = _Schema(
         "env": _Field(_env),
         "stop_grace": _Field(_duration()),
         "ready_probe": _Field(_choice("http", "tcp")),
+        "liveness": _Field(_section(_LIVENESS)),
     },
 )
 _KUBERNETES = _Schema(

@@ -147,6 +147,13 @@ PREWAKES = Counter(
     "torpor_prewakes", "Pre-wakes by outcome: useful (a call came before the service slept "
     "again) or wasted", ["service", "outcome"],
 )
+ENVOY_RESTARTS = Counter(
+    "torpor_envoy_restarts", "Times `torpor up` restarted the Envoy it runs after it died"
+)
+REPLICA_RESTARTS = Counter(
+    "torpor_replica_restarts", "Local replicas replaced after they died (reason exited) or "
+    "failed their liveness probe and were killed (reason liveness)", ["service", "reason"],
+)
 
 
 def set_service_state(service: str, state: ServiceState, recorded_replicas: int = 0) -> None:

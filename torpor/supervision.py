@@ -20,10 +20,20 @@ Two mechanisms:
 
 `TORPOR_NO_PDEATHSIG=1` turns the parent-death signal off (tests use it to leave orphans
 behind on purpose).
+
+Children are started by `spawn` and watched without a thread each: asyncio's own
+subprocesses on Python 3.11 wait for every child in a thread of its own
+(ThreadedChildWatcher), which ran out of threads at a few thousand replicas. `spawn` starts
+the child with `subprocess.Popen` on the event loop's thread and learns of its exit from a
+pidfd the loop polls with the other sockets (Linux ≥ 5.3); where there is no pidfd, one
+`waitpid(WNOHANG)` per child every 0.1 s on the loop does it. Restarting a child that died
+is the caller's decision: `next_restart` is the pure backoff table both Envoy and replicas
+use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -33,9 +43,10 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -254,3 +265,133 @@ def stop_leftovers(children: list[Child], report: Callable[[str], None],
     while any(_ours(c) for c in left) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+# -- children watched without a thread ------------------------------------------------------
+
+#: Where there is no pidfd: how often the loop asks whether a child exited.
+EXIT_POLL_INTERVAL = 0.1
+
+
+class ChildProcess:
+    """A child started by `spawn`: its pid (also its process group id: it leads a session
+    of its own), its exit status once reaped, and `wait()`. The exit is noticed on the event
+    loop (pidfd, else a poll), never in a thread; the child leaves the run file then."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self._popen = popen
+        self._loop = loop
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # not Linux, or a kernel older than 5.3
+            loop.call_later(EXIT_POLL_INTERVAL, self._poll)
+        else:
+            loop.add_reader(self._pidfd, self._check)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; negative: killed by that signal (as asyncio reports it)."""
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        """Its exit status, once it exited and was reaped."""
+        return await asyncio.shield(self._exited)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """`sig` to its whole process group (nothing if the group is gone)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def _check(self) -> None:
+        """The pidfd is readable: the child exited (reap it)."""
+        code = self._popen.poll()
+        if code is None:
+            return
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._done(code)
+
+    def _poll(self) -> None:
+        code = self._popen.poll()
+        if code is None:
+            self._loop.call_later(EXIT_POLL_INTERVAL, self._poll)
+        else:
+            self._done(code)
+
+    def _done(self, code: int) -> None:
+        untrack(self.pid)
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+
+def spawn(argv: list[str], *, kind: str, name: str, stdout: IO[bytes] | int,
+          env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> ChildProcess:
+    """Start `argv` in a session of its own (so that a stop can signal its whole group),
+    dying with torpor (`die_with_parent`), recorded in the run file, stdout and stderr to
+    `stdout`. Call it on the event loop's thread: the parent-death signal follows the
+    thread that forked, and the loop's lives as long as torpor. Raises OSError
+    (FileNotFoundError for a command that cannot be found) when it cannot start."""
+    loop = asyncio.get_running_loop()
+    popen = subprocess.Popen(
+        die_with_parent(argv, env, cwd), stdin=subprocess.DEVNULL, stdout=stdout,
+        stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True,
+    )
+    track(kind, name, popen.pid)
+    return ChildProcess(popen, loop)
+
+
+def describe_exit(returncode: int) -> str:
+    """'exit code 1' or 'signal SIGKILL', for a person."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+# -- restarting with backoff --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RestartPolicy:
+    """How a supervised child that keeps dying is restarted: the n-th exit within `window`
+    seconds waits `first_delay * 2**(n-1)`, at most `max_delay`; the `give_up_after`-th
+    exit within the window is not restarted."""
+
+    first_delay: float = 0.5
+    max_delay: float = 30.0
+    give_up_after: int = 5
+    window: float = 120.0
+
+
+def next_restart(policy: RestartPolicy, exits: Sequence[float], now: float) -> float | None:
+    """Seconds to wait before restarting a child whose exits happened at `exits` (the
+    latest last; same clock as `now`), or None: it died too often, give up. Pure."""
+    recent = sum(1 for at in exits if now - at <= policy.window)
+    if recent >= policy.give_up_after:
+        return None
+    delay: float = policy.first_delay * 2.0 ** max(0, recent - 1)
+    return min(delay, policy.max_delay)
+
+
+def log_tail(path: Path, lines: int = 10, max_bytes: int = 8192) -> list[str]:
+    """The last `lines` lines of a log file (what a person reads first when a child
+    died); [] when it cannot be read."""
+    try:
+        with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - max_bytes))
+            text = file.read().decode(errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]

@@ -1,10 +1,20 @@
 """Local workloads: each replica of a service is a process group on this machine.
 
 Owns: starting replicas on loopback ports picked outside the kernel's ephemeral range
-(local_ports.py), probing their readiness over HTTP,
-restarting crashed replicas with backoff, and stopping whole process groups (SIGTERM, then
-SIGKILL after the grace). Must not know about service states, the store or Envoy: it runs
-what `scale` asks for and tells listeners which endpoints are ready.
+(local_ports.py), probing their readiness over HTTP, killing replicas that stop answering
+(liveness), restarting crashed or killed replicas with backoff, and stopping whole process
+groups (SIGTERM, then SIGKILL after the grace). Must not know about service states, the
+store or Envoy: it runs what `scale` asks for and tells listeners which endpoints are ready.
+
+Replicas are started and watched through `supervision.spawn`: no thread per replica.
+
+Liveness (`local.liveness`): once a replica has been ready, every `period` it is probed
+like readiness but with the liveness `timeout`; a process in the stopped state (SIGSTOP,
+a debugger) fails at once, so that a tcp probe, which a stopped process's kernel backlog
+still accepts, notices it too. After `failures` failures in a row the replica is killed
+with SIGKILL (a stopped process does not act on SIGTERM until continued) and replaced
+like a crashed one. A replica that never became ready is not judged by liveness: a
+model may load for minutes, and the wake's deadline bounds that wait.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from torpor import supervision
+from torpor import metrics, supervision
 from torpor.clock import Clock, SystemClock
 from torpor.config import LocalServiceConfig, ServiceConfig
 from torpor.errors import UnknownServiceError, WorkloadError
@@ -50,12 +60,15 @@ class _Replica:
     """One process group started for a service. Compared by identity."""
 
     port: int
-    process: asyncio.subprocess.Process
+    process: supervision.ChildProcess
     ready: bool = False
     ready_since: float | None = None
     stopping: bool = False
     probe_task: asyncio.Task[None] | None = None
     stop_task: asyncio.Task[None] | None = None
+    liveness_task: asyncio.Task[None] | None = None
+    # Why torpor killed it itself ("liveness"), None while that has not happened.
+    killed_for: str | None = None
 
     @property
     def pid(self) -> int:
@@ -278,39 +291,30 @@ class LocalWorkloads(Workloads):
 
     async def _spawn_process(
         self, svc: _Service, argv: list[str], log_path: Path
-    ) -> asyncio.subprocess.Process:
+    ) -> supervision.ChildProcess:
         """Start `argv` in a new session, so that the replica and its children form one
         process group that a stop can signal as a whole; on Linux the replica also dies
-        with torpor, even when torpor is SIGKILLed (supervision.py). Called on the event
-        loop's thread, which lives as long as the process (the parent-death signal
-        follows the thread that forked)."""
+        with torpor, even when torpor is SIGKILLed, and its exit is watched without a
+        thread (supervision.spawn). Called on the event loop's thread."""
         cwd = svc.config.cwd
         with _open_log(svc.name, log_path) as log:
             try:
                 env = {**os.environ, **dict(svc.config.env)}
-                process = await asyncio.create_subprocess_exec(
-                    *supervision.die_with_parent(argv, env, cwd),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                )
+                return supervision.spawn(argv, kind="replica", name=svc.name, stdout=log,
+                                         env=env, cwd=cwd)
             except OSError as exc:
                 where = f" in {cwd}" if cwd is not None else ""
                 raise WorkloadError(
                     f"service {svc.name!r}: cannot run command {argv!r}{where}: {exc}"
                 ) from exc
-        supervision.track("replica", svc.name, process.pid)
-        return process
 
     async def _watch(self, svc: _Service, replica: _Replica) -> None:
         """Notice a replica's exit: a stop expects it; anything else is a crash to restart."""
         returncode = await replica.process.wait()
         supervision.untrack(replica.pid)
-        if replica.probe_task is not None:
-            replica.probe_task.cancel()
+        for task in (replica.probe_task, replica.liveness_task):
+            if task is not None:
+                task.cancel()
         if replica.stopping:
             return
         # Whatever the crashed leader left in its group is nobody's to manage any more.
@@ -319,9 +323,11 @@ class LocalWorkloads(Workloads):
             svc.replicas.remove(replica)
         self._publish(svc)
         restart_in = None
+        reason = replica.killed_for or "exited"
         if not self._closed:
             svc.restarts_due += 1
             restart_in = self._schedule_restart(svc)
+            metrics.REPLICA_RESTARTS.labels(service=svc.name, reason=reason).inc()
         event(
             logger,
             "replica.exited",
@@ -330,6 +336,7 @@ class LocalWorkloads(Workloads):
             port=replica.port,
             pid=replica.pid,
             returncode=returncode,
+            reason=reason,
             restart_in=restart_in,
         )
 
@@ -343,8 +350,9 @@ class LocalWorkloads(Workloads):
                 svc.replicas.remove(replica)
             replica.ready = False
             self._publish(svc)
-            if replica.probe_task is not None:
-                replica.probe_task.cancel()
+            for task in (replica.probe_task, replica.liveness_task):
+                if task is not None:
+                    task.cancel()
             replica.stop_task = self._spawn(self._terminate(svc, replica))
         return replica.stop_task
 
@@ -401,6 +409,8 @@ class LocalWorkloads(Workloads):
             replica.ready, replica.ready_since = True, now
             event(logger, "replica.ready", service=svc.name, port=replica.port, pid=replica.pid)
             self._publish(svc)
+            if replica.liveness_task is None and svc.config.liveness.enabled:
+                replica.liveness_task = self._spawn(self._liveness_loop(svc, replica))
         elif ok and replica.ready_since is not None:
             if now - replica.ready_since >= self._backoff_reset_after:
                 svc.next_restart_delay = self._restart_backoff[0]
@@ -408,6 +418,46 @@ class LocalWorkloads(Workloads):
             replica.ready, replica.ready_since = False, None
             event(logger, "replica.unready", service=svc.name, port=replica.port, pid=replica.pid)
             self._publish(svc)
+
+    async def _liveness_loop(self, svc: _Service, replica: _Replica) -> None:
+        """Probe a replica that has been ready every `liveness.period`; kill it after
+        `liveness.failures` failures in a row (the watch then replaces it)."""
+        live = svc.config.liveness
+        failures = 0
+        while True:
+            await asyncio.sleep(live.period)
+            if await self._alive(svc, replica, live.timeout):
+                failures = 0
+                continue
+            failures += 1
+            event(logger, "replica.liveness_failed", level=logging.WARNING, service=svc.name,
+                  port=replica.port, pid=replica.pid, failures=failures, of=live.failures)
+            if failures >= live.failures:
+                self._kill_hung(svc, replica, failures)
+                return
+
+    async def _alive(self, svc: _Service, replica: _Replica, timeout: float) -> bool:
+        """One liveness probe: not stopped, and the readiness probe passes in `timeout`."""
+        if _stopped(replica.pid):
+            return False
+        path = "/" + svc.config.ready_path.lstrip("/")
+        if svc.config.ready_probe == "tcp":
+            return await _accepts(replica.port, timeout)
+        return await _probe(replica.port, path, timeout)
+
+    def _kill_hung(self, svc: _Service, replica: _Replica, failures: int) -> None:
+        """SIGKILL the replica's whole group: a stopped process ignores SIGTERM until it is
+        continued. It leaves the ready set now; its exit is a crash to the watch, which
+        schedules the replacement (with the restart backoff)."""
+        if replica.stopping or not replica.alive:
+            return
+        replica.killed_for = "liveness"
+        if replica.ready:
+            replica.ready, replica.ready_since = False, None
+            self._publish(svc)
+        event(logger, "replica.killed", level=logging.ERROR, service=svc.name,
+              port=replica.port, pid=replica.pid, reason="liveness", failures=failures)
+        _signal_group(replica.pid, signal.SIGKILL)
 
     def _publish(self, svc: _Service) -> None:
         """Tell waiters and listeners about the ready set, only when it changed."""
@@ -477,11 +527,11 @@ def _open_log(name: str, path: Path) -> Iterator[IO[bytes]]:
         yield log
 
 
-async def _accepts(port: int) -> bool:
+async def _accepts(port: int, timeout: float = PROBE_TIMEOUT) -> bool:
     """The tcp probe: the replica's port accepts a connection (a gRPC server has no
     HTTP/1 path to GET)."""
     try:
-        async with asyncio.timeout(PROBE_TIMEOUT):
+        async with asyncio.timeout(timeout):
             _, writer = await asyncio.open_connection(LOOPBACK, port)
     except (OSError, TimeoutError):
         return False
@@ -491,10 +541,10 @@ async def _accepts(port: int) -> bool:
     return True
 
 
-async def _probe(port: int, path: str) -> bool:
+async def _probe(port: int, path: str, timeout: float = PROBE_TIMEOUT) -> bool:
     """One HTTP/1.0 GET on loopback; True for a 2xx status."""
     try:
-        async with asyncio.timeout(PROBE_TIMEOUT):
+        async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(LOOPBACK, port)
             try:
                 request = f"GET {path} HTTP/1.0\r\nHost: {LOOPBACK}:{port}\r\n\r\n"
@@ -509,6 +559,17 @@ async def _probe(port: int, path: str) -> bool:
         return False
     parts = status_line.split()
     return len(parts) >= 2 and len(parts[1]) == 3 and parts[1].startswith(b"2")
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is in the stopped state (SIGSTOP, or traced): it cannot serve
+    until continued. False where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return bool(fields) and fields[0] in ("T", "t")
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
