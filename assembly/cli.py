@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from torpor import admin_client
 from torpor.config import Address, Config, load_config, parse_duration
+from torpor.credentials import admin_target
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
 from torpor.supervision import AlreadyRunningError
@@ -197,7 +198,7 @@ async def _until_signal(again: Callable[[], None] = lambda: None) -> None:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    statuses, problems = admin_client.list_services(str(config.control_plane.admin_api))
+    statuses, problems = admin_client.list_services(admin_target(config))
     if args.json:
         print(json.dumps(statuses, indent=2))
     else:
@@ -210,14 +211,14 @@ def _status(args: argparse.Namespace, config: Config) -> int:
 def _hibernate(args: argparse.Namespace, config: Config) -> int:
     # Waits for every Envoy to apply the switch, and for a wake in progress to finish.
     timeout = config.activator.wake_timeout + 3 * config.control_plane.ack_timeout + 30
-    result = admin_client.hibernate(str(config.control_plane.admin_api), args.name, timeout)
+    result = admin_client.hibernate(admin_target(config), args.name, timeout)
     print(admin_client.format_status_table([result]))
     return 0
 
 
 def _wake(args: argparse.Namespace, config: Config) -> int:
     timeout = config.activator.wake_timeout + 30
-    result = admin_client.wake(str(config.control_plane.admin_api), args.name, timeout)
+    result = admin_client.wake(admin_target(config), args.name, timeout)
     print(admin_client.format_status_table([result]))
     return 0
 
@@ -225,7 +226,7 @@ def _wake(args: argparse.Namespace, config: Config) -> int:
 def _report(args: argparse.Namespace, config: Config) -> int:
     from torpor.report import format_report_table, report_json
 
-    response = admin_client.report(str(config.control_plane.admin_api), args.since)
+    response = admin_client.report(admin_target(config), args.since)
     document = report_json(response, args.since)
     print(json.dumps(document, indent=2) if args.json else format_report_table(document))
     return 0

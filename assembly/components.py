@@ -28,6 +28,7 @@ from torpor.advertise import advertised_activator_host
 from torpor.catalog import ServiceCatalog
 from torpor.config import Config
 from torpor.coordination import Coordination, open_coordination
+from torpor.credentials import admin_target
 from torpor.gateway import EnvoyProcess
 from torpor.lifecycle.ports import Wakes
 from torpor.lifecycle.wake import Waker
@@ -197,7 +198,7 @@ class Assembly:
         if self.control_plane is not None:
             # One process, one waker: the activator and `torpor wake` share it.
             return self.control_plane.waker, self.control_plane.wait_routed, None
-        admin = str(config.control_plane.admin_api)
+        admin = admin_target(config)  # the token: config's file, or the one up created
         confirm = AdminRouteConfirmation(admin, config.activator.wake_timeout).wait_routed
         if wakes_itself(config):
             assert self.coordination is not None and self.workloads is not None
