@@ -30,8 +30,12 @@ PROGRESS_TIMEOUT = 300.0
 
 
 def check_ports_free(config: Config) -> None:
-    """Fail before starting anything if an address torpor must bind is taken."""
+    """Fail before starting anything if an address torpor must bind is taken (a socket
+    file is taken when something answers on it; a dead one is replaced at start)."""
     for key, address in config.listeners().items():
+        if address.unix is not None:
+            _check_socket_free(config, key, address.unix)
+            continue
         if address.port == 0 or key == "activator.metrics":
             continue
         with socket.socket() as probe:
@@ -43,6 +47,16 @@ def check_ports_free(config: Config) -> None:
                     f"{config.path}: {key}: cannot listen on {address} ({exc.strerror}); "
                     "is another torpor or Envoy running?"
                 ) from exc
+
+
+def _check_socket_free(config: Config, key: str, path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # no file, or nobody listening: free
+    raise TorporError(f"{config.path}: {key}: {path} is in use; is another torpor or Envoy "
+                      "running?")
 
 
 async def run_up(config: Config, out: TextIO = sys.stdout) -> int:

@@ -119,7 +119,12 @@ class AdminTokens:
         files = config.control_plane.admin_tokens
         operator_file = files.operator or created_token_path(config)
         if files.operator is None and create:
-            operator = ensure_token_file(operator_file)
+            try:
+                operator = ensure_token_file(operator_file)
+            except OSError as exc:
+                raise CredentialsError(
+                    f"cannot create the admin token file {operator_file} ({exc.strerror}); "
+                    "name one in control_plane.admin_tokens.operator") from exc
         else:
             operator = read_token(operator_file)
         read_only = read_token(files.read_only) if files.read_only is not None else None
