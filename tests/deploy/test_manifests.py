@@ -1128,6 +1128,9 @@ def test_the_sidecar_xds_socket_is_shared_by_the_control_plane_and_envoy_only(
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert address["address"] == {"pipe": {"path": str(socket_file)}}
     tokens = config.control_plane.admin_tokens
-    for container in ("control-plane", "activator"):
-        mounts = secret_mounts(template, container)
-        assert readable(tokens.read_only, mounts) == "torpor-admin-tokens", container
+    control_plane = secret_mounts(template, "control-plane")
+    for path in (tokens.operator, tokens.read_only):
+        assert readable(path, control_plane) == "torpor-admin-tokens", path
+    activator = secret_mounts(template, "activator")
+    assert readable(tokens.read_only, activator) == "torpor-admin-tokens"
+    assert readable(tokens.operator, activator) is None
