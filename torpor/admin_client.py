@@ -139,7 +139,7 @@ def _invoke(target: Target, method: str, request: Any, timeout: float, name: str
         target = AdminTarget(target)
     address = target.address
     try:
-        with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        with _channel(target) as channel:
             call = getattr(admin_pb2_grpc.AdminStub(channel), method)
             return call(request, timeout=timeout, metadata=target.metadata())
     except grpc.RpcError as exc:
@@ -148,6 +148,19 @@ def _invoke(target: Target, method: str, request: Any, timeout: float, name: str
             error = AdminError(f"{error} (the token is looked for in: {target.where()})",
                                code=error.code, kind=error.kind)
         raise error from exc
+
+
+def _channel(target: AdminTarget) -> grpc.Channel:
+    """Plaintext, or TLS checked against the target's CA (control_plane.admin_tls)."""
+    if target.ca is None:
+        return grpc.insecure_channel(target.address, options=_CHANNEL_OPTIONS)
+    try:
+        ca = target.ca.read_bytes()
+    except OSError as exc:
+        raise AdminError(f"cannot read control_plane.admin_tls.ca {target.ca}: "
+                         f"{exc.strerror}") from exc
+    return grpc.secure_channel(target.address, grpc.ssl_channel_credentials(ca),
+                               options=_CHANNEL_OPTIONS)
 
 
 def _cannot_reach(address: str, details: str = "") -> str:

@@ -70,6 +70,17 @@ class ClientTlsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdminTlsConfig:
+    """TLS of the admin API, so that tokens do not cross a network in the clear: the
+    control plane serves with `cert` and `key`; clients (CLI, activator) check its
+    certificate against `ca` and need only that file."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclasses.dataclass(frozen=True)
 class AdminTokensConfig:
     """Files that hold the admin API's bearer tokens, one per role (torpor/credentials.py).
     No operator file: the control plane creates `admin-token` in the log folder."""
@@ -113,6 +124,8 @@ class ControlPlaneConfig:
     tls: ServerTlsConfig | None = None
     # The admin API's bearer tokens (files), per role.
     admin_tokens: AdminTokensConfig = AdminTokensConfig()
+    # TLS on `admin_api` (None: plaintext, fine on loopback).
+    admin_tls: AdminTlsConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -681,6 +694,11 @@ _SERVER_TLS = _Schema(
      "client_ca": _Field(_path, _REQUIRED, "mTLS needs the CA that signed the Envoys' "
                                            "certificates (torpor certs makes one)")},
 )
+_ADMIN_TLS = _Schema(
+    AdminTlsConfig,
+    {"cert": _Field(_path, _REQUIRED), "key": _Field(_path, _REQUIRED),
+     "ca": _Field(_path, _REQUIRED, "clients check the admin API's certificate against it")},
+)
 _ADMIN_TOKENS = _Schema(
     AdminTokensConfig, {"operator": _Field(_path), "read_only": _Field(_path)})
 _CONTROL_PLANE = _Schema(
@@ -694,6 +712,7 @@ _CONTROL_PLANE = _Schema(
         "stats_flush_every": _Field(_duration(positive=True)),
         "tls": _Field(_section(_SERVER_TLS)),
         "admin_tokens": _Field(_section(_ADMIN_TOKENS)),
+        "admin_tls": _Field(_section(_ADMIN_TLS)),
     },
 )
 _ACTIVATOR = _Schema(

@@ -162,6 +162,8 @@ class AdminTarget:
     address: str
     token_files: tuple[Path, ...] = ()
     token: str | None = None
+    # The CA of the admin API's certificate (control_plane.admin_tls.ca): call over TLS.
+    ca: Path | None = None
 
     def __str__(self) -> str:
         return self.address
@@ -196,5 +198,7 @@ def admin_target(config: Config, address: str | None = None) -> AdminTarget:
     files = config.control_plane.admin_tokens
     candidates = (files.operator, files.read_only,
                   None if files.operator else created_token_path(config))
+    tls = config.control_plane.admin_tls
     return AdminTarget(address or str(config.control_plane.admin_api),
-                       tuple(path for path in candidates if path is not None))
+                       tuple(path for path in candidates if path is not None),
+                       ca=tls.ca if tls is not None else None)

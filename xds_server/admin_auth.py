@@ -15,7 +15,9 @@ from typing import Any
 
 import grpc
 
+from torpor.config import AdminTlsConfig
 from torpor.credentials import METADATA_KEY, AdminRole, AdminTokens, bearer_token
+from torpor.errors import TorporError
 from torpor.logs import event
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,20 @@ def denial(rpc: str, presented: bool, role: AdminRole | None) -> Denial | None:
         return Denial("PERMISSION_DENIED", f"{rpc} changes state and needs the operator "
                                            "token; this token is read-only")
     return None
+
+
+def server_tls(tls: AdminTlsConfig) -> grpc.ServerCredentials:
+    """The admin API's TLS (no client certificate: the token authenticates the caller).
+    Raises TorporError naming a file that cannot be read."""
+    files = {}
+    for key in ("cert", "key"):
+        path = getattr(tls, key)
+        try:
+            files[key] = path.read_bytes()
+        except OSError as exc:
+            raise TorporError(f"control_plane.admin_tls.{key}: cannot read {path}: "
+                              f"{exc.strerror}") from exc
+    return grpc.ssl_server_credentials([(files["key"], files["cert"])])
 
 
 def rpc_name(method: str) -> str:

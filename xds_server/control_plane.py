@@ -42,7 +42,7 @@ from torpor.service_table import ServiceTable
 from torpor.store.base import Store
 from torpor.workloads.base import Workloads
 from xds_server.admin_api import start_admin_server
-from xds_server.admin_auth import AdminAuthInterceptor
+from xds_server.admin_auth import AdminAuthInterceptor, server_tls
 from xds_server.cache import SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.policy_loop import PolicyLoop
@@ -188,7 +188,8 @@ class ControlPlane:
         tokens = AdminTokens.from_config(self.config)  # creates admin-token if none is set
         admin_server, admin_port = await start_admin_server(
             str(cp.admin_api), self.admin, report=self.savings.report,
-            interceptors=[AdminAuthInterceptor(tokens)])
+            interceptors=[AdminAuthInterceptor(tokens)],
+            credentials=server_tls(cp.admin_tls) if cp.admin_tls is not None else None)
         self._servers.append(admin_server)
         metrics_port = 0
         if self._serve_metrics:

@@ -26,6 +26,6 @@ def test_a_socket_someone_answers_on_is_taken_and_a_dead_one_is_free(tmp_path: P
     with socket.socket(socket.AF_UNIX) as live:
         live.bind(str(admin))
         live.listen(1)
-        with pytest.raises(TorporError, match="gateway.admin: .* is in use"):
+        with pytest.raises(TorporError, match=r"gateway\.admin: .* is in use"):
             check_ports_free(config)
     check_ports_free(config)  # a killed run's file: nobody answers, so it is free

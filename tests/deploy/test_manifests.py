@@ -1100,6 +1100,15 @@ def test_gateway_mode_authenticates_xds_with_mtls_and_the_admin_api_with_tokens(
     activator = secret_mounts(pod(rendered, mode, "torpor-activator"), "activator")
     assert readable(activator_tokens.read_only, activator) == "torpor-admin-tokens"
     assert readable(activator_tokens.operator, activator) is None
+    # The admin API speaks TLS: the control plane has the key, an activator the CA only.
+    admin_tls = config.control_plane.admin_tls
+    assert admin_tls is not None
+    for path in (admin_tls.cert, admin_tls.key):
+        assert readable(path, control_plane) == "torpor-xds-tls", path
+        assert readable(path, activator) is None, path
+    activator_ca = configs["activator.yaml"].control_plane.admin_tls
+    assert activator_ca is not None
+    assert readable(activator_ca.ca, activator) == "torpor-xds-tls"
     # The bootstrap Envoy runs on presents that certificate.
     boot = json.loads(configmap_data(rendered, mode, "torpor-envoy-bootstrap")["bootstrap.json"])
     (cluster,) = boot["static_resources"]["clusters"]

@@ -15,7 +15,8 @@ from assembly.cli import main
 from tests.xds_server.test_admin_api import FakeAdmin, make_status
 from torpor import admin_client
 from torpor.admin_client import AdminError
-from torpor.config import load_config
+from torpor.certs import make_certs, write_certs
+from torpor.config import AdminTlsConfig, load_config
 from torpor.credentials import (
     TOKEN_ENV,
     AdminRole,
@@ -28,7 +29,7 @@ from torpor.credentials import (
 )
 from torpor.model import ServiceState
 from xds_server.admin_api import start_admin_server
-from xds_server.admin_auth import AdminAuthInterceptor, denial, required_role
+from xds_server.admin_auth import AdminAuthInterceptor, denial, required_role, server_tls
 
 OPERATOR = "op-" + "x" * 40
 READER = "ro-" + "y" * 40
@@ -211,3 +212,34 @@ async def test_cli_verbs_find_the_token_through_config_and_say_permission_denied
             await reader_server.stop(None)
     finally:
         await server.stop(None)
+
+
+async def test_over_tls_the_token_is_not_sent_in_the_clear(tmp_path: Path) -> None:
+    certs, other = tmp_path / "certs", tmp_path / "other"
+    write_certs(certs, make_certs())
+    write_certs(other, make_certs())
+    tls = AdminTlsConfig(cert=certs / "server.pem", key=certs / "server-key.pem",
+                         ca=certs / "ca.pem")
+    fake = FakeAdmin([make_status("echo")])
+    server, port = await start_admin_server(
+        "127.0.0.1:0", fake, credentials=server_tls(tls),
+        interceptors=[AdminAuthInterceptor(AdminTokens.of(OPERATOR, READER))])
+    address = f"127.0.0.1:{port}"
+    try:
+        trusted = AdminTarget(address, token=READER, ca=tls.ca)
+        assert len(await asyncio.to_thread(admin_client.list_statuses, trusted)) == 1
+        for target in (AdminTarget(address, token=READER),  # plaintext to a TLS port
+                       AdminTarget(address, token=READER, ca=other / "ca.pem")):  # wrong CA
+            with pytest.raises(AdminError) as info:
+                await asyncio.to_thread(admin_client.list_statuses, target, 3.0)
+            assert info.value.code == "UNAVAILABLE", target
+        with pytest.raises(AdminError) as info:  # TLS is no token
+            await asyncio.to_thread(admin_client.list_statuses, AdminTarget(address, ca=tls.ca))
+        assert info.value.code == "UNAUTHENTICATED"
+    finally:
+        await server.stop(None)
+    # The config gives clients the CA and the server its certificate.
+    config = load_config(_config(tmp_path, port, ", admin_tls: {cert: certs/server.pem, "
+                                                 "key: certs/server-key.pem, ca: certs/ca.pem}"))
+    assert config.control_plane.admin_tls == tls
+    assert admin_target(config).ca == tls.ca
