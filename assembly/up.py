@@ -23,6 +23,7 @@ from assembly.components import Assembly, Role
 from torpor import supervision
 from torpor.config import Config
 from torpor.errors import TorporError
+from xds_server.bootstrap import envoy_xds_tls
 from xds_server.control_plane import ControlPlane
 
 #: How long `up` shows start-up progress before it stops waiting for slow services.
@@ -68,6 +69,7 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     leftovers = run_file.acquire()
     try:
         supervision.stop_leftovers(leftovers, lambda text: say(out, text))
+        envoy_xds_tls(config)  # mTLS without Envoy's certificate: a config error, now
         check_ports_free(config)
         supervision.set_current(run_file)
         return await _run(config, logs, out)
