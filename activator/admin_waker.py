@@ -24,7 +24,7 @@ from torpor.model import Endpoint
 class AdminWaker:
     """Implements torpor.lifecycle.ports.Wakes over the admin API at `address`."""
 
-    def __init__(self, address: str, wake_timeout: float) -> None:
+    def __init__(self, address: admin_client.Target, wake_timeout: float) -> None:
         self._address = address
         # The control plane's own wake gives up after wake_timeout; allow for the call.
         self._call_timeout = wake_timeout + 10.0
@@ -52,7 +52,7 @@ class AdminRouteConfirmation:
     One call per service at a time, shared by all its held streams: a thousand held gRPC
     calls must not become a thousand blocking RPCs queued on the thread pool."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: admin_client.Target, timeout: float) -> None:
         self._address = address
         self._timeout = timeout
         self._flights: SingleFlight[None] = SingleFlight()

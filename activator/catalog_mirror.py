@@ -30,7 +30,8 @@ MISS_REFRESH_MIN_INTERVAL = 0.5
 class CatalogMirror:
     """Keeps `catalog` equal to the control plane's service list (besides config ones)."""
 
-    def __init__(self, address: str, catalog: ServiceCatalog, every: float = 2.0) -> None:
+    def __init__(self, address: admin_client.Target, catalog: ServiceCatalog,
+                 every: float = 2.0) -> None:
         self._address = address
         self._catalog = catalog
         self._every = every

@@ -17,10 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torpor import admin_client
 from torpor.config import Address, Config, load_config, parse_duration
+from torpor.credentials import admin_target
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
 from torpor.supervision import AlreadyRunningError
@@ -103,6 +105,20 @@ def _parser() -> argparse.ArgumentParser:
                                 "Service name (default: control_plane.xds)")
     bootstrap.add_argument("--admin-address", type=_host_port, metavar="HOST:PORT",
                            help="where Envoy's admin listener binds (default: gateway.admin)")
+
+    text = ("make a local CA and the certificates of mTLS between Envoy and the control "
+            "plane (needs no config)")
+    certs = sub.add_parser("certs", help=text, description=text)
+    certs.add_argument("--out", required=True, metavar="DIR",
+                       help="folder to write ca.pem, server.pem, envoy.pem and their keys to")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="another name or IP the control plane's certificate is valid "
+                            "for, e.g. the Service Envoys dial (repeatable; localhost and "
+                            "127.0.0.1 are always in)")
+    certs.add_argument("--days", type=int, default=365, metavar="N",
+                       help="validity in days (default: 365)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(handler=None, standalone=_certs)
 
     policy = sub.add_parser("policy", help="evaluate idle policies offline",
                             description="evaluate idle policies offline")
@@ -197,7 +213,7 @@ async def _until_signal(again: Callable[[], None] = lambda: None) -> None:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    statuses, problems = admin_client.list_services(str(config.control_plane.admin_api))
+    statuses, problems = admin_client.list_services(admin_target(config))
     if args.json:
         print(json.dumps(statuses, indent=2))
     else:
@@ -210,14 +226,14 @@ def _status(args: argparse.Namespace, config: Config) -> int:
 def _hibernate(args: argparse.Namespace, config: Config) -> int:
     # Waits for every Envoy to apply the switch, and for a wake in progress to finish.
     timeout = config.activator.wake_timeout + 3 * config.control_plane.ack_timeout + 30
-    result = admin_client.hibernate(str(config.control_plane.admin_api), args.name, timeout)
+    result = admin_client.hibernate(admin_target(config), args.name, timeout)
     print(admin_client.format_status_table([result]))
     return 0
 
 
 def _wake(args: argparse.Namespace, config: Config) -> int:
     timeout = config.activator.wake_timeout + 30
-    result = admin_client.wake(str(config.control_plane.admin_api), args.name, timeout)
+    result = admin_client.wake(admin_target(config), args.name, timeout)
     print(admin_client.format_status_table([result]))
     return 0
 
@@ -225,7 +241,7 @@ def _wake(args: argparse.Namespace, config: Config) -> int:
 def _report(args: argparse.Namespace, config: Config) -> int:
     from torpor.report import format_report_table, report_json
 
-    response = admin_client.report(str(config.control_plane.admin_api), args.since)
+    response = admin_client.report(admin_target(config), args.since)
     document = report_json(response, args.since)
     print(json.dumps(document, indent=2) if args.json else format_report_table(document))
     return 0
@@ -235,6 +251,22 @@ def _envoy_bootstrap(args: argparse.Namespace, config: Config) -> int:
     from xds_server.bootstrap import bootstrap_json
 
     print(bootstrap_json(config, xds=args.xds_address, admin=args.admin_address))
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from torpor.certs import FILES, make_certs, write_certs
+
+    if not 1 <= args.days <= 3650:
+        print(f"torpor: --days must be from 1 to 3650, got {args.days}", file=sys.stderr)
+        return 2
+    try:
+        written = write_certs(Path(args.out), make_certs(args.host, args.days), args.force)
+    except TorporError as exc:
+        print(f"torpor: error: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"{path}  {FILES[path.name]}")
     return 0
 
 

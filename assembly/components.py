@@ -27,15 +27,16 @@ from assembly.envoy_process import SupervisedEnvoy
 from torpor import metrics
 from torpor.advertise import advertised_activator_host
 from torpor.catalog import ServiceCatalog
-from torpor.config import Config
+from torpor.config import Address, Config
 from torpor.coordination import Coordination, open_coordination
+from torpor.credentials import admin_target
 from torpor.lifecycle.ports import Wakes
 from torpor.lifecycle.wake import Waker
 from torpor.logs import event
 from torpor.model import Endpoint
 from torpor.workloads import make_workloads
 from torpor.workloads.base import Discovery, Workloads
-from xds_server.bootstrap import bootstrap
+from xds_server.bootstrap import bootstrap, envoy_xds_tls
 from xds_server.control_plane import BoundPorts, ControlPlane
 
 log = logging.getLogger("torpor.assembly")
@@ -140,15 +141,18 @@ class Assembly:
         if self.runs_control_plane:
             self.ports = await self._start_control_plane()
             cp = config.control_plane
-            say(f"control plane: xDS on {cp.xds.host}:{self.ports.xds}, admin API on "
+            xds = cp.xds if cp.xds.is_unix else f"{cp.xds.host}:{self.ports.xds}"
+            say(f"control plane: xDS on {xds}, admin API on "
                 f"{cp.admin_api}, metrics on http://{cp.metrics}/metrics")
         if self.runs_activator:
             await self._start_activator()
         if self.role is Role.UP:
             assert self.ports is not None
             self.envoy = await self._start_envoy(self.ports.xds, say)
+            admin = config.gateway.admin
             say(f"envoy: listening on http://{config.gateway.listen}, admin on "
-                f"http://{config.gateway.admin} (log: {self._logs / 'envoy.log'})")
+                f"{admin if admin.is_unix else f'http://{admin}'} "
+                f"(log: {self._logs / 'envoy.log'})")
 
     def _open_activator_metrics(self) -> None:
         """A standalone activator serves its own metrics (under `up`, the control plane's
@@ -197,7 +201,7 @@ class Assembly:
         if self.control_plane is not None:
             # One process, one waker: the activator and `torpor wake` share it.
             return self.control_plane.waker, self.control_plane.wait_routed, None
-        admin = str(config.control_plane.admin_api)
+        admin = admin_target(config)  # the token: config's file, or the one up created
         confirm = AdminRouteConfirmation(admin, config.activator.wake_timeout).wait_routed
         if wakes_itself(config):
             assert self.coordination is not None and self.workloads is not None
@@ -229,8 +233,15 @@ class Assembly:
         config = self.config
         xds = config.control_plane.xds
         self._logs.mkdir(parents=True, exist_ok=True)
+        if not config.gateway.admin.is_unix:
+            event(log, "envoy.admin_on_tcp", level=logging.WARNING,
+                  admin=str(config.gateway.admin),
+                  why="anyone who can reach Envoy's admin port can stop the gateway (POST "
+                      "/quitquitquit) or change its state; use gateway.admin: unix:PATH "
+                      "(the default)")
         boot = bootstrap(config.control_plane.node_id, config.gateway.admin,
-                         type(xds)(xds.host, xds_port))
+                         xds if xds.is_unix else Address(xds.host, xds_port),
+                         envoy_xds_tls(config))
         path = self._logs / "envoy-bootstrap.json"
         path.write_text(json.dumps(boot, indent=2))
         envoy = SupervisedEnvoy(path, self._logs / "envoy.log", config.gateway.admin, say=say)

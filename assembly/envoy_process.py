@@ -33,7 +33,7 @@ import aiohttp
 from torpor import metrics, supervision
 from torpor.config import Address
 from torpor.errors import TorporError
-from torpor.gateway import envoy_binary
+from torpor.gateway import admin_session, admin_url, envoy_binary
 from torpor.logs import event
 
 log = logging.getLogger("torpor.envoy")
@@ -89,9 +89,9 @@ class SupervisedEnvoy:
         """Until the current Envoy's admin /ready says LIVE; raises TorporError if it exits
         first or is not ready in `timeout` seconds."""
         child = self.child
-        url = f"http://{self.admin.host}:{self.admin.port}/ready"
+        url = admin_url(self.admin, "/ready")
         deadline = asyncio.get_running_loop().time() + timeout
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+        async with admin_session(self.admin, timeout=1) as session:
             while asyncio.get_running_loop().time() < deadline:
                 if child is None or child.returncode is not None:
                     raise TorporError(f"envoy exited at start-up; see {self.log_path}")
@@ -110,9 +110,9 @@ class SupervisedEnvoy:
         self._closing = True
         if self.child is None or self.child.returncode is not None:
             return
-        url = f"http://{self.admin.host}:{self.admin.port}/drain_listeners"
+        url = admin_url(self.admin, "/drain_listeners")
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+            async with admin_session(self.admin, timeout=5) as session, \
                     session.post(url) as response:
                 await response.read()
 
@@ -137,6 +137,10 @@ class SupervisedEnvoy:
 
     def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.admin.unix is not None:  # the dead Envoy's socket file: a new one cannot bind
+            self.admin.unix.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.admin.unix.unlink()
         with self.log_path.open("ab") as out:
             self.child = supervision.spawn(self._argv, kind="envoy", name="envoy", stdout=out)
 

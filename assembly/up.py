@@ -24,6 +24,7 @@ from assembly.components import Assembly, Role
 from torpor import supervision
 from torpor.config import Config
 from torpor.errors import TorporError
+from xds_server.bootstrap import envoy_xds_tls
 from xds_server.control_plane import ControlPlane
 
 #: How long `up` shows start-up progress before it stops waiting for slow services.
@@ -31,8 +32,12 @@ PROGRESS_TIMEOUT = 300.0
 
 
 def check_ports_free(config: Config) -> None:
-    """Fail before starting anything if an address torpor must bind is taken."""
+    """Fail before starting anything if an address torpor must bind is taken (a socket
+    file is taken when something answers on it; a dead one is replaced at start)."""
     for key, address in config.listeners().items():
+        if address.unix is not None:
+            _check_socket_free(config, key, address.unix)
+            continue
         if address.port == 0 or key == "activator.metrics":
             continue
         with socket.socket() as probe:
@@ -46,6 +51,16 @@ def check_ports_free(config: Config) -> None:
                 ) from exc
 
 
+def _check_socket_free(config: Config, key: str, path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # no file, or nobody listening: free
+    raise TorporError(f"{config.path}: {key}: {path} is in use; is another torpor or Envoy "
+                      "running?")
+
+
 async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     """Run until a signal arrives; returns the exit code. Raises AlreadyRunningError when
     another `torpor up` runs with the same log folder; stops what a killed previous run
@@ -55,6 +70,7 @@ async def run_up(config: Config, out: TextIO = sys.stdout) -> int:
     leftovers = run_file.acquire()
     try:
         supervision.stop_leftovers(leftovers, lambda text: say(out, text))
+        envoy_xds_tls(config)  # mTLS without Envoy's certificate: a config error, now
         check_ports_free(config)
         supervision.set_current(run_file)
         return await _run(config, logs, out)

@@ -78,6 +78,7 @@ from tests.support.net import free_port, wait_until  # noqa: E402
 from tests.support.workloads import FixedWorkloads  # noqa: E402
 from torpor import admin_client  # noqa: E402
 from torpor.config import load_config  # noqa: E402
+from torpor.credentials import admin_target  # noqa: E402
 from torpor.etcd.connection import EtcdConnection  # noqa: E402
 from torpor.etcd.session import EtcdSession  # noqa: E402
 from torpor.lifecycle.records import change_state  # noqa: E402
@@ -419,7 +420,7 @@ async def hibernate(fut: FleetUnderTest) -> None:
     await fleet.wait_state(name, "ACTIVE", STATE_TIMEOUT)
     await wait_until(lambda: _pod_endpoints(fleet, name), STATE_TIMEOUT,
                      f"Envoy's {name} endpoints back on its pod")
-    api = f"{LOOPBACK}:{fleet.ports(fleet.cp_configs[0])['api']}"
+    api = admin_target(load_config(fleet.cp_configs[0]))
     await asyncio.to_thread(admin_client.hibernate, api, name, 60)
     await fleet.wait_state(name, "HIBERNATED", STATE_TIMEOUT)
     await wait_until(lambda: _activator_endpoints(fleet, name), STATE_TIMEOUT,

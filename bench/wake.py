@@ -56,6 +56,7 @@ import aiohttp
 
 from torpor import admin_client
 from torpor.config import load_config
+from torpor.credentials import AdminTarget, admin_target
 from torpor.gateway import envoy_binary
 from xds_server.resources import MAX_UPSTREAM_CONNECTIONS
 
@@ -222,8 +223,8 @@ class TorporUp:
         return self.proc.pid
 
     @property
-    def api(self) -> str:
-        return str(self.config.control_plane.admin_api)
+    def api(self) -> AdminTarget:
+        return admin_target(self.config)
 
     @property
     def gateway(self) -> tuple[str, int]:

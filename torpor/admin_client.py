@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from protos import admin_pb2, admin_pb2_grpc
+from torpor.credentials import AdminTarget
 from torpor.errors import TorporError
 from torpor.model import Endpoint, ServiceState, ServiceStatus, Transition
 
@@ -26,6 +27,10 @@ ERROR_KIND_KEY = "torpor-error"
 
 #: How many recent transitions the table shows under each service.
 TABLE_HISTORY = 3
+
+#: Where to call: an address ("host:port", no token) or an AdminTarget (address and where
+#: its token is; torpor.credentials.admin_target(config) finds it through the config).
+Target = str | AdminTarget
 
 # The admin API is local or cluster-internal: never route it through an HTTP proxy that
 # the environment may configure for other traffic.
@@ -42,46 +47,46 @@ class AdminError(TorporError):
         self.kind = kind
 
 
-def list_statuses(address: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+def list_statuses(address: Target, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Every service's status dict, sorted by name."""
     return list_services(address, timeout)[0]
 
 
-def list_services(address: str,
+def list_services(address: Target,
                   timeout: float = 5.0) -> tuple[list[dict[str, Any]], list[str]]:
     """Every service's status dict, sorted by name, and the discovery problems."""
     response = _invoke(address, "ListServices", admin_pb2.ListServicesRequest(), timeout, None)
     return [status_from_message(m) for m in response.services], list(response.problems)
 
 
-def get_status(address: str, name: str, timeout: float = 5.0) -> dict[str, Any]:
+def get_status(address: Target, name: str, timeout: float = 5.0) -> dict[str, Any]:
     """One service's status dict."""
     request = admin_pb2.GetServiceRequest(name=name)
     return status_from_message(_invoke(address, "GetService", request, timeout, name))
 
 
-def hibernate(address: str, name: str, timeout: float = 120.0) -> dict[str, Any]:
+def hibernate(address: Target, name: str, timeout: float = 120.0) -> dict[str, Any]:
     """Put `name` to sleep now; returns its new status dict. Hibernation waits for every
     Envoy to acknowledge the flip before scaling down, hence the longer default timeout."""
     request = admin_pb2.HibernateRequest(name=name)
     return status_from_message(_invoke(address, "Hibernate", request, timeout, name))
 
 
-def wake(address: str, name: str, timeout: float = 300.0) -> dict[str, Any]:
+def wake(address: Target, name: str, timeout: float = 300.0) -> dict[str, Any]:
     """Wake `name` now; returns its new status dict. A model can take minutes to load,
     hence the long default timeout (pass the config's activator.wake_timeout plus margin)."""
     request = admin_pb2.WakeRequest(name=name)
     return status_from_message(_invoke(address, "Wake", request, timeout, name))
 
 
-def wait_routed(address: str, name: str, timeout: float = 30.0) -> dict[str, Any]:
+def wait_routed(address: Target, name: str, timeout: float = 30.0) -> dict[str, Any]:
     """Return once every Envoy of the control plane at `address` routes `name` to its
     replicas; its status dict. Raises AdminError when that could not be confirmed."""
     request = admin_pb2.WaitRoutedRequest(name=name)
     return status_from_message(_invoke(address, "WaitRouted", request, timeout, name))
 
 
-def report(address: str, since: float | None = None, timeout: float = 30.0) -> Any:
+def report(address: Target, since: float | None = None, timeout: float = 30.0) -> Any:
     """The savings report, an admin_pb2.ReportResponse (torpor/report.py reads it); `since`:
     only the last that many seconds."""
     request = admin_pb2.ReportRequest(since_seconds=since)
@@ -129,13 +134,33 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint(host=host.strip("[]"), port=int(port))
 
 
-def _invoke(address: str, method: str, request: Any, timeout: float, name: str | None) -> Any:
+def _invoke(target: Target, method: str, request: Any, timeout: float, name: str | None) -> Any:
+    if isinstance(target, str):
+        target = AdminTarget(target)
+    address = target.address
     try:
-        with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+        with _channel(target) as channel:
             call = getattr(admin_pb2_grpc.AdminStub(channel), method)
-            return call(request, timeout=timeout)
+            return call(request, timeout=timeout, metadata=target.metadata())
     except grpc.RpcError as exc:
-        raise _error_for(exc, address, name, timeout) from exc
+        error = _error_for(exc, address, name, timeout)
+        if error.code == "UNAUTHENTICATED":
+            error = AdminError(f"{error} (the token is looked for in: {target.where()})",
+                               code=error.code, kind=error.kind)
+        raise error from exc
+
+
+def _channel(target: AdminTarget) -> grpc.Channel:
+    """Plaintext, or TLS checked against the target's CA (control_plane.admin_tls)."""
+    if target.ca is None:
+        return grpc.insecure_channel(target.address, options=_CHANNEL_OPTIONS)
+    try:
+        ca = target.ca.read_bytes()
+    except OSError as exc:
+        raise AdminError(f"cannot read control_plane.admin_tls.ca {target.ca}: "
+                         f"{exc.strerror}") from exc
+    return grpc.secure_channel(target.address, grpc.ssl_channel_credentials(ca),
+                               options=_CHANNEL_OPTIONS)
 
 
 def _cannot_reach(address: str, details: str = "") -> str:
@@ -172,6 +197,8 @@ def _error_for(exc: Any, address: str, name: str | None, timeout: float) -> Admi
                 f"{address} does not serve this admin call ({details or 'unimplemented'}); "
                 "is control_plane.admin_api the address of the torpor admin API?"
             )
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return error(f"permission denied: {details or code_name}")
     if code == grpc.StatusCode.NOT_FOUND:
         return error(f"unknown service {name!r}" if name is not None else details)
     if details:

@@ -22,13 +22,71 @@ from torpor.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Address:
-    """A host:port pair. Config addresses are loopback or 0.0.0.0; `port` may be 0 only in tests."""
+    """A host:port pair. Config addresses are loopback or 0.0.0.0; `port` may be 0 only in tests.
+
+    Or a Unix domain socket (`unix:PATH` in the config, for Envoy's admin and ADS): then
+    `unix` is its path, `host` is empty and `port` 0, and only processes that may open the
+    file (torpor makes it owner-only) can connect."""
 
     host: str
     port: int
+    unix: Path | None = None
+
+    @classmethod
+    def socket_file(cls, path: Path) -> Address:
+        return cls("", 0, path)
+
+    @property
+    def is_unix(self) -> bool:
+        return self.unix is not None
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        """host:port, or unix:PATH (the form gRPC dials and binds as well)."""
+        return f"unix:{self.unix}" if self.unix is not None else f"{self.host}:{self.port}"
+
+
+#: sockaddr_un holds 108 bytes with the final NUL: longer socket paths cannot be bound.
+MAX_UNIX_PATH = 107
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTlsConfig:
+    """mTLS of the control plane's xDS listener (ADS and access logs): its certificate and
+    key, and the CA that signed the certificates Envoys present (`torpor certs` makes all)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTlsConfig:
+    """A client's TLS files: the CA that signed the server's certificate, and (mTLS) the
+    client's own certificate and key."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminTlsConfig:
+    """TLS of the admin API, so that tokens do not cross a network in the clear: the
+    control plane serves with `cert` and `key`; clients (CLI, activator) check its
+    certificate against `ca` and need only that file."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminTokensConfig:
+    """Files that hold the admin API's bearer tokens, one per role (torpor/credentials.py).
+    No operator file: the control plane creates `admin-token` in the log folder."""
+
+    operator: Path | None = None
+    read_only: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +99,10 @@ class GatewayConfig:
     # The edge limits (torpor/edge.py): Envoy's max_request_headers_kb, and the
     # activator's aiohttp parser limits from the same number.
     max_request_headers_kb: int = DEFAULT_MAX_REQUEST_HEADERS_KB
+    # The client certificate the Envoy torpor bootstraps presents to the control plane, and
+    # the CA of the control plane's certificate (when control_plane.tls is set). Paths as
+    # Envoy sees them.
+    xds_tls: ClientTlsConfig | None = None
 
     @property
     def edge(self) -> EdgeLimits:
@@ -58,6 +120,12 @@ class ControlPlaneConfig:
     node_id: str = "torpor-gateway"
     # How often calling statistics are written to the store (a restart loses at most this).
     stats_flush_every: float = 30.0
+    # mTLS on `xds` (TCP): only Envoys with a certificate signed by client_ca connect.
+    tls: ServerTlsConfig | None = None
+    # The admin API's bearer tokens (files), per role.
+    admin_tokens: AdminTokensConfig = AdminTokensConfig()
+    # TLS on `admin_api` (None: plaintext, fine on loopback).
+    admin_tls: AdminTlsConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +164,11 @@ class StoreConfig:
     # etcd: this process's name in the fleet (lock holder, leader, statistics writer);
     # default: host name and process id. `--member` on the command line overrides it.
     member: str | None = None
+    # etcd: TLS to etcd (its CA; a client certificate and key when etcd checks them).
+    tls: ClientTlsConfig | None = None
+    # etcd: a user of etcd's auth and the file holding its password.
+    user: str | None = None
+    password_file: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,9 +301,9 @@ class Config:
 
     def log_dir(self) -> Path:
         """Where the processes torpor starts (Envoy, local replicas) write their logs:
-        `torpor-logs/` beside the sqlite state, else beside the config file."""
-        base = self.store.path.parent if self.store.path else self.path.parent
-        return base / "torpor-logs"
+        `torpor-logs/` beside the sqlite state, else beside the config file. Also where
+        `torpor up` keeps its sockets and the admin token it creates."""
+        return log_dir_of(self.path, self.store)
 
     def listeners(self) -> dict[str, Address]:
         """Every address a torpor process binds, by its dotted config key.
@@ -247,6 +320,12 @@ class Config:
             "activator.listen_h2": self.activator.listen_h2,
             "activator.metrics": self.activator.metrics,
         }
+
+
+def log_dir_of(config_path: Path, store: StoreConfig) -> Path:
+    """Config.log_dir for a config file at `config_path` with this store."""
+    base = store.path.parent if store.path else config_path.parent
+    return base / "torpor-logs"
 
 
 # --------------------------------------------------------------------------------------
@@ -516,6 +595,17 @@ def _address(r: _Reader, key: str, value: object) -> Address:
     return Address(host, port)
 
 
+def _socket_address(r: _Reader, key: str, value: object) -> Address:
+    """host:port, or unix:PATH (a Unix domain socket; relative to the config's folder)."""
+    if isinstance(value, str) and value.startswith("unix:"):
+        path = _path(r, key, value.removeprefix("unix:"))
+        if len(str(path).encode()) > MAX_UNIX_PATH:
+            r.fail(key, f"the socket path {path} is {len(str(path).encode())} bytes long; a "
+                        f"Unix socket path has at most {MAX_UNIX_PATH}: give a shorter one")
+        return Address.socket_file(path)
+    return _address(r, key, value)
+
+
 def _endpoints(r: _Reader, key: str, value: object) -> tuple[str, ...]:
     """A non-empty list of "host:port" client endpoints (etcd); port 0 cannot be dialled."""
     if not isinstance(value, list) or not value:
@@ -604,21 +694,58 @@ def _advertised_host(r: _Reader, key: str, value: object) -> str:
     return text
 
 
+_CLIENT_TLS = _Schema(
+    ClientTlsConfig, {"ca": _Field(_path), "cert": _Field(_path), "key": _Field(_path)})
+
+
+def _client_tls(r: _Reader, key: str, value: object) -> ClientTlsConfig:
+    """A client's TLS files; a certificate goes with its key."""
+    tls = _read(r, key, value, _CLIENT_TLS)
+    if (tls.cert is None) != (tls.key is None):
+        r.fail(key, "give both cert and key (a client certificate needs its key), or neither")
+    return tls
+
+
+def _with_default(schema: _Schema[_T], name: str, raw: str) -> _Schema[_T]:
+    """`schema` with the default of `name` computed at load time (a path in the log folder)."""
+    field = dataclasses.replace(schema.fields[name], default=raw)
+    return dataclasses.replace(schema, fields={**schema.fields, name: field})
+
+
 _GATEWAY = _Schema(
     GatewayConfig,
-    {"listen": _Field(_address, "127.0.0.1:8080"), "admin": _Field(_address, "127.0.0.1:9901"),
+    {"listen": _Field(_address, "127.0.0.1:8080"),
+     # Default: a socket in the log folder (load_config), set by _with_default.
+     "admin": _Field(_socket_address, _REQUIRED),
      "retry_buffer_bytes": _Field(_integer(0, 64 * 1024 * 1024)),
-     "max_request_headers_kb": _Field(_integer(1, MAX_REQUEST_HEADERS_KB_LIMIT))},
+     "max_request_headers_kb": _Field(_integer(1, MAX_REQUEST_HEADERS_KB_LIMIT)),
+     "xds_tls": _Field(_client_tls)},
 )
+_SERVER_TLS = _Schema(
+    ServerTlsConfig,
+    {"cert": _Field(_path, _REQUIRED), "key": _Field(_path, _REQUIRED),
+     "client_ca": _Field(_path, _REQUIRED, "mTLS needs the CA that signed the Envoys' "
+                                           "certificates (torpor certs makes one)")},
+)
+_ADMIN_TLS = _Schema(
+    AdminTlsConfig,
+    {"cert": _Field(_path, _REQUIRED), "key": _Field(_path, _REQUIRED),
+     "ca": _Field(_path, _REQUIRED, "clients check the admin API's certificate against it")},
+)
+_ADMIN_TOKENS = _Schema(
+    AdminTokensConfig, {"operator": _Field(_path), "read_only": _Field(_path)})
 _CONTROL_PLANE = _Schema(
     ControlPlaneConfig,
     {
-        "xds": _Field(_address, "127.0.0.1:18000"),
+        "xds": _Field(_socket_address, _REQUIRED),  # default: a socket (load_config)
         "admin_api": _Field(_address, "127.0.0.1:18001"),
         "metrics": _Field(_address, "127.0.0.1:19090"),
         "ack_timeout": _Field(_duration(positive=True)),
         "node_id": _Field(_string),
         "stats_flush_every": _Field(_duration(positive=True)),
+        "tls": _Field(_section(_SERVER_TLS)),
+        "admin_tokens": _Field(_section(_ADMIN_TOKENS)),
+        "admin_tls": _Field(_section(_ADMIN_TLS)),
     },
 )
 _ACTIVATOR = _Schema(
@@ -654,6 +781,9 @@ _STORES: Mapping[str, _Schema[StoreConfig]] = {
             "lease_ttl": _Field(_duration_at_least(2.0)),
             "timeout": _Field(_duration(positive=True)),
             "member": _Field(_member_name),
+            "tls": _Field(_client_tls),
+            "user": _Field(_string),
+            "password_file": _Field(_path),
         },
     ),
 }
@@ -846,7 +976,11 @@ def _check_port_clashes(r: _Reader, config: Config) -> None:
     """Two listeners on one port fail at bind time, far from the cause; name both keys now."""
     seen: list[tuple[str, Address]] = []
     for key, address in config.listeners().items():
-        if address.port != 0:
+        if address.is_unix:
+            for other_key, other in seen:
+                if other.unix == address.unix:
+                    r.fail(key, f"{address} is also {other_key}; each socket needs its own path")
+        elif address.port != 0:
             host = _HOST_ALIASES.get(address.host, address.host)
             for other_key, other in seen:
                 other_host = _HOST_ALIASES.get(other.host, other.host)
@@ -934,12 +1068,18 @@ def load_config(path: str | Path) -> Config:
             guess = f" (did you mean {close[0]!r}?)" if close else ""
             r.fail(str(name), f"unknown key{guess}; allowed keys: {', '.join(_TOP_LEVEL_KEYS)}")
     workloads = _workloads(r, "workloads", top.get("workloads"))
+    store = _store(r, "store", top.get("store"))
+    # Envoy's admin and ADS default to owner-only sockets beside the state: no TCP port
+    # that any local user could reach (README "Security").
+    logs = log_dir_of(file.resolve(), store)
     config = Config(
         path=file.resolve(),
-        gateway=_read(r, "gateway", top.get("gateway"), _GATEWAY),
-        control_plane=_read(r, "control_plane", top.get("control_plane"), _CONTROL_PLANE),
+        gateway=_read(r, "gateway", top.get("gateway"),
+                      _with_default(_GATEWAY, "admin", f"unix:{logs / 'envoy-admin.sock'}")),
+        control_plane=_read(r, "control_plane", top.get("control_plane"),
+                            _with_default(_CONTROL_PLANE, "xds", f"unix:{logs / 'xds.sock'}")),
         activator=_read(r, "activator", top.get("activator"), _ACTIVATOR),
-        store=_store(r, "store", top.get("store")),
+        store=store,
         workloads=workloads,
         policy=_read(r, "policy", top.get("policy"), _POLICY),
         services=_services(r, "services", top.get("services"), workloads.kind),

@@ -16,7 +16,7 @@ import socket
 
 from torpor.config import Config
 from torpor.errors import ConfigError
-from torpor.etcd.connection import EtcdConnection
+from torpor.etcd.connection import EtcdConnection, EtcdCredentials
 from torpor.etcd.election import LeaderElection
 from torpor.etcd.registry import ActivatorRegistry
 from torpor.etcd.session import EtcdSession
@@ -65,6 +65,23 @@ class Coordination:
             await self.session.conn.close()
 
 
+def etcd_credentials(config: Config) -> EtcdCredentials:
+    """store.tls, store.user and the password in store.password_file, as the etcd
+    connection takes them. Raises ConfigError when the password file cannot be read."""
+    store = config.store
+    password = None
+    if store.password_file is not None:
+        try:
+            password = store.password_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(config.path), "store.password_file",
+                              f"cannot read {store.password_file}: {exc}") from exc
+    if store.user is not None and not password:
+        raise ConfigError(str(config.path), "store.password_file",
+                          "store.user needs its password: give the file that holds it")
+    return EtcdCredentials(tls=store.tls, user=store.user, password=password)
+
+
 def open_coordination(config: Config, member: str | None = None) -> Coordination:
     """The backends `config.store` names (not yet opened: `await coordination.open()`)."""
     store_config = config.store
@@ -78,7 +95,8 @@ def open_coordination(config: Config, member: str | None = None) -> Coordination
         from torpor.locks.etcd import EtcdLocks
         from torpor.store.etcd import EtcdStore
 
-        conn = EtcdConnection(store_config.endpoints, store_config.prefix, store_config.timeout)
+        conn = EtcdConnection(store_config.endpoints, store_config.prefix, store_config.timeout,
+                              etcd_credentials(config))
         session = EtcdSession(conn, store_config.lease_ttl, name)
         return Coordination(EtcdStore(conn, name), EtcdLocks(session), name, session,
                             LeaderElection(session), ActivatorRegistry(session))

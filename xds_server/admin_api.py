@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -201,18 +201,24 @@ class AdminServicer:
 
 async def start_admin_server(address: str, admin: ServiceAdmin,
                              report: SavingsReport | None = None,
+                             interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                             credentials: grpc.ServerCredentials | None = None,
                              ) -> tuple[grpc.aio.Server, int]:
     """Serve `admin` (and `report`, for the Report RPC) on `address` ("host:port"; port 0
-    picks a free one).
+    picks a free one). `interceptors`: the token check (xds_server/admin_auth.py); the
+    control plane always passes it, tests of the servicer alone may not. `credentials`:
+    serve TLS (xds_server/admin_auth.py server_tls), else plaintext.
 
     Returns the started server and the bound port. Stop it with `await server.stop(grace)`.
     Raises TorporError if the address cannot be bound (in use, or not a host:port).
     """
     # SO_REUSEPORT off: a second torpor on the same port must fail, not share it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             interceptors=list(interceptors) or None)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin, report), server)
     try:
-        port = int(server.add_insecure_port(address))
+        port = int(server.add_secure_port(address, credentials) if credentials is not None
+                   else server.add_insecure_port(address))
     except RuntimeError as exc:
         port = 0
         cause: BaseException | None = exc

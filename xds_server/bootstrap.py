@@ -1,8 +1,11 @@
 """The Envoy bootstrap that points an Envoy at torpor's control plane.
 
 Owns: node identity, the admin listener, the static cluster to the control plane (HTTP/2:
-it carries ADS and the access log), and ADS as the source of listeners and clusters.
-`torpor envoy-bootstrap` prints it; `torpor up` writes it to a file and starts Envoy on it.
+it carries ADS and the access log; over a Unix socket, or TCP with this Envoy's client
+certificate when the control plane requires mTLS), and ADS as the source of listeners and
+clusters. `torpor envoy-bootstrap` prints it; `torpor up` writes it to a file and starts
+Envoy on it. An admin on a Unix socket is owner-only (mode 0600): no local user can POST
+/quitquitquit to it.
 """
 
 from __future__ import annotations
@@ -11,14 +14,22 @@ import ipaddress
 import json
 from typing import Any
 
-from torpor.config import Address, Config
+from torpor.config import Address, ClientTlsConfig, Config
+from torpor.errors import ConfigError
+
+#: Mode of Envoy's admin socket: the user running Envoy only.
+ADMIN_SOCKET_MODE = 0o600
+_TLS_CONTEXT_TYPE = ("type.googleapis.com/"
+                     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
 
 
-def bootstrap(node_id: str, admin: Address, xds: Address) -> dict[str, Any]:
-    """The bootstrap as a JSON-ready dict (Envoy reads JSON and YAML alike)."""
+def bootstrap(node_id: str, admin: Address, xds: Address,
+              xds_tls: ClientTlsConfig | None = None) -> dict[str, Any]:
+    """The bootstrap as a JSON-ready dict (Envoy reads JSON and YAML alike). `xds_tls`:
+    the certificate Envoy presents to a control plane that requires mTLS, and its CA."""
     return {
         "node": {"id": node_id, "cluster": "torpor"},
-        "admin": {"address": _socket(admin)},
+        "admin": {"address": _socket(admin, ADMIN_SOCKET_MODE)},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "GRPC",
@@ -29,7 +40,7 @@ def bootstrap(node_id: str, admin: Address, xds: Address) -> dict[str, Any]:
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
-        "static_resources": {"clusters": [_control_plane_cluster(xds)]},
+        "static_resources": {"clusters": [_control_plane_cluster(xds, xds_tls)]},
         "overload_manager": _overload_manager(),
     }
 
@@ -63,17 +74,31 @@ def bootstrap_json(config: Config, node_id: str | None = None, xds: Address | No
     config's addresses: in Kubernetes, Envoy dials the control plane's Service name, not the
     0.0.0.0 the control plane binds."""
     boot = bootstrap(node_id or config.control_plane.node_id, admin or config.gateway.admin,
-                     xds or config.control_plane.xds)
+                     xds or config.control_plane.xds, envoy_xds_tls(config))
     return json.dumps(boot, indent=2, sort_keys=True)
+
+
+def envoy_xds_tls(config: Config) -> ClientTlsConfig | None:
+    """The TLS files the Envoy of this config presents to the control plane: none when
+    the control plane does not require mTLS. Raises ConfigError when it does and the
+    config gives Envoy no certificate (gateway.xds_tls)."""
+    if config.control_plane.tls is None:
+        return None
+    tls = config.gateway.xds_tls
+    if tls is None or tls.cert is None:
+        raise ConfigError(str(config.path), "gateway.xds_tls",
+                          "control_plane.tls requires Envoy's client certificate: give "
+                          "gateway.xds_tls: {cert, key, ca} (torpor certs makes them)")
+    return tls
 
 
 _HTTP_OPTIONS_TYPE = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def _control_plane_cluster(xds: Address) -> dict[str, Any]:
-    return {
+def _control_plane_cluster(xds: Address, tls: ClientTlsConfig | None) -> dict[str, Any]:
+    cluster = {
         "name": "torpor_xds",
-        "type": "STATIC" if _is_ip(xds.host) else "STRICT_DNS",
+        "type": "STATIC" if xds.is_unix or _is_ip(xds.host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": "torpor_xds",
@@ -90,9 +115,33 @@ def _control_plane_cluster(xds: Address) -> dict[str, Any]:
             }
         },
     }
+    if tls is not None:
+        cluster["transport_socket"] = _tls_socket(xds, tls)
+    return cluster
 
 
-def _socket(address: Address) -> dict[str, Any]:
+def _tls_socket(xds: Address, tls: ClientTlsConfig) -> dict[str, Any]:
+    """Envoy's side of mTLS to the control plane: its certificate, and the CA the control
+    plane's certificate must chain to."""
+    common: dict[str, Any] = {"alpn_protocols": ["h2"]}
+    if tls.cert is not None and tls.key is not None:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": str(tls.cert)},
+                                       "private_key": {"filename": str(tls.key)}}]
+    if tls.ca is not None:
+        common["validation_context"] = {"trusted_ca": {"filename": str(tls.ca)}}
+    context: dict[str, Any] = {"@type": _TLS_CONTEXT_TYPE, "common_tls_context": common}
+    if not xds.is_unix and not _is_ip(xds.host):
+        context["sni"] = xds.host
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
+def _socket(address: Address, mode: int | None = None) -> dict[str, Any]:
+    """An Envoy address: a socket_address, or a pipe (Unix socket) with `mode` if given."""
+    if address.unix is not None:
+        pipe: dict[str, Any] = {"path": str(address.unix)}
+        if mode is not None:
+            pipe["mode"] = mode
+        return {"pipe": pipe}
     return {"socket_address": {"address": address.host, "port_value": address.port}}
 
 

@@ -29,6 +29,7 @@ from torpor.advertise import advertised_activator_host
 from torpor.catalog import CatalogChange, ServiceCatalog
 from torpor.clock import Clock, SystemClock
 from torpor.config import Config
+from torpor.credentials import AdminTokens
 from torpor.errors import TorporError
 from torpor.etcd.election import LeaderElection
 from torpor.etcd.registry import ActivatorRegistry
@@ -41,6 +42,7 @@ from torpor.service_table import ServiceTable
 from torpor.store.base import Store
 from torpor.workloads.base import Workloads
 from xds_server.admin_api import start_admin_server
+from xds_server.admin_auth import AdminAuthInterceptor, server_tls
 from xds_server.cache import SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.policy_loop import PolicyLoop
@@ -180,10 +182,14 @@ class ControlPlane:
 
     async def _serve(self) -> BoundPorts:
         cp = self.config.control_plane
-        xds_server, xds_port = await start_xds_listener(str(cp.xds), self.ads, self.collector)
+        xds_server, xds_port = await start_xds_listener(str(cp.xds), self.ads, self.collector,
+                                                        tls=cp.tls)
         self._servers.append(xds_server)
-        admin_server, admin_port = await start_admin_server(str(cp.admin_api), self.admin,
-                                                            report=self.savings.report)
+        tokens = AdminTokens.from_config(self.config)  # creates admin-token if none is set
+        admin_server, admin_port = await start_admin_server(
+            str(cp.admin_api), self.admin, report=self.savings.report,
+            interceptors=[AdminAuthInterceptor(tokens)],
+            credentials=server_tls(cp.admin_tls) if cp.admin_tls is not None else None)
         self._servers.append(admin_server)
         metrics_port = 0
         if self._serve_metrics:

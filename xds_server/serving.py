@@ -1,16 +1,27 @@
-"""The control plane's gRPC listener: ADS, the access-log receiver and the admin API.
+"""The control plane's gRPC listener for Envoys: ADS and the access-log receiver.
 
-Owns binding and stopping the grpc.aio server. Callers register servicers before start:
-the ADS servicer must only be reachable once the desired state is in the cache.
+Owns binding and stopping the grpc.aio server, and who may connect: only Envoys that
+authenticate. Either a Unix socket only its owner may open (`unix:PATH`, what `torpor up`
+uses by default), or TCP with mTLS (`control_plane.tls`: a client certificate signed by
+its client_ca). Plain TCP stays possible, with a warning: any process that reaches it can
+open an ADS stream, never ACK, and stall every hibernation for ack_timeout. Callers
+register servicers before start: the ADS servicer must only be reachable once the desired
+state is in the cache.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from torpor.config import ServerTlsConfig
 from torpor.errors import TorporError
+from torpor.logs import event
 from xds_server.collector import CallCollector
 from xds_server.server import AdsServer
 
@@ -27,18 +38,60 @@ GRPC_OPTIONS = [
 ]
 
 
+log = logging.getLogger(__name__)
+
+#: Mode of the xDS Unix socket: its owner (the user running torpor and its Envoy) only.
+SOCKET_MODE = 0o600
+
+
 async def start_xds_listener(
-    address: str, ads: AdsServer, collector: CallCollector
+    address: str, ads: AdsServer, collector: CallCollector,
+    tls: ServerTlsConfig | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Serve ADS and ALS on `address` ("host:port", port 0 = any); returns (server, port)."""
+    """Serve ADS and ALS on `address` ("host:port", port 0 = any, or "unix:PATH"), with
+    mTLS when `tls` is given; returns (server, port) (port 0 for a socket)."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(collector, server)
+    socket_path = Path(address.removeprefix("unix:")) if address.startswith("unix:") else None
+    if socket_path is not None:
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        port = server.add_insecure_port(address)
+        if tls is not None:
+            port = server.add_secure_port(address, server_credentials(tls))
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise TorporError(f"cannot listen for xDS on {address}: {exc}") from exc
     if port == 0:
         raise TorporError(f"cannot listen for xDS on {address}: address in use or invalid")
+    if socket_path is not None:
+        # Bound, not yet serving: no connection is answered before the mode is owner-only.
+        os.chmod(socket_path, SOCKET_MODE)
+        port = 0
     await server.start()
+    mode = "unix-socket" if socket_path is not None else "mtls" if tls else "plaintext"
+    event(log, "xds_listener.started", address=address, port=port, auth=mode)
+    if mode == "plaintext":
+        event(log, "xds_listener.unauthenticated", level=logging.WARNING, address=address,
+              why="plain TCP: any process that reaches it can connect as an Envoy, never "
+                  "ACK and stall every hibernation; set control_plane.tls (torpor certs) "
+                  "or use unix:PATH")
     return server, port
+
+
+def server_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:
+    """mTLS: this server's certificate, and client certificates required and checked
+    against `client_ca`. Raises TorporError naming a file that cannot be read."""
+    key, cert, client_ca = (_read(tls.key, "key"), _read(tls.cert, "cert"),
+                            _read(tls.client_ca, "client_ca"))
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=True)
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TorporError(f"control_plane.tls.{key}: cannot read {path}: {exc.strerror}") \
+            from exc

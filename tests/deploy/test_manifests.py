@@ -32,6 +32,7 @@ from prometheus_client import REGISTRY
 
 import torpor.metrics  # noqa: F401  (registers every torpor metric)
 from assembly import cli
+from torpor.certs import make_certs, write_certs
 from torpor.config import Address, load_config
 from torpor.gateway import envoy_binary
 
@@ -56,6 +57,9 @@ BOOTSTRAPS = {
     "sidecar": (DEPLOY / "overlays" / "sidecar" / "envoy-bootstrap.json",
                 ["--config", str(DEPLOY / "overlays" / "sidecar" / "config" / "torpor.yaml")]),
 }
+
+#: Where the manifests mount torpor's Secrets (deploy/README.md "Secrets").
+SECRETS = "/etc/torpor-secrets"
 
 #: First-party packages: where Kubernetes client calls and imports are looked for.
 PACKAGES = ("torpor", "xds_server", "activator", "policies", "protos", "assembly")
@@ -780,6 +784,8 @@ def test_containers_listen_where_the_config_says(rendered: dict[str, list[Any]],
     for key, address in config.listeners().items():
         if key.startswith("gateway.") and mode == "base":
             continue  # Envoy comes with the gateway overlay
+        if address.unix is not None:  # a socket: checked by test_the_xds_socket_is_shared
+            continue
         if address.host == "0.0.0.0":
             assert address.port in declared, f"{mode}: {key} {address} has no containerPort"
         else:
@@ -833,11 +839,22 @@ def test_the_committed_envoy_bootstrap_is_current(mode: str,
 
 @pytest.mark.envoy
 @pytest.mark.parametrize("mode", BOOTSTRAPS)
-def test_envoy_accepts_the_committed_bootstrap(mode: str) -> None:
+def test_envoy_accepts_the_committed_bootstrap(mode: str, tmp_path: Path) -> None:
+    """Envoy's validation reads the certificate files a bootstrap names: those under
+    SECRETS (mounted from Secrets in the cluster) are pointed at `torpor certs` output."""
     committed, _ = BOOTSTRAPS[mode]
+    text = committed.read_text(encoding="utf-8")
+    if SECRETS in text:
+        certs = tmp_path / "envoy-tls"
+        files = make_certs()
+        write_certs(certs, {"ca.crt": files["ca.pem"], "tls.crt": files["envoy.pem"],
+                            "tls.key": files["envoy-key.pem"]})
+        text = text.replace(f"{SECRETS}/envoy-tls", str(certs))
+    (tmp_path / "bootstrap.json").write_text(text, encoding="utf-8")
     result = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(committed), "--disable-hot-restart",
-         "--log-level", "warning"], capture_output=True, text=True, timeout=60, check=False)
+        [envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "bootstrap.json"),
+         "--disable-hot-restart", "--log-level", "warning"],
+        capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -1024,3 +1041,105 @@ def test_activator_pods_outlast_the_drain_grace(rendered: dict[str, list[Any]], 
                 f"{spec.get('terminationGracePeriodSeconds', 30)} vs drain_grace {grace:g}s"
             checked += 1
     assert checked >= 1, f"{mode}: no activator found"
+
+
+# --------------------------------------------------------------------------------------
+# Authentication: Secrets mounted where the config reads them
+# --------------------------------------------------------------------------------------
+
+def secret_mounts(template: dict[str, Any], container: str) -> dict[str, tuple[str, set[str]]]:
+    """mountPath → (Secret name, the keys it shows: all of them is {"*"}) of a container."""
+    spec = template["spec"]
+    volumes = {v["name"]: v["secret"] for v in spec.get("volumes", []) if "secret" in v}
+    (c,) = [c for c in containers(spec) if c["name"] == container]
+    found = {}
+    for mount in c.get("volumeMounts", []):
+        if mount["name"] in volumes:
+            secret = volumes[mount["name"]]
+            keys = {item["path"] for item in secret.get("items", [])} or {"*"}
+            found[mount["mountPath"]] = (secret["secretName"], keys)
+    return found
+
+
+def readable(path: Path | None, mounts: dict[str, tuple[str, set[str]]]) -> str | None:
+    """The Secret a file of the config comes from in this container (None: not mounted)."""
+    if path is None:
+        return None
+    folder, name = str(path.parent), path.name
+    if folder in mounts and ({"*", name} & mounts[folder][1]):
+        return mounts[folder][0]
+    return None
+
+
+def pod(rendered: dict[str, list[Any]], mode: str, deployment: str) -> dict[str, Any]:
+    return dict(one(rendered, mode, "Deployment", deployment)["spec"]["template"])
+
+
+@pytest.mark.parametrize("mode", ["gateway", "trial"])
+def test_gateway_mode_authenticates_xds_with_mtls_and_the_admin_api_with_tokens(
+        rendered: dict[str, list[Any]], mode: str, tmp_path: Path) -> None:
+    data = configmap_data(rendered, mode, "torpor-config")
+    configs = {}
+    for key in ("torpor.yaml", "activator.yaml"):
+        (tmp_path / key).write_text(data[key], encoding="utf-8")
+        configs[key] = load_config(tmp_path / key)
+    config = configs["torpor.yaml"]
+    tls, tokens, envoy_tls = (config.control_plane.tls, config.control_plane.admin_tokens,
+                              config.gateway.xds_tls)
+    assert tls is not None and envoy_tls is not None
+    control_plane = secret_mounts(pod(rendered, mode, "torpor-control-plane"), "control-plane")
+    for path in (tls.cert, tls.key, tls.client_ca):
+        assert readable(path, control_plane) == "torpor-xds-tls", path
+    for path in (tokens.operator, tokens.read_only):
+        assert readable(path, control_plane) == "torpor-admin-tokens", path
+    envoy = secret_mounts(pod(rendered, mode, "torpor-envoy"), "envoy")
+    for path in (envoy_tls.cert, envoy_tls.key, envoy_tls.ca):
+        assert readable(path, envoy) == "torpor-envoy-tls", path
+    # The activator: the read-only token only (it never changes state through the API).
+    activator_tokens = configs["activator.yaml"].control_plane.admin_tokens
+    activator = secret_mounts(pod(rendered, mode, "torpor-activator"), "activator")
+    assert readable(activator_tokens.read_only, activator) == "torpor-admin-tokens"
+    assert readable(activator_tokens.operator, activator) is None
+    # The admin API speaks TLS: the control plane has the key, an activator the CA only.
+    admin_tls = config.control_plane.admin_tls
+    assert admin_tls is not None
+    for path in (admin_tls.cert, admin_tls.key):
+        assert readable(path, control_plane) == "torpor-xds-tls", path
+        assert readable(path, activator) is None, path
+    activator_ca = configs["activator.yaml"].control_plane.admin_tls
+    assert activator_ca is not None
+    assert readable(activator_ca.ca, activator) == "torpor-xds-tls"
+    # The bootstrap Envoy runs on presents that certificate.
+    boot = json.loads(configmap_data(rendered, mode, "torpor-envoy-bootstrap")["bootstrap.json"])
+    (cluster,) = boot["static_resources"]["clusters"]
+    common = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["tls_certificates"][0]["certificate_chain"]["filename"] == str(envoy_tls.cert)
+    # No Secret's content is in the manifests: the operator makes them.
+    assert not docs(rendered, mode, "Secret")
+
+
+def test_the_sidecar_xds_socket_is_shared_by_the_control_plane_and_envoy_only(
+        rendered: dict[str, list[Any]], tmp_path: Path) -> None:
+    data = configmap_data(rendered, "sidecar", "torpor-config")
+    (tmp_path / "torpor.yaml").write_text(data["torpor.yaml"], encoding="utf-8")
+    config = load_config(tmp_path / "torpor.yaml")
+    socket_file = config.control_plane.xds.unix
+    assert socket_file is not None
+    template = pod(rendered, "sidecar", "torpor")
+    empty = {v["name"] for v in template["spec"]["volumes"] if "emptyDir" in v}
+    mounting = {c["name"] for c in template["spec"]["containers"]
+                for m in c.get("volumeMounts", [])
+                if m["mountPath"] == str(socket_file.parent) and m["name"] in empty}
+    assert mounting == {"control-plane", "envoy"}
+    boot = json.loads(configmap_data(rendered, "sidecar", "torpor-envoy-bootstrap")
+                      ["bootstrap.json"])
+    (cluster,) = boot["static_resources"]["clusters"]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert address["address"] == {"pipe": {"path": str(socket_file)}}
+    tokens = config.control_plane.admin_tokens
+    control_plane = secret_mounts(template, "control-plane")
+    for path in (tokens.operator, tokens.read_only):
+        assert readable(path, control_plane) == "torpor-admin-tokens", path
+    activator = secret_mounts(template, "activator")
+    assert readable(tokens.read_only, activator) == "torpor-admin-tokens"
+    assert readable(tokens.operator, activator) is None

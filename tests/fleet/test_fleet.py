@@ -21,6 +21,8 @@ from tests.support.fleet import NS, Fleet, send
 from tests.support.kube_objects import kube_service_yaml, model_deployment, model_service
 from tests.support.net import wait_until
 from torpor import admin_client
+from torpor.config import load_config
+from torpor.credentials import admin_target
 
 pytestmark = pytest.mark.envoy
 
@@ -50,7 +52,7 @@ async def fleet(tmp_path: Path, etcd: EtcdServer, kube: FakeKube) -> AsyncIterat
 async def hibernate(fleet: Fleet, name: str) -> None:
     """`torpor hibernate` through the first control plane; then wait until Envoy sends the
     service's traffic to every activator."""
-    api = f"127.0.0.1:{fleet.ports(fleet.cp_configs[0])['api']}"
+    api = admin_target(load_config(fleet.cp_configs[0]))
     await asyncio.to_thread(admin_client.hibernate, api, name, 60)
     await fleet.wait_state(name, "HIBERNATED", 30)
     await wait_until(lambda: _targets_activators(fleet, name), 15,
@@ -249,7 +251,7 @@ async def test_restart_etcd_during_traffic(fleet: Fleet) -> None:
     after = await fleet.record("sleepy")
     assert after == before  # nothing recorded was lost or changed
     for config in fleet.cp_configs:  # every control plane still has it, from etcd
-        api = f"127.0.0.1:{fleet.ports(config)['api']}"
+        api = admin_target(load_config(config))
         statuses, _ = await asyncio.to_thread(admin_client.list_services, api)
         sleepy = next(s for s in statuses if s["name"] == "sleepy")
         assert (sleepy["state"], sleepy["recorded_replicas"]) == ("HIBERNATED", 2)

@@ -26,7 +26,7 @@ async def test_restart_does_not_disturb_traffic(
     tmp_path: Path, envoys: Callable[[int, str], Envoy]
 ) -> None:
     config = load_config(write_config(tmp_path, model_service("alpha", 1) +
-                                      model_service("beta", 1)))
+                                      model_service("beta", 1), sockets=False))
     alpha, beta, beta2 = await start_backends("alpha", "beta", "beta2")
     workloads = FixedWorkloads({"alpha": (alpha.endpoint,), "beta": (beta.endpoint,)})
 

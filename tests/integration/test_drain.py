@@ -31,6 +31,7 @@ from tests.support.net import wait_until
 from tests.support.up import Up, UpRuns, processes_mentioning
 from torpor import admin_client
 from torpor.config import Config, load_config
+from torpor.credentials import admin_target
 
 pytestmark = pytest.mark.envoy
 
@@ -65,7 +66,7 @@ async def asleep_with_held(config: Config, name: str,
                            session: aiohttp.ClientSession) -> list[asyncio.Task[Any]]:
     """Hibernate `name`, send HELD requests on their own connections, and return once the
     activator holds them all."""
-    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api), name)
+    await asyncio.to_thread(admin_client.hibernate, admin_target(config), name)
     await wait_until(lambda: not processes_mentioning(f"--name {name} "), 15, "no replica")
 
     async def one(i: int) -> tuple[int, bytes, dict[str, str]]:
@@ -204,7 +205,7 @@ async def test_grpc_streams_drain_on_the_h2_holder(start_up: Any) -> None:
                 return exc
 
     for name in ("gquick", "gslow"):
-        await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+        await asyncio.to_thread(admin_client.hibernate, admin_target(config),
                                 name)
         await wait_until(functools.partial(no_replica, name), 15, f"no {name} replica")
     calls = [asyncio.create_task(call(name, f"{name}-{i}".encode()))

@@ -23,6 +23,7 @@ from tests.support.net import wait_until
 from tests.support.up import Up, stop_all
 from torpor import admin_client
 from torpor.config import Config, load_config
+from torpor.credentials import admin_target
 
 pytestmark = pytest.mark.envoy
 
@@ -72,13 +73,13 @@ async def get(config: Config, path: str, headers: dict[str, str] | None = None,
 
 async def state(config: Config) -> str:
     status = await asyncio.to_thread(admin_client.get_status,
-                                     str(config.control_plane.admin_api), "edgy")
+                                     admin_target(config), "edgy")
     return str(status["state"])
 
 
 async def hibernate(config: Config) -> None:
     status = await asyncio.to_thread(admin_client.hibernate,
-                                     str(config.control_plane.admin_api), "edgy")
+                                     admin_target(config), "edgy")
     assert status["state"] == "HIBERNATED", status
 
 

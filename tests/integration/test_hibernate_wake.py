@@ -30,6 +30,8 @@ from tests.support.net import wait_until
 from tests.support.up import Up, UpRuns, processes_mentioning, status_json
 from torpor import admin_client
 from torpor.config import Config, load_config
+from torpor.credentials import admin_target
+from torpor.gateway import admin_session, admin_url
 
 pytestmark = pytest.mark.envoy
 
@@ -52,7 +54,7 @@ async def start_up(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tupl
 
 
 def status(config: Config, name: str) -> dict[str, Any]:
-    return admin_client.get_status(str(config.control_plane.admin_api), name)
+    return admin_client.get_status(admin_target(config), name)
 
 
 async def wait_state(config: Config, name: str, state: str, timeout: float) -> dict[str, Any]:
@@ -82,8 +84,8 @@ async def send(session: aiohttp.ClientSession, config: Config, host: str, path: 
 
 
 async def vhosts_in_envoy(config: Config) -> set[str]:
-    url = f"http://{config.gateway.admin}/config_dump?resource=dynamic_route_configs"
-    async with aiohttp.ClientSession() as session, session.get(url) as r:
+    url = admin_url(config.gateway.admin, "/config_dump?resource=dynamic_route_configs")
+    async with admin_session(config.gateway.admin, 10) as session, session.get(url) as r:
         dump = await r.json()
     names: set[str] = set()
     for config_entry in dump.get("configs", []):
@@ -212,7 +214,7 @@ async def test_never_ready_gets_504_returns_to_hibernated_and_retries(start_up: 
     # replicas: 0 → nothing to wait for at start-up; a wake starts 1 that never loads.
     service = model_service("stuck", 0, load_seconds=3600)
     _, config = await start_up(service, activator="wake_timeout: 3s")
-    api = str(config.control_plane.admin_api)
+    api = admin_target(config)
     await asyncio.to_thread(admin_client.hibernate, api, "stuck")
     await wait_state(config, "stuck", "HIBERNATED", 10)
 
@@ -238,7 +240,7 @@ async def test_never_ready_gets_504_returns_to_hibernated_and_retries(start_up: 
 async def test_full_queue_503_and_hang_up_is_not_proxied(start_up: Any) -> None:
     service = model_service("slow", 1, load_seconds=3.0, flags=", --log-requests")
     _, config = await start_up(service, activator="wake_timeout: 30s, max_held_per_service: 3")
-    api = str(config.control_plane.admin_api)
+    api = admin_target(config)
     await asyncio.to_thread(admin_client.hibernate, api, "slow")
     await wait_state(config, "slow", "HIBERNATED", 10)
     metrics_url = f"http://{config.control_plane.metrics}/metrics"
@@ -306,7 +308,7 @@ async def test_grpc_service_is_held_woken_and_replayed_by_envoy(start_up: Any) -
             return bytes(await say(payload, timeout=30))
 
     assert await call(b"warm") == b"g:warm"
-    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+    await asyncio.to_thread(admin_client.hibernate, admin_target(config),
                             "grpcsvc")
     await wait_state(config, "grpcsvc", "HIBERNATED", 10)
     await wait_until(lambda: not replica_processes("g"), 10, "no gRPC replica")

@@ -27,6 +27,7 @@ from tests.support.net import wait_until
 from tests.support.up import Up, UpRuns
 from torpor import admin_client
 from torpor.config import Config, load_config
+from torpor.credentials import admin_target
 from torpor.workloads.annotations import RECORDED_REPLICAS
 
 pytestmark = pytest.mark.envoy
@@ -141,7 +142,7 @@ async def test_api_errors_leave_a_consistent_state(kube: FakeKube, start_up: Any
         code, _, _ = await send(session, config, "guarded.localhost", "/predict")
         assert code == 200
 
-        await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+        await asyncio.to_thread(admin_client.hibernate, admin_target(config),
                                 "guarded")
         kube.inject(500, verb="patch", resource="deployments", subresource="scale", times=2)
         code, _, _ = await send(session, config, "guarded.localhost", "/predict")
@@ -187,8 +188,8 @@ async def test_discovery_and_a_lost_store(kube: FakeKube, start_up: Any,
     kube.patch_object("apps/v1", "Deployment", NS, "found", {"metadata": {
         "annotations": {"torpor.io/never-sleep": "false"}}})
     await wait_until(lambda: not admin_client.list_services(
-        str(config.control_plane.admin_api))[1], 15, "the problem cleared")
-    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api), "found")
+        admin_target(config))[1], 15, "the problem cleared")
+    await asyncio.to_thread(admin_client.hibernate, admin_target(config), "found")
     assert annotation(kube, "found") == "1"
     assert await up.stop() == 0
     (tmp_path / "state.db").unlink()  # the store is lost
@@ -199,7 +200,7 @@ async def test_discovery_and_a_lost_store(kube: FakeKube, start_up: Any,
 
 
 def status_names(config: Config) -> list[str]:
-    return [s["name"] for s in admin_client.list_statuses(str(config.control_plane.admin_api))]
+    return [s["name"] for s in admin_client.list_statuses(admin_target(config))]
 
 
 async def _get(url: str) -> str:

@@ -29,6 +29,7 @@ from tests.support.net import wait_until
 from tests.support.up import Up, UpRuns
 from torpor import admin_client
 from torpor.config import Config, load_config
+from torpor.credentials import admin_target
 
 pytestmark = pytest.mark.envoy
 
@@ -53,7 +54,7 @@ async def up(tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[tuple[Up, C
 
 
 def status(config: Config, name: str) -> dict[str, Any]:
-    return admin_client.get_status(str(config.control_plane.admin_api), name)
+    return admin_client.get_status(admin_target(config), name)
 
 
 async def wait_status(config: Config, name: str, what: str,

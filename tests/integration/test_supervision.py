@@ -30,6 +30,7 @@ from tests.support.net import free_port, wait_until
 from tests.support.up import Up, UpRuns, processes_mentioning, status_json
 from torpor import admin_client
 from torpor.config import Address, Config, load_config
+from torpor.credentials import admin_target
 from torpor.supervision import PIDS_NAME, RestartPolicy, start_time
 
 pytestmark = [pytest.mark.envoy,
@@ -126,7 +127,7 @@ async def test_killed_envoy_is_restarted_and_traffic_comes_back(
                      "one connected envoy")
     # ... so a hibernation, which waits until every connected Envoy applied the flip,
     # completes, and the next request wakes the service through the new Envoy.
-    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api), "echo")
+    await asyncio.to_thread(admin_client.hibernate, admin_target(config), "echo")
     await wait_until(lambda: status_json(path)[0]["state"] == "HIBERNATED", 15, "HIBERNATED")
     assert await ask(config, "echo.localhost", timeout=30) == 200
 
@@ -163,7 +164,7 @@ async def test_requests_held_when_envoy_dies_leave_and_retries_are_answered(
     path = write_config(tmp_path, model_service("drowsy", 1, load_seconds=4.0))
     config = load_config(path)
     up = await runs.start(path)
-    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+    await asyncio.to_thread(admin_client.hibernate, admin_target(config),
                             "drowsy")
     await wait_until(lambda: not processes_mentioning("--name drowsy "), 15, "no replica")
 
@@ -200,7 +201,7 @@ async def test_grpc_calls_held_when_envoy_dies_leave_and_retries_are_answered(
     path = write_config(tmp_path, grpc_service("gdrowsy", 4.0))
     config = load_config(path)
     await runs.start(path)
-    await asyncio.to_thread(admin_client.hibernate, str(config.control_plane.admin_api),
+    await asyncio.to_thread(admin_client.hibernate, admin_target(config),
                             "gdrowsy")
     await wait_until(lambda: not processes_mentioning("--name gdrowsy "), 15, "no replica")
 

@@ -9,15 +9,20 @@ from tests.support.net import free_port
 
 
 def write_config(tmp: Path, services: str, extra: str = "",
-                 activator: str = "wake_timeout: 30s", workloads: str = "{kind: local}") -> Path:
+                 activator: str = "wake_timeout: 30s", workloads: str = "{kind: local}",
+                 sockets: bool = True) -> Path:
     """A config on reserved ports; `services` is the YAML list under `services:`, `extra`
     more top-level sections, `activator` more keys of the activator section, `workloads`
-    the workloads section."""
+    the workloads section. `sockets`: Envoy's admin and ADS on their default owner-only
+    Unix sockets (in tmp/torpor-logs), as a user's config without those keys; False: both
+    on TCP ports (a test that starts its own Envoy on control_plane.xds)."""
     names = ("listen", "admin", "xds", "api", "metrics", "act", "actm", "acth2")
     p = {k: free_port() for k in names}
+    admin = "" if sockets else f", admin: 127.0.0.1:{p['admin']}"
+    xds = "" if sockets else f"xds: 127.0.0.1:{p['xds']}, "
     text = f"""
-gateway: {{listen: 127.0.0.1:{p['listen']}, admin: 127.0.0.1:{p['admin']}}}
-control_plane: {{xds: 127.0.0.1:{p['xds']}, admin_api: 127.0.0.1:{p['api']},
+gateway: {{listen: 127.0.0.1:{p['listen']}{admin}}}
+control_plane: {{{xds}admin_api: 127.0.0.1:{p['api']},
                 metrics: 127.0.0.1:{p['metrics']}}}
 activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']},
             listen_h2: 127.0.0.1:{p['acth2']}, {activator}}}

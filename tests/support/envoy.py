@@ -13,20 +13,25 @@ from typing import Any
 import aiohttp
 
 from tests.support.net import wait_until
-from torpor.config import Address
-from torpor.gateway import envoy_binary
+from torpor.config import Address, ClientTlsConfig
+from torpor.gateway import admin_session, admin_url, envoy_binary
 from xds_server.bootstrap import bootstrap
 
 
 class Envoy:
     """An Envoy process bootstrapped to an xDS server on loopback."""
 
-    def __init__(self, workdir: Path, node_id: str, admin_port: int, xds_port: int) -> None:
+    def __init__(self, workdir: Path, node_id: str, admin_port: int, xds_port: int,
+                 admin: Address | None = None, xds: Address | None = None,
+                 xds_tls: ClientTlsConfig | None = None) -> None:
+        """Admin and xDS on 127.0.0.1 ports, or at `admin` / `xds` (e.g. Unix sockets);
+        `xds_tls`: the client certificate for a control plane that requires mTLS."""
         self.node_id = node_id
-        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.admin_address = admin or Address("127.0.0.1", admin_port)
         self._config = workdir / f"envoy-{node_id}.json"
         self._log = workdir / f"envoy-{node_id}.log"
-        boot = bootstrap(node_id, Address("127.0.0.1", admin_port), Address("127.0.0.1", xds_port))
+        boot = bootstrap(node_id, self.admin_address, xds or Address("127.0.0.1", xds_port),
+                         xds_tls)
         self._config.write_text(json.dumps(boot))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -52,7 +57,8 @@ class Envoy:
         return self._log.read_text(errors="replace") if self._log.exists() else ""
 
     async def admin_get(self, path: str) -> tuple[int, str]:
-        async with aiohttp.ClientSession() as session, session.get(self.admin + path) as r:
+        async with admin_session(self.admin_address, 30) as session, \
+                session.get(admin_url(self.admin_address, path)) as r:
             return r.status, await r.text()
 
     async def config_dump(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from tests.support.grpc_echo import METHOD
 from tests.support.net import free_port, wait_until
 from tests.support.up import processes_mentioning
 from torpor import admin_client
+from torpor.config import load_config
+from torpor.credentials import AdminTarget, admin_target
 
 __all__ = ["HOST", "METHOD", "SERVICE", "TORPOR", "SplitStack", "describe", "split_config",
            "torpor_proc", "wait_logged", "wait_serving"]
@@ -110,8 +112,9 @@ class SplitStack:
     replica: str
 
     @property
-    def admin_api(self) -> str:
-        return f"127.0.0.1:{self.ports['api']}"
+    def admin_api(self) -> AdminTarget:
+        """The admin API with the token the control plane created (the config names none)."""
+        return admin_target(load_config(self.config))
 
     @property
     def activator_h2(self) -> str:

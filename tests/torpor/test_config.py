@@ -77,8 +77,9 @@ def test_defaults_fill_every_omitted_section(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "services: []\n"))
     assert {key: str(address) for key, address in config.listeners().items()} == {
         "gateway.listen": "127.0.0.1:8080",
-        "gateway.admin": "127.0.0.1:9901",
-        "control_plane.xds": "127.0.0.1:18000",
+        # Envoy's admin and ADS: owner-only sockets beside the state, no TCP port.
+        "gateway.admin": f"unix:{tmp_path.resolve() / 'torpor-logs' / 'envoy-admin.sock'}",
+        "control_plane.xds": f"unix:{tmp_path.resolve() / 'torpor-logs' / 'xds.sock'}",
         "control_plane.admin_api": "127.0.0.1:18001",
         "control_plane.metrics": "127.0.0.1:19090",
         "activator.listen": "127.0.0.1:18080",
@@ -243,10 +244,47 @@ BAD_CASES = [
         id="port-clash",
     ),
     pytest.param(
-        "gateway: {admin: 0.0.0.0:18000}\n" + SERVICE,
-        "control_plane.xds",
-        ["gateway.admin", "0.0.0.0:18000", "clashes"],
+        "gateway: {admin: 0.0.0.0:18001}\n" + SERVICE,
+        "control_plane.admin_api",
+        ["gateway.admin", "0.0.0.0:18001", "clashes"],
         id="port-clash-wildcard",
+    ),
+    pytest.param(
+        "gateway: {admin: unix:/run/t/a.sock}\ncontrol_plane: {xds: unix:/run/t/a.sock}\n"
+        + SERVICE,
+        "control_plane.xds",
+        ["unix:/run/t/a.sock", "gateway.admin", "own path"],
+        id="socket-clash",
+    ),
+    pytest.param(
+        "gateway: {admin: unix:/" + "d" * 120 + "/a.sock}\n" + SERVICE,
+        "gateway.admin",
+        ["at most 107", "shorter"],
+        id="socket-path-too-long",
+    ),
+    pytest.param(
+        "control_plane: {tls: {cert: s.pem, key: s-key.pem}}\n" + SERVICE,
+        "control_plane.tls.client_ca",
+        ["missing", "torpor certs"],
+        id="mtls-without-client-ca",
+    ),
+    pytest.param(
+        "gateway: {xds_tls: {cert: e.pem, ca: ca.pem}}\n" + SERVICE,
+        "gateway.xds_tls",
+        ["both cert and key"],
+        id="client-cert-without-key",
+    ),
+    pytest.param(
+        "control_plane: {admin_tokens: {operatr: t}}\n" + SERVICE,
+        "control_plane.admin_tokens.operatr",
+        ["unknown key", "did you mean 'operator'"],
+        id="admin-tokens-typo",
+    ),
+    pytest.param(
+        "store: {kind: sqlite, tls: {ca: ca.pem}}\n" + SERVICE,
+        "store.tls",
+        ["unknown key"],
+        id="tls-under-sqlite",
     ),
     pytest.param(
         "services:\n  - {name: echo, host: echo.localhost, local: {ready_path: /healthz}}\n",
@@ -595,3 +633,30 @@ policy: {kind: fixed, cold_start_price: 30m, prewake: false}
         "fixed", 1800.0, False)
     own = config.services[0].policy
     assert (own.kind, own.cold_start_price, own.prewake) == ("learned", 90.0, True)
+
+
+def test_security_keys_resolve_relative_to_the_config(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+        gateway:
+          admin: unix:run/admin.sock
+          xds_tls: {cert: c/e.pem, key: c/e-key.pem, ca: c/ca.pem}
+        control_plane:
+          xds: 127.0.0.1:18000
+          tls: {cert: c/s.pem, key: c/s-key.pem, client_ca: c/ca.pem}
+          admin_tokens: {operator: secrets/op, read_only: secrets/ro}
+        store: {kind: etcd, endpoints: ["127.0.0.1:2379"], tls: {ca: c/ca.pem}, user: torpor,
+                password_file: secrets/etcd}
+        services: []
+        """))
+    root = tmp_path.resolve()
+    assert config.gateway.admin.unix == root / "run" / "admin.sock"
+    assert str(config.gateway.admin) == f"unix:{root / 'run' / 'admin.sock'}"
+    assert config.gateway.admin.port == 0 and config.gateway.admin.is_unix
+    assert config.gateway.xds_tls is not None and config.gateway.xds_tls.cert == root / "c/e.pem"
+    assert config.control_plane.tls is not None
+    assert config.control_plane.tls.client_ca == root / "c/ca.pem"
+    assert config.control_plane.admin_tokens.operator == root / "secrets/op"
+    assert config.control_plane.admin_tokens.read_only == root / "secrets/ro"
+    assert config.store.tls is not None and config.store.tls.ca == root / "c/ca.pem"
+    assert config.store.tls.cert is None
+    assert config.store.user == "torpor" and config.store.password_file == root / "secrets/etcd"

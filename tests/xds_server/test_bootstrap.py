@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from assembly import cli
+from torpor.certs import make_certs, write_certs
 from torpor.config import Address, Config, load_config
+from torpor.errors import ConfigError
 from torpor.gateway import envoy_binary
 from xds_server.bootstrap import bootstrap, bootstrap_json
 
@@ -137,3 +139,59 @@ def test_downstream_connections_are_capped_by_the_overload_manager_not_the_runti
     (monitor,) = boot["overload_manager"]["resource_monitors"]
     assert monitor["name"] == "envoy.resource_monitors.global_downstream_max_connections"
     assert monitor["typed_config"]["max_active_downstream_connections"] == 50_000
+
+
+# --- sockets and mTLS --------------------------------------------------------------------
+
+def test_admin_and_xds_on_unix_sockets_are_pipes_and_the_admin_is_owner_only(
+        tmp_path: Path) -> None:
+    boot = bootstrap("n", Address.socket_file(tmp_path / "admin.sock"),
+                     Address.socket_file(tmp_path / "xds.sock"))
+    assert boot["admin"]["address"] == {"pipe": {"path": str(tmp_path / "admin.sock"),
+                                                 "mode": 0o600}}
+    (cluster,) = boot["static_resources"]["clusters"]
+    assert cluster["type"] == "STATIC"
+    lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert lb["endpoint"]["address"] == {"pipe": {"path": str(tmp_path / "xds.sock")}}
+    assert "transport_socket" not in cluster
+
+
+@pytest.mark.envoy
+def test_envoy_validates_sockets_and_an_mtls_xds_cluster(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    write_certs(certs, make_certs())
+    config_path = tmp_path / "torpor.yaml"
+    config_path.write_text(textwrap.dedent("""\
+        gateway:
+          admin: unix:run/admin.sock
+          xds_tls: {cert: certs/envoy.pem, key: certs/envoy-key.pem, ca: certs/ca.pem}
+        control_plane:
+          xds: torpor-control-plane:18000
+          tls: {cert: certs/server.pem, key: certs/server-key.pem, client_ca: certs/ca.pem}
+        services: []
+        """), encoding="utf-8")
+    config = load_config(config_path)
+    boot = json.loads(bootstrap_json(config))
+    (cluster,) = boot["static_resources"]["clusters"]
+    context = cluster["transport_socket"]["typed_config"]
+    assert context["sni"] == "torpor-control-plane"
+    common = context["common_tls_context"]
+    assert common["tls_certificates"] == [{
+        "certificate_chain": {"filename": str(certs.resolve() / "envoy.pem")},
+        "private_key": {"filename": str(certs.resolve() / "envoy-key.pem")}}]
+    assert common["validation_context"]["trusted_ca"]["filename"] == \
+        str(certs.resolve() / "ca.pem")
+    result = validate(tmp_path, boot)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The same cluster with a certificate file that is not there: Envoy refuses it.
+    common["tls_certificates"][0]["certificate_chain"]["filename"] = str(tmp_path / "nope")
+    assert validate(tmp_path, boot).returncode != 0
+
+
+def test_mtls_on_the_control_plane_needs_envoys_certificate(tmp_path: Path) -> None:
+    config_path = tmp_path / "torpor.yaml"
+    config_path.write_text("control_plane:\n  xds: 127.0.0.1:18000\n"
+                           "  tls: {cert: s.pem, key: k.pem, client_ca: ca.pem}\nservices: []\n")
+    with pytest.raises(ConfigError) as info:
+        bootstrap_json(load_config(config_path))
+    assert "gateway.xds_tls" in str(info.value) and "torpor certs" in str(info.value)

@@ -1,21 +1,25 @@
 """One gRPC channel to an etcd cluster, its stubs, and the errors callers may see.
 
 Owns: the channel (every endpoint of `store.endpoints` in one target, so that gRPC fails
-over between them), the per-call timeout, key naming under the configured prefix, and
-turning gRPC failures into StoreUnavailableError with the endpoints in the message. Must
-not know what the keys mean.
+over between them; TLS with `store.tls`, and etcd's user/password auth with `store.user`),
+the per-call timeout, key naming under the configured prefix, and turning gRPC failures
+into StoreUnavailableError with the endpoints in the message. Must not know what the keys
+mean.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 from aetcd import rpc
 
+from torpor.config import ClientTlsConfig
 from torpor.errors import StoreError
 
 T = TypeVar("T")
@@ -65,14 +69,100 @@ def range_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+@dataclasses.dataclass(frozen=True)
+class EtcdCredentials:
+    """How torpor proves itself to etcd: TLS files (the CA of etcd's certificate, and a
+    client certificate when etcd runs with --client-cert-auth), and/or a user of etcd's
+    auth with its password (read from store.password_file)."""
+
+    tls: ClientTlsConfig | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+def channel_credentials(tls: ClientTlsConfig) -> grpc.ChannelCredentials:
+    """grpc's TLS credentials from the files of `store.tls` (None where not given: the
+    system's CAs, no client certificate). Raises StoreError naming a file it cannot read."""
+
+    def read(path: Any, key: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return bytes(path.read_bytes())
+        except OSError as exc:
+            raise StoreError(f"store.tls.{key}: cannot read {path}: {exc.strerror}") from exc
+
+    return grpc.ssl_channel_credentials(root_certificates=read(tls.ca, "ca"),
+                                        private_key=read(tls.key, "key"),
+                                        certificate_chain=read(tls.cert, "cert"))
+
+
+#: etcd's simple tokens expire after 5 minutes by default (--auth-token-ttl): a new one is
+#: fetched well before.
+TOKEN_REFRESH_EVERY = 60.0
+
+
+class _AuthToken:
+    """etcd's auth token for `user`: fetched with Authenticate on a channel of its own,
+    refreshed every TOKEN_REFRESH_EVERY, and added as `token` metadata to every call (by
+    the interceptors below)."""
+
+    def __init__(self, channel: grpc.aio.Channel, user: str, password: str,
+                 timeout: float) -> None:
+        self._auth = rpc.AuthStub(channel)
+        self._channel = channel
+        self._user, self._password, self._timeout = user, password, timeout
+        self._token = ""
+        self._fetched = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> str:
+        async with self._lock:
+            if not self._token or time.monotonic() - self._fetched > TOKEN_REFRESH_EVERY:
+                response = await self._auth.Authenticate(
+                    rpc.AuthenticateRequest(name=self._user, password=self._password),
+                    timeout=self._timeout)
+                self._token, self._fetched = str(response.token), time.monotonic()
+            return self._token
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class _TokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+                        grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+                        grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Adds etcd's `token` metadata to every call of the channel."""
+
+    def __init__(self, token: _AuthToken) -> None:
+        self._token = token
+
+    async def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("token", await self._token.get())]
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(await self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any,
+                                     request: Any) -> Any:
+        return await continuation(await self._details(details), request)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any,
+                                      request_iterator: Any) -> Any:
+        return await continuation(await self._details(details), request_iterator)
+
+
 class EtcdConnection:
     """The channel and stubs one process uses for every etcd call."""
 
     def __init__(self, endpoints: Sequence[str], prefix: str = "/torpor/",
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, credentials: EtcdCredentials | None = None) -> None:
         self.endpoints = tuple(endpoints)
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.timeout = timeout
+        self.credentials = credentials or EtcdCredentials()
+        self._token: _AuthToken | None = None
         self._channel: grpc.aio.Channel | None = None
         self.kv: Any = None
         self.watch: Any = None
@@ -87,12 +177,13 @@ class EtcdConnection:
         at start with a clear message instead of at the first wake."""
         if self._channel is not None:
             return
-        self._channel = grpc.aio.insecure_channel(
-            grpc_target(self.endpoints),
-            options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
-                     ("grpc.keepalive_time_ms", 10_000),
-                     ("grpc.keepalive_timeout_ms", 5_000),
-                     ("grpc.keepalive_permit_without_calls", 1)])
+        interceptors = None
+        creds = self.credentials
+        if creds.user is not None:
+            self._token = _AuthToken(self._new_channel(None), creds.user,
+                                     creds.password or "", self.timeout)
+            interceptors = [_TokenInterceptor(self._token)]
+        self._channel = self._new_channel(interceptors)
         self.kv = rpc.KVStub(self._channel)
         self.watch = rpc.WatchStub(self._channel)
         self.lease = rpc.LeaseStub(self._channel)
@@ -103,10 +194,25 @@ class EtcdConnection:
             await self.close()
             raise
 
+    def _new_channel(self, interceptors: list[Any] | None) -> grpc.aio.Channel:
+        """A channel to every endpoint: TLS with store.tls, else plaintext."""
+        target = grpc_target(self.endpoints)
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE),
+                   ("grpc.keepalive_time_ms", 10_000),
+                   ("grpc.keepalive_timeout_ms", 5_000),
+                   ("grpc.keepalive_permit_without_calls", 1)]
+        if self.credentials.tls is not None:
+            return grpc.aio.secure_channel(target, channel_credentials(self.credentials.tls),
+                                           options=options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
     async def close(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
+        token, self._token = self._token, None
+        if token is not None:
+            await token.close()
 
     async def call(self, what: str, method: Callable[..., Awaitable[T]], request: Any,
                    timeout: float | None = None) -> T:
