@@ -40,15 +40,16 @@ from torpor.model import Endpoint, ServiceStatus
 from torpor.service_table import ServiceTable
 from torpor.store.base import Store
 from torpor.workloads.base import Workloads
+from xds_server import types
 from xds_server.admin_api import start_admin_server
 from xds_server.cache import SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.policy_loop import PolicyLoop
 from xds_server.publisher import Publisher
-from xds_server.resources import ResourceBuilder
+from xds_server.quarantine import QuarantineBuilder
 from xds_server.routing import EnvoyRouting, gateway_settings
 from xds_server.savings import SavingsKeeper
-from xds_server.server import AdsServer
+from xds_server.server import AdsServer, Rejection
 from xds_server.service_admin import ControlPlaneAdmin
 from xds_server.serving import start_xds_listener
 
@@ -96,8 +97,12 @@ class ControlPlane:
                       Endpoint(reach, config.activator.listen_h2.port))
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
+        # Publishes only what Envoy accepts; a refused service is quarantined (status shows
+        # why) and every other service keeps routing.
+        self.quarantine = QuarantineBuilder(gateway_settings(config, configured))
+        self.ads.add_listeners(self._on_rejected, self.quarantine.applied)
         self.routing = EnvoyRouting(
-            self.table, workloads, ResourceBuilder(gateway_settings(config, configured)),
+            self.table, workloads, self.quarantine,
             self.cache, self.ads, Publisher(self.cache, self.ads, config.control_plane.ack_timeout),
             configured, confirm_timeout=config.control_plane.ack_timeout)
         self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
@@ -110,8 +115,10 @@ class ControlPlane:
                                  self.collector, self.hibernation, self.clock, self.is_leader,
                                  waker=self.waker, store=store)
         self.admin = ControlPlaneAdmin(self.table, self.collector, self.hibernation,
-                                       self.waker, self.routing, problems,
-                                       outlook=self.policy.outlook)
+                                       self.waker, self.routing,
+                                       lambda: [*problems(), *self.readiness()],
+                                       outlook=self.policy.outlook,
+                                       quarantine=self.quarantine.problem)
         self._run_policy = run_policy
         self.savings = SavingsKeeper(  # the leader's savings ledger (torpor report)
             store, lambda: self.table.records, self.collector.last_call, self.clock,
@@ -187,9 +194,27 @@ class ControlPlane:
         self._servers.append(admin_server)
         metrics_port = 0
         if self._serve_metrics:
-            self._metrics_server, metrics_port = metrics.serve_metrics(cp.metrics.host,
-                                                                       cp.metrics.port)
+            self._metrics_server, metrics_port = metrics.serve_metrics(
+                cp.metrics.host, cp.metrics.port, ready=self.readiness)
         return BoundPorts(xds=xds_port, admin_api=admin_port, metrics=metrics_port)
+
+    def readiness(self) -> list[str]:
+        """Why this control plane is not ready ([] when it is): a connected Envoy rejects
+        the current config and no quarantine resolved it. Quarantined services do not
+        count (the rest of the config applies); status shows them. Read by /ready on the
+        metrics server's thread: it only reads."""
+        reasons = [f"Envoy {r.node} rejected {types.short(r.type_url)} v{r.version}: {r.error}"
+                   for r in self.ads.rejections()]
+        if self.quarantine.unresolved and not reasons:
+            reasons.append(self.quarantine.unresolved)
+        metrics.XDS_CONFIG_REJECTED.set(1 if reasons else 0)
+        return reasons
+
+    def _on_rejected(self, rejection: Rejection) -> None:
+        """An Envoy NACKed a config: quarantine the services behind it, push without them."""
+        metrics.XDS_CONFIG_REJECTED.set(1)
+        if self.quarantine.rejected(rejection, self.cache.snapshot()):
+            self.routing.mark_dirty()
 
     def is_leader(self) -> bool:
         """Whether this control plane runs the policy (in a fleet: the elected one)."""

@@ -10,6 +10,9 @@ Envoy applied the previous one (measured: CDS/EDS/LDS/RDS back to back gave up t
 - stage 3: exactly the new config. Clusters no route uses any more go.
 
 A stage equal to the current snapshot is skipped, so an endpoint flip is one EDS push.
+A stage an Envoy rejects (NACK) ends the push: the later stages would build on what it
+refused; the quarantine (quarantine.py) leaves the service behind it out and asks for a
+new push.
 Requests to publish coalesce: only the newest desired state is pushed after a running push.
 """
 
@@ -78,7 +81,17 @@ class Publisher:
             ok = True
             for stage in stages(current.resources if current else None, desired):
                 ok = await self._push(stage) and ok
+                if self._rejected():
+                    # An Envoy refused this stage: the later stages build on it, so stop.
+                    # The quarantine's rejection listener has asked for a new push already.
+                    return False
             return ok
+
+    def _rejected(self) -> bool:
+        """True when a connected Envoy NACKed the current snapshot."""
+        snapshot = self._cache.snapshot()
+        return snapshot is not None and any(
+            r.version == snapshot.version for r in self._ads.rejections())
 
     async def _push(self, resources: Resources) -> bool:
         started = time.monotonic()

@@ -37,9 +37,12 @@ class ControlPlaneAdmin:
     def __init__(self, table: ServiceTable, collector: CallCollector, hibernation: Hibernation,
                  waker: Waker, routing: EnvoyRouting,
                  problems: Callable[[], list[str]] = list,
-                 outlook: Callable[[str], Outlook] | None = None) -> None:
+                 outlook: Callable[[str], Outlook] | None = None,
+                 quarantine: Callable[[str], str | None] | None = None) -> None:
         """`outlook(name)`: the policy's keep-alive and next predicted call of a service
-        (None: status shows neither)."""
+        (None: status shows neither). `quarantine(name)`: why Envoy's config leaves the
+        service out (or at its last good config), None when it does not."""
+        self._quarantine = quarantine
         self._outlook = outlook
         self._table = table
         self._collector = collector
@@ -83,6 +86,8 @@ class ControlPlaneAdmin:
 
     def _status(self, name: str) -> ServiceStatus:
         status = self._table.status(name, self._collector.last_call(name))
+        if self._quarantine is not None:
+            status = dataclasses.replace(status, problem=self._quarantine(name))
         if self._outlook is None:
             return status
         outlook = self._outlook(name)
