@@ -195,14 +195,18 @@ def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
         pass
 
 
-def serve_metrics(host: str, port: int, ready: Callable[[], list[str]] | None = None,
+#: Why a process is not ready ([] when it is), and notes shown either way.
+Readiness = Callable[[], tuple[list[str], list[str]]]
+
+
+def serve_metrics(host: str, port: int, ready: Readiness | None = None,
                   ) -> tuple[WSGIServer, int]:
     """Serve /metrics on host:port in a background thread; returns (server, bound port).
     Stop it with `server.shutdown()`.
 
     With `ready`, `/ready` answers 200 "ready" when `ready()` returns no reason, else 503
-    with one reason a line (e.g. Envoy rejects the current config). `ready` runs on the
-    server's thread: it must only read."""
+    with one reason a line (e.g. Envoy rejects the current config); its notes follow
+    (e.g. quarantined services). `ready` runs on the server's thread: it must only read."""
     if ready is None:
         try:
             server, _thread = start_http_server(port, addr=host)
@@ -214,8 +218,9 @@ def serve_metrics(host: str, port: int, ready: Callable[[], list[str]] | None = 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         if environ.get("PATH_INFO") != "/ready":
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-        reasons = ready()
-        body = ("\n".join(f"not ready: {r}" for r in reasons) if reasons else "ready") + "\n"
+        reasons, notes = ready()
+        lines = [f"not ready: {r}" for r in reasons] or ["ready"]
+        body = "\n".join([*lines, *notes]) + "\n"
         start_response("503 Service Unavailable" if reasons else "200 OK",
                        [("Content-Type", "text/plain; charset=utf-8")])
         return [body.encode("utf-8")]

@@ -195,7 +195,8 @@ class ControlPlane:
         metrics_port = 0
         if self._serve_metrics:
             self._metrics_server, metrics_port = metrics.serve_metrics(
-                cp.metrics.host, cp.metrics.port, ready=self.readiness)
+                cp.metrics.host, cp.metrics.port,
+                ready=lambda: (self.readiness(), self.quarantine_notes()))
         return BoundPorts(xds=xds_port, admin_api=admin_port, metrics=metrics_port)
 
     def readiness(self) -> list[str]:
@@ -209,6 +210,11 @@ class ControlPlane:
             reasons.append(self.quarantine.unresolved)
         metrics.XDS_CONFIG_REJECTED.set(1 if reasons else 0)
         return reasons
+
+    def quarantine_notes(self) -> list[str]:
+        """One line per quarantined service: "quarantined: NAME: problem"."""
+        return [f"quarantined: {name}: {problem}"
+                for name, problem in sorted(self.quarantine.quarantined().items())]
 
     def _on_rejected(self, rejection: Rejection) -> None:
         """An Envoy NACKed a config: quarantine the services behind it, push without them."""

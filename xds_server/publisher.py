@@ -67,6 +67,7 @@ class Publisher:
         self._ads = ads
         self._ack_timeout = ack_timeout
         self._lock = asyncio.Lock()
+        self._applied: Resources | None = None  # the last stage every Envoy applied
 
     async def publish(self, build: Callable[[], Resources]) -> bool:
         """Bring every connected Envoy to the config `build()` returns.
@@ -78,8 +79,13 @@ class Publisher:
         async with self._lock:
             desired = build()
             current = self._cache.snapshot()
+            base = current.resources if current else None
+            if self._rejected():
+                # Stage from what Envoy applied last, never from what it refused (else
+                # stage 1 would carry the refused resource again, and be refused again).
+                base = self._applied
             ok = True
-            for stage in stages(current.resources if current else None, desired):
+            for stage in stages(base, desired):
                 ok = await self._push(stage) and ok
                 if self._rejected():
                     # An Envoy refused this stage: the later stages build on it, so stop.
@@ -105,6 +111,7 @@ class Publisher:
             event(log, "xds.push_incomplete", level=logging.WARNING, version=snapshot.version,
                   seconds=round(elapsed, 4), behind=behind)
             return False
+        self._applied = resources
         metrics.XDS_PUSH_DURATION.observe(elapsed)
         event(log, "xds.pushed", level=logging.DEBUG, version=snapshot.version,
               seconds=round(elapsed, 4))

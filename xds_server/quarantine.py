@@ -255,7 +255,8 @@ def blame(error: str, part: str, admitted: list[RoutedService],
           good: Mapping[str, RoutedService]) -> list[RoutedService]:
     """The services a rejection of resource type `part` with `error` is pinned on (pure).
 
-    Named (their name, or their host as a domain, appears in `error`) and changed since
+    Named (their name, their host as a domain, or for EDS an endpoint address appears in
+    `error`) and changed since
     `good`; else named; else changed. Nobody for the listener (shared by all)."""
     if part not in PARTS:
         return []
@@ -264,5 +265,6 @@ def blame(error: str, part: str, admitted: list[RoutedService],
                or any(getattr(s, f) != getattr(good[s.name], f) for f in fields)]
     tokens = {t.rstrip(".:,;'\"").removesuffix(":*") for t in _TOKEN.findall(error)}
     tokens |= {t.rstrip(".:") for t in tokens}
-    named = [s for s in admitted if s.name in tokens or s.host in tokens]
+    named = [s for s in admitted if s.name in tokens or s.host in tokens
+             or (part == "eds" and any(e.host in tokens for e in s.endpoints))]
     return [s for s in named if s in changed] or named or changed

@@ -255,6 +255,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             due = updates_for(resources, ts.sent, ts.subscribed)
             if due is None:
                 ts.synced_version = snapshot.version
+                # A newer snapshot holds exactly what this Envoy applied (the refused
+                # resource left out again): nothing to send, and nothing rejected now.
+                ts.nacked_version = None
+                ts.last_error = None
                 continue
             if type_url == types.CLUSTER:
                 _forget_endpoints_of_changed_clusters(stream, ts, due)
