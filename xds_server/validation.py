@@ -16,7 +16,9 @@ Two kinds of rules:
 - Rules that span resources, which no annotation can state (`check_domains`): within one
   RouteConfiguration, one `*` domain, every domain (lowercased; exact, `*suffix` and
   `prefix*` each their own table; a port is part of the string, so `h:*` is a prefix
-  wildcard) once, every virtual host name once (Envoy's RouteMatcher).
+  wildcard) once, every virtual host name once (Envoy's RouteMatcher); and torpor's own
+  rule that hosts differing only by a trailing dot clash (see `domain_table`).
+- EDS endpoint addresses are IP addresses (`check_endpoint_addresses`).
 
 PGV rules not checked (none appear on the resources torpor builds): the `uri`, `uri_ref`,
 `email` and `uuid` string formats, and timestamp rules. A `pattern` Python's `re` cannot
@@ -457,15 +459,25 @@ def _show(duration: duration_pb2.Duration) -> str:
 def domain_table(domain: str) -> tuple[str, str]:
     """Which of Envoy's domain tables `domain` goes to, and its key there (lowercased):
     ("default", "*"), ("suffix", "*.example.com"), ("prefix", "example.com:*"),
-    ("exact", "example.com"). A port is part of the string."""
+    ("exact", "example.com"). A port is part of the string.
+
+    Stricter than Envoy in one way: a trailing dot of the host is dropped from the key.
+    Envoy tells "a.test" and "a.test." apart, but torpor's activator and access-log
+    collector do not (torpor.model.host_of), so two services whose hosts differ only by
+    it would be routed to one by Envoy and woken as the other."""
     key = domain.lower()
     if key == "*":
         return "default", key
     if key.startswith("*"):
-        return "suffix", key
+        return "suffix", key.removesuffix(".")
+    if key.endswith(":*"):
+        return "prefix", key[:-2].removesuffix(".") + ":*"
     if key.endswith("*"):
         return "prefix", key
-    return "exact", key
+    if ":" in key:
+        host, _, port = key.rpartition(":")
+        return "exact", f"{host.removesuffix('.')}:{port}"
+    return "exact", key.removesuffix(".")
 
 
 def check_domains(vhosts: Iterable[tuple[str, Iterable[str]]]) -> dict[str, list[str]]:
