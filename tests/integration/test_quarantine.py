@@ -120,7 +120,7 @@ async def test_a_nacked_service_is_quarantined_and_the_others_keep_serving(
                 return (await ready_page(config))[0] == 200 and not cp.ads.rejections()
 
             await wait_until(settled, 15, "the config without beta's bad endpoints applied")
-            code, page = await ready_page(config)
+            _, page = await ready_page(config)
             assert "quarantined: beta: Envoy rejected its endpoints" in page, page
             # alpha is untouched; beta keeps its last good endpoints (the ones before).
             for _ in range(10):
@@ -171,7 +171,7 @@ async def test_a_rejection_nobody_can_be_blamed_for_makes_it_not_ready(
             return (await ready_page(config))[0] == 503
 
         await wait_until(refused, 20, "/ready answers 503")
-        code, page = await ready_page(config)
+        _, page = await ready_page(config)
         assert "not ready: Envoy unbindable rejected lds" in page, page
         _, problems = await asyncio.to_thread(admin_client.list_services,
                                               str(config.control_plane.admin_api))

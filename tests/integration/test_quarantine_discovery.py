@@ -22,18 +22,18 @@ import aiohttp
 import pytest
 
 from tests.integration.test_hibernate_wake import send
-from tests.integration.test_kubernetes_loop import (  # noqa: F401 (fixtures)
-    NS,
-    _get,
-    kube,
-    start_up,
-)
+from tests.integration import test_kubernetes_loop as loop
 from tests.support.fake_kube import FakeKube
 from tests.support.kube_objects import model_deployment, model_service
 from tests.support.net import wait_until
 from torpor.config import Config
 
 pytestmark = pytest.mark.envoy
+
+NS = loop.NS
+_get = loop._get
+kube = loop.kube  # fixtures: the fake API server, and `torpor up` on it
+start_up = loop.start_up
 
 
 def enabled(host: str) -> dict[str, Any]:
