@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.test_hibernate_wake import send
 from tests.integration import test_kubernetes_loop as loop
+from tests.integration.test_hibernate_wake import send
 from tests.support.fake_kube import FakeKube
 from tests.support.kube_objects import model_deployment, model_service
 from tests.support.net import wait_until
