@@ -211,6 +211,26 @@ class ControlPlane:
         metrics.XDS_CONFIG_REJECTED.set(1 if reasons else 0)
         return reasons
 
+    async def wait_settled(self, timeout: float) -> list[str]:
+        """Wait, at most `timeout`, until every connected Envoy applied the current config
+        (after any quarantine's new push), or one keeps rejecting it; returns readiness()
+        (`torpor up` prints it instead of a silent "ready")."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (remaining := deadline - loop.time()) > 0:
+            snapshot = self.cache.snapshot()
+            if snapshot is None:
+                break
+            behind = await self.ads.wait_synced(snapshot.version, remaining)
+            current = self.cache.snapshot()
+            if not behind and current is not None and current.version == snapshot.version:
+                break
+            if current is not None and current.version == snapshot.version and \
+                    self.quarantine.unresolved:
+                break  # rejected, and nobody to quarantine for it: it stays so
+            await asyncio.sleep(0.05)  # a quarantine's new push is on its way
+        return self.readiness()
+
     def quarantine_notes(self) -> list[str]:
         """One line per quarantined service: "quarantined: NAME: problem"."""
         return [f"quarantined: {name}: {problem}"

@@ -20,6 +20,7 @@ from tests.support.backends import start_backends
 from tests.support.configs import model_service, write_config
 from tests.support.envoy import Envoy
 from tests.support.net import wait_until
+from tests.support.up import UpRuns
 from tests.support.workloads import FixedWorkloads
 from torpor import admin_client, metrics
 from torpor.config import Config, load_config
@@ -181,3 +182,28 @@ async def test_a_rejection_nobody_can_be_blamed_for_makes_it_not_ready(
     finally:
         taken.close()
         await alpha.stop()
+
+
+async def test_up_names_a_quarantined_service_and_serves_the_others(tmp_path: Path) -> None:
+    """Two configured hosts that differ only by a trailing dot: the loader takes both, the
+    validator quarantines the second (Envoy would route the two apart, the activator would
+    wake the first for both); `torpor up` says so before "ready." and serves the first."""
+    second = model_service("second", 1).replace("host: second.localhost",
+                                                "host: first.localhost.")
+    path = write_config(tmp_path, model_service("first", 1) + second)
+    config = load_config(path)
+    runs = UpRuns()
+    try:
+        up = await runs.start(path)
+        text = up.text()
+        line = next((t for t in text.splitlines() if "quarantined: second:" in t), None)
+        assert line is not None, text
+        assert "'first.localhost' is already served by 'first'" in line, line
+        assert text.index("quarantined: second:") < text.index("torpor: ready.")
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://{config.gateway.listen}/predict",
+                headers={"Host": "first.localhost"}) as r:
+            assert r.status == 200
+        assert (await ready_page(config))[0] == 200
+    finally:
+        await runs.stop_all()
