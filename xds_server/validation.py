@@ -211,7 +211,16 @@ def _check_single(message: Message, field: FieldDescriptor, value: Any, rules: A
         if _type_of(field).full_name not in _WRAPPERS or not message.HasField(field.name):
             return  # rules on a wrapper apply only when it is set
         value = value.value
+    if kind == "enum":
+        yield from _check_defined(field, value, rules.enum, path)
     yield from _check_value(value, kind, getattr(rules, kind), path)
+
+
+def _check_defined(field: FieldDescriptor, value: int, rules: Any, path: str) -> Iterator[str]:
+    """enum {defined_only: true}: a number the enum names."""
+    if rules.defined_only and field.enum_type is not None \
+            and value not in field.enum_type.values_by_number:
+        yield f"{path}: must be one of {field.enum_type.name}'s values, got {value}"
 
 
 def _check_repeated(field: FieldDescriptor, values: Any, rules: Any,
@@ -240,6 +249,8 @@ def _check_repeated(field: FieldDescriptor, values: Any, rules: Any,
                 if _type_of(field).full_name in _WRAPPERS:
                     yield from _check_value(item.value, kind, getattr(rules.items, kind), sub)
             else:
+                if kind == "enum":
+                    yield from _check_defined(field, item, rules.items.enum, sub)
                 yield from _check_value(item, kind, getattr(rules.items, kind), sub)
 
 
