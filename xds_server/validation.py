@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from google.protobuf import any_pb2, duration_pb2, symbol_database
@@ -91,15 +91,14 @@ def _walk(message: Message, path: str) -> Iterator[str]:
             continue  # rules of a oneof member (or proto3 optional) apply only when set
         yield from _check_field(message, field, rules, f"{path}.{field.name}")
     for field, value in message.ListFields():
-        if field.type != FieldDescriptor.TYPE_MESSAGE:
+        shape = table.shapes.get(field.name)
+        if shape is None:
             continue
         sub = f"{path}.{field.name}"
-        if _is_map(field):
-            value_field = _type_of(field).fields_by_name["value"]
-            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
-                for key, item in value.items():
-                    yield from _walk(item, f"{sub}[{key}]")
-        elif field.is_repeated:
+        if shape == "map":
+            for key, item in value.items():
+                yield from _walk(item, f"{sub}[{key}]")
+        elif shape == "repeated":
             for index, item in enumerate(value):
                 yield from _walk(item, f"{sub}[{index}]")
         else:
@@ -107,19 +106,28 @@ def _walk(message: Message, path: str) -> Iterator[str]:
 
 
 def _walk_any(message: Message, path: str) -> Iterator[str]:
-    """An Any is checked as the message it carries (Envoy unpacks and validates it)."""
+    """An Any is checked as the message it carries (Envoy unpacks and validates it).
+    Verdicts are cached by content: most nested Anys (retry predicates, protocol options)
+    are the same bytes in every service's resources."""
     assert isinstance(message, any_pb2.Any)
     if not message.type_url:
         return
+    for problem in _any_problems(message.type_url, message.value):
+        yield path + problem
+
+
+@functools.lru_cache(maxsize=1024)
+def _any_problems(type_url: str, value: bytes) -> tuple[str, ...]:
+    """Problems of a packed message, with paths relative to it ("" is the message)."""
+    packed = any_pb2.Any(type_url=type_url, value=value)
     try:
-        cls = symbol_database.Default().GetSymbol(message.TypeName())
+        cls = symbol_database.Default().GetSymbol(packed.TypeName())
     except KeyError:
-        return  # a type this process cannot read; Envoy judges it
+        return ()  # a type this process cannot read; Envoy judges it
     inner = cls()
-    if not message.Unpack(inner):
-        yield f"{path}: cannot unpack {message.TypeName()}"
-        return
-    yield from _walk(inner, path)
+    if not packed.Unpack(inner):
+        return (f": cannot unpack {packed.TypeName()}",)
+    return tuple(_walk(inner, ""))
 
 
 def _duration_range(message: Message, path: str) -> Iterator[str]:
@@ -136,9 +144,11 @@ class _Table:
     """The rules of one message type, read once from its descriptor."""
 
     def __init__(self, field_rules: list[tuple[FieldDescriptor, Any]],
-                 required_oneofs: list[OneofDescriptor]) -> None:
+                 required_oneofs: list[OneofDescriptor], shapes: dict[str, str]) -> None:
         self.field_rules = field_rules
         self.required_oneofs = required_oneofs
+        # Fields holding messages to walk into: "map" (of messages), "repeated", "single".
+        self.shapes = shapes
 
 
 @functools.cache
@@ -153,7 +163,16 @@ def _rules_of(descriptor: Descriptor) -> _Table | None:
             field_rules.append((field, field_options.Extensions[validate_pb2.rules]))
     oneofs = [o for o in descriptor.oneofs
               if o.GetOptions().Extensions[validate_pb2.required]]
-    return _Table(field_rules, oneofs)
+    shapes = {}
+    for field in descriptor.fields:
+        if field.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        if _is_map(field):
+            if _type_of(field).fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE:
+                shapes[field.name] = "map"
+        else:
+            shapes[field.name] = "repeated" if field.is_repeated else "single"
+    return _Table(field_rules, oneofs, shapes)
 
 
 def _type_of(field: FieldDescriptor) -> Descriptor:
@@ -333,41 +352,41 @@ def _check_string(value: str, rules: Any, path: str) -> Iterator[str]:
     if rules.ignore_empty and not value:
         return
     shown = repr(value if len(value) <= 80 else value[:77] + "...")
-    length = len(value)
-    size = len(value.encode("utf-8"))
-    checks = (
-        (rules.HasField("const") and value != rules.const, f"must be {rules.const!r}"),
-        (rules.HasField("len") and length != rules.len, f"must be {rules.len} characters"),
-        (rules.HasField("min_len") and length < rules.min_len,
-         f"must be at least {rules.min_len} character(s)"),
-        (rules.HasField("max_len") and length > rules.max_len,
-         f"must be at most {rules.max_len} characters"),
-        (rules.HasField("min_bytes") and size < rules.min_bytes,
-         f"must be at least {rules.min_bytes} byte(s)"),
-        (rules.HasField("max_bytes") and size > rules.max_bytes,
-         f"must be at most {rules.max_bytes} bytes"),
-        (rules.HasField("prefix") and not value.startswith(rules.prefix),
-         f"must start with {rules.prefix!r}"),
-        (rules.HasField("suffix") and not value.endswith(rules.suffix),
-         f"must end with {rules.suffix!r}"),
-        (rules.HasField("contains") and rules.contains not in value,
-         f"must contain {rules.contains!r}"),
-        (rules.HasField("not_contains") and rules.not_contains in value,
-         f"must not contain {rules.not_contains!r}"),
-        (bool(getattr(rules, "in")) and value not in getattr(rules, "in"),
-         f"must be one of {list(getattr(rules, 'in'))}"),
-        (value in rules.not_in, "is not allowed"),
-        (rules.HasField("pattern") and not _matches(rules.pattern, value),
-         f"must match {rules.pattern!r}"),
-    )
-    for broken, problem in checks:
-        if broken:
+    for rule, setting in rules.ListFields():
+        problem = _STRING_RULES.get(rule.name, _no_problem)(value, setting)
+        if problem:
             yield f"{path}: {problem}, got {shown}"
     known = rules.WhichOneof("well_known")
     if known is not None and not _well_known(known, rules, value):
         what = known if known != "well_known_regex" else \
             validate_pb2.KnownRegex.Name(rules.well_known_regex)
         yield f"{path}: must be a valid {what}, got {shown}"
+
+
+def _no_problem(value: str, setting: Any) -> str:
+    return ""
+
+
+def _pattern(value: str, setting: str) -> str:
+    return "" if _matches(setting, value) else f"must match {setting!r}"
+
+
+_STRING_RULES: dict[str, Callable[[str, Any], str]] = {
+    "const": lambda v, c: "" if v == c else f"must be {c!r}",
+    "len": lambda v, n: "" if len(v) == n else f"must be {n} characters",
+    "min_len": lambda v, n: "" if len(v) >= n else f"must be at least {n} character(s)",
+    "max_len": lambda v, n: "" if len(v) <= n else f"must be at most {n} characters",
+    "len_bytes": lambda v, n: "" if len(v.encode()) == n else f"must be {n} bytes",
+    "min_bytes": lambda v, n: "" if len(v.encode()) >= n else f"must be at least {n} byte(s)",
+    "max_bytes": lambda v, n: "" if len(v.encode()) <= n else f"must be at most {n} bytes",
+    "prefix": lambda v, p: "" if v.startswith(p) else f"must start with {p!r}",
+    "suffix": lambda v, p: "" if v.endswith(p) else f"must end with {p!r}",
+    "contains": lambda v, p: "" if p in v else f"must contain {p!r}",
+    "not_contains": lambda v, p: "" if p not in v else f"must not contain {p!r}",
+    "in": lambda v, allowed: "" if v in allowed else f"must be one of {list(allowed)}",
+    "not_in": lambda v, refused: "" if v not in refused else "is not allowed",
+    "pattern": _pattern,
+}
 
 
 def _well_known(known: str, rules: Any, value: str) -> bool:
