@@ -42,7 +42,7 @@ from torpor.store.base import Store
 from torpor.workloads.base import Workloads
 from xds_server import types
 from xds_server.admin_api import start_admin_server
-from xds_server.cache import SnapshotCache
+from xds_server.cache import Snapshot, SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.policy_loop import PolicyLoop
 from xds_server.publisher import Publisher
@@ -100,7 +100,7 @@ class ControlPlane:
         # Publishes only what Envoy accepts; a refused service is quarantined (status shows
         # why) and every other service keeps routing.
         self.quarantine = QuarantineBuilder(gateway_settings(config, configured))
-        self.ads.add_listeners(self._on_rejected, self.quarantine.applied)
+        self.ads.add_listeners(self._on_rejected, self._on_applied)
         self.routing = EnvoyRouting(
             self.table, workloads, self.quarantine,
             self.cache, self.ads, Publisher(self.cache, self.ads, config.control_plane.ack_timeout),
@@ -118,7 +118,8 @@ class ControlPlane:
                                        self.waker, self.routing,
                                        lambda: [*problems(), *self.readiness()],
                                        outlook=self.policy.outlook,
-                                       quarantine=self.quarantine.problem)
+                                       quarantine=self.quarantine.problem,
+                                       left_out=self.quarantine.left_out)
         self._run_policy = run_policy
         self.savings = SavingsKeeper(  # the leader's savings ledger (torpor report)
             store, lambda: self.table.records, self.collector.last_call, self.clock,
@@ -236,6 +237,11 @@ class ControlPlane:
         return [f"quarantined: {name}: {problem}"
                 for name, problem in sorted(self.quarantine.quarantined().items())]
 
+    def _on_applied(self, snapshot: Snapshot) -> None:
+        """Every Envoy applied `snapshot`: suspects of a NACK may be let back in."""
+        if self.quarantine.applied(snapshot):
+            self.routing.mark_dirty()
+
     def _on_rejected(self, rejection: Rejection) -> None:
         """An Envoy NACKed a config: quarantine the services behind it, push without them."""
         metrics.XDS_CONFIG_REJECTED.set(1)
@@ -267,5 +273,14 @@ class ControlPlane:
 
     async def wait_routed(self, name: str) -> None:
         """Every Envoy routes `name` to its replicas (the in-process HTTP/2 holder's
-        confirmation before Envoy replays a held request)."""
+        confirmation before Envoy replays a held request). Raises TorporError for a
+        quarantined service Envoy does not route at all (a replay would not reach it)."""
         await self.routing.wait_routed(name)
+        _raise_if_left_out(self.quarantine, name)
+
+
+def _raise_if_left_out(quarantine: QuarantineBuilder, name: str) -> None:
+    problem = quarantine.left_out(name)
+    if problem is not None:
+        raise TorporError(f"service {name!r} is quarantined, Envoy does not route it: "
+                          f"{problem}")

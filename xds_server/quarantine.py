@@ -65,6 +65,11 @@ class Problem:
     parts: frozenset[str]
     bad: RoutedService
     since: float
+    # A NACK that named nobody, pinned on several services that changed together: one of
+    # the `group` is at fault, maybe not this one. `applied` lets them back half a group
+    # at a time until each one left is alone at fault (confirmed).
+    confirmed: bool = True
+    group: int = 0
 
     def still_applies(self, service: RoutedService) -> bool:
         """True while `service` has the rejected values in every part at fault."""
@@ -95,6 +100,7 @@ class QuarantineBuilder(ResourceBuilder):
         self._domains_checked: tuple[tuple[tuple[str, str], ...],
                                      dict[str, list[str]]] | None = None
         self.unresolved: str | None = None  # a rejection no service could be blamed for
+        self._groups = 0  # suspects blamed together share a group number
 
     # --- what status, metrics and readiness read ----------------------------------------
 
@@ -102,6 +108,14 @@ class QuarantineBuilder(ResourceBuilder):
         """Why `name` is quarantined now, in the validator's or Envoy's words; None if not."""
         found = self._quarantined.get(name)
         return None if found is None else found.message
+
+    def left_out(self, name: str) -> str | None:
+        """The problem of a quarantined service that is not published at all (no last
+        good shape to fall back to): Envoy does not route it. None otherwise."""
+        found = self._quarantined.get(name)
+        if found is None or any(s.name == name for s in self._admitted):
+            return None
+        return found.message
 
     def quarantined(self) -> dict[str, str]:
         return {name: p.message for name, p in self._quarantined.items()}
@@ -223,13 +237,34 @@ class QuarantineBuilder(ResourceBuilder):
 
     # --- what Envoy said ----------------------------------------------------------------
 
-    def applied(self, snapshot: Snapshot) -> None:
+    def applied(self, snapshot: Snapshot) -> bool:
         """Every connected Envoy applied `snapshot`: if it is the last build, its services
-        are the last good shapes (what a quarantined service falls back to)."""
+        are the last good shapes (what a quarantined service falls back to). True when
+        suspects are let back in (the caller pushes again): see `_narrow`."""
         if self._built is None or not snapshot.same_content(self._built):
-            return
+            return False
         self._good = {s.name: s for s in self._admitted}
         self.unresolved = None
+        return self._narrow()
+
+    def _narrow(self) -> bool:
+        """Let half of the smallest group of unconfirmed suspects back in. Envoy then
+        accepts them (innocent: they become good) or rejects them (a NACK with only them
+        changed: a smaller group, or one service confirmed). A bisection driven by Envoy's
+        verdicts: about log2(n) pushes find one bad service among n."""
+        groups: dict[int, list[str]] = {}
+        for name, problem in self._nacked.items():
+            if not problem.confirmed:
+                groups.setdefault(problem.group, []).append(name)
+        if not groups:
+            return False
+        group = min(groups, key=lambda g: (len(groups[g]), -g))
+        names = sorted(groups[group])
+        for name in names[:max(1, len(names) // 2)]:
+            del self._nacked[name]
+        event(log, "xds.nack_narrowing", level=logging.INFO,
+              retried=names[:max(1, len(names) // 2)], still_suspected=len(names) // 2)
+        return True
 
     def rejected(self, rejection: Rejection, snapshot: Snapshot | None) -> bool:
         """Envoy rejected `rejection.version`: quarantine the services behind it. True when
@@ -239,7 +274,7 @@ class QuarantineBuilder(ResourceBuilder):
         if snapshot is None or rejection.version != snapshot.version:
             return False
         part = types.short(rejection.type_url)
-        suspects = blame(rejection.error, part, self._admitted, self._good)
+        suspects, named = blame(rejection.error, part, self._admitted, self._good)
         fresh = [s for s in suspects if s.name not in self._nacked]
         if not fresh:
             if not suspects:
@@ -248,11 +283,16 @@ class QuarantineBuilder(ResourceBuilder):
                 event(log, "xds.nack_unresolved", level=logging.ERROR, node=rejection.node,
                       type=part, error=rejection.error)
             return False
+        confirmed = named or len(fresh) == 1
+        self._groups += 1
+        what = _PART_NAMES[part]
+        message = (f"Envoy rejected its {what}: {rejection.error}" if confirmed else
+                   f"Envoy rejected the {what} of one of {len(fresh)} services changed "
+                   f"together (narrowing down): {rejection.error}")
         for svc in fresh:
             self._nacked[svc.name] = Problem(
-                f"Envoy rejected its {_PART_NAMES[part]}: {rejection.error}", "envoy",
-                frozenset({part}) if part in PARTS else frozenset(PARTS), svc,
-                self._since(svc.name))
+                message, "envoy", frozenset({part}) if part in PARTS else frozenset(PARTS),
+                svc, self._since(svc.name), confirmed=confirmed, group=self._groups)
         return True
 
 
@@ -260,14 +300,15 @@ _PART_NAMES = {"cds": "cluster", "eds": "endpoints", "rds": "route", "lds": "lis
 
 
 def blame(error: str, part: str, admitted: list[RoutedService],
-          good: Mapping[str, RoutedService]) -> list[RoutedService]:
-    """The services a rejection of resource type `part` with `error` is pinned on (pure).
+          good: Mapping[str, RoutedService]) -> tuple[list[RoutedService], bool]:
+    """The services a rejection of resource type `part` with `error` is pinned on, and
+    whether Envoy's words named them (pure).
 
     Named (their name, their host as a domain, or for EDS an endpoint address appears in
-    `error`) and changed since
-    `good`; else named; else changed. Nobody for the listener (shared by all)."""
+    `error`) and changed since `good`; else named; else changed. Nobody for the listener
+    (shared by all)."""
     if part not in PARTS:
-        return []
+        return [], False
     fields = PARTS[part]
     changed = [s for s in admitted if s.name not in good
                or any(getattr(s, f) != getattr(good[s.name], f) for f in fields)]
@@ -275,4 +316,6 @@ def blame(error: str, part: str, admitted: list[RoutedService],
     tokens |= {t.rstrip(".:") for t in tokens}
     named = [s for s in admitted if s.name in tokens or s.host in tokens
              or (part == "eds" and any(e.host in tokens for e in s.endpoints))]
-    return [s for s in named if s in changed] or named or changed
+    if named:
+        return [s for s in named if s in changed] or named, True
+    return changed, False
