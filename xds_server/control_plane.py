@@ -46,7 +46,7 @@ from xds_server.cache import Snapshot, SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.policy_loop import PolicyLoop
 from xds_server.publisher import Publisher
-from xds_server.quarantine import QuarantineBuilder
+from xds_server.quarantine import QuarantineBuilder, envoy_words
 from xds_server.routing import EnvoyRouting, gateway_settings
 from xds_server.savings import SavingsKeeper
 from xds_server.server import AdsServer, Rejection
@@ -205,8 +205,8 @@ class ControlPlane:
         the current config and no quarantine resolved it. Quarantined services do not
         count (the rest of the config applies); status shows them. Read by /ready on the
         metrics server's thread: it only reads."""
-        reasons = [f"Envoy {r.node} rejected {types.short(r.type_url)} v{r.version}: {r.error}"
-                   for r in self.ads.rejections()]
+        reasons = [f"Envoy {r.node} rejected {types.short(r.type_url)} v{r.version}: "
+                   f"{envoy_words(r.error)}" for r in self.ads.rejections()]
         if self.quarantine.unresolved and not reasons:
             reasons.append(self.quarantine.unresolved)
         metrics.XDS_CONFIG_REJECTED.set(1 if reasons else 0)

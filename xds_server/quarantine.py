@@ -274,21 +274,22 @@ class QuarantineBuilder(ResourceBuilder):
         if snapshot is None or rejection.version != snapshot.version:
             return False
         part = types.short(rejection.type_url)
-        suspects, named = blame(rejection.error, part, self._admitted, self._good)
+        said = envoy_words(rejection.error)
+        suspects, named = blame(said, part, self._admitted, self._good)
         fresh = [s for s in suspects if s.name not in self._nacked]
         if not fresh:
             if not suspects:
                 self.unresolved = (f"Envoy {rejection.node} rejected {part} "
-                                   f"v{rejection.version}: {rejection.error}")
+                                   f"v{rejection.version}: {said}")
                 event(log, "xds.nack_unresolved", level=logging.ERROR, node=rejection.node,
-                      type=part, error=rejection.error)
+                      type=part, error=said)
             return False
         confirmed = named or len(fresh) == 1
         self._groups += 1
         what = _PART_NAMES[part]
-        message = (f"Envoy rejected its {what}: {rejection.error}" if confirmed else
+        message = (f"Envoy rejected its {what}: {said}" if confirmed else
                    f"Envoy rejected the {what} of one of {len(fresh)} services changed "
-                   f"together (narrowing down): {rejection.error}")
+                   f"together (narrowing down): {said}")
         for svc in fresh:
             self._nacked[svc.name] = Problem(
                 message, "envoy", frozenset({part}) if part in PARTS else frozenset(PARTS),
@@ -297,6 +298,22 @@ class QuarantineBuilder(ResourceBuilder):
 
 
 _PART_NAMES = {"cds": "cluster", "eds": "endpoints", "rds": "route", "lds": "listener"}
+#: Where Envoy's text dump of a rejected resource starts (protobuf's DebugString marker).
+_DUMP_MARKER = "goo.gle/debug"
+#: Envoy's words shown in status at most (its error_detail may be kilobytes).
+MAX_WORDS = 400
+
+
+def envoy_words(error: str) -> str:
+    """Envoy's error without the dump of the rejected resource it may carry (measured: a
+    route table failing Envoy's proto validation came back as 4 KB of the route table's
+    text, truncated, naming every service in it and no reason), at most MAX_WORDS."""
+    cut = error.find(_DUMP_MARKER)
+    words = (error if cut < 0 else error[:cut]).strip().rstrip(":").strip()
+    if cut >= 0:
+        words = (f"{words} " if words else "") + \
+            "(Envoy's message is a dump of the rejected resource, without a reason)"
+    return words if len(words) <= MAX_WORDS else words[:MAX_WORDS - 3] + "..."
 
 
 def blame(error: str, part: str, admitted: list[RoutedService],

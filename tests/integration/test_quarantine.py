@@ -9,6 +9,7 @@ for (the listener's) makes the control plane not ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,12 +23,15 @@ from tests.support.envoy import Envoy
 from tests.support.net import wait_until
 from tests.support.up import UpRuns
 from tests.support.workloads import FixedWorkloads
+from tests.support.xds import XdsHarness
 from torpor import admin_client, metrics
 from torpor.config import Config, load_config
 from torpor.model import Endpoint
 from torpor.store.sqlite import SqliteStore
 from xds_server import validation
 from xds_server.control_plane import ControlPlane
+from xds_server.quarantine import Problem, QuarantineBuilder
+from xds_server.resources import RoutedService
 
 pytestmark = pytest.mark.envoy
 
@@ -207,3 +211,73 @@ async def test_up_names_a_quarantined_service_and_serves_the_others(tmp_path: Pa
         assert (await ready_page(config))[0] == 200
     finally:
         await runs.stop_all()
+
+
+async def test_an_unnamed_rejection_is_narrowed_down_with_a_real_envoy(
+    envoys: Callable[[int, str], Envoy], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six new services at once, one with a domain Envoy refuses (a line feed;
+    the validator is switched off for it): Envoy's error names no service, so all six are
+    suspects; halves are let back in on Envoy's verdicts until only the bad one is left
+    out, and the five others serve."""
+    real = QuarantineBuilder._validate
+
+    def lenient(self: QuarantineBuilder, svc: RoutedService) -> Problem | None:
+        return None if "\n" in svc.host else real(self, svc)
+
+    monkeypatch.setattr(QuarantineBuilder, "_validate", lenient)
+    (backend,) = await start_backends("ok")
+    harness = XdsHarness(Endpoint("127.0.0.1", 9))
+    harness.builder = QuarantineBuilder(harness.settings)
+    builder = harness.builder
+    names = [f"svc{i}" for i in range(6)]
+    table = [RoutedService(n, f"{n}.test" if n != "svc3" else "svc3.te\nst",
+                           (backend.endpoint,)) for n in names]
+    dirty = asyncio.Event()
+    harness.ads.add_listeners(
+        lambda r: dirty.set() if builder.rejected(r, harness.cache.snapshot()) else None,
+        lambda s: dirty.set() if builder.applied(s) else None)
+    await harness.start(table)
+    envoy = envoys(harness.xds_port, "narrowing")
+    pushes = 0
+
+    async def driver() -> None:  # what EnvoyRouting.run does: push whenever asked
+        nonlocal pushes
+        while True:
+            await dirty.wait()
+            dirty.clear()
+            pushes += 1
+            await harness.publish(table)
+
+    task = asyncio.create_task(driver())
+    try:
+        await envoy.wait_ready()
+
+        def narrowed() -> bool:
+            problem = builder.problem("svc3") or ""
+            return (list(builder.quarantined()) == ["svc3"]
+                    and problem.startswith("Envoy rejected its route") and not dirty.is_set()
+                    and not harness.ads.rejections())
+
+        await wait_until(narrowed, 30, "only svc3 left out")
+        assert "a dump of the rejected resource" in (builder.problem("svc3") or "")
+        url = f"http://127.0.0.1:{harness.listen_port}/"
+        async with aiohttp.ClientSession() as session:
+            async def all_five() -> bool:
+                for n in names:
+                    if n == "svc3":
+                        continue
+                    async with session.get(url, headers={"Host": f"{n}.test"}) as r:
+                        if r.status != 200:
+                            return False
+                return True
+
+            await wait_until(all_five, 10, "the five others served")
+        print(f"narrowed down in {pushes} pushes")
+        assert 1 < pushes <= 12, pushes
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await harness.stop()
+        await backend.stop()

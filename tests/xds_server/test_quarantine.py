@@ -10,7 +10,7 @@ from torpor import metrics
 from torpor.model import Endpoint
 from xds_server import types, validation
 from xds_server.cache import SnapshotCache
-from xds_server.quarantine import QuarantineBuilder, blame
+from xds_server.quarantine import QuarantineBuilder, blame, envoy_words
 from xds_server.resources import ROUTE_CONFIG_NAME, GatewaySettings, RoutedService
 from xds_server.server import Rejection
 
@@ -159,3 +159,13 @@ def test_an_unnamed_rejection_of_many_is_narrowed_down_to_the_bad_one() -> None:
                                           "validation failed"}
     assert {s.name for s in builder._admitted} == {f"s{i}" for i in range(8)} - {bad}
     assert pushes <= 10, pushes
+
+
+def test_envoy_words_drop_the_dump_of_the_resource() -> None:
+    assert envoy_words("malformed IP address: pod.svc") == "malformed IP address: pod.svc"
+    dump = 'goo.gle/debugonly \nname: "torpor_routes"\nvirtual_hosts {\n  name: "a"' * 50
+    assert envoy_words(dump) == ("(Envoy's message is a dump of the rejected resource, "
+                                 "without a reason)")
+    assert envoy_words("Proto constraint validation failed (X): " + dump).startswith(
+        "Proto constraint validation failed (X) (Envoy's message is a dump")
+    assert len(envoy_words("x" * 5000)) == 400
