@@ -151,6 +151,8 @@ class ControlPlane:
         self.cache.set_resources(self.routing.desired())  # before the first stream arrives
         self._tasks.append(asyncio.create_task(self.routing.run()))
         self.ports = await self._serve()
+        # Read at each scrape, so it clears as soon as Envoy applies a newer config.
+        metrics.XDS_CONFIG_REJECTED.set_function(lambda: float(bool(self.readiness())))
         self._tasks.append(asyncio.create_task(
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
         self._tasks.append(asyncio.create_task(self.savings.run()))
@@ -173,6 +175,7 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        metrics.XDS_CONFIG_REJECTED.set_function(lambda: 0.0)
         if self._run_policy:
             await self.policy.close()  # pre-wakes stopped, learned states saved
         for server in self._servers:
@@ -209,7 +212,6 @@ class ControlPlane:
                    f"{envoy_words(r.error)}" for r in self.ads.rejections()]
         if self.quarantine.unresolved and not reasons:
             reasons.append(self.quarantine.unresolved)
-        metrics.XDS_CONFIG_REJECTED.set(1 if reasons else 0)
         return reasons
 
     async def wait_settled(self, timeout: float) -> list[str]:
@@ -244,7 +246,6 @@ class ControlPlane:
 
     def _on_rejected(self, rejection: Rejection) -> None:
         """An Envoy NACKed a config: quarantine the services behind it, push without them."""
-        metrics.XDS_CONFIG_REJECTED.set(1)
         if self.quarantine.rejected(rejection, self.cache.snapshot()):
             self.routing.mark_dirty()
 

@@ -102,11 +102,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._on_applied.append(applied)
 
     def rejections(self) -> list[Rejection]:
-        """Every (Envoy, type) whose last answer was a NACK, with Envoy's words."""
+        """Every (Envoy, type) whose last answer was a NACK, with Envoy's words. Safe to
+        call from another thread."""
+        # list() copies each dict in one step under the GIL: /ready reads this from the
+        # metrics server's thread while the event loop changes the streams.
         return [Rejection(stream.node_id or stream.peer, type_url, ts.nacked_version,
                           ts.last_error or "")
-                for stream in self._streams.values()
-                for type_url, ts in stream.types.items() if ts.nacked_version is not None]
+                for stream in list(self._streams.values())
+                for type_url, ts in list(stream.types.items())
+                if ts.nacked_version is not None]
 
     # --- what callers ask -------------------------------------------------------------
 
