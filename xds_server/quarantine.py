@@ -31,8 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from torpor import metrics
 from torpor.logs import event
@@ -40,6 +39,7 @@ from xds_server import types, validation
 from xds_server.cache import Resource, ResourceMap, Snapshot
 from xds_server.resources import (
     CATCH_ALL_VHOST,
+    GatewaySettings,
     ResourceBuilder,
     RoutedService,
 )
@@ -64,7 +64,6 @@ class Problem:
     source: str
     parts: frozenset[str]
     bad: RoutedService
-    since: float
     # A NACK that named nobody, pinned on several services that changed together: one of
     # the `group` is at fault, maybe not this one. `applied` lets them back half a group
     # at a time until each one left is alone at fault (confirmed).
@@ -85,10 +84,8 @@ class QuarantineBuilder(ResourceBuilder):
     that a NACK can be pinned on a service (`rejected`) and a config every Envoy applied
     becomes the last good one (`applied`)."""
 
-    def __init__(self, *args: object, clock: Callable[[], float] = time.time,
-                 **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._clock = clock
+    def __init__(self, settings: GatewaySettings) -> None:
+        super().__init__(settings)
         self._checked: dict[str, tuple[tuple[bytes, bytes, str], dict[str, list[str]]]] = {}
         self._nacked: dict[str, Problem] = {}  # Envoy's verdicts, until the part changes
         self._quarantined: dict[str, Problem] = {}  # as of the last build
@@ -170,8 +167,7 @@ class QuarantineBuilder(ResourceBuilder):
                 continue
             del chosen[name]
             original = next(s for s in ordered if s.name == name)
-            problem = Problem("; ".join(problems), "validator", frozenset({"rds"}), original,
-                              self._since(name))
+            problem = Problem("; ".join(problems), "validator", frozenset({"rds"}), original)
             quarantined.setdefault(name, problem)
             fallback = self._fallback(original, problem)
             if fallback is not None and not validation.check_domains(
@@ -215,11 +211,7 @@ class QuarantineBuilder(ResourceBuilder):
         if not problems:
             return None
         text = "; ".join(p for found in problems.values() for p in found)
-        return Problem(text, "validator", frozenset(problems), svc, self._since(svc.name))
-
-    def _since(self, name: str) -> float:
-        current = self._quarantined.get(name)
-        return current.since if current is not None else self._clock()
+        return Problem(text, "validator", frozenset(problems), svc)
 
     def _note_changes(self, quarantined: dict[str, Problem]) -> None:
         """Log and count each service entering or leaving quarantine, once."""
@@ -293,7 +285,7 @@ class QuarantineBuilder(ResourceBuilder):
         for svc in fresh:
             self._nacked[svc.name] = Problem(
                 message, "envoy", frozenset({part}) if part in PARTS else frozenset(PARTS),
-                svc, self._since(svc.name), confirmed=confirmed, group=self._groups)
+                svc, confirmed=confirmed, group=self._groups)
         return True
 
 
