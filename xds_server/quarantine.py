@@ -151,10 +151,13 @@ class QuarantineBuilder(ResourceBuilder):
             fallback = self._fallback(svc, problem)
             if fallback is not None:
                 chosen[svc.name] = fallback
-        # Across services: domains. Services at their last good shape first, so that a
+        # Across services: domains. Services on their last good host first, so that a
         # clash is blamed on the newcomer, not on the service that was there before.
-        settled = [s for s in chosen.values() if self._good.get(s.name) == s]
-        moving = [s for s in chosen.values() if self._good.get(s.name) != s]
+        settled: list[RoutedService] = []
+        moving: list[RoutedService] = []
+        for s in chosen.values():
+            good = self._good.get(s.name)
+            (settled if good is not None and good.host == s.host else moving).append(s)
         key = tuple((s.name, s.host) for s in settled + moving)
         if self._domains_checked is None or self._domains_checked[0] != key:
             self._domains_checked = (key, validation.check_domains(
