@@ -176,7 +176,8 @@ def forget_service(service: str) -> None:
     """Drop a removed service's series so dashboards don't show it forever."""
     for candidate in ServiceState:
         _remove(SERVICE_STATE, service, candidate.value)
-    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS, REPLICAS_SAVED):
+    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS, REPLICAS_SAVED,
+                  SERVICE_QUARANTINED):
         _remove(gauge, service)
 
 
