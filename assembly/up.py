@@ -127,6 +127,15 @@ async def show_progress(control_plane: ControlPlane, config: Config, out: TextIO
         if not pending:
             break
         await asyncio.sleep(0.25)
+    reasons = await control_plane.wait_settled(config.control_plane.ack_timeout)
+    for note in control_plane.quarantine_notes():
+        say(out, "  " + note + " (torpor status shows it; the other services are routed)")
+    if reasons:
+        for reason in reasons:
+            say(out, f"not ready: {reason}")
+        say(out, "Envoy keeps its last accepted config; fix the config (see the error above) "
+                 "and restart torpor; torpor status and /ready show it")
+        return
     say(out, "ready. Send requests through the gateway, e.g.:")
     for service in config.services:
         say(out, f"  curl -H 'Host: {service.host}' http://{config.gateway.listen}/predict "

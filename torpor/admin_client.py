@@ -118,6 +118,7 @@ def status_from_message(message: Any) -> dict[str, Any]:
             ),
             keep_alive=float(message.keep_alive) if message.HasField("keep_alive") else None,
             next_call=float(message.next_call) if message.HasField("next_call") else None,
+            problem=str(message.problem) if message.HasField("problem") else None,
         )
     except ValueError as exc:
         raise AdminError(
@@ -301,6 +302,8 @@ def format_status_table(statuses: Sequence[Mapping[str, Any]], now: float | None
     out = [line(headers).rstrip()]
     for status, row in zip(statuses, rows, strict=True):
         out.append(line(row).rstrip())
+        if status.get("problem"):
+            out.append(f"  PROBLEM (quarantined): {status['problem']}")
         history = status.get("history") or []
         out.extend(format_transition(t, current) for t in history[-TABLE_HISTORY:])
     return "\n".join(out)

@@ -6,9 +6,13 @@ place to check against. Components import the objects they update; nothing else 
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app, start_http_server
 
 from torpor.errors import TorporError
 from torpor.model import ServiceState
@@ -16,6 +20,14 @@ from torpor.model import ServiceState
 XDS_PUSHES = Counter("torpor_xds_pushes", "xDS responses sent to Envoys", ["type"])
 XDS_ACKS = Counter("torpor_xds_acks", "xDS responses acknowledged by Envoys", ["type"])
 XDS_NACKS = Counter("torpor_xds_nacks", "xDS responses rejected by Envoys (NACK)", ["type"])
+SERVICE_QUARANTINED = Gauge(
+    "torpor_service_quarantined",
+    "1 while a service is left out of Envoy's config (or held at its last good config) "
+    "because Envoy refused it or would (torpor status shows why)", ["service"])
+XDS_CONFIG_REJECTED = Gauge(
+    "torpor_xds_config_rejected",
+    "1 while a connected Envoy rejects the current config and no quarantine resolved it "
+    "(the control plane reports not ready)")
 XDS_STALE_NONCES = Counter(
     "torpor_xds_stale_nonces", "xDS requests ignored because their nonce was stale", ["type"]
 )
@@ -171,7 +183,8 @@ def forget_service(service: str) -> None:
     """Drop a removed service's series so dashboards don't show it forever."""
     for candidate in ServiceState:
         _remove(SERVICE_STATE, service, candidate.value)
-    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS, REPLICAS_SAVED):
+    for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS, REPLICAS_SAVED,
+                  SERVICE_QUARANTINED):
         _remove(gauge, service)
 
 
@@ -190,11 +203,52 @@ def _remove(metric: Gauge | Counter | Histogram, *labels: str) -> None:
         pass
 
 
-def serve_metrics(host: str, port: int) -> tuple[WSGIServer, int]:
+#: Why a process is not ready ([] when it is), and notes shown either way.
+Readiness = Callable[[], tuple[list[str], list[str]]]
+
+
+def serve_metrics(host: str, port: int, ready: Readiness | None = None,
+                  ) -> tuple[WSGIServer, int]:
     """Serve /metrics on host:port in a background thread; returns (server, bound port).
-    Stop it with `server.shutdown()`."""
+    Stop it with `server.shutdown()`.
+
+    With `ready`, `/ready` answers 200 "ready" when `ready()` returns no reason, else 503
+    with one reason a line (e.g. Envoy rejects the current config); its notes follow
+    (e.g. quarantined services). `ready` runs on the server's thread: it must only read."""
+    if ready is None:
+        try:
+            server, _thread = start_http_server(port, addr=host)
+        except OSError as exc:
+            raise TorporError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
+        return server, int(server.server_port)
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("PATH_INFO") != "/ready":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        reasons, notes = ready()
+        lines = [f"not ready: {r}" for r in reasons] or ["ready"]
+        body = "\n".join([*lines, *notes]) + "\n"
+        start_response("503 Service Unavailable" if reasons else "200 OK",
+                       [("Content-Type", "text/plain; charset=utf-8")])
+        return [body.encode("utf-8")]
+
     try:
-        server, _thread = start_http_server(port, addr=host)
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
         raise TorporError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return server, int(server.server_port)
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """One thread per request (a slow scrape must not hold up /ready)."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line on stderr per scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

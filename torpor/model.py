@@ -172,6 +172,9 @@ class ServiceStatus:
     history: tuple[Transition, ...]
     keep_alive: float | None = None
     next_call: float | None = None
+    # Why Envoy's config leaves the service out (or at its last good config): the
+    # validator's or Envoy's words. None when it is routed as configured.
+    problem: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -189,6 +192,7 @@ class ServiceStatus:
             "history": [t.to_dict() for t in self.history],
             "keep_alive": self.keep_alive,
             "next_call": self.next_call,
+            "problem": self.problem,
         }
 
 

@@ -96,6 +96,8 @@ def status_to_message(status: ServiceStatus) -> Any:
         message.keep_alive = status.keep_alive
     if status.next_call is not None:
         message.next_call = status.next_call
+    if status.problem is not None:
+        message.problem = status.problem
     return message
 
 

@@ -41,16 +41,17 @@ from torpor.model import Endpoint, ServiceStatus
 from torpor.service_table import ServiceTable
 from torpor.store.base import Store
 from torpor.workloads.base import Workloads
+from xds_server import types
 from xds_server.admin_api import start_admin_server
 from xds_server.admin_auth import AdminAuthInterceptor, server_tls
-from xds_server.cache import SnapshotCache
+from xds_server.cache import Snapshot, SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.policy_loop import PolicyLoop
 from xds_server.publisher import Publisher
-from xds_server.resources import ResourceBuilder
+from xds_server.quarantine import QuarantineBuilder, envoy_words
 from xds_server.routing import EnvoyRouting, gateway_settings
 from xds_server.savings import SavingsKeeper
-from xds_server.server import AdsServer
+from xds_server.server import AdsServer, Rejection
 from xds_server.service_admin import ControlPlaneAdmin
 from xds_server.serving import start_xds_listener
 
@@ -98,8 +99,12 @@ class ControlPlane:
                       Endpoint(reach, config.activator.listen_h2.port))
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
+        # Publishes only what Envoy accepts; a refused service is quarantined (status shows
+        # why) and every other service keeps routing.
+        self.quarantine = QuarantineBuilder(gateway_settings(config, configured))
+        self.ads.add_listeners(self._on_rejected, self._on_applied)
         self.routing = EnvoyRouting(
-            self.table, workloads, ResourceBuilder(gateway_settings(config, configured)),
+            self.table, workloads, self.quarantine,
             self.cache, self.ads, Publisher(self.cache, self.ads, config.control_plane.ack_timeout),
             configured, confirm_timeout=config.control_plane.ack_timeout)
         self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
@@ -112,8 +117,11 @@ class ControlPlane:
                                  self.collector, self.hibernation, self.clock, self.is_leader,
                                  waker=self.waker, store=store)
         self.admin = ControlPlaneAdmin(self.table, self.collector, self.hibernation,
-                                       self.waker, self.routing, problems,
-                                       outlook=self.policy.outlook)
+                                       self.waker, self.routing,
+                                       lambda: [*problems(), *self.readiness()],
+                                       outlook=self.policy.outlook,
+                                       quarantine=self.quarantine.problem,
+                                       left_out=self.quarantine.left_out)
         self._run_policy = run_policy
         self.savings = SavingsKeeper(  # the leader's savings ledger (torpor report)
             store, lambda: self.table.records, self.collector.last_call, self.clock,
@@ -145,6 +153,8 @@ class ControlPlane:
         self.cache.set_resources(self.routing.desired())  # before the first stream arrives
         self._tasks.append(asyncio.create_task(self.routing.run()))
         self.ports = await self._serve()
+        # Read at each scrape, so it clears as soon as Envoy applies a newer config.
+        metrics.XDS_CONFIG_REJECTED.set_function(lambda: float(bool(self.readiness())))
         self._tasks.append(asyncio.create_task(
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
         self._tasks.append(asyncio.create_task(self.savings.run()))
@@ -167,6 +177,7 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        metrics.XDS_CONFIG_REJECTED.set_function(lambda: 0.0)
         if self._run_policy:
             await self.policy.close()  # pre-wakes stopped, learned states saved
         for server in self._servers:
@@ -193,9 +204,56 @@ class ControlPlane:
         self._servers.append(admin_server)
         metrics_port = 0
         if self._serve_metrics:
-            self._metrics_server, metrics_port = metrics.serve_metrics(cp.metrics.host,
-                                                                       cp.metrics.port)
+            self._metrics_server, metrics_port = metrics.serve_metrics(
+                cp.metrics.host, cp.metrics.port,
+                ready=lambda: (self.readiness(), self.quarantine_notes()))
         return BoundPorts(xds=xds_port, admin_api=admin_port, metrics=metrics_port)
+
+    def readiness(self) -> list[str]:
+        """Why this control plane is not ready ([] when it is): a connected Envoy rejects
+        the current config and no quarantine resolved it. Quarantined services do not
+        count (the rest of the config applies); status shows them. Read by /ready on the
+        metrics server's thread: it only reads."""
+        reasons = [f"Envoy {r.node} rejected {types.short(r.type_url)} v{r.version}: "
+                   f"{envoy_words(r.error)}" for r in self.ads.rejections()]
+        if self.quarantine.unresolved and not reasons:
+            reasons.append(self.quarantine.unresolved)
+        return reasons
+
+    async def wait_settled(self, timeout: float) -> list[str]:
+        """Wait, at most `timeout`, until every connected Envoy applied the current config
+        (after any quarantine's new push), or one keeps rejecting it; returns readiness()
+        (`torpor up` prints it instead of a silent "ready")."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (remaining := deadline - loop.time()) > 0:
+            snapshot = self.cache.snapshot()
+            if snapshot is None:
+                break
+            behind = await self.ads.wait_synced(snapshot.version, remaining)
+            current = self.cache.snapshot()
+            if not behind and current is not None and current.version == snapshot.version:
+                break
+            if current is not None and current.version == snapshot.version and \
+                    self.quarantine.unresolved:
+                break  # rejected, and nobody to quarantine for it: it stays so
+            await asyncio.sleep(0.05)  # a quarantine's new push is on its way
+        return self.readiness()
+
+    def quarantine_notes(self) -> list[str]:
+        """One line per quarantined service: "quarantined: NAME: problem"."""
+        return [f"quarantined: {name}: {problem}"
+                for name, problem in sorted(self.quarantine.quarantined().items())]
+
+    def _on_applied(self, snapshot: Snapshot) -> None:
+        """Every Envoy applied `snapshot`: suspects of a NACK may be let back in."""
+        if self.quarantine.applied(snapshot):
+            self.routing.mark_dirty()
+
+    def _on_rejected(self, rejection: Rejection) -> None:
+        """An Envoy NACKed a config: quarantine the services behind it, push without them."""
+        if self.quarantine.rejected(rejection, self.cache.snapshot()):
+            self.routing.mark_dirty()
 
     def is_leader(self) -> bool:
         """Whether this control plane runs the policy (in a fleet: the elected one)."""
@@ -222,5 +280,14 @@ class ControlPlane:
 
     async def wait_routed(self, name: str) -> None:
         """Every Envoy routes `name` to its replicas (the in-process HTTP/2 holder's
-        confirmation before Envoy replays a held request)."""
+        confirmation before Envoy replays a held request). Raises TorporError for a
+        quarantined service Envoy does not route at all (a replay would not reach it)."""
         await self.routing.wait_routed(name)
+        _raise_if_left_out(self.quarantine, name)
+
+
+def _raise_if_left_out(quarantine: QuarantineBuilder, name: str) -> None:
+    problem = quarantine.left_out(name)
+    if problem is not None:
+        raise TorporError(f"service {name!r} is quarantined, Envoy does not route it: "
+                          f"{problem}")

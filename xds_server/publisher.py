@@ -10,6 +10,9 @@ Envoy applied the previous one (measured: CDS/EDS/LDS/RDS back to back gave up t
 - stage 3: exactly the new config. Clusters no route uses any more go.
 
 A stage equal to the current snapshot is skipped, so an endpoint flip is one EDS push.
+A stage an Envoy rejects (NACK) ends the push: the later stages would build on what it
+refused; the quarantine (quarantine.py) leaves the service behind it out and asks for a
+new push.
 Requests to publish coalesce: only the newest desired state is pushed after a running push.
 """
 
@@ -64,6 +67,7 @@ class Publisher:
         self._ads = ads
         self._ack_timeout = ack_timeout
         self._lock = asyncio.Lock()
+        self._applied: Resources | None = None  # the last stage every Envoy applied
 
     async def publish(self, build: Callable[[], Resources]) -> bool:
         """Bring every connected Envoy to the config `build()` returns.
@@ -75,10 +79,25 @@ class Publisher:
         async with self._lock:
             desired = build()
             current = self._cache.snapshot()
+            base = current.resources if current else None
+            if self._rejected():
+                # Stage from what Envoy applied last, never from what it refused (else
+                # stage 1 would carry the refused resource again, and be refused again).
+                base = self._applied
             ok = True
-            for stage in stages(current.resources if current else None, desired):
+            for stage in stages(base, desired):
                 ok = await self._push(stage) and ok
+                if self._rejected():
+                    # An Envoy refused this stage: the later stages build on it, so stop.
+                    # The quarantine's rejection listener has asked for a new push already.
+                    return False
             return ok
+
+    def _rejected(self) -> bool:
+        """True when a connected Envoy NACKed the current snapshot."""
+        snapshot = self._cache.snapshot()
+        return snapshot is not None and any(
+            r.version == snapshot.version for r in self._ads.rejections())
 
     async def _push(self, resources: Resources) -> bool:
         started = time.monotonic()
@@ -92,6 +111,7 @@ class Publisher:
             event(log, "xds.push_incomplete", level=logging.WARNING, version=snapshot.version,
                   seconds=round(elapsed, 4), behind=behind)
             return False
+        self._applied = resources
         metrics.XDS_PUSH_DURATION.observe(elapsed)
         event(log, "xds.pushed", level=logging.DEBUG, version=snapshot.version,
               seconds=round(elapsed, 4))

@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -60,6 +60,16 @@ class EnvoyStream:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rejection:
+    """One NACK: Envoy `node` rejected `type_url` of snapshot `version` with `error`."""
+
+    node: str
+    type_url: str
+    version: int
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
 class StreamInfo:
     """A read-only view of a stream, for status, tests and benchmarks."""
 
@@ -79,6 +89,28 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._stream_ids = itertools.count(1)
         self._nonces = itertools.count(1)
         self._progress = asyncio.Event()
+        self._on_rejected: list[Callable[[Rejection], None]] = []
+        self._on_applied: list[Callable[[Snapshot], None]] = []
+        self._applied_version = 0
+
+    def add_listeners(self, rejected: Callable[[Rejection], None],
+                      applied: Callable[[Snapshot], None]) -> None:
+        """`rejected(r)` on every NACK; `applied(snapshot)` once per version, when every
+        connected Envoy (at least one) applied the current snapshot. Both run on the
+        event loop, inside a stream's handling: they must not block."""
+        self._on_rejected.append(rejected)
+        self._on_applied.append(applied)
+
+    def rejections(self) -> list[Rejection]:
+        """Every (Envoy, type) whose last answer was a NACK, with Envoy's words. Safe to
+        call from another thread."""
+        # list() copies each dict in one step under the GIL: /ready reads this from the
+        # metrics server's thread while the event loop changes the streams.
+        return [Rejection(stream.node_id or stream.peer, type_url, ts.nacked_version,
+                          ts.last_error or "")
+                for stream in list(self._streams.values())
+                for type_url, ts in list(stream.types.items())
+                if ts.nacked_version is not None]
 
     # --- what callers ask -------------------------------------------------------------
 
@@ -195,6 +227,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         event(log, "xds.nack", level=logging.ERROR, node=stream.node_id,
               type=types.short(type_url), rejected_version=ts.nacked_version,
               applied_version=request.version_info, error=ts.last_error)
+        rejection = Rejection(stream.node_id or stream.peer, type_url, ts.nacked_version,
+                              ts.last_error)
+        for listener in list(self._on_rejected):
+            try:
+                listener(rejection)
+            except Exception:
+                log.exception("xds.rejection_listener_failed")
 
     # --- responses ----------------------------------------------------------------------
 
@@ -220,6 +259,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             due = updates_for(resources, ts.sent, ts.subscribed)
             if due is None:
                 ts.synced_version = snapshot.version
+                # A newer snapshot holds exactly what this Envoy applied (the refused
+                # resource left out again): nothing to send, and nothing rejected now.
+                ts.nacked_version = None
+                ts.last_error = None
                 continue
             if type_url == types.CLUSTER:
                 _forget_endpoints_of_changed_clusters(stream, ts, due)
@@ -250,6 +293,20 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         """Wake `wait_synced` callers: some stream's state moved."""
         self._progress.set()
         self._progress = asyncio.Event()
+        self._notify_applied()
+
+    def _notify_applied(self) -> None:
+        """Tell `applied` listeners, once per version, that every Envoy applied it."""
+        snapshot = self._cache.snapshot()
+        if (snapshot is None or snapshot.version == self._applied_version
+                or not self._streams or self._behind(snapshot.version)):
+            return
+        self._applied_version = snapshot.version
+        for listener in list(self._on_applied):
+            try:
+                listener(snapshot)
+            except Exception:
+                log.exception("xds.applied_listener_failed")
 
 
 def _forget_endpoints_of_changed_clusters(

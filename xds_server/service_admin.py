@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
-from torpor.errors import UnknownServiceError, WorkloadError
+from torpor.errors import TorporError, UnknownServiceError, WorkloadError
 from torpor.lifecycle.hibernation import Hibernation
 from torpor.lifecycle.wake import Waker
 from torpor.model import ServiceState, ServiceStatus
@@ -37,9 +37,15 @@ class ControlPlaneAdmin:
     def __init__(self, table: ServiceTable, collector: CallCollector, hibernation: Hibernation,
                  waker: Waker, routing: EnvoyRouting,
                  problems: Callable[[], list[str]] = list,
-                 outlook: Callable[[str], Outlook] | None = None) -> None:
+                 outlook: Callable[[str], Outlook] | None = None,
+                 quarantine: Callable[[str], str | None] | None = None,
+                 left_out: Callable[[str], str | None] | None = None) -> None:
         """`outlook(name)`: the policy's keep-alive and next predicted call of a service
-        (None: status shows neither)."""
+        (None: status shows neither). `quarantine(name)`: why Envoy's config leaves the
+        service out (or at its last good config), None when it does not; `left_out(name)`:
+        the same, only for a service Envoy does not route at all."""
+        self._quarantine = quarantine
+        self._left_out = left_out
         self._outlook = outlook
         self._table = table
         self._collector = collector
@@ -79,10 +85,16 @@ class ControlPlaneAdmin:
         TorporError when that could not be confirmed in time)."""
         await self.status(name)
         await self._routing.wait_routed(name)
+        problem = self._left_out(name) if self._left_out is not None else None
+        if problem is not None:
+            raise TorporError(f"service {name!r} is quarantined, Envoy does not route it: "
+                              f"{problem}")
         return self._status(name)
 
     def _status(self, name: str) -> ServiceStatus:
         status = self._table.status(name, self._collector.last_call(name))
+        if self._quarantine is not None:
+            status = dataclasses.replace(status, problem=self._quarantine(name))
         if self._outlook is None:
             return status
         outlook = self._outlook(name)

@@ -18,6 +18,7 @@ from xds_server.resources import (
     ResourceBuilder,
     RoutedService,
 )
+from xds_server.server import Rejection
 
 SETTINGS = GatewaySettings(listen=Endpoint("127.0.0.1", 10000),
                            activators=(Endpoint("127.0.0.1", 18080),))
@@ -174,16 +175,35 @@ def test_new_cluster_definitions_win_in_the_merged_stage() -> None:
 class FakeAds:
     """Stands in for AdsServer: records each version waited on; may report a lagging Envoy."""
 
-    def __init__(self, cache: SnapshotCache, lagging: bool = False) -> None:
+    def __init__(self, cache: SnapshotCache, lagging: bool = False,
+                 rejecting: bool = False) -> None:
         self.cache = cache
         self.lagging = lagging
+        self.rejecting = rejecting  # every version waited on is NACKed
         self.waited: list[Snapshot] = []
 
     async def wait_synced(self, version: int, timeout: float) -> list[str]:
         snapshot = self.cache.snapshot()
         assert snapshot is not None and snapshot.version == version
         self.waited.append(snapshot)
-        return ["envoy-1 cds at v0"] if self.lagging else []
+        return ["envoy-1 cds at v0"] if self.lagging or self.rejecting else []
+
+    def rejections(self) -> list[Rejection]:
+        if not self.rejecting or not self.waited:
+            return []
+        return [Rejection("envoy-1", types.CLUSTER, self.waited[-1].version, "bad")]
+
+
+async def test_a_rejected_stage_ends_the_push() -> None:
+    """The later stages would build on what Envoy refused: the push stops there."""
+    builder = ResourceBuilder(SETTINGS)
+    cache = SnapshotCache()
+    ads = FakeAds(cache)
+    publisher = Publisher(cache, ads, ack_timeout=1.0)  # type: ignore[arg-type]
+    assert await publisher.publish(lambda: builder.build([svc("a"), svc("b")]))
+    ads.rejecting = True
+    assert not await publisher.publish(lambda: builder.build([svc("a"), svc("c")]))
+    assert [s.version for s in ads.waited] == [1, 2]  # stages 2 and 3 never pushed
 
 
 @pytest.mark.parametrize("lagging", [False, True], ids=["synced", "lagging"])

@@ -1,0 +1,554 @@
+"""Envoy's rules, checked before a resource is published (pure: no I/O, no state).
+
+Owns: whether Envoy would accept a resource, in Envoy's terms, so that one bad service is
+left out of the config instead of making Envoy reject the whole response (a NACK of the
+RouteConfiguration takes every service's routes with it).
+
+Two kinds of rules:
+
+- The protoc-gen-validate (PGV) annotations Envoy's protos carry (`[(validate.rules)...]`),
+  read from the message descriptors that `xds-protos` ships, and checked by one generic
+  walker (`check_message`). Envoy runs exactly these on every resource it receives, so a
+  hand-written copy would drift with each Envoy release; the descriptors do not. Nested
+  `Any` (typed_config, extension options) is unpacked and checked too, as Envoy does.
+  Envoy's own range check on every `Duration` (not negative, at most what fits in int64
+  nanoseconds, as milliseconds conversions need) is added, since PGV does not state it.
+- Rules that span resources, which no annotation can state (`check_domains`): within one
+  RouteConfiguration, one `*` domain, every domain (lowercased; exact, `*suffix` and
+  `prefix*` each their own table; a port is part of the string, so `h:*` is a prefix
+  wildcard) once, every virtual host name once (Envoy's RouteMatcher); and torpor's own
+  rule that hosts differing only by a trailing dot clash (see `domain_table`).
+- EDS endpoint addresses are IP addresses (`check_endpoint_addresses`).
+
+PGV rules not checked (none appear on the resources torpor builds): the `uri`, `uri_ref`,
+`email` and `uuid` string formats, and timestamp rules. A `pattern` Python's `re` cannot
+read (RE2-only syntax) is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from google.protobuf import any_pb2, duration_pb2, symbol_database
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, OneofDescriptor
+from google.protobuf.message import Message
+from validate import validate_pb2
+
+#: Envoy's `DurationUtil::durationToMilliseconds` limit: int64 nanoseconds, ~292 years.
+MAX_DURATION_SECONDS = (2**63 - 1) // 1_000_000_000
+#: Problems reported per resource at most (the first ones say enough).
+MAX_PROBLEMS = 5
+
+_WRAPPERS = frozenset(
+    f"google.protobuf.{n}Value"
+    for n in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes"))
+_NUMERIC_RULES = frozenset({"float", "double", "int32", "int64", "uint32", "uint64", "sint32",
+                            "sint64", "fixed32", "fixed64", "sfixed32", "sfixed64"})
+# PGV's well-known regexes (validate.proto KnownRegex), strict and loose.
+_HEADER_NAME = re.compile(r"^:?[0-9a-zA-Z!#$%&'*+\-.^_|~`]+$")
+_HEADER_VALUE = re.compile(r"^[^\x00-\x08\x0A-\x1F\x7F]*$")
+_HEADER_LOOSE = re.compile(r"^[^\x00\x0A\x0D]*$")
+_HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+
+# --------------------------------------------------------------------------------------
+# What Envoy checks inside one resource
+# --------------------------------------------------------------------------------------
+
+
+def check_message(message: Message, label: str = "") -> list[str]:
+    """Every PGV rule and Duration range `message` breaks, each as "path: problem"
+    (at most MAX_PROBLEMS). [] when Envoy's validation would pass."""
+    problems: list[str] = []
+    for problem in _walk(message, label or message.DESCRIPTOR.name):
+        problems.append(problem)
+        if len(problems) >= MAX_PROBLEMS:
+            break
+    return problems
+
+
+def _walk(message: Message, path: str) -> Iterator[str]:
+    descriptor = message.DESCRIPTOR
+    if descriptor.full_name == "google.protobuf.Duration":
+        yield from _duration_range(message, path)
+        return
+    if descriptor.full_name == "google.protobuf.Any":
+        yield from _walk_any(message, path)
+        return
+    table = _rules_of(descriptor)
+    if table is None:  # (validate.disabled) / (validate.ignored)
+        return
+    for oneof in table.required_oneofs:
+        if message.WhichOneof(oneof.name) is None:
+            yield f"{path}: one of {oneof.name} is required"
+    for field, rules in table.field_rules:
+        member_of = field.containing_oneof
+        if member_of is not None and message.WhichOneof(member_of.name) != field.name:
+            continue  # rules of a oneof member (or proto3 optional) apply only when set
+        yield from _check_field(message, field, rules, f"{path}.{field.name}")
+    for field, value in message.ListFields():
+        shape = table.shapes.get(field.name)
+        if shape is None:
+            continue
+        sub = f"{path}.{field.name}"
+        if shape == "map":
+            for key, item in value.items():
+                yield from _walk(item, f"{sub}[{key}]")
+        elif shape == "repeated":
+            for index, item in enumerate(value):
+                yield from _walk(item, f"{sub}[{index}]")
+        else:
+            yield from _walk(value, sub)
+
+
+def _walk_any(message: Message, path: str) -> Iterator[str]:
+    """An Any is checked as the message it carries (Envoy unpacks and validates it).
+    Verdicts are cached by content: most nested Anys (retry predicates, protocol options)
+    are the same bytes in every service's resources."""
+    assert isinstance(message, any_pb2.Any)
+    if not message.type_url:
+        return
+    for problem in _any_problems(message.type_url, message.value):
+        yield path + problem
+
+
+@functools.lru_cache(maxsize=1024)
+def _any_problems(type_url: str, value: bytes) -> tuple[str, ...]:
+    """Problems of a packed message, with paths relative to it ("" is the message)."""
+    packed = any_pb2.Any(type_url=type_url, value=value)
+    try:
+        cls = symbol_database.Default().GetSymbol(packed.TypeName())
+    except KeyError:
+        return ()  # a type this process cannot read; Envoy judges it
+    inner = cls()
+    if not packed.Unpack(inner):
+        return (f": cannot unpack {packed.TypeName()}",)
+    return tuple(_walk(inner, ""))
+
+
+def _duration_range(message: Message, path: str) -> Iterator[str]:
+    """Envoy's check of every Duration: not negative, nanos < 1 s, fits int64 ns."""
+    assert isinstance(message, duration_pb2.Duration)
+    if message.seconds < 0 or message.nanos < 0:
+        yield f"{path}: expected a positive duration, got {_show(message)}"
+    elif message.nanos > 999_999_999 or message.seconds > MAX_DURATION_SECONDS:
+        yield f"{path}: duration out of range ({_show(message)}; at most " \
+              f"{MAX_DURATION_SECONDS}s)"
+
+
+class _Table:
+    """The rules of one message type, read once from its descriptor."""
+
+    def __init__(self, field_rules: list[tuple[FieldDescriptor, Any]],
+                 required_oneofs: list[OneofDescriptor], shapes: dict[str, str]) -> None:
+        self.field_rules = field_rules
+        self.required_oneofs = required_oneofs
+        # Fields holding messages to walk into: "map" (of messages), "repeated", "single".
+        self.shapes = shapes
+
+
+@functools.cache
+def _rules_of(descriptor: Descriptor) -> _Table | None:
+    options = descriptor.GetOptions()
+    if options.Extensions[validate_pb2.disabled] or options.Extensions[validate_pb2.ignored]:
+        return None
+    field_rules = []
+    for field in descriptor.fields:
+        field_options = field.GetOptions()
+        if field_options.HasExtension(validate_pb2.rules):
+            field_rules.append((field, field_options.Extensions[validate_pb2.rules]))
+    oneofs = [o for o in descriptor.oneofs
+              if o.GetOptions().Extensions[validate_pb2.required]]
+    shapes = {}
+    for field in descriptor.fields:
+        if field.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        if _is_map(field):
+            if _type_of(field).fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE:
+                shapes[field.name] = "map"
+        else:
+            shapes[field.name] = "repeated" if field.is_repeated else "single"
+    return _Table(field_rules, oneofs, shapes)
+
+
+def _type_of(field: FieldDescriptor) -> Descriptor:
+    """The message type of a message field."""
+    assert field.message_type is not None
+    return field.message_type
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return (field.is_repeated
+            and field.type == FieldDescriptor.TYPE_MESSAGE
+            and _type_of(field).GetOptions().map_entry)
+
+
+def _check_field(message: Message, field: FieldDescriptor, rules: Any,
+                 path: str) -> Iterator[str]:
+    kind = rules.WhichOneof("type")
+    if kind == "message" or (kind is None and rules.HasField("message")):
+        if rules.message.skip:
+            return
+        if rules.message.required and not message.HasField(field.name):
+            yield f"{path}: is required"
+        return
+    if kind is None:
+        return
+    value = getattr(message, field.name)
+    if _is_map(field):
+        yield from _check_map(value, getattr(rules, kind), path)
+    elif field.is_repeated:
+        yield from _check_repeated(field, value, getattr(rules, kind), path)
+    else:
+        yield from _check_single(message, field, value, rules, kind, path)
+
+
+def _check_single(message: Message, field: FieldDescriptor, value: Any, rules: Any,
+                  kind: str, path: str) -> Iterator[str]:
+    """One (non-repeated) value: a scalar, a wrapper, a Duration or an Any."""
+    is_message = field.type == FieldDescriptor.TYPE_MESSAGE
+    if rules.HasField("message") and rules.message.required and is_message \
+            and not message.HasField(field.name):
+        yield f"{path}: is required"
+        return
+    if kind in ("duration", "any", "timestamp"):
+        required = getattr(rules, kind).required
+        if not message.HasField(field.name):
+            if required:
+                yield f"{path}: is required"
+            return
+        if kind == "duration":
+            yield from _check_duration(value, rules.duration, path)
+        elif kind == "any":
+            yield from _check_any(value, rules.any, path)
+        return
+    if is_message:
+        if _type_of(field).full_name not in _WRAPPERS or not message.HasField(field.name):
+            return  # rules on a wrapper apply only when it is set
+        value = value.value
+    if kind == "enum":
+        yield from _check_defined(field, value, rules.enum, path)
+    yield from _check_value(value, kind, getattr(rules, kind), path)
+
+
+def _check_defined(field: FieldDescriptor, value: int, rules: Any, path: str) -> Iterator[str]:
+    """enum {defined_only: true}: a number the enum names."""
+    if rules.defined_only and field.enum_type is not None \
+            and value not in field.enum_type.values_by_number:
+        yield f"{path}: must be one of {field.enum_type.name}'s values, got {value}"
+
+
+def _check_repeated(field: FieldDescriptor, values: Any, rules: Any,
+                    path: str) -> Iterator[str]:
+    items = list(values)
+    if rules.ignore_empty and not items:
+        return
+    if rules.HasField("min_items") and len(items) < rules.min_items:
+        yield f"{path}: at least {rules.min_items} item(s) required, got {len(items)}"
+    if rules.HasField("max_items") and len(items) > rules.max_items:
+        yield f"{path}: at most {rules.max_items} item(s) allowed, got {len(items)}"
+    if rules.unique and field.type != FieldDescriptor.TYPE_MESSAGE \
+            and len(set(items)) != len(items):
+        yield f"{path}: items must be unique"
+    if rules.HasField("items"):
+        kind = rules.items.WhichOneof("type")
+        if kind is None or kind == "message":
+            return
+        for index, item in enumerate(items):
+            sub = f"{path}[{index}]"
+            if kind == "duration":
+                yield from _check_duration(item, rules.items.duration, sub)
+            elif kind == "any":
+                yield from _check_any(item, rules.items.any, sub)
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                if _type_of(field).full_name in _WRAPPERS:
+                    yield from _check_value(item.value, kind, getattr(rules.items, kind), sub)
+            else:
+                if kind == "enum":
+                    yield from _check_defined(field, item, rules.items.enum, sub)
+                yield from _check_value(item, kind, getattr(rules.items, kind), sub)
+
+
+def _check_map(values: Any, rules: Any, path: str) -> Iterator[str]:
+    if rules.ignore_empty and not values:
+        return
+    if rules.HasField("min_pairs") and len(values) < rules.min_pairs:
+        yield f"{path}: at least {rules.min_pairs} pair(s) required, got {len(values)}"
+    if rules.HasField("max_pairs") and len(values) > rules.max_pairs:
+        yield f"{path}: at most {rules.max_pairs} pair(s) allowed, got {len(values)}"
+    if rules.HasField("keys"):
+        kind = rules.keys.WhichOneof("type")
+        if kind is not None and kind != "message":
+            for key in values:
+                yield from _check_value(key, kind, getattr(rules.keys, kind), f"{path}[{key}]")
+
+
+def _check_value(value: Any, kind: str, rules: Any, path: str) -> Iterator[str]:
+    if kind in _NUMERIC_RULES:
+        yield from _check_number(value, rules, path)
+    elif kind == "string":
+        yield from _check_string(value, rules, path)
+    elif kind == "bytes":
+        yield from _check_bytes(value, rules, path)
+    elif kind == "enum":
+        yield from _check_enum(value, rules, path)
+    elif kind == "bool":
+        if rules.HasField("const") and value != rules.const:
+            yield f"{path}: must be {rules.const}"
+
+
+def _check_number(value: Any, rules: Any, path: str) -> Iterator[str]:
+    if getattr(rules, "ignore_empty", False) and value == 0:
+        return
+    if rules.HasField("const") and value != rules.const:
+        yield f"{path}: must be {rules.const}, got {value}"
+    if getattr(rules, "in") and value not in getattr(rules, "in"):
+        yield f"{path}: must be one of {list(getattr(rules, 'in'))}, got {value}"
+    if value in rules.not_in:
+        yield f"{path}: must not be {value}"
+    yield from _check_range(value, rules, path, str(value), lambda bound: bound, str)
+
+
+def _check_range(value: Any, rules: Any, path: str, shown: str, convert: Any,
+                 show_bound: Any) -> Iterator[str]:
+    """PGV's gt/gte/lt/lte, including its "outside the range" form when lt < gt."""
+    low = high = None
+    if rules.HasField("gt"):
+        low = (convert(rules.gt), False)
+    elif rules.HasField("gte"):
+        low = (convert(rules.gte), True)
+    if rules.HasField("lt"):
+        high = (convert(rules.lt), False)
+    elif rules.HasField("lte"):
+        high = (convert(rules.lte), True)
+
+    def above(bound: tuple[Any, bool]) -> bool:
+        return bool(value >= bound[0] if bound[1] else value > bound[0])
+
+    def below(bound: tuple[Any, bool]) -> bool:
+        return bool(value <= bound[0] if bound[1] else value < bound[0])
+
+    def words(bound: tuple[Any, bool], more: bool) -> str:
+        op = (">=" if bound[1] else ">") if more else ("<=" if bound[1] else "<")
+        original = rules.gte if more and bound[1] else rules.gt if more else \
+            rules.lte if bound[1] else rules.lt
+        return f"{op} {show_bound(original)}"
+
+    if low is not None and high is not None and high[0] < low[0]:
+        if not (above(low) or below(high)):
+            yield f"{path}: must be {words(low, True)} or {words(high, False)}, got {shown}"
+        return
+    if low is not None and not above(low):
+        yield f"{path}: must be {words(low, True)}, got {shown}"
+    if high is not None and not below(high):
+        yield f"{path}: must be {words(high, False)}, got {shown}"
+
+
+def _check_string(value: str, rules: Any, path: str) -> Iterator[str]:
+    if rules.ignore_empty and not value:
+        return
+    shown = repr(value if len(value) <= 80 else value[:77] + "...")
+    for rule, setting in rules.ListFields():
+        problem = _STRING_RULES.get(rule.name, _no_problem)(value, setting)
+        if problem:
+            yield f"{path}: {problem}, got {shown}"
+    known = rules.WhichOneof("well_known")
+    if known is not None and not _well_known(known, rules, value):
+        what = known if known != "well_known_regex" else \
+            validate_pb2.KnownRegex.Name(rules.well_known_regex)
+        yield f"{path}: must be a valid {what}, got {shown}"
+
+
+def _no_problem(value: str, setting: Any) -> str:
+    return ""
+
+
+def _pattern(value: str, setting: str) -> str:
+    return "" if _matches(setting, value) else f"must match {setting!r}"
+
+
+_STRING_RULES: dict[str, Callable[[str, Any], str]] = {
+    "const": lambda v, c: "" if v == c else f"must be {c!r}",
+    "len": lambda v, n: "" if len(v) == n else f"must be {n} characters",
+    "min_len": lambda v, n: "" if len(v) >= n else f"must be at least {n} character(s)",
+    "max_len": lambda v, n: "" if len(v) <= n else f"must be at most {n} characters",
+    "len_bytes": lambda v, n: "" if len(v.encode()) == n else f"must be {n} bytes",
+    "min_bytes": lambda v, n: "" if len(v.encode()) >= n else f"must be at least {n} byte(s)",
+    "max_bytes": lambda v, n: "" if len(v.encode()) <= n else f"must be at most {n} bytes",
+    "prefix": lambda v, p: "" if v.startswith(p) else f"must start with {p!r}",
+    "suffix": lambda v, p: "" if v.endswith(p) else f"must end with {p!r}",
+    "contains": lambda v, p: "" if p in v else f"must contain {p!r}",
+    "not_contains": lambda v, p: "" if p not in v else f"must not contain {p!r}",
+    "in": lambda v, allowed: "" if v in allowed else f"must be one of {list(allowed)}",
+    "not_in": lambda v, refused: "" if v not in refused else "is not allowed",
+    "pattern": _pattern,
+}
+
+
+def _well_known(known: str, rules: Any, value: str) -> bool:
+    if known == "well_known_regex":
+        if not rules.strict and rules.HasField("strict"):
+            return bool(_HEADER_LOOSE.match(value))
+        if rules.well_known_regex == validate_pb2.HTTP_HEADER_NAME:
+            return bool(_HEADER_NAME.match(value))
+        if rules.well_known_regex == validate_pb2.HTTP_HEADER_VALUE:
+            return bool(_HEADER_VALUE.match(value))
+        return True
+    if known == "hostname":
+        return _is_hostname(value)
+    if known in ("ip", "ipv4", "ipv6"):
+        return _is_ip(value, known)
+    if known == "address":
+        return _is_ip(value, "ip") or _is_hostname(value)
+    return True  # uri, uri_ref, email, uuid: not checked (see the module docstring)
+
+
+def _is_hostname(value: str) -> bool:
+    host = value.lower().removesuffix(".")
+    return 0 < len(host) <= 253 and all(
+        len(label) <= 63 and _HOST_LABEL.match(label) for label in host.split("."))
+
+
+def _is_ip(value: str, kind: str) -> bool:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return kind == "ip" or (address.version == 4) == (kind == "ipv4")
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return None
+
+
+def _matches(pattern: str, value: str) -> bool:
+    compiled = _compiled(pattern)
+    return compiled is None or compiled.search(value) is not None
+
+
+def _check_bytes(value: bytes, rules: Any, path: str) -> Iterator[str]:
+    if rules.ignore_empty and not value:
+        return
+    if rules.HasField("min_len") and len(value) < rules.min_len:
+        yield f"{path}: must be at least {rules.min_len} byte(s)"
+    if rules.HasField("max_len") and len(value) > rules.max_len:
+        yield f"{path}: must be at most {rules.max_len} bytes"
+
+
+def _check_enum(value: int, rules: Any, path: str) -> Iterator[str]:
+    if rules.HasField("const") and value != rules.const:
+        yield f"{path}: must be {rules.const}, got {value}"
+    if getattr(rules, "in") and value not in getattr(rules, "in"):
+        yield f"{path}: must be one of {list(getattr(rules, 'in'))}, got {value}"
+    if value in rules.not_in:
+        yield f"{path}: must not be {value}"
+
+
+def _check_duration(value: duration_pb2.Duration, rules: Any, path: str) -> Iterator[str]:
+    nanos = _nanos(value)
+    if rules.HasField("const") and nanos != _nanos(rules.const):
+        yield f"{path}: must be {_show(rules.const)}, got {_show(value)}"
+    if getattr(rules, "in") and nanos not in {_nanos(d) for d in getattr(rules, "in")}:
+        yield f"{path}: must be one of the allowed durations, got {_show(value)}"
+    if nanos in {_nanos(d) for d in rules.not_in}:
+        yield f"{path}: must not be {_show(value)}"
+    yield from _check_range(nanos, rules, path, _show(value), _nanos, _show)
+
+
+def _check_any(value: any_pb2.Any, rules: Any, path: str) -> Iterator[str]:
+    if getattr(rules, "in") and value.type_url not in getattr(rules, "in"):
+        yield f"{path}: type {value.type_url!r} is not allowed here"
+    if value.type_url in rules.not_in:
+        yield f"{path}: type {value.type_url!r} is not allowed here"
+
+
+def _nanos(duration: duration_pb2.Duration) -> int:
+    return int(duration.seconds) * 1_000_000_000 + int(duration.nanos)
+
+
+def _show(duration: duration_pb2.Duration) -> str:
+    nanos = _nanos(duration)
+    if nanos % 1_000_000_000 == 0:
+        return f"{nanos // 1_000_000_000}s"
+    return f"{nanos / 1e9:g}s"
+
+
+# --------------------------------------------------------------------------------------
+# What Envoy checks across the virtual hosts of one RouteConfiguration
+# --------------------------------------------------------------------------------------
+
+
+def domain_table(domain: str) -> tuple[str, str]:
+    """Which of Envoy's domain tables `domain` goes to, and its key there (lowercased):
+    ("default", "*"), ("suffix", "*.example.com"), ("prefix", "example.com:*"),
+    ("exact", "example.com"). A port is part of the string.
+
+    Stricter than Envoy in one way: a trailing dot of the host is dropped from the key.
+    Envoy tells "a.test" and "a.test." apart, but torpor's activator and access-log
+    collector do not (torpor.model.host_of), so two services whose hosts differ only by
+    it would be routed to one by Envoy and woken as the other."""
+    key = domain.lower()
+    if key == "*":
+        return "default", key
+    if key.startswith("*"):
+        return "suffix", key.removesuffix(".")
+    if key.endswith(":*"):
+        return "prefix", key[:-2].removesuffix(".") + ":*"
+    if key.endswith("*"):
+        return "prefix", key
+    if ":" in key:
+        host, _, port = key.rpartition(":")
+        return "exact", f"{host.removesuffix('.')}:{port}"
+    return "exact", key.removesuffix(".")
+
+
+def check_domains(vhosts: Iterable[tuple[str, Iterable[str]]]) -> dict[str, list[str]]:
+    """Problems per virtual host name, for (name, domains) in RouteConfiguration order.
+
+    Envoy's RouteMatcher: every virtual host name once; one `*` domain; each domain
+    (lowercased) once in its table. Envoy refuses the whole RouteConfiguration at the
+    first clash; here the later virtual host is the one at fault (the earlier one stays)."""
+    problems: dict[str, list[str]] = {}
+    names: set[str] = set()
+    owners: dict[tuple[str, str], str] = {}
+    for name, domains in vhosts:
+        if name in names:
+            problems.setdefault(name, []).append(f"virtual host name {name!r} is used twice")
+        names.add(name)
+        for domain in domains:
+            table_key = domain_table(domain)
+            owner = owners.get(table_key)
+            if owner is None:
+                owners[table_key] = name
+                continue
+            what = "a second '*' domain (one is allowed per route table)" \
+                if table_key[0] == "default" else \
+                f"domain {table_key[1]!r} is already served by {owner!r}"
+            problems.setdefault(name, []).append(what)
+    return problems
+
+
+def check_endpoint_addresses(message: Message, name: str) -> list[str]:
+    """Envoy's EDS rule PGV does not state: an endpoint's address is an IP address (EDS
+    clusters resolve no names; Envoy refuses the ClusterLoadAssignment otherwise)."""
+    if isinstance(message, any_pb2.Any):
+        cls = symbol_database.Default().GetSymbol(message.TypeName())
+        inner = cls()
+        message.Unpack(inner)
+        message = inner
+    problems = []
+    for locality in getattr(message, "endpoints", ()):
+        for lb_endpoint in locality.lb_endpoints:
+            socket = lb_endpoint.endpoint.address.socket_address
+            if not _is_ip(socket.address, "ip"):
+                problems.append(f"endpoints of {name}: {socket.address!r} is not an IP "
+                                "address (EDS endpoints must be)")
+    return problems[:MAX_PROBLEMS]
