@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.etcd import EtcdServer
 from tests.support.fake_kube import FakeKube
-from tests.support.fleet import NS, Fleet, send
+from tests.support.fleet import NS, Fleet, Proc, send
 from tests.support.kube_objects import kube_service_yaml, model_deployment, model_service
 from tests.support.net import wait_until
 from torpor import admin_client
@@ -125,24 +125,31 @@ class Traffic:
         return self.codes
 
 
+async def the_waker(fleet: Fleet, session: aiohttp.ClientSession) -> tuple[
+        list[asyncio.Task[tuple[int, bytes, float]]], Proc, float]:
+    """60 requests to the sleeping `sleepy` (bodies req-0..); once an activator holds its
+    wake lock: the requests, that activator, and how many requests it holds."""
+    requests = [asyncio.create_task(send(session, fleet, "sleepy.localhost",
+                                         "/echo", f"req-{i}".encode()))
+                for i in range(60)]
+    holder: list[str] = []
+
+    async def locked() -> bool:
+        found = await fleet.holder("locks/wake/sleepy")
+        holder[:] = [found] if found else []
+        return bool(found)
+
+    await wait_until(locked, 15, "an activator holds wake/sleepy")
+    victim = next(p for p in fleet.activators if p.name == holder[0])
+    return requests, victim, (await fleet.held_by_activator("sleepy")).get(victim.name, 0)
+
+
 async def test_kill_9_the_activator_holding_the_wake_lock(fleet: Fleet) -> None:
     await hibernate(fleet, "sleepy")
     before = scale_ups(fleet.kube, "sleepy")
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        requests = [asyncio.create_task(send(session, fleet, "sleepy.localhost",
-                                             "/echo", f"req-{i}".encode()))
-                    for i in range(60)]
-        holder: list[str] = []
-
-        async def locked() -> bool:
-            found = await fleet.holder("locks/wake/sleepy")
-            holder[:] = [found] if found else []
-            return bool(found)
-
-        await wait_until(locked, 15, "an activator holds wake/sleepy")
-        victim = next(p for p in fleet.activators if p.name == holder[0])
-        held_by_victim = (await fleet.held_by_activator("sleepy")).get(victim.name, 0)
+        requests, victim, held_by_victim = await the_waker(fleet, session)
         victim.kill()
         killed_at = asyncio.get_running_loop().time()
         results = await asyncio.gather(*requests)
@@ -169,19 +176,7 @@ async def test_sigterm_of_the_activator_holding_the_wake_drains_it(fleet: Fleet)
     await hibernate(fleet, "sleepy")
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        requests = [asyncio.create_task(send(session, fleet, "sleepy.localhost",
-                                             "/echo", f"req-{i}".encode()))
-                    for i in range(60)]
-        holder: list[str] = []
-
-        async def locked() -> bool:
-            found = await fleet.holder("locks/wake/sleepy")
-            holder[:] = [found] if found else []
-            return bool(found)
-
-        await wait_until(locked, 15, "an activator holds wake/sleepy")
-        victim = next(p for p in fleet.activators if p.name == holder[0])
-        held_by_victim = (await fleet.held_by_activator("sleepy")).get(victim.name, 0)
+        requests, victim, held_by_victim = await the_waker(fleet, session)
         exit_code = await victim.stop()  # SIGTERM, then waits for the exit
         results = await asyncio.gather(*requests)
 

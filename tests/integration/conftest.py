@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.aborting import AbortingUpstream, EchoUpstream
 from tests.support.backends import Backend
 from tests.support.envoy import Envoy, stop_envoy
 from tests.support.net import free_port
@@ -42,3 +43,20 @@ async def envoys(tmp_path: Path) -> AsyncIterator[Callable[[int, str], Envoy]]:
     yield start
     for envoy in started:
         await stop_envoy(envoy)
+
+
+@pytest.fixture(params=["fin", "rst"])
+async def replica_a(request: pytest.FixtureRequest) -> AsyncIterator[AbortingUpstream]:
+    """An upstream that reads each request whole, then closes unanswered (FIN, or RST)."""
+    a = await AbortingUpstream("A", reset=request.param == "rst").start()
+    yield a
+    await a.stop()
+
+
+@pytest.fixture
+async def replica_b() -> AsyncIterator[EchoUpstream]:
+    """An upstream that answers and logs every request."""
+    b = EchoUpstream("B")
+    await b.start()
+    yield b
+    await b.stop()

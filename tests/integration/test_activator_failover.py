@@ -34,21 +34,6 @@ BODY = b"x" * 100_000
 ROUTE_TIMEOUT = 20.0  # short, so that "failed fast rather than hung" means something
 
 
-@pytest.fixture(params=["fin", "rst"])
-async def replica_a(request: pytest.FixtureRequest) -> AsyncIterator[AbortingUpstream]:
-    a = await AbortingUpstream("A", reset=request.param == "rst").start()
-    yield a
-    await a.stop()
-
-
-@pytest.fixture
-async def replica_b() -> AsyncIterator[EchoUpstream]:
-    b = EchoUpstream("B")
-    await b.start()
-    yield b
-    await b.stop()
-
-
 @contextlib.asynccontextmanager
 async def gateway(envoys: Callable[[int, str], Envoy], *activators: Endpoint,
                   **settings: Any) -> AsyncIterator[tuple[str, Envoy]]:

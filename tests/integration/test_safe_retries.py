@@ -34,21 +34,6 @@ pytestmark = pytest.mark.envoy
 CALLS = 40
 
 
-@pytest.fixture(params=["fin", "rst"])
-async def replica_a(request: pytest.FixtureRequest) -> AsyncIterator[AbortingUpstream]:
-    a = await AbortingUpstream("A", reset=request.param == "rst").start()
-    yield a
-    await a.stop()
-
-
-@pytest.fixture
-async def replica_b() -> AsyncIterator[EchoUpstream]:
-    b = EchoUpstream("B")
-    await b.start()
-    yield b
-    await b.stop()
-
-
 @contextlib.asynccontextmanager
 async def gateway(envoys: Callable[[int, str], Envoy], a: AbortingUpstream, b: EchoUpstream,
                   ) -> AsyncIterator[tuple[str, Envoy]]:
