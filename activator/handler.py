@@ -1,4 +1,5 @@
-"""The activator's HTTP/1 surface: what a request for a sleeping or unknown service gets.
+"""The activator's HTTP/1 surface: what a request for a sleeping or unknown service gets
+(a browser's page request: the waking page at once, waking_page.py).
 
 Owns: the HTTP/1 side of one request: finding its service (holding.ServiceLookup), holding
 it (holding.Holding, without a route confirmation: this front proxies to the ready endpoints
@@ -12,8 +13,12 @@ to anything outside the service table.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
+import statistics
+import string
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -26,7 +31,9 @@ from activator.answers import (
 )
 from activator.holding import Holding, Lookup, Ready
 from activator.proxy import Proxy, ProxyError
+from activator.waking_page import WAKING_HEADER, WakeView, render, wants_waking_page
 from torpor import metrics
+from torpor.lifecycle.ports import WakeProgress, Wakes
 from torpor.logs import event
 from torpor.model import Endpoint
 
@@ -36,13 +43,73 @@ log = logging.getLogger("torpor.activator")
 COLD_START_HEADER = "x-torpor-cold-start-ms"
 
 
-class ActivatorHandler:
-    """Maps Host → service; holds, wakes and proxies what Envoy routed to the activator."""
+#: How long a browser's request waits for a wake that may be done at once (the service was
+#: awake already, Envoy had not flipped yet) before it gets the waking page instead.
+READY_NOW_SECONDS = 0.25
 
-    def __init__(self, lookup: Lookup, holding: Holding, proxy: Proxy) -> None:
+
+class Wakings:
+    """The wakes started for waking pages: one background wake per service (a reload joins
+    it), when it started, and how long this service's last wakes took (the page's
+    "usually takes"). A wake's failure is logged here; the next request is held as usual
+    and gets the failure's own answer."""
+
+    def __init__(self, wakes: Wakes, progress: Callable[[str], WakeProgress | None],
+                 template: string.Template) -> None:
+        self._wakes = wakes
+        self._progress = progress
+        self._template = template
+        self._running: dict[str, tuple[asyncio.Task[tuple[Endpoint, ...]], float]] = {}
+        self._took: dict[str, collections.deque[float]] = {}
+
+    def start(self, name: str) -> asyncio.Task[tuple[Endpoint, ...]]:
+        """The background wake of `name` (started now, or the one already running)."""
+        running = self._running.get(name)
+        if running is not None:
+            return running[0]
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._wakes.wake(name, "a browser's request (waking page)"))
+        self._running[name] = (task, loop.time())
+        task.add_done_callback(lambda done: self._finished(name, done))
+        return task
+
+    def page(self, name: str) -> web.Response:
+        """The waking page of `name` as it stands now."""
+        _, started = self._running.get(name, (None, asyncio.get_running_loop().time()))
+        now = self._progress(name)
+        took = self._took.get(name)
+        view = WakeView(
+            service=name, elapsed=asyncio.get_running_loop().time() - started,
+            ready=now.ready if now else None, replicas=now.replicas if now else None,
+            typical=statistics.median(took) if took else None)
+        return web.Response(
+            status=503, text=render(view, self._template), content_type="text/html",
+            headers={"Retry-After": str(view.refresh), "Cache-Control": "no-store",
+                     WAKING_HEADER: "1"})
+
+    def _finished(self, name: str, task: asyncio.Task[tuple[Endpoint, ...]]) -> None:
+        _, started = self._running.pop(name, (None, 0.0))
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            event(log, "activator.page_wake_failed", service=name, error=str(error),
+                  level=logging.WARNING)
+            return
+        self._took.setdefault(name, collections.deque(maxlen=5)).append(
+            asyncio.get_running_loop().time() - started)
+
+
+class ActivatorHandler:
+    """Maps Host → service; holds, wakes and proxies what Envoy routed to the activator;
+    a browser's page request to a sleeping service gets the waking page at once."""
+
+    def __init__(self, lookup: Lookup, holding: Holding, proxy: Proxy,
+                 wakings: Wakings | None = None) -> None:
         self._lookup = lookup
         self._holding = holding
         self._proxy = proxy
+        self._wakings = wakings
         self._turn = itertools.count()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -69,6 +136,11 @@ class ActivatorHandler:
             event(log, "activator.unknown_host", host=host, path=request.path)
             return json_answer(unknown_host(host), host=host)
         name = service.name
+        if (self._wakings is not None and service.waking_page and not self._holding.draining
+                and wants_waking_page(request.method, request.headers)):
+            page = await self._waking_page(name)
+            if page is not None:
+                return page
         # aiohttp cancels this handler when the client hangs up: holding counts it and
         # re-raises, and the request is never proxied later.
         outcome = await self._holding.hold(name)
@@ -76,6 +148,18 @@ class ActivatorHandler:
             return await self._forward(request, name, outcome.endpoints,
                                        round(outcome.waited * 1000))
         return json_answer(answer_for(outcome), service=name)
+
+    async def _waking_page(self, name: str) -> web.Response | None:
+        """The waking page, unless the wake is over at once (the service was awake, or the
+        wake failed: then the request is held as usual and gets the real answer)."""
+        assert self._wakings is not None
+        task = self._wakings.start(name)
+        done, _ = await asyncio.wait({task}, timeout=READY_NOW_SECONDS)
+        if done:
+            return None
+        self._holding.note_call(name)
+        event(log, "activator.waking_page", service=name)
+        return self._wakings.page(name)
 
     async def _forward(self, request: web.Request, name: str, endpoints: tuple[Endpoint, ...],
                        cold_start_ms: int) -> web.StreamResponse:

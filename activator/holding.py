@@ -215,6 +215,11 @@ class Holding:
     def draining(self) -> bool:
         return self._draining
 
+    def note_call(self, name: str) -> None:
+        """A request of `name` that is answered without being held (the waking page): the
+        idle policy counts it as a call all the same."""
+        self._on_held(name)
+
     def start_drain(self) -> None:
         """Refuse every request from now on (Draining "refused"); those already held go on
         waiting for their wake."""

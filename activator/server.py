@@ -17,13 +17,14 @@ from aiohttp import web
 
 from activator.edge_server import EdgeAppRunner
 from activator.h2_holder import H2Holder
-from activator.handler import ActivatorHandler, make_app
+from activator.handler import ActivatorHandler, Wakings, make_app
 from activator.holding import HeldRequests, Holding, ServiceLookup
 from activator.proxy import Proxy
+from activator.waking_page import load_template
 from torpor.catalog import ServiceCatalog
 from torpor.clock import Clock
 from torpor.config import Config
-from torpor.errors import TorporError
+from torpor.errors import ConfigError, TorporError
 from torpor.lifecycle.ports import Wakes
 from torpor.logs import event
 
@@ -72,7 +73,7 @@ class ActivatorServer:
         lookup = ServiceLookup(self._catalog.by_host, self._on_miss)
         holding = Holding(self.held, self._waker, self._config.activator.wake_timeout,
                           self._clock, self._on_held)
-        handler = ActivatorHandler(lookup, holding, self._proxy)
+        handler = ActivatorHandler(lookup, holding, self._proxy, self._wakings())
         self._handler, self._holding = handler, holding
         # Parser limits from the edge limits Envoy's listener has too (torpor/edge.py).
         self._runner = EdgeAppRunner(make_app(handler), self._config.gateway.edge,
@@ -98,6 +99,20 @@ class ActivatorServer:
             await self.stop()
             raise
         return self.port
+
+    def _wakings(self) -> Wakings:
+        """The waking pages' wakes, with the configured template (a bad one is a config
+        error) and the waker's progress where it has one (a waker that wakes through the
+        control plane's admin API does not: the page then shows the time only)."""
+        path = self._config.activator.waking_page_template
+        try:
+            template = load_template(path)
+        except ValueError as exc:
+            raise ConfigError(str(self._config.path), "activator.waking_page_template",
+                              str(exc)) from exc
+        progress = getattr(self._waker, "progress", None)
+        return Wakings(self._waker, progress if callable(progress) else (lambda name: None),
+                       template)
 
     def refuse_new(self) -> None:
         """From now on no new connection is accepted and every new request is refused at

@@ -2,7 +2,8 @@
 # this machine, installing them when it can:
 #   promtool  checks and unit-tests deploy/prometheus (Debian's `prometheus` package);
 #   kubectl   renders deploy/ with its built-in kustomize (v4 or newer: deploy/ uses
-#             kustomize Components).
+#             kustomize Components);
+#   chromium  the headless browser of the waking page's test (Debian's `chromium`).
 # It never fails the calling script: when a tool cannot be had it says so, and the tests
 # that need it fail with the same message.
 
@@ -42,6 +43,19 @@ if ! command -v promtool > /dev/null 2>&1; then
   if ! command -v promtool > /dev/null 2>&1; then
     _torpor_say "promtool is missing: the deploy/prometheus tests will fail." \
       "Install it as root with: apt-get install prometheus (Debian), or put promtool on PATH."
+  fi
+fi
+
+# chromium --------------------------------------------------------------------------------
+# The waking page's test drives a real headless browser (tests/support/browser.py).
+if ! command -v chromium > /dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get > /dev/null 2>&1; then
+    _torpor_say "installing chromium (Debian package chromium, for the waking page's test)"
+    _torpor_apt_install chromium || _torpor_say "apt-get install chromium failed"
+  fi
+  if ! command -v chromium > /dev/null 2>&1; then
+    _torpor_say "chromium is missing: the waking page's browser test will fail." \
+      "Install it as root with: apt-get install chromium (Debian)."
   fi
 fi
 

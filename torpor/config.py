@@ -144,6 +144,9 @@ class ActivatorConfig:
     # while nothing new is taken; what is still held then is answered 503 + Retry-After.
     # A held request never waits longer than wake_timeout anyway.
     drain_grace: float = 30.0
+    # The waking page's HTML (services' `waking_page`): a file with $service, $progress,
+    # $elapsed, $typical and $refresh; default: torpor's own page.
+    waking_page_template: Path | None = None
     # The host Envoy reaches the activator at (an IP or a DNS name, e.g. the activator's
     # Kubernetes Service); default: the listen host. Ports are the listen ports.
     advertise: str | None = None
@@ -282,6 +285,10 @@ class ServiceConfig:
     # PUT, DELETE, TRACE); true: for every method (POST too), for services whose calls may
     # run twice.
     retry_non_idempotent: bool = False
+    # A browser's GET (Accept: text/html) to it while it sleeps gets a page at once that
+    # says it is waking and reloads itself until the service answers; false: held like
+    # any other request.
+    waking_page: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -758,6 +765,7 @@ _ACTIVATOR = _Schema(
         "max_held": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
         "wake_timeout": _Field(_duration(positive=True)),
         "drain_grace": _Field(_duration()),
+        "waking_page_template": _Field(_path),
         "advertise": _Field(_advertised_host),
     },
 )
@@ -902,6 +910,7 @@ _SERVICE = _Schema(
         "never_sleep": _Field(_boolean),
         "policy": _Field(_section(_SERVICE_POLICY)),
         "retry_non_idempotent": _Field(_boolean),
+        "waking_page": _Field(_boolean),
     },
 )
 _TOP_LEVEL_KEYS = (

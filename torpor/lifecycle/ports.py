@@ -8,6 +8,7 @@ and CallTimes; the activator: nothing, it only uses Wakes and RouteConfirmation)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 from torpor.model import Endpoint
@@ -44,3 +45,19 @@ class Wakes(Protocol):
     async def wake(self, name: str, reason: str) -> tuple[Endpoint, ...]:
         """Raises UnknownServiceError, or WakeFailedError (outcome "failed" or "timeout")."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class WakeProgress:
+    """How far a running wake is: replicas ready now, of those it starts."""
+
+    ready: int
+    replicas: int
+
+
+class WakeProgressSource(Protocol):
+    """Wakes whose progress can be read while they run (the waking page shows it)."""
+
+    def progress(self, name: str) -> WakeProgress | None:
+        """The running wake of `name` in this process, or None when there is none."""
+

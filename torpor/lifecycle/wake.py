@@ -20,10 +20,12 @@ from torpor.clock import Clock, SystemClock
 from torpor.errors import (
     ConflictError,
     StoreError,
+    TorporError,
     UnknownServiceError,
     WakeFailedError,
     WorkloadError,
 )
+from torpor.lifecycle.ports import WakeProgress
 from torpor.lifecycle.records import change_state
 from torpor.lifecycle.transitions import Action, Event, Step, decide
 from torpor.locks import LockTimeoutError, ServiceLocks, lock_key
@@ -114,6 +116,18 @@ class Waker:
         self._flip_when = flip_when
         self._clock = clock or SystemClock()
         self._flights: SingleFlight[tuple[Endpoint, ...]] = SingleFlight()
+        self._running: dict[str, _Wake] = {}
+
+    def progress(self, name: str) -> WakeProgress | None:
+        """How far the wake of `name` running in this process is (None: none runs)."""
+        wake = self._running.get(name)
+        if wake is None:
+            return None
+        try:
+            ready = len(self._workloads.ready_endpoints(name))
+        except TorporError:
+            ready = 0
+        return WakeProgress(ready=min(ready, wake.replicas), replicas=wake.replicas)
 
     def waking(self, name: str) -> bool:
         """Whether a wake of `name` is under way in this process."""
@@ -135,7 +149,11 @@ class Waker:
                 if record is None:
                     raise UnknownServiceError(f"unknown service {name!r}")
                 wake = _Wake(record, reason, started, started + self._wake_timeout)
-                return await self._carry_out(wake, cause)
+                self._running[name] = wake
+                try:
+                    return await self._carry_out(wake, cause)
+                finally:
+                    self._running.pop(name, None)
         except LockTimeoutError as exc:
             self._count(name, "failed", started)
             raise WakeFailedError(f"service {name!r}: {exc}", "failed") from exc

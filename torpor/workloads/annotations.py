@@ -49,6 +49,7 @@ POLICY_KIND = PREFIX + "policy"
 COLD_START_PRICE = PREFIX + "cold-start-price"
 PREWAKE = PREFIX + "prewake"
 RETRY_NON_IDEMPOTENT = PREFIX + "retry-non-idempotent"
+WAKING_PAGE = PREFIX + "waking-page"
 
 #: Annotations torpor writes on a Deployment it hibernates; never read here, and left out of
 #: the fingerprint so that torpor's own writes do not look like a config change.
@@ -72,6 +73,7 @@ KNOWN_ANNOTATIONS = (
     COLD_START_PRICE,
     PREWAKE,
     RETRY_NON_IDEMPOTENT,
+    WAKING_PAGE,
 )
 PROTOCOLS = ("http1", "http2")
 
@@ -292,6 +294,7 @@ def _build(
     protocol = problems.check(PROTOCOL, _choice(*PROTOCOLS), given.get(PROTOCOL, "http1"))
     never_sleep = _flag(problems, given, NEVER_SLEEP)
     retry_non_idempotent = _flag(problems, given, RETRY_NON_IDEMPOTENT)
+    waking_page = _flag(problems, given, WAKING_PAGE, default="true")
     policy = _policy(problems, given)
     if (
         name is None
@@ -303,6 +306,7 @@ def _build(
         or protocol is None
         or never_sleep is None
         or retry_non_idempotent is None
+        or waking_page is None
         or policy is None
     ):
         return None
@@ -318,6 +322,7 @@ def _build(
         never_sleep=never_sleep,
         policy=policy,
         retry_non_idempotent=retry_non_idempotent,
+        waking_page=waking_page,
     )
 
 
@@ -361,9 +366,10 @@ def _kube_service(problems: _Problems, given: Mapping[str, str], name: str | Non
     return text
 
 
-def _flag(problems: _Problems, given: Mapping[str, str], key: str) -> bool | None:
-    """A "true"/"false" annotation; absent is false."""
-    text = given.get(key, "false")
+def _flag(problems: _Problems, given: Mapping[str, str], key: str,
+          default: str = "false") -> bool | None:
+    """A "true"/"false" annotation; absent is `default`."""
+    text = given.get(key, default)
     if text not in ("true", "false"):
         problems.add(key, f'expected "true" or "false", got {text!r}')
         return None
