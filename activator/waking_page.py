@@ -19,6 +19,8 @@ import string
 from collections.abc import Mapping
 from pathlib import Path
 
+from torpor.wording import for_people
+
 #: Seconds between the page's reloads: short enough that the answer follows the wake
 #: closely, long enough not to load the gateway (each reload is one request).
 REFRESH_SECONDS = 2
@@ -86,20 +88,6 @@ def wants_waking_page(method: str, headers: Mapping[str, str]) -> bool:
         return False
     accept = lowered.get("accept", "")
     return any(part.split(";")[0].strip().lower() == "text/html" for part in accept.split(","))
-
-
-def for_people(seconds: float) -> str:
-    """A duration rounded for people: "less than a second", "7 s", "2 min 5 s", "1 h 3 min"."""
-    if seconds < 1:
-        return "less than a second"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def progress_text(view: WakeView) -> str:

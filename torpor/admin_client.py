@@ -19,6 +19,7 @@ from protos import admin_pb2, admin_pb2_grpc
 from torpor.credentials import AdminTarget
 from torpor.errors import TorporError
 from torpor.model import Endpoint, ServiceState, ServiceStatus, Transition
+from torpor.wording import for_people
 
 #: Trailing-metadata key the server sets to the torpor error class behind a failed call.
 #: Must equal xds_server.admin_api.ERROR_KIND_KEY (a test checks it); torpor does not
@@ -119,6 +120,8 @@ def status_from_message(message: Any) -> dict[str, Any]:
             keep_alive=float(message.keep_alive) if message.HasField("keep_alive") else None,
             next_call=float(message.next_call) if message.HasField("next_call") else None,
             problem=str(message.problem) if message.HasField("problem") else None,
+            replica_problem=(str(message.replica_problem)
+                             if message.HasField("replica_problem") else None),
         )
     except ValueError as exc:
         raise AdminError(
@@ -221,6 +224,17 @@ def format_ago(at: float | None, now: float) -> str:
     return f"{seconds // 86400}d ago"
 
 
+def format_state(status: Mapping[str, Any], now: float) -> str:
+    """The STATE cell: the state, and for a wake under way how long it has been waking
+    ("WAKING for 12 s", from the last transition into WAKING)."""
+    state = str(status["state"])
+    if state != "WAKING":
+        return state
+    since = next((t.get("at") for t in reversed(status.get("history") or [])
+                  if t.get("to") == "WAKING"), None)
+    return state if since is None else f"WAKING for {for_people(max(0.0, now - since))}"
+
+
 def format_keep(seconds: float | None) -> str:
     """A keep-alive: "-" when unknown or never, else "45s", "10m", "2h30m" (whole seconds
     below a minute, at most two units)."""
@@ -279,13 +293,14 @@ def format_status_table(statuses: Sequence[Mapping[str, Any]], now: float | None
     if not statuses:
         return "no services"
     current = time.time() if now is None else now
-    headers = ("NAME", "STATE", "REPLICAS", "RECORDED", "LAST CALL", "KEEP", "NEXT CALL",
-               "HOST")
+    headers = ("NAME", "STATE", "REPLICAS", "READY", "RECORDED", "LAST CALL", "KEEP",
+               "NEXT CALL", "HOST")
     rows = [
         (
             str(status["name"]),
-            str(status["state"]),
+            format_state(status, current),
             str(status["replicas"]),
+            str(len(status.get("ready_endpoints") or ())),
             str(status["recorded_replicas"]),
             format_ago(status.get("last_call"), current),
             format_keep(status.get("keep_alive")),
@@ -304,6 +319,8 @@ def format_status_table(statuses: Sequence[Mapping[str, Any]], now: float | None
         out.append(line(row).rstrip())
         if status.get("problem"):
             out.append(f"  PROBLEM (quarantined): {status['problem']}")
+        if status.get("replica_problem"):
+            out.append(f"  PROBLEM (replicas): {status['replica_problem']}")
         history = status.get("history") or []
         out.extend(format_transition(t, current) for t in history[-TABLE_HISTORY:])
     return "\n".join(out)

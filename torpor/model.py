@@ -175,6 +175,8 @@ class ServiceStatus:
     # Why Envoy's config leaves the service out (or at its last good config): the
     # validator's or Envoy's words. None when it is routed as configured.
     problem: str | None = None
+    # Why its replicas do not run as they should (Workloads.problem), None while they do.
+    replica_problem: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -193,6 +195,7 @@ class ServiceStatus:
             "keep_alive": self.keep_alive,
             "next_call": self.next_call,
             "problem": self.problem,
+            "replica_problem": self.replica_problem,
         }
 
 

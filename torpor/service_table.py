@@ -144,4 +144,5 @@ class ServiceTable:
             created_at=record.created_at,
             updated_at=record.updated_at,
             history=record.history,
+            replica_problem=self._workloads.problem(name),
         )

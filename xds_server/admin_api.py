@@ -98,6 +98,8 @@ def status_to_message(status: ServiceStatus) -> Any:
         message.next_call = status.next_call
     if status.problem is not None:
         message.problem = status.problem
+    if status.replica_problem is not None:
+        message.replica_problem = status.replica_problem
     return message
 
 

@@ -10,11 +10,11 @@ import pytest
 from activator.waking_page import (
     DEFAULT_TEMPLATE,
     WakeView,
-    for_people,
     load_template,
     render,
     wants_waking_page,
 )
+from torpor.wording import for_people
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
            "Sec-Fetch-Mode": "navigate"}

@@ -77,3 +77,21 @@ async def test_probes_tell_refused_from_not_ready_from_ready(
     assert await _probe(port, "/healthz") is Probe.NOT_READY  # 503 while loading
     assert await _probe(port, "/healthz") is Probe.READY
     assert await _accepts(port) is Probe.READY
+
+
+def test_a_crash_problem_tells_the_last_exit_how_often_and_its_last_lines() -> None:
+    from torpor.workloads.local import ReplicaExit, crash_looping, crash_problem
+
+    assert crash_problem([], 0.0) is None
+    one = [ReplicaExit(10.0, 3, ("loading weights", "RuntimeError: CUDA out of memory"))]
+    assert crash_problem(one, 11.0) == (
+        "a replica exited (exit code 3); its last log lines: loading weights | "
+        "RuntimeError: CUDA out of memory")
+    three = [ReplicaExit(at, -9, ()) for at in (0.0, 100.0, 110.0)] + [
+        ReplicaExit(115.0, 3, ())]
+    assert crash_problem(three, 120.0) == (
+        "a replica exited (exit code 3, 4 times in the last 120 s)")
+    assert crash_problem([ReplicaExit(0.0, -9, ())], 1.0) == "a replica exited (signal SIGKILL)"
+    # Crash-looping: 3 exits since a wait began, not counting older ones.
+    assert crash_looping(three, since=100.0)
+    assert not crash_looping(three, since=105.0)

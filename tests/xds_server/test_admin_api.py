@@ -264,16 +264,32 @@ def test_status_table() -> None:
     table = format_status_table(statuses, now=now)
 
     assert table.splitlines() == [
-        "NAME          STATE    REPLICAS  RECORDED  LAST CALL  KEEP    NEXT CALL  HOST",
-        "echo          ACTIVE   2         2         12s ago    10m30s  in 2m      echo.localhost",
+        "NAME          STATE                  REPLICAS  READY  RECORDED  LAST CALL  KEEP    "
+        "NEXT CALL  HOST",
+        "echo          ACTIVE                 2         2      2         12s ago    10m30s  "
+        "in 2m      echo.localhost",
         f"  {clock(now - 3600)} (new) -> ACTIVE  (registered)",
-        "sleepy-model  WAKING   0         2         never      0.3s    -          "
-        "sleepy-model.localhost",
+        "sleepy-model  WAKING for 1 min 40 s  0         0      2         never      0.3s    "
+        "-          sleepy-model.localhost",
         f"  {clock(now - 300)} ACTIVE -> HIBERNATING  (idle for 10m)",
         f"  {clock(now - 290)} HIBERNATING -> HIBERNATED  (scaled to 0)",
         f"  {clock(now - 100)} HIBERNATED -> WAKING",
-        "old           EVICTED  0         2         3d ago     -       -          old.localhost",
+        "old           EVICTED                0         0      2         3d ago     -       "
+        "-          old.localhost",
     ]
+
+
+def test_the_table_names_a_replica_problem_under_its_service() -> None:
+    status = make_status("crashy").to_json()
+    status["replica_problem"] = "a replica exited (exit code 3); its last log lines: CUDA oom"
+    lines = format_status_table([status], now=time.time()).splitlines()
+    assert "  PROBLEM (replicas): a replica exited (exit code 3); its last log lines: " \
+        "CUDA oom" in lines
+    back = admin_client.status_from_message(status_to_message(
+        dataclasses.replace(make_status("crashy"), replica_problem="exit code 3")))
+    assert back["replica_problem"] == "exit code 3"
+    assert admin_client.status_from_message(status_to_message(make_status("ok")))[
+        "replica_problem"] is None
 
 
 def test_keep_alive_and_next_call_round_trip() -> None:

@@ -78,6 +78,11 @@ class Workloads(abc.ABC):
     async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
         """Wait until at least `min_ready` endpoints are ready; raises TimeoutError."""
 
+    def problem(self, name: str) -> str | None:
+        """Why `name`'s replicas do not run as they should (crash-looping, say), for
+        `torpor status`; None when nothing is known to be wrong."""
+        return None
+
     def recorded_replicas(self, name: str) -> int | None:
         """The replica count the workload itself recorded when torpor scaled it to zero
         (a Kubernetes Deployment's torpor.io/recorded-replicas annotation), if it is at zero

@@ -20,6 +20,7 @@ model may load for minutes, and the wake's deadline bounds that wait.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -27,7 +28,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +59,52 @@ LISTEN_POLL = 0.005
 FAST_LISTEN_WINDOW = 5.0
 
 
+#: Exits of a service's replicas within this many seconds that make it crash-looping: a
+#: wake waiting for it fails with the exits' story instead of waiting out wake_timeout.
+CRASH_LOOP_EXITS = 3
+CRASH_LOOP_WINDOW = 120.0
+#: Lines of a dead replica's log quoted in its service's problem.
+PROBLEM_LOG_LINES = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaExit:
+    """An unexpected exit of one replica, as its service's problem tells it."""
+
+    at: float  # monotonic
+    returncode: int
+    last_lines: tuple[str, ...]
+
+
+def exit_text(returncode: int) -> str:
+    """'exit code 3', or 'signal SIGKILL' (negative return codes are signals)."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def crash_problem(exits: Sequence[ReplicaExit], now: float) -> str | None:
+    """The problem a person reads in `torpor status` and in a failed wake's answer: the last
+    exit, how many in the window, and the last log lines (pure)."""
+    if not exits:
+        return None
+    last = exits[-1]
+    recent = sum(1 for e in exits if now - e.at <= CRASH_LOOP_WINDOW)
+    times = f", {recent} times in the last {CRASH_LOOP_WINDOW:g} s" if recent > 1 else ""
+    text = f"a replica exited ({exit_text(last.returncode)}{times})"
+    if last.last_lines:
+        text += "; its last log lines: " + " | ".join(last.last_lines)
+    return text
+
+
+def crash_looping(exits: Sequence[ReplicaExit], since: float) -> bool:
+    """Whether the replicas exited CRASH_LOOP_EXITS times since `since` (pure)."""
+    return sum(1 for e in exits if e.at >= since) >= CRASH_LOOP_EXITS
+
+
 class Probe(enum.Enum):
     """What one readiness probe found."""
 
@@ -86,6 +133,7 @@ class _Replica:
 
     port: int
     process: supervision.ChildProcess
+    log_path: Path
     started: float = 0.0  # monotonic
     ready: bool = False
     ready_since: float | None = None
@@ -126,7 +174,10 @@ class _Service:
     restarts_due: int = 0
     restart_task: asyncio.Task[None] | None = None
     published: tuple[Endpoint, ...] = ()
-    # Set (and replaced) whenever `published` changes or the workloads close.
+    # Unexpected exits of its replicas, newest last; cleared once a replica is ready.
+    exits: collections.deque[ReplicaExit] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=CRASH_LOOP_EXITS * 2))
+    # Set (and replaced) whenever `published` changes, a replica exits or the workloads close.
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     # Serialises scale, restart and close, so that two of them never count the same replicas.
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -214,10 +265,26 @@ class LocalWorkloads(Workloads):
         return self._service(name).published
 
     async def wait_ready(self, name: str, min_ready: int, timeout: float) -> tuple[Endpoint, ...]:
+        """Raises WorkloadError with the exits' story when the replicas crash-loop while
+        this waits (a wake then fails at once, not after wake_timeout)."""
         svc = self._service(name)
-        return await wait_for_ready(lambda: svc.published, lambda: svc.changed,
-                                    self._check_open, min_ready, timeout,
-                                    f"service {name!r}: replicas")
+        since = self._clock.monotonic()
+
+        def check() -> None:
+            self._check_open()
+            if crash_looping(svc.exits, since):
+                raise WorkloadError(f"service {name!r} is crash-looping: "
+                                    f"{crash_problem(svc.exits, self._clock.monotonic())}")
+
+        return await wait_for_ready(lambda: svc.published, lambda: svc.changed, check,
+                                    min_ready, timeout, f"service {name!r}: replicas")
+
+    def problem(self, name: str) -> str | None:
+        """Why the service's replicas are not running as they should: the last unexpected
+        exit (code or signal, how often lately, its last log lines), until a replica is
+        ready again."""
+        svc = self._service(name)
+        return crash_problem(svc.exits, self._clock.monotonic())
 
     def add_listener(self, listener: EndpointListener) -> Callable[[], None]:
         return self._listeners.add(listener)
@@ -297,7 +364,8 @@ class LocalWorkloads(Workloads):
         argv = _argv(svc.name, svc.config.command, port)
         log_path = self._log_dir / f"{svc.name}-{port}.log"
         process = await self._spawn_process(svc, argv, log_path)
-        replica = _Replica(port=port, process=process, started=self._clock.monotonic())
+        replica = _Replica(port=port, process=process, log_path=log_path,
+                           started=self._clock.monotonic())
         svc.replicas.append(replica)
         replica.probe_task = self._spawn(self._probe_loop(svc, replica))
         self._spawn(self._watch(svc, replica))
@@ -350,6 +418,9 @@ class LocalWorkloads(Workloads):
         self._publish(svc)
         restart_in = None
         reason = replica.killed_for or "exited"
+        tail = supervision.log_tail(replica.log_path, PROBLEM_LOG_LINES)
+        svc.exits.append(ReplicaExit(self._clock.monotonic(), returncode, tuple(tail)))
+        _wake_waiters(svc)  # a wake waiting for it looks at the exits
         if not self._closed:
             svc.restarts_due += 1
             restart_in = self._schedule_restart(svc)
@@ -433,6 +504,7 @@ class LocalWorkloads(Workloads):
         now = self._clock.monotonic()
         if ok and not replica.ready:
             replica.ready, replica.ready_since = True, now
+            svc.exits.clear()  # a ready replica ends the service's problem
             event(logger, "replica.ready", service=svc.name, port=replica.port, pid=replica.pid)
             self._publish(svc)
             if replica.liveness_task is None and svc.config.liveness.enabled:
