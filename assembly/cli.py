@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -22,10 +23,11 @@ from typing import TYPE_CHECKING
 
 from torpor import admin_client
 from torpor.config import Address, Config, load_config, parse_duration
-from torpor.credentials import admin_target
+from torpor.credentials import AdminTarget, admin_target
 from torpor.errors import ConfigError, TorporError
 from torpor.logs import setup_logging
 from torpor.supervision import AlreadyRunningError
+from torpor.wording import for_people
 
 if TYPE_CHECKING:  # the handlers import what their verb runs, and nothing more
     from assembly.components import Assembly
@@ -231,11 +233,44 @@ def _hibernate(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+#: How often `torpor wake` looks at the service while the wake runs.
+WAKE_PROGRESS_EVERY = 1.0
+
+
 def _wake(args: argparse.Namespace, config: Config) -> int:
+    """Wake, saying how far the wake is while it runs (replicas ready of those recorded,
+    elapsed) on stderr, then the status table."""
+    target = admin_target(config)
     timeout = config.activator.wake_timeout + 30
-    result = admin_client.wake(admin_target(config), args.name, timeout)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        waking = pool.submit(admin_client.wake, target, args.name, timeout)
+        started = time.monotonic()
+        said = ""
+        while True:
+            try:
+                result = waking.result(timeout=WAKE_PROGRESS_EVERY)
+                break
+            except concurrent.futures.TimeoutError:
+                line = _wake_progress(target, args.name, time.monotonic() - started)
+                if line and line != said:
+                    print(line, file=sys.stderr, flush=True)
+                    said = line
     print(admin_client.format_status_table([result]))
     return 0
+
+
+def _wake_progress(target: AdminTarget, name: str, elapsed: float) -> str:
+    """One progress line of a running wake ('' when the status cannot be read now: the
+    wake itself says what went wrong)."""
+    try:
+        status = admin_client.get_status(target, name, timeout=2.0)
+    except admin_client.AdminError:
+        return ""
+    ready = len(status.get("ready_endpoints") or ())
+    line = (f"waking {name}: {ready} of {status['recorded_replicas']} replicas ready, "
+            f"{for_people(elapsed)}")
+    problem = status.get("replica_problem")
+    return f"{line}; {problem}" if problem else line
 
 
 def _report(args: argparse.Namespace, config: Config) -> int:

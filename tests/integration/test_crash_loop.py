@@ -1,18 +1,20 @@
 """A replica that crash-loops on a wake (exit code 3, "CUDA out of memory" in its log) is a
 problem on its service, through `torpor up`: the wake fails at once instead of after
 wake_timeout, the held request's 503 says why (exit code and log lines), and `torpor status`
-shows it until a replica is ready again."""
+shows it until a replica is ready again. `torpor wake` says how far a wake is while it runs."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.support.configs import write_config
+from tests.support.configs import model_service, write_config
 from tests.support.up import UpRuns, status_json
 from torpor import admin_client
 from torpor.config import load_config
@@ -72,5 +74,25 @@ async def test_a_crash_looping_wake_fails_fast_and_says_why(tmp_path: Path) -> N
             assert r.status == 200, await r.text()
         (crashy,) = status_json(path)
         assert crashy["replica_problem"] is None
+    finally:
+        await runs.stop_all()
+
+
+async def test_torpor_wake_says_how_far_the_wake_is(tmp_path: Path) -> None:
+    path = write_config(tmp_path, model_service("slow", 1, load_seconds=3.0))
+    config = load_config(path)
+    runs = UpRuns()
+    try:
+        await runs.start(path)
+        await asyncio.to_thread(admin_client.hibernate, admin_target(config), "slow")
+        woke = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "assembly.cli", "wake", "slow",
+                             "--config", str(path)],
+            capture_output=True, text=True, timeout=60)
+        print(f"\n{woke.stderr}{woke.stdout}")
+        assert woke.returncode == 0, woke.stderr
+        progress = woke.stderr.splitlines()
+        assert progress and progress[0].startswith("waking slow: 0 of 1 replicas ready, ")
+        assert woke.stdout.splitlines()[1].split()[:2] == ["slow", "ACTIVE"]
     finally:
         await runs.stop_all()
