@@ -23,7 +23,7 @@ hosts) are counted from the access log, which is kept for them only (resources.p
 
 Resolution: counters are cumulative per flush, so all calls of one flush count at the
 flush's time (Envoy's timestamp, at most now): the last call is known to within one flush
-interval (default 5 s), late rather than early, and windows and hours of the week count
+interval (default 2 s), late rather than early, and windows and hours of the week count
 at that time. A flush Envoy could not send (control plane down) is lost, as access-log
 entries were.
 
