@@ -1109,6 +1109,10 @@ def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
         print(f"  ratio torpor/plain Envoy: req/s x{t.rps / p.rps:.2f}, p50 "
               f"x{t.p50 / p.p50:.2f}, p99 x{t.p99 / p.p99:.2f} (target: req/s >= x0.98, "
               "p99 <= x1.05)")
+        mine, plain = t.cpu_ms_per_1k.get("envoy", 0.0), p.cpu_ms_per_1k.get("static envoy", 0.0)
+        if mine and plain:
+            print(f"  Envoy CPU per request, torpor's / the plain one's: x{mine / plain:.2f} "
+                  "(less sensitive than req/s to other load on the machine)")
     print("  (no Python on the warm path: torpor learns of these calls from Envoy's request "
           "counters, flushed every gateway.stats_flush_interval, not from a log entry per "
           "request)")
