@@ -16,10 +16,12 @@ What counts as a call: every service has its own cluster, named after it (resour
 whether it routes to replicas or, asleep, to the activator. `upstream_rq_total` counts
 each request sent upstream, retries included; `upstream_rq_retry` counts the retries. So
 calls in a flush = Δupstream_rq_total - Δupstream_rq_retry (a held HTTP/2 request that
-the activator asks Envoy to replay is one call, not two). A negative remainder (a retry
-counted in one flush, its attempt in the next) is carried to the next flush of the same
-stream. Requests that never reach a cluster (the catch-all: evicted services, unknown
-hosts) are counted from the access log, which is kept for them only (resources.py).
+the activator asks Envoy to replay is one call, not two), plus the requests Envoy refused
+before sending them (REFUSED: no healthy host, pending queue full), which were calls too.
+A negative remainder (a retry counted in one flush, its attempt in the next) is carried
+to the next flush of the same stream. Requests that never reach a service's cluster (the
+catch-all: evicted services, unknown hosts) are counted from the access log, which is
+kept for them only (resources.py).
 
 Resolution: counters are cumulative per flush, so all calls of one flush count at the
 flush's time (Envoy's timestamp, at most now): the last call is known to within one flush
@@ -53,6 +55,11 @@ SERVICE_NAME = "envoy.service.metrics.v3.MetricsService"
 
 CALLS = "upstream_rq_total"
 RETRIES = "upstream_rq_retry"
+#: Requests Envoy answered itself without sending them (503): no healthy host (a sleeping
+#: service while no activator is reachable), the cluster's pending queue full.
+REFUSED = ("upstream_cx_none_healthy", "upstream_rq_pending_overflow")
+#: counter → its sign in "calls" (module docstring).
+_SIGNS = {CALLS: 1, RETRIES: -1, **{name: 1 for name in REFUSED}}
 #: Per-service counters Envoy keeps (all others of a service's cluster are dropped, with
 #: its gauges and histograms): the two torpor reads, and the failures and answer classes
 #: an operator reads in Envoy's /stats. Only counters: the sink sends every used gauge at
@@ -158,16 +165,13 @@ def calls_from(families: Iterable[Any],
     matched by their attempt (carried across flushes of one stream; updated in place)."""
     deltas: dict[str, int] = {}
     at_ms = 0
-    calls_suffix, retries_suffix = "." + CALLS, "." + RETRIES
     for family in families:
         name: str = family.name
         if not name.startswith(_CLUSTER):
             continue
-        if name.endswith(calls_suffix):
-            cluster, sign = name[len(_CLUSTER):-len(calls_suffix)], 1
-        elif name.endswith(retries_suffix):
-            cluster, sign = name[len(_CLUSTER):-len(retries_suffix)], -1
-        else:
+        cluster, _, counter = name[len(_CLUSTER):].rpartition(".")
+        sign = _SIGNS.get(counter)
+        if sign is None or not cluster:
             continue
         for metric in family.metric:
             value = int(metric.counter.value)

@@ -147,8 +147,10 @@ def test_a_flush_counts_attempts_minus_retries() -> None:
                             family("cluster.a.upstream_rq_retry", 2),
                             family("cluster.b.upstream_rq_total", 0),
                             family("cluster.a.upstream_rq_2xx", 5),
+                            family("cluster.c.upstream_cx_none_healthy", 2),
+                            family("cluster.c.upstream_rq_pending_overflow", 1),
                             family("http.torpor.downstream_rq_total", 9)], owed)
-    assert calls == {"a": 3} and at == 1_700_000_000.0 and owed == {}
+    assert calls == {"a": 3, "c": 3} and at == 1_700_000_000.0 and owed == {}
     # a retry counted before its attempt: owed, then settled by the next flush
     calls, _ = calls_from([family("cluster.a.upstream_rq_retry", 1)], owed)
     assert calls == {} and owed == {"a": 1}
