@@ -61,13 +61,13 @@ REFUSED = ("upstream_cx_none_healthy", "upstream_rq_pending_overflow")
 #: counter → its sign in "calls" (module docstring).
 _SIGNS = {CALLS: 1, RETRIES: -1, **{name: 1 for name in REFUSED}}
 #: Per-service counters Envoy keeps (all others of a service's cluster are dropped, with
-#: its gauges and histograms): the two torpor reads, and the failures and answer classes
-#: an operator reads in Envoy's /stats. Only counters: the sink sends every used gauge at
-#: every flush, which at 10,000 services is 10,000 messages' worth of parsing for nothing.
+#: its gauges and histograms): those torpor reads, and the failures and answer classes an
+#: operator reads in Envoy's /stats. Only counters: the sink sends every used gauge at
+#: every flush, which at 10,000 services is 10,000 metrics' worth of parsing for nothing.
 KEPT_SERVICE_COUNTERS = (
-    CALLS, RETRIES, "upstream_rq_retry_overflow", "upstream_rq_retry_success",
-    "retry_or_shadow_abandoned", "upstream_cx_connect_fail", "upstream_cx_none_healthy",
-    "upstream_rq_timeout", "upstream_rq_pending_overflow", "upstream_rq_[1-5]xx",
+    CALLS, RETRIES, *REFUSED, "upstream_rq_retry_overflow", "upstream_rq_retry_success",
+    "retry_or_shadow_abandoned", "upstream_cx_connect_fail", "upstream_rq_timeout",
+    "upstream_rq_[1-5]xx",
 )
 #: torpor's own clusters (activator, control plane) keep every statistic: two clusters.
 #: Service names are DNS labels, so they never start with "torpor_".
