@@ -19,9 +19,13 @@ prints:
      and at peak (a fresh `torpor up` per step, so that one step's freed memory does not
      hide the next one's growth);
   3. warm path: req/s and latency p50/p99 of a small GET through torpor's Envoy to an
-     ACTIVE service vs. straight to the replica's port, same client, same run, with the
-     ratio torpor/direct. The client is wrk or hey when on PATH, else a Python asyncio
-     load generator (which may itself be the bottleneck); the output says which.
+     ACTIVE service vs. through a plain static Envoy the bench starts (one listener, one
+     route, a STATIC cluster, no access log, default statistics, as many workers) vs.
+     straight to the replica's port, same client, rounds alternating, medians of rounds,
+     with the ratios torpor/plain Envoy and torpor/direct. The replica is an Envoy that
+     answers every request itself (direct_response), so that the backend is not the
+     bottleneck. The client is wrk or hey when on PATH, else a Python asyncio load
+     generator (which may itself be the bottleneck); the output says which.
 
 A benchmark prints figures; it never passes or fails on time. Everything listens on
 127.0.0.1; every wait has a deadline; every process it starts is stopped in a finally
@@ -36,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -169,10 +174,84 @@ class Service:
     load_seconds: float
     load_jitter: float = 0.0
     replicas: int = 1
+    #: "python": bench/backend.py; "envoy": an Envoy answering every request itself
+    #: (direct_response), a backend that is never the bottleneck of the warm path.
+    backend: str = "python"
 
     @property
     def host(self) -> str:
         return f"{self.name}.localhost"
+
+
+#: Node id of a backend Envoy (the port substituted by the local workloads): how the bench
+#: finds its process and tells it from torpor's Envoy.
+BACKEND_ENVOY_NODE = "bench-backend-{port}"
+
+
+def direct_response_envoy(port: str, node: str) -> dict[str, Any]:
+    """An Envoy bootstrap answering every request on `port` with 200 "ok" itself (HTTP/1.0
+    too: torpor's readiness probe speaks it)."""
+    listener = _plain_listener(port, {
+        "name": "all", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"},
+                    "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}],
+    })
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["http_protocol_options"] = {"accept_http_10": True}
+    return {"node": {"id": node}, "static_resources": {"listeners": [listener]}}
+
+
+def static_envoy(port: int, backend_port: int) -> dict[str, Any]:
+    """A plain Envoy: one listener, one route, a STATIC cluster to `backend_port`, no access
+    log, default statistics. What torpor's warm path is compared with."""
+    return {
+        "node": {"id": "bench-static"},
+        "static_resources": {
+            "listeners": [_plain_listener(str(port), {
+                "name": "all", "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}],
+            })],
+            "clusters": [{
+                "name": "backend", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {
+                        "address": LOOPBACK, "port_value": backend_port}}}}]}]},
+            }],
+        },
+    }
+
+
+def _plain_listener(port: str, vhost: dict[str, Any]) -> dict[str, Any]:
+    # `port` may be the "{port}" placeholder: a number once the workloads substitute it.
+    return {
+        "name": "http",
+        "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "plain",
+                "route_config": {"name": "plain", "virtual_hosts": [vhost]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3."
+                             "Router"}}],
+            },
+        }]}],
+    }
+
+
+def service_command(s: Service) -> str:
+    """The service's local command as a YAML flow list."""
+    if s.backend == "envoy":
+        yaml_text = json.dumps(direct_response_envoy("{port}", BACKEND_ENVOY_NODE))
+        # The port goes in as a number: drop the quotes around the placeholder.
+        yaml_text = yaml_text.replace('"{port}"', "{port}")
+        argv = [envoy_binary(), "--config-yaml", yaml_text, "--disable-hot-restart",
+                "--concurrency", "1", "--log-level", "error"]
+        return json.dumps(argv)
+    return (f'[python, "{BACKEND}", --port, "{{port}}", --load-seconds, "{s.load_seconds}", '
+            f'--load-jitter, "{s.load_jitter}"]')
 
 
 def write_config(workdir: Path, services: Sequence[Service], max_held: int) -> Path:
@@ -186,8 +265,7 @@ def write_config(workdir: Path, services: Sequence[Service], max_held: int) -> P
     replicas: {s.replicas}
     never_sleep: true
     local:
-      command: [python, "{BACKEND}", --port, "{{port}}", --load-seconds, "{s.load_seconds}",
-                --load-jitter, "{s.load_jitter}"]
+      command: {service_command(s)}
       ready_path: /healthz
       stop_grace: 5s
 """ for s in services)
@@ -267,13 +345,15 @@ class TorporUp:
 
     def envoy_pid(self) -> int:
         for p in self.remember():
-            if Path(p.cmd.split(" ", 1)[0]).name == "envoy":
+            if Path(p.cmd.split(" ", 1)[0]).name == "envoy" and "--config-yaml" not in p.cmd:
                 return p.pid
         raise RuntimeError("no Envoy process below torpor up")
 
     def replica_pid(self, port: int) -> int:
         for p in self.remember():
             if str(BACKEND) in p.cmd and f"--port {port} " in p.cmd + " ":
+                return p.pid
+            if BACKEND_ENVOY_NODE.replace("{port}", str(port)) + '"' in p.cmd:
                 return p.pid
         raise RuntimeError(f"no replica process on port {port}")
 
@@ -815,19 +895,75 @@ async def load_once(tool: str, port: int, host: str, connections: int, duration:
     return await python_load(port, host, "/work", connections, duration, target)
 
 
+@contextlib.asynccontextmanager
+async def plain_envoy(workdir: Path, backend_port: int) -> AsyncIterator[tuple[int, int]]:
+    """A plain static Envoy (static_envoy) in front of `backend_port`, with as many workers
+    as torpor's (2); yields (its port, its pid); stopped however the block ends."""
+    port = free_port()
+    path = workdir / "static-envoy.json"
+    path.write_text(json.dumps(static_envoy(port, backend_port)))
+    log = (workdir / "static-envoy.log").open("wb")
+    proc = _start_envoy(path, log)
+    try:
+        deadline = time.monotonic() + STATE_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"static Envoy exited: {path.with_suffix('.log')}")
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
+                conn = await HttpConn.open(LOOPBACK, port)
+                try:
+                    status, _, _ = await conn.exchange(get_request("/work", "static"))
+                finally:
+                    conn.close()
+                if status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("static Envoy did not answer 200 in time")
+            await asyncio.sleep(0.1)
+        yield port, proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def _start_envoy(path: Path, log: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([envoy_binary(), "-c", str(path), "--disable-hot-restart",
+                             "--concurrency", "2", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 async def warm_path(up: TorporUp, name: str, tool: str, connections: int, duration: float,
-                    rounds: int) -> list[Load]:
-    """Alternate direct and through-torpor runs, `rounds` of each, after a short warm-up."""
+                    rounds: int, workdir: Path) -> list[Load]:
+    """Alternate direct, through-torpor and through-a-plain-Envoy runs, `rounds` of each,
+    after a short warm-up."""
     status = await up.wait_state(name, "ACTIVE", ready=1)
     replica_port = one_port(status)
-    pids = {"torpor": up.pid, "envoy": up.envoy_pid(), "backend": up.replica_pid(replica_port)}
-    targets = {"direct": replica_port, "torpor": up.gateway[1]}
-    host = f"{name}.localhost"
+    async with plain_envoy(workdir, replica_port) as (static_port, static_pid):
+        pids = {"torpor": up.pid, "envoy": up.envoy_pid(),
+                "backend": up.replica_pid(replica_port), "static envoy": static_pid}
+        targets = {"direct": replica_port, "torpor": up.gateway[1], "static": static_port}
+        return await _alternate(targets, pids, f"{name}.localhost", tool, connections,
+                                duration, rounds)
+
+
+async def _alternate(targets: dict[str, int], pids: dict[str, int], host: str, tool: str,
+                     connections: int, duration: float, rounds: int) -> list[Load]:
+    """Each round runs every target once; the order of the others after the first turns
+    from round to round, so that neither Envoy always runs right after the other."""
     for target, port in targets.items():  # warm-up: connection pools, Envoy's first use
         await load_once(tool, port, host, connections, min(1.0, duration), target)
     loads = []
+    first, *others = targets
     for r in range(rounds):
-        for target, port in targets.items():
+        turn = r % len(others) if others else 0
+        for target in [first, *others[turn:], *others[:turn]]:
+            port = targets[target]
             cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
             load = await load_once(tool, port, host, connections, duration, target)
             load.cpu = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
@@ -931,10 +1067,18 @@ class Warm:
     cpu_ms_per_1k: dict[str, float]
 
 
+#: Warm-path targets: straight to the replica, through torpor's Envoy, through a plain one.
+TARGETS = ("direct", "torpor", "static")
+_WHERE = {"direct": "straight to the replica", "torpor": "through torpor's Envoy",
+          "static": "through a plain Envoy"}
+
+
 def summarize_loads(loads: list[Load]) -> dict[str, Warm]:
     out = {}
-    for target in ("direct", "torpor"):
+    for target in TARGETS:
         mine = [x for x in loads if x.target == target]
+        if not mine:
+            continue
         requests = sum(x.requests for x in mine)
         cpu: dict[str, float] = collections.defaultdict(float)
         for x in mine:
@@ -951,17 +1095,27 @@ def summarize_loads(loads: list[Load]) -> dict[str, Warm]:
 def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
     summary = summarize_loads(loads)
     d, t = summary["direct"], summary["torpor"]
-    print(f"\n3. Warm path (GET /work, ACTIVE service, {tool_text}; median of "
-          f"{len(loads) // 2} round(s)):")
-    for x in (d, t):
-        where = "straight to the replica" if x.target == "direct" else "through torpor's Envoy"
+    print(f"\n3. Warm path (GET /work, ACTIVE service, backend an Envoy answering itself, "
+          f"{tool_text}; median of {len(loads) // len(summary)} round(s)):")
+    for x in summary.values():
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in x.cpu_ms_per_1k.items())
-        print(f"  {where:<24} {x.rps:8.0f} req/s  p50 {ms(x.p50):>5} ms  p99 {ms(x.p99):>5} ms"
-              f"  non-2xx {x.non_2xx} errors {x.errors}  CPU ms per 1k requests: {cpu}")
+        print(f"  {_WHERE[x.target]:<24} {x.rps:8.0f} req/s  p50 {ms(x.p50):>5} ms  p99 "
+              f"{ms(x.p99):>5} ms  non-2xx {x.non_2xx} errors {x.errors}  CPU ms per 1k "
+              f"requests: {cpu}")
     print(f"  ratio torpor/direct: req/s x{t.rps / d.rps:.2f}, p50 x{t.p50 / d.p50:.2f}, "
           f"p99 x{t.p99 / d.p99:.2f}")
-    print("  (torpor's CPU on the warm path is the access-log collector: Envoy streams every "
-          "request's log entry to the control plane; no Python proxies these requests)")
+    if "static" in summary:
+        p = summary["static"]
+        print(f"  ratio torpor/plain Envoy: req/s x{t.rps / p.rps:.2f}, p50 "
+              f"x{t.p50 / p.p50:.2f}, p99 x{t.p99 / p.p99:.2f} (target: req/s >= x0.98, "
+              "p99 <= x1.05)")
+        mine, plain = t.cpu_ms_per_1k.get("envoy", 0.0), p.cpu_ms_per_1k.get("static envoy", 0.0)
+        if mine and plain:
+            print(f"  Envoy CPU per request, torpor's / the plain one's: x{mine / plain:.2f} "
+                  "(less sensitive than req/s to other load on the machine)")
+    print("  (no Python on the warm path: torpor learns of these calls from Envoy's request "
+          "counters, flushed every gateway.stats_flush_interval, not from a log entry per "
+          "request)")
     return summary
 
 
@@ -1006,6 +1160,11 @@ def print_summary(wakes: list[Wake], wake_load: float, wake_jitter: float,
         print("|---|---:|---:|---:|")
         print(f"| straight to the replica | {d.rps:.0f} | {ms(d.p50)} | {ms(d.p99)} |")
         print(f"| through torpor's Envoy | {t.rps:.0f} | {ms(t.p50)} | {ms(t.p99)} |")
+        if "static" in warm:
+            p = warm["static"]
+            print(f"| through a plain static Envoy | {p.rps:.0f} | {ms(p.p50)} | {ms(p.p99)} |")
+            print(f"| ratio torpor/plain Envoy | x{t.rps / p.rps:.2f} | x{t.p50 / p.p50:.2f} "
+                  f"| x{t.p99 / p.p99:.2f} |")
         print(f"| ratio torpor/direct | x{t.rps / d.rps:.2f} | x{t.p50 / d.p50:.2f} "
               f"| x{t.p99 / d.p99:.2f} |")
 
@@ -1054,7 +1213,7 @@ async def run(args: argparse.Namespace) -> int:
     holds: list[Hold] = []
     warm: dict[str, Warm] | None = None
     wake_svc = Service("wake", args.wake_load, args.wake_jitter)
-    warm_svc = Service("warm", 0.0)
+    warm_svc = Service("warm", 0.0, backend="envoy")
     hold_svc = Service("hold", args.hold_load)
     with workdir(args.keep) as tmp:
         if args.wakes or args.duration > 0:
@@ -1069,7 +1228,7 @@ async def run(args: argparse.Namespace) -> int:
                     print(f"\n  3. warm path, {tool_text}, {args.rounds} round(s) each:",
                           flush=True)
                     loads = await warm_path(up, warm_svc.name, tool, args.connections,
-                                            args.duration, args.rounds)
+                                            args.duration, args.rounds, tmp)
                     warm = print_warm(loads, tool_text)
         for n in args.steps:
             print(f"\n[2] torpor up with service 'hold' (max_held_per_service "

@@ -40,8 +40,8 @@ import aiohttp
 import grpc
 from aiohttp import web
 
+from assembly.envoy_process import SupervisedEnvoy as EnvoyProcess
 from torpor.config import Address
-from torpor.gateway import EnvoyProcess
 from torpor.model import Endpoint
 from xds_server import types
 from xds_server.bootstrap import bootstrap
@@ -190,7 +190,7 @@ class Envoys:
         await asyncio.gather(*(e.stop() for e in self.processes), return_exceptions=True)
 
     def pids(self) -> list[int]:
-        return [e.proc.pid for e in self.processes if e.proc is not None]
+        return [e.child.pid for e in self.processes if e.child is not None]
 
     def log_tails(self, chars: int = 1500) -> str:
         out = []
@@ -203,7 +203,7 @@ class Envoys:
     async def all_ready(self, session: aiohttp.ClientSession) -> bool:
         """True when every Envoy's admin /ready answers 200 (LIVE); raises if one exited."""
         for e in self.processes:
-            if e.proc is None or e.proc.returncode is not None:
+            if e.child is None or e.child.returncode is not None:
                 raise RuntimeError(f"envoy exited (see log below)\n{self.log_tails()}")
             try:
                 async with session.get(f"http://{e.admin.host}:{e.admin.port}/ready") as r:

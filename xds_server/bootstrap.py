@@ -1,11 +1,12 @@
 """The Envoy bootstrap that points an Envoy at torpor's control plane.
 
 Owns: node identity, the admin listener, the static cluster to the control plane (HTTP/2:
-it carries ADS and the access log; over a Unix socket, or TCP with this Envoy's client
-certificate when the control plane requires mTLS), and ADS as the source of listeners and
-clusters. `torpor envoy-bootstrap` prints it; `torpor up` writes it to a file and starts
-Envoy on it. An admin on a Unix socket is owner-only (mode 0600): no local user can POST
-/quitquitquit to it.
+it carries ADS, the access log and the request counters of stats_sink.py; over a Unix
+socket, or TCP with this Envoy's client certificate when the control plane requires mTLS),
+ADS as the source of listeners and clusters, and the stats flush, sink and matcher.
+`torpor envoy-bootstrap` prints it; `torpor up` writes it to a file and starts Envoy on it.
+An admin on a Unix socket is owner-only (mode 0600): no local user can POST /quitquitquit
+to it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import ipaddress
 import json
 from typing import Any
 
-from torpor.config import Address, ClientTlsConfig, Config
+from torpor.config import DEFAULT_STATS_FLUSH, Address, ClientTlsConfig, Config
 from torpor.errors import ConfigError
+from xds_server import stats_sink
 
 #: Mode of Envoy's admin socket: the user running Envoy only.
 ADMIN_SOCKET_MODE = 0o600
@@ -24,9 +26,11 @@ _TLS_CONTEXT_TYPE = ("type.googleapis.com/"
 
 
 def bootstrap(node_id: str, admin: Address, xds: Address,
-              xds_tls: ClientTlsConfig | None = None) -> dict[str, Any]:
+              xds_tls: ClientTlsConfig | None = None,
+              stats_flush: float = DEFAULT_STATS_FLUSH) -> dict[str, Any]:
     """The bootstrap as a JSON-ready dict (Envoy reads JSON and YAML alike). `xds_tls`:
-    the certificate Envoy presents to a control plane that requires mTLS, and its CA."""
+    the certificate Envoy presents to a control plane that requires mTLS, and its CA.
+    `stats_flush`: seconds between two reports of the request counters (stats_sink)."""
     return {
         "node": {"id": node_id, "cluster": "torpor"},
         "admin": {"address": _socket(admin, ADMIN_SOCKET_MODE)},
@@ -42,6 +46,7 @@ def bootstrap(node_id: str, admin: Address, xds: Address,
         },
         "static_resources": {"clusters": [_control_plane_cluster(xds, xds_tls)]},
         "overload_manager": _overload_manager(),
+        **stats_sink.envoy_stats(stats_flush),
     }
 
 
@@ -74,7 +79,8 @@ def bootstrap_json(config: Config, node_id: str | None = None, xds: Address | No
     config's addresses: in Kubernetes, Envoy dials the control plane's Service name, not the
     0.0.0.0 the control plane binds."""
     boot = bootstrap(node_id or config.control_plane.node_id, admin or config.gateway.admin,
-                     xds or config.control_plane.xds, envoy_xds_tls(config))
+                     xds or config.control_plane.xds, envoy_xds_tls(config),
+                     config.gateway.stats_flush_interval)
     return json.dumps(boot, indent=2, sort_keys=True)
 
 

@@ -1,4 +1,10 @@
-"""Access-log (ALS) receiver: Envoy's request logs → calling statistics per service.
+"""Calling statistics per service, from Envoy's request counters and its access log.
+
+Two sources: Envoy's per-cluster request counters, reported once per stats flush
+(stats_sink.py → `count_calls`), for every request that reaches a service's cluster, awake
+or asleep (nothing per request: the warm path costs what a plain Envoy costs); and the
+access log (ALS, `StreamAccessLogs` → `ingest`), which Envoy sends only for requests of the
+catch-all (resources.py `_access_log`): evicted services and unknown hosts.
 
 Owns: reading Envoy's `StreamAccessLogs` streams; one `CallStats` per service of the table
 (creation time, last call, counts per window, calls per hour of the week); the count of
@@ -11,7 +17,7 @@ log or allocate per entry beyond what counting needs (Envoy can send ~45k entrie
 measured), or raise out of a flush because the store is down (it keeps the data and
 tries again at the next flush).
 
-Which service an entry is for: every service route is named after its service, so
+Which service an access-log entry is for: every service route is named after its service, so
 `route_name` identifies it without parsing hosts. Entries of the catch-all route (a service
 that was evicted, or a host nobody knows) and entries whose route is not in the table are
 matched by their Host (`authority`, lowercased, without port) against `set_hosts`; what
@@ -151,6 +157,27 @@ class CallCollector(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             return
         stats.touch(at)
         metrics.LAST_REQUEST.labels(service=name).set(at)
+
+    # --- Envoy's request counters (stats_sink.py) -------------------------------------------
+
+    def count_calls(self, calls: Mapping[str, int], at: float | None) -> None:
+        """`calls[cluster]` requests reached each service's cluster during one stats flush
+        of one Envoy, which ended at `at` (None, or later than now: now). They count at
+        that time, so the last call is known to within one flush interval. Clusters not in
+        the table (torpor's own, a service that just left) are ignored: the requests of
+        hosts nobody routes reach the catch-all, whose access log counts them."""
+        now = self._clock.now()
+        at = now if at is None or at > now else at
+        table = self._stats
+        for name, count in calls.items():
+            stats = table.get(name)
+            if stats is None or count <= 0:
+                continue
+            stats.record(at, count)
+            self._dirty.add(name)
+            metrics.REQUESTS_SEEN.labels(service=name).inc(count)
+            if stats.last_call is not None:
+                metrics.LAST_REQUEST.labels(service=name).set(stats.last_call)
 
     # --- the access log -------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ Built resources are cached per service and rebuilt only when that service's inpu
 (measured: rebuilding 10k services' protos blocks the loop ~200 ms).
 
 Shape: one listener whose HTTP connection manager takes its routes from RDS and sends its
-access log to the control plane; one RouteConfiguration with a virtual host per routed
+catch-all log to the control plane; one RouteConfiguration with a virtual host per routed
 service (matched on Host) and a catch-all virtual host to the activator; one EDS cluster
 per routed service, named after it; the activator cluster, also EDS over ADS, whose
 ClusterLoadAssignment lists every activator replica (fleet mode: several activators).
@@ -43,6 +43,7 @@ from envoy.config.core.v3 import (
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -367,8 +368,15 @@ class ResourceBuilder:
         )
 
 
+#: Which requests Envoy logs to the control plane: those the catch-all sends to the
+#: activator (evicted services, unknown hosts), whose Host only a log entry tells. Requests
+#: to a service's own cluster, awake or asleep, are counted by Envoy's counters
+#: (stats_sink.py): no log entry, no gRPC message, no Python per request.
+CATCH_ALL_ONLY = f"xds.cluster_name == '{ACTIVATOR_CLUSTER}'"
+
+
 def _access_log() -> accesslog_pb2.AccessLog:
-    """Every request is streamed to the control plane's access-log receiver."""
+    """Catch-all requests are streamed to the control plane's access-log receiver."""
     config = als_pb2.HttpGrpcAccessLogConfig(
         common_config=als_pb2.CommonGrpcAccessLogConfig(
             log_name="torpor",
@@ -380,7 +388,10 @@ def _access_log() -> accesslog_pb2.AccessLog:
             ),
         )
     )
-    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc",
+    only = accesslog_pb2.AccessLogFilter(extension_filter=accesslog_pb2.ExtensionFilter(
+        name="envoy.access_loggers.extension_filters.cel",
+        typed_config=_any(cel_pb2.ExpressionFilter(expression=CATCH_ALL_ONLY))))
+    return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", filter=only,
                                    typed_config=_any(config))
 
 

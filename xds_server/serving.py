@@ -1,4 +1,5 @@
-"""The control plane's gRPC listener for Envoys: ADS and the access-log receiver.
+"""The control plane's gRPC listener for Envoys: ADS, the access-log receiver and the
+receiver of Envoy's request counters (stats_sink.py).
 
 Owns binding and stopping the grpc.aio server, and who may connect: only Envoys that
 authenticate. Either a Unix socket only its owner may open (`unix:PATH`, what `torpor up`
@@ -22,6 +23,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from torpor.config import ServerTlsConfig
 from torpor.errors import TorporError
 from torpor.logs import event
+from xds_server import stats_sink
 from xds_server.collector import CallCollector
 from xds_server.server import AdsServer
 
@@ -48,11 +50,13 @@ async def start_xds_listener(
     address: str, ads: AdsServer, collector: CallCollector,
     tls: ServerTlsConfig | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Serve ADS and ALS on `address` ("host:port", port 0 = any, or "unix:PATH"), with
-    mTLS when `tls` is given; returns (server, port) (port 0 for a socket)."""
+    """Serve ADS, ALS and MetricsService on `address` ("host:port", port 0 = any, or
+    "unix:PATH"), with mTLS when `tls` is given; returns (server, port) (port 0 for a
+    socket)."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(collector, server)
+    stats_sink.add_to_server(server, collector)  # Envoy's request counters
     socket_path = Path(address.removeprefix("unix:")) if address.startswith("unix:") else None
     if socket_path is not None:
         socket_path.parent.mkdir(parents=True, exist_ok=True)

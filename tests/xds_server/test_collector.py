@@ -27,6 +27,7 @@ from torpor.clock import ManualClock
 from torpor.errors import StoreError
 from torpor.model import host_of
 from torpor.store.sqlite import SqliteStore
+from xds_server import stats_sink
 from xds_server.cache import SnapshotCache
 from xds_server.collector import (
     CATCH_ALL_ROUTE,
@@ -599,3 +600,62 @@ async def test_run_flusher_flushes_periodically_and_once_more_on_stop(
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
+
+
+# --- Envoy's request counters (stats_sink.py) ----------------------------------------------
+
+
+def flush(counters: Mapping[str, float], at: float, node: str | None = None) -> Any:
+    """One StreamMetricsMessage as Envoy's metrics_service sink sends it per stats flush:
+    counters as deltas, untagged names, each stamped with the flush time."""
+    message = stats_sink.StreamMetricsMessage()
+    if node is not None:
+        message.identifier.node.id = node
+    for name, value in counters.items():
+        metric = message.envoy_metrics.add(name=name).metric.add(timestamp_ms=round(at * 1000))
+        metric.counter.value = value
+    return message
+
+
+async def test_counters_of_a_flush_count_at_its_time(store: RecordingStore) -> None:
+    clock = ManualClock(NOW)
+    collector = CallCollector(clock)
+    collector.ensure("counted", created_at=NOW - 86400)
+    collector.ensure("quiet", created_at=NOW - 86400)
+    await collector.flush(store)  # the new services' first save
+    server, port = await start_xds_listener("127.0.0.1:0", AdsServer(SnapshotCache()),
+                                            collector)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stream = channel.stream_unary(
+        f"/{stats_sink.SERVICE_NAME}/StreamMetrics",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=stats_sink.StreamMetricsResponse.FromString)
+    before = sample("torpor_requests_seen_total", {"service": "counted"})
+
+    async def messages() -> AsyncIterator[Any]:
+        yield flush({"cluster.counted.upstream_rq_total": 4,
+                     "cluster.counted.upstream_rq_retry": 1,  # a replay: 3 calls
+                     "cluster.quiet.upstream_rq_total": 0,
+                     "cluster.torpor_activator.upstream_rq_total": 7,  # not a service
+                     "cluster.counted.upstream_rq_2xx": 4}, NOW - 3, node="envoy-1")
+        yield flush({"cluster.counted.upstream_rq_retry": 1}, NOW - 1)  # its attempt: next
+        yield flush({"cluster.counted.upstream_rq_total": 3}, NOW + 60)  # clock skew: now
+
+    try:
+        await stream(messages(), timeout=10)
+    finally:
+        await channel.close()
+        await server.stop(None)
+    stats = collector.stats("counted")
+    assert stats is not None
+    assert stats.total == 3 + 2
+    assert stats.last_call == NOW
+    assert stats.calls_in(Window.MINUTE, NOW) == 5
+    assert stats.by_hour_of_week[hour_of_week(NOW)] == 2
+    assert stats.by_hour_of_week[hour_of_week(NOW - 3)] == 3
+    assert sample("torpor_requests_seen_total", {"service": "counted"}) == before + 5
+    quiet = collector.stats("quiet")
+    assert quiet is not None and quiet.total == 0 and quiet.last_call is None
+    assert collector.unknown_hosts == {}
+    await collector.flush(store)
+    assert store.saves[-1] == {"counted"}
