@@ -32,6 +32,17 @@ class Resource:
     body: any_pb2.Any
     digest: bytes
 
+    @property
+    def size(self) -> int:
+        """Bytes of the packed resource on the wire (what a response carrying it costs)."""
+        return len(self.body.value)
+
+    @property
+    def version(self) -> str:
+        """Its per-resource version in delta xDS: the digest's hex (the same content has
+        the same version across restarts, so a reconnecting Envoy is not sent it again)."""
+        return self.digest.hex()
+
     @classmethod
     def pack(cls, name: str, message: Message) -> Resource:
         body = any_pb2.Any()

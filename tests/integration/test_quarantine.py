@@ -25,13 +25,20 @@ from tests.support.up import UpRuns
 from tests.support.workloads import FixedWorkloads
 from tests.support.xds import XdsHarness
 from torpor import admin_client, metrics
-from torpor.config import Config, load_config
+from torpor.config import XDS_PROTOCOLS, Config, load_config
 from torpor.model import Endpoint
 from torpor.store.sqlite import SqliteStore
 from xds_server import validation
 from xds_server.control_plane import ControlPlane
 from xds_server.quarantine import Problem, QuarantineBuilder
 from xds_server.resources import RoutedService
+
+
+@pytest.fixture(params=XDS_PROTOCOLS)
+def xds_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with Envoys speaking delta and state-of-the-world ADS."""
+    return str(request.param)
+
 
 pytestmark = pytest.mark.envoy
 

@@ -23,15 +23,17 @@ class Envoy:
 
     def __init__(self, workdir: Path, node_id: str, admin_port: int, xds_port: int,
                  admin: Address | None = None, xds: Address | None = None,
-                 xds_tls: ClientTlsConfig | None = None) -> None:
+                 xds_tls: ClientTlsConfig | None = None, xds_protocol: str = "delta") -> None:
         """Admin and xDS on 127.0.0.1 ports, or at `admin` / `xds` (e.g. Unix sockets);
-        `xds_tls`: the client certificate for a control plane that requires mTLS."""
+        `xds_tls`: the client certificate for a control plane that requires mTLS;
+        `xds_protocol`: the ADS variant it speaks, "delta" or "sotw"."""
         self.node_id = node_id
         self.admin_address = admin or Address("127.0.0.1", admin_port)
         self._config = workdir / f"envoy-{node_id}.json"
         self._log = workdir / f"envoy-{node_id}.log"
+        self.xds_protocol = xds_protocol
         boot = bootstrap(node_id, self.admin_address, xds or Address("127.0.0.1", xds_port),
-                         xds_tls)
+                         xds_tls, xds_protocol)
         self._config.write_text(json.dumps(boot))
         self.proc: subprocess.Popen[bytes] | None = None
 
