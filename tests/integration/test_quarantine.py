@@ -26,6 +26,7 @@ from tests.support.workloads import FixedWorkloads
 from tests.support.xds import XdsHarness
 from torpor import admin_client, metrics
 from torpor.config import XDS_PROTOCOLS, Config, load_config
+from torpor.credentials import admin_target
 from torpor.model import Endpoint
 from torpor.store.sqlite import SqliteStore
 from xds_server import validation
@@ -71,8 +72,7 @@ async def ready_page(config: Config) -> tuple[int, str]:
 
 async def statuses(config: Config) -> dict[str, dict[str, object]]:
     """Through the admin API (in a thread: the control plane runs on this loop)."""
-    found = await asyncio.to_thread(admin_client.list_statuses,
-                                    str(config.control_plane.admin_api))
+    found = await asyncio.to_thread(admin_client.list_statuses, admin_target(config))
     return {s["name"]: s for s in found}
 
 
@@ -92,7 +92,7 @@ async def test_a_nacked_service_is_quarantined_and_the_others_keep_serving(
     # only Envoy refuses them (a rule the validator would not know).
     monkeypatch.setattr(validation, "check_endpoint_addresses", lambda message, name: [])
     config = load_config(write_config(tmp_path, model_service("alpha", 1) +
-                                      model_service("beta", 1)))
+                                      model_service("beta", 1), sockets=False))
     alpha, beta = await start_backends("alpha", "beta")
     workloads = FixedWorkloads({"alpha": (alpha.endpoint,), "beta": (beta.endpoint,)})
     try:
@@ -170,7 +170,7 @@ async def test_a_rejection_nobody_can_be_blamed_for_makes_it_not_ready(
 ) -> None:
     """Envoy cannot bind the gateway's listener (the port is taken): it refuses the
     listener, which is every service's; the control plane says not ready, and why."""
-    config = load_config(write_config(tmp_path, model_service("alpha", 1)))
+    config = load_config(write_config(tmp_path, model_service("alpha", 1), sockets=False))
     (alpha,) = await start_backends("alpha")
     workloads = FixedWorkloads({"alpha": (alpha.endpoint,)})
     taken = socket.socket()
@@ -188,7 +188,7 @@ async def test_a_rejection_nobody_can_be_blamed_for_makes_it_not_ready(
         _, page = await ready_page(config)
         assert "not ready: Envoy unbindable rejected lds" in page, page
         _, problems = await asyncio.to_thread(admin_client.list_services,
-                                              str(config.control_plane.admin_api))
+                                              admin_target(config))
         assert any("rejected lds" in p for p in problems), problems
         assert await problem_of(config, "alpha") is None  # not pinned on a service
         (family,) = metrics.XDS_CONFIG_REJECTED.collect()
