@@ -101,13 +101,15 @@ class DeltaUpdate:
 
 
 def delta_updates(resources: Mapping[str, Resource], sent: Mapping[str, bytes],
-                  subscription: Subscription) -> DeltaUpdate | None:
+                  subscription: Subscription, first: bool = False) -> DeltaUpdate | None:
     """What a stream must be sent so that it holds exactly the subscribed part of
     `resources`, given that it holds `sent` (name -> digest); None when it does.
 
     Changed: subscribed resources whose digest differs from what the stream holds.
     Removed: names the stream holds that are gone from `resources` (a subscribed name
-    that the stream never held is not reported: it was never there)."""
+    that the stream never held is not reported: it was never there). `first`: the type
+    was never answered on this stream; a wildcard subscription then gets an answer even
+    when it is empty (go-control-plane's rule: Envoy's initial fetch waits for one)."""
     if subscription.wildcard:
         candidates: Collection[str] = resources.keys()
     else:
@@ -115,7 +117,7 @@ def delta_updates(resources: Mapping[str, Resource], sent: Mapping[str, bytes],
     changed = [resources[name] for name in sorted(candidates)
                if name in resources and sent.get(name) != resources[name].digest]
     removed = sorted(name for name in sent if name not in resources)
-    if not changed and not removed:
+    if not changed and not removed and not (first and subscription.wildcard):
         return None
     return DeltaUpdate(changed=changed, removed=removed)
 

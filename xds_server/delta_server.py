@@ -48,6 +48,7 @@ class DeltaTypeState(TypeState):
 
     subscription: Subscription = dataclasses.field(default_factory=Subscription)
     pending: DeltaUpdate | None = None  # the response awaiting its ACK/NACK
+    answered: bool = False  # a response of this type was sent on this stream
 
 
 class DeltaAds:
@@ -150,7 +151,7 @@ class DeltaAds:
             if ts.nacked_version is not None and snapshot.version <= ts.nacked_version:
                 continue
             update = delta_protocol.delta_updates(snapshot.of_type(type_url), ts.sent,
-                                                  ts.subscription)
+                                                  ts.subscription, first=not ts.answered)
             if update is None:
                 ts.synced_version = snapshot.version
                 ts.nacked_version = None  # a newer snapshot holds what it applied
@@ -165,6 +166,7 @@ class DeltaAds:
                  update: DeltaUpdate) -> DeltaDiscoveryResponse:
         nonce = self._ads.next_nonce()
         ts.pending = update
+        ts.answered = True
         ts.sent = delta_protocol.applied(ts.sent, update)
         ts.awaiting = True
         ts.last_nonce = nonce
