@@ -18,7 +18,7 @@ import dataclasses
 import enum
 from collections.abc import Collection, Mapping
 
-from xds_server.cache import Resource
+from xds_server.cache import Changes, Resource
 
 #: The name that subscribes to (or, unsubscribed, leaves) every resource of a type.
 WILDCARD = "*"
@@ -61,7 +61,10 @@ def subscribe(current: Subscription | None, add: Collection[str], drop: Collecti
     `current` None: the stream's first request for the type. For a wildcard type (CDS,
     LDS) a first request that names nothing is a wildcard subscription (the legacy form
     Envoy uses); "*" subscribes to every resource explicitly and unsubscribing "*" ends
-    it. For EDS and RDS only named resources are ever sent."""
+    it. For EDS and RDS only named resources are ever sent. A request that changes
+    nothing returns `current` itself."""
+    if current is not None and not add and not drop:
+        return current
     wildcard = current.wildcard if current is not None else False
     names = set(current.names) if current is not None else set()
     if current is None and wildcard_type and not add:
@@ -122,10 +125,26 @@ def delta_updates(resources: Mapping[str, Resource], sent: Mapping[str, bytes],
     return DeltaUpdate(changed=changed, removed=removed)
 
 
+def updates_from_changes(change: Changes, resources: Mapping[str, Resource],
+                         sent: Mapping[str, bytes],
+                         subscription: Subscription) -> DeltaUpdate | None:
+    """`delta_updates`, for a stream that holds exactly the subscribed part of the previous
+    snapshot, from that snapshot's `change` alone: work in proportion to what changed,
+    not to the number of resources (an endpoint flip at 10,000 services)."""
+    changed = [resources[name] for name in sorted(change.changed)
+               if subscription.wants(name) and sent.get(name) != resources[name].digest]
+    removed = sorted(name for name in change.removed if name in sent)
+    if not changed and not removed:
+        return None
+    return DeltaUpdate(changed=changed, removed=removed)
+
+
 def held_after(sent: Mapping[str, bytes], subscription: Subscription) -> dict[str, bytes]:
     """What the stream still holds (as far as we must track) after its subscription
     changed: Envoy drops an unsubscribed resource itself, and resubscribing means it must
     be sent again."""
+    if subscription.wildcard:
+        return dict(sent)
     return {name: digest for name, digest in sent.items() if subscription.wants(name)}
 
 

@@ -33,7 +33,7 @@ from envoy.service.discovery.v3.discovery_pb2 import Resource as ResourceMessage
 from torpor import metrics
 from torpor.logs import event
 from xds_server import delta_protocol, types
-from xds_server.cache import Snapshot, SnapshotCache
+from xds_server.cache import NO_CHANGES, Snapshot, SnapshotCache
 from xds_server.delta_protocol import DeltaKind, DeltaUpdate, Subscription
 from xds_server.server import AdsServer, EnvoyStream, TypeState, read_requests
 
@@ -49,6 +49,9 @@ class DeltaTypeState(TypeState):
     subscription: Subscription = dataclasses.field(default_factory=Subscription)
     pending: DeltaUpdate | None = None  # the response awaiting its ACK/NACK
     answered: bool = False  # a response of this type was sent on this stream
+    # `sent` is exactly the subscribed part of this snapshot version (None: unknown, compare
+    # every resource): the next version's changes alone say what to send.
+    clean_version: int | None = None
 
 
 class DeltaAds:
@@ -100,12 +103,17 @@ class DeltaAds:
         else:
             current = ts.subscription
         # Subscription changes apply whatever the nonce says (Envoy may carry them on an ACK).
-        ts.subscription = delta_protocol.subscribe(
+        subscription = delta_protocol.subscribe(
             current, request.resource_names_subscribe, request.resource_names_unsubscribe,
             type_url in types.WILDCARD_TYPES)
-        ts.subscribed = None if ts.subscription.wildcard else set(ts.subscription.names)
-        ts.sent = delta_protocol.held_after(ts.sent, ts.subscription)
-        ts.acked = delta_protocol.held_after(ts.acked, ts.subscription)
+        if subscription is not current:
+            if current is None or subscription.wildcard != current.wildcard or \
+                    not subscription.names <= current.names:
+                ts.clean_version = None  # something new is wanted: compare everything once
+            ts.subscription = subscription
+            ts.subscribed = None if subscription.wildcard else set(subscription.names)
+            ts.sent = delta_protocol.held_after(ts.sent, subscription)
+            ts.acked = delta_protocol.held_after(ts.acked, subscription)
         kind = delta_protocol.classify(request.response_nonce, request.HasField("error_detail"),
                                        ts.last_nonce if ts.awaiting else None)
         label = types.short(type_url)
@@ -125,6 +133,7 @@ class DeltaAds:
                  request: DeltaDiscoveryRequest) -> None:
         """Envoy rejected the pending response and keeps its last good config: it holds
         what it acknowledged for every name the response touched."""
+        ts.clean_version = None
         if ts.pending is not None:
             ts.sent = delta_protocol.held_after(
                 delta_protocol.rejected(ts.sent, ts.acked, ts.pending), ts.subscription)
@@ -150,8 +159,8 @@ class DeltaAds:
                 continue
             if ts.nacked_version is not None and snapshot.version <= ts.nacked_version:
                 continue
-            update = delta_protocol.delta_updates(snapshot.of_type(type_url), ts.sent,
-                                                  ts.subscription, first=not ts.answered)
+            update = _update(snapshot, type_url, ts)
+            ts.clean_version = snapshot.version
             if update is None:
                 ts.synced_version = snapshot.version
                 ts.nacked_version = None  # a newer snapshot holds what it applied
@@ -186,6 +195,20 @@ class DeltaAds:
         return response
 
 
+def _update(snapshot: Snapshot, type_url: str, ts: DeltaTypeState) -> DeltaUpdate | None:
+    """What `ts`'s stream needs of `snapshot`: from the snapshot's changes when the stream
+    holds exactly the previous version, else by comparing every subscribed resource."""
+    resources = snapshot.of_type(type_url)
+    if ts.clean_version == snapshot.version:
+        return None
+    if (ts.clean_version is not None and ts.clean_version == snapshot.version - 1
+            and snapshot.changes is not None and ts.answered):
+        change = snapshot.changes.get(type_url, NO_CHANGES)
+        return delta_protocol.updates_from_changes(change, resources, ts.sent, ts.subscription)
+    return delta_protocol.delta_updates(resources, ts.sent, ts.subscription,
+                                        first=not ts.answered)
+
+
 def _forget_endpoints_of_changed_clusters(stream: EnvoyStream, cds: DeltaTypeState,
                                           update: DeltaUpdate) -> None:
     """A changed cluster is re-created by Envoy and warms until it gets its endpoints
@@ -198,3 +221,5 @@ def _forget_endpoints_of_changed_clusters(stream: EnvoyStream, cds: DeltaTypeSta
         previous = cds.sent.get(resource.name)
         if previous is not None and previous != resource.digest:
             eds.sent.pop(resource.name, None)
+            if isinstance(eds, DeltaTypeState):
+                eds.clean_version = None

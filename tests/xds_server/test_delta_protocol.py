@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from google.protobuf import wrappers_pb2
 
-from xds_server.cache import Resource
+from xds_server.cache import Resource, changes
 from xds_server.delta_protocol import (
     DeltaKind,
     DeltaUpdate,
@@ -17,6 +19,7 @@ from xds_server.delta_protocol import (
     known_versions,
     rejected,
     subscribe,
+    updates_from_changes,
 )
 
 K = DeltaKind
@@ -150,3 +153,22 @@ def test_applied_then_rejected_goes_back_to_what_was_acknowledged() -> None:
     assert rejected(after, acked, update) == acked
     # An untouched name keeps what it holds.
     assert rejected({**after, "d": b"d"}, acked, update) == {**acked, "d": b"d"}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_updates_from_changes_equal_a_full_comparison(seed: int) -> None:
+    """For a stream that held exactly the previous snapshot's subscribed part, the
+    snapshot's changes alone give what comparing every resource gives."""
+    rng = random.Random(seed)
+    universe = [f"r{i}" for i in range(12)]
+
+    def snapshot() -> dict[str, Resource]:
+        return {n: res(n, f"v{rng.randrange(3)}") for n in universe if rng.random() < 0.7}
+
+    old, new = snapshot(), snapshot()
+    subscription = W if rng.random() < 0.5 else names(*rng.sample(universe, 6))
+    held = {n: r.digest for n, r in old.items() if subscription.wants(n)}
+    full = delta_updates(new, held, subscription)
+    fast = updates_from_changes(changes(old, new), new, held, subscription)
+    assert (fast and ([r.name for r in fast.changed], fast.removed)) == \
+        (full and ([r.name for r in full.changed], full.removed))
