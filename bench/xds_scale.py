@@ -32,6 +32,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -511,11 +512,11 @@ def med(xs: list[float]) -> float:
 
 
 def p99(xs: list[float]) -> float:
-    """The 99th percentile (nearest rank): with 50 flips, the second largest."""
+    """The 99th percentile (nearest rank): with up to 100 samples, the largest."""
     if not xs:
         return float("nan")
     ordered = sorted(xs)
-    return ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered)) - 1))]
+    return ordered[min(len(ordered), max(1, math.ceil(0.99 * len(ordered)))) - 1]
 
 
 def sent_bytes(sent_list: list[tuple[int, int]]) -> float:
