@@ -3,7 +3,7 @@
 Owns: one gRPC stream per Envoy, what each stream was sent and has applied, and answering
 "has every connected Envoy applied version V?" (hibernation waits on that). Knows nothing
 of what a resource means; reads resources from the cache through `create_watch` and
-`snapshot`. A delta front end would sit beside this module and use the same cache.
+`snapshot`. The delta front end (delta_server.py) sits beside it on the same cache.
 
 Protocol rules (measured): a NACK is logged with Envoy's error and counted, and the
 rejected version is never sent again (only a newer snapshot is); a stale nonce is ignored;
