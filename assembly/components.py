@@ -241,7 +241,9 @@ class Assembly:
                       "(the default)")
         boot = bootstrap(config.control_plane.node_id, config.gateway.admin,
                          xds if xds.is_unix else Address(xds.host, xds_port),
-                         envoy_xds_tls(config), config.gateway.stats_flush_interval)
+                         envoy_xds_tls(config),
+                         stats_flush=config.gateway.stats_flush_interval,
+                         xds_protocol=config.control_plane.xds_protocol)
         path = self._logs / "envoy-bootstrap.json"
         path.write_text(json.dumps(boot, indent=2))
         envoy = SupervisedEnvoy(path, self._logs / "envoy.log", config.gateway.admin, say=say)

@@ -1,15 +1,19 @@
-"""xDS at scale: torpor's control plane driving real Envoys with 1,000 and 10,000 services.
+"""xDS at scale: torpor's control plane driving real Envoys with 1,000 and 10,000 services,
+over delta and state-of-the-world ADS.
 
-    python bench/xds_scale.py [--sizes 1000,10000] [--envoys 1]
+    python bench/xds_scale.py [--sizes 1000,10000] [--envoys 1] [--protocols delta,sotw]
 
-For each size N, with a fresh control plane and fresh Envoy(s), this prints:
+For each size N and each protocol, with a fresh control plane and fresh Envoy(s)
+bootstrapped with that ADS variant (`ads_config.api_type` DELTA_GRPC or GRPC), this prints:
   (a) time to full sync: from building the first snapshot of N services (one EDS cluster,
       one ClusterLoadAssignment and one virtual host each) until every Envoy has ACKed
       every type at that version and answers /ready;
-  (b) one endpoint flip (EDS only) through Publisher.publish, ~10 times: push -> all
+  (b) one endpoint flip (EDS only) through Publisher.publish, FLIPS times: push -> all
       Envoys ACKed, and push -> first response from the new backend seen by a client
-      polling that service through Envoy's listener (median and max);
-  (c) adding one service (staged: CDS+EDS, then RDS): push -> all Envoys ACKed;
+      polling that service through Envoy's listener (median, p99, max), and what the
+      control plane sent for it (resources and their bytes, summed over the Envoys);
+  (c) adding one service (staged: CDS+EDS, then RDS): push -> all Envoys ACKed, and the
+      resources and bytes sent;
   (d) memory after sync: this process's VmRSS and its growth over a baseline taken before
       the resources were built, each Envoy's VmRSS, and the RouteConfiguration's size.
 
@@ -28,6 +32,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -40,8 +45,8 @@ import aiohttp
 import grpc
 from aiohttp import web
 
-from assembly.envoy_process import SupervisedEnvoy as EnvoyProcess
-from torpor.config import Address
+from torpor.config import XDS_PROTOCOLS, Address
+from torpor.gateway import envoy_binary
 from torpor.model import Endpoint
 from xds_server import types
 from xds_server.bootstrap import bootstrap
@@ -53,7 +58,7 @@ from xds_server.server import AdsServer
 from xds_server.serving import start_xds_listener
 
 LOOPBACK = "127.0.0.1"
-FLIPS = 10
+FLIPS = 50
 ADDS = 3
 FLIP_VISIBLE_DEADLINE = 5.0  # s: a flip that never shows within this is reported, not waited on
 ACK_TIMEOUT = 30.0  # s: the publisher's wait for every Envoy to apply a stage
@@ -171,15 +176,43 @@ class PushLog(logging.Handler):
             logger.setLevel(old_level)
 
 
+class EnvoyProcess:
+    """One Envoy on a bootstrap file, its output in `log_path`; `stop()` ends it."""
+
+    def __init__(self, bootstrap_path: Path, log_path: Path, admin: Address) -> None:
+        self.bootstrap_path = bootstrap_path
+        self.log_path = log_path
+        self.admin = admin
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                envoy_binary(), "-c", str(self.bootstrap_path), "--disable-hot-restart",
+                "--log-level", "warning", "--concurrency", "2",
+                stdout=log, stderr=asyncio.subprocess.STDOUT)
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
 class Envoys:
     """K Envoys bootstrapped to one xDS port; all share the listener from the snapshot."""
 
-    def __init__(self, workdir: Path, count: int, xds_port: int) -> None:
+    def __init__(self, workdir: Path, count: int, xds_port: int, protocol: str) -> None:
         self.processes: list[EnvoyProcess] = []
         for i in range(count):
             admin = Address(LOOPBACK, free_port())
             boot = workdir / f"envoy-{i}.json"
-            boot.write_text(json.dumps(bootstrap(f"bench-{i}", admin, Address(LOOPBACK, xds_port))))
+            boot.write_text(json.dumps(bootstrap(f"bench-{i}", admin, Address(LOOPBACK, xds_port),
+                                                 xds_protocol=protocol)))
             self.processes.append(EnvoyProcess(boot, workdir / f"envoy-{i}.log", admin))
 
     async def start(self) -> None:
@@ -229,6 +262,7 @@ def service(name: str, endpoint: Endpoint) -> RoutedService:
 class Result:
     size: int
     envoys: int
+    protocol: str
     build_s: float = 0.0  # first ResourceBuilder.build of N services (blocks the loop)
     acked_s: float = 0.0  # start -> every Envoy ACKed every type at the first version
     sync_s: float = 0.0  # start -> ACKed and every Envoy /ready
@@ -240,6 +274,9 @@ class Result:
     add_ack: list[float] = dataclasses.field(default_factory=list)
     add_stages: list[list[float]] = dataclasses.field(default_factory=list)
     add_build: list[float] = dataclasses.field(default_factory=list)
+    flip_sent: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (res, bytes)
+    add_sent: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    sync_bytes: int = 0
     cp_rss_kb: int = 0
     cp_baseline_kb: int = 0
     envoy_rss_kb: list[int] = dataclasses.field(default_factory=list)
@@ -269,9 +306,16 @@ def fully_synced(ads: AdsServer, envoys: int, version: int) -> bool:
     )
 
 
-async def run_size(n: int, envoy_count: int, a: Backend, b: Backend,
+def sent(ads: AdsServer) -> tuple[int, int]:
+    """Resources and their bytes sent so far on every stream (delta: removals count as
+    resources, with no bytes)."""
+    streams = ads.streams()
+    return sum(s.resources_sent for s in streams), sum(s.bytes_sent for s in streams)
+
+
+async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backend,
                    monitor: LoopMonitor) -> Result:
-    res = Result(size=n, envoys=envoy_count)
+    res = Result(size=n, envoys=envoy_count, protocol=protocol)
     deadline_sync = 30.0 + n * 0.004  # generous: Envoy takes ~4-5 s to load 10k
     gc.collect()
     res.cp_baseline_kb = rss_kb()
@@ -297,7 +341,7 @@ async def run_size(n: int, envoy_count: int, a: Backend, b: Backend,
                 snapshot = cache.set_resources(first)  # desired state before any stream
                 server, xds_port = await start_xds_listener(f"{LOOPBACK}:0", ads,
                                                             CallCollector())
-                envoys = Envoys(Path(tmp), envoy_count, xds_port)
+                envoys = Envoys(Path(tmp), envoy_count, xds_port, protocol)
                 spawned = time.perf_counter()
                 await envoys.start()
                 deadline = started + deadline_sync
@@ -320,6 +364,10 @@ async def run_size(n: int, envoy_count: int, a: Backend, b: Backend,
                 res.sync_s = max(acked, ready) - started
                 res.envoy_sync_s = max(acked, ready) - spawned
                 res.stall_sync = monitor.take()
+                res.sync_bytes = sent(ads)[1]
+                if {s.protocol for s in ads.streams()} != {protocol}:
+                    raise RuntimeError(f"Envoys speak {[s.protocol for s in ads.streams()]}, "
+                                       f"not {protocol}")
                 nacks = [s.nacks for s in ads.streams() if s.nacks]
                 if nacks:
                     raise RuntimeError(f"Envoy rejected the snapshot: {nacks}")
@@ -340,11 +388,11 @@ async def run_size(n: int, envoy_count: int, a: Backend, b: Backend,
                     raise RuntimeError(f"{target.host} answered {body!r} after sync, not A")
 
                 # (b) endpoint flips ----------------------------------------------------
-                await flips(res, session, url, target, table, builder, publisher, a, b)
+                await flips(res, session, url, target, table, builder, publisher, ads, a, b)
                 res.stall_flip = monitor.take()
 
                 # (c) add one service, staged -------------------------------------------
-                await adds(res, session, url, table, builder, publisher, a, push_log)
+                await adds(res, session, url, table, builder, publisher, ads, a, push_log)
                 res.stall_add = monitor.take()
         finally:
             if envoys is not None:
@@ -377,7 +425,7 @@ def timed_build(builder: ResourceBuilder, table: list[RoutedService],
 
 async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: RoutedService,
                 table: list[RoutedService], builder: ResourceBuilder, publisher: Publisher,
-                a: Backend, b: Backend) -> None:
+                ads: AdsServer, a: Backend, b: Backend) -> None:
     """Flip `target` between A and B while two clients poll it through Envoy."""
     latest: dict[str, float] = {}  # backend name -> perf_counter of its latest answer
     stop = asyncio.Event()
@@ -396,6 +444,7 @@ async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: R
         for flip in range(FLIPS):
             to = b if flip % 2 == 0 else a
             table[index] = dataclasses.replace(target, endpoints=(to.endpoint,))
+            before = sent(ads)
             pushed = time.perf_counter()
             push = asyncio.create_task(
                 publisher.publish(timed_build(builder, list(table), res.flip_build)))
@@ -407,6 +456,8 @@ async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: R
                     await asyncio.sleep(0.0005)
             ok = await push
             acked = time.perf_counter() - pushed
+            after = sent(ads)
+            res.flip_sent.append((after[0] - before[0], after[1] - before[1]))
             if not ok:
                 res.notes.append(f"flip {flip}: not every Envoy ACKed within {ACK_TIMEOUT}s")
             res.flip_ack.append(acked)
@@ -425,15 +476,18 @@ async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: R
 
 async def adds(res: Result, session: aiohttp.ClientSession, url: str,
                table: list[RoutedService], builder: ResourceBuilder, publisher: Publisher,
-               a: Backend, push_log: PushLog) -> None:
+               ads: AdsServer, a: Backend, push_log: PushLog) -> None:
     """Add one new service at a time (cluster + CLA first, then routes) and time each."""
     for k in range(ADDS):
         new = service(f"svc-new-{k}", a.endpoint)
         table.append(new)
         before = len(push_log.pushes)
+        sent_before = sent(ads)
         pushed = time.perf_counter()
         ok = await publisher.publish(timed_build(builder, list(table), res.add_build))
         res.add_ack.append(time.perf_counter() - pushed)
+        sent_after = sent(ads)
+        res.add_sent.append((sent_after[0] - sent_before[0], sent_after[1] - sent_before[1]))
         res.add_stages.append([s for _, s in push_log.pushes[before:]])
         if not ok:
             res.notes.append(f"add {k}: not every Envoy ACKed within {ACK_TIMEOUT}s")
@@ -457,61 +511,85 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def p99(xs: list[float]) -> float:
+    """The 99th percentile (nearest rank): with up to 100 samples, the largest."""
+    if not xs:
+        return float("nan")
+    ordered = sorted(xs)
+    return ordered[min(len(ordered), max(1, math.ceil(0.99 * len(ordered)))) - 1]
+
+
+def sent_bytes(sent_list: list[tuple[int, int]]) -> float:
+    return med([float(b) for _, b in sent_list])
+
+
+def per_push(sent_list: list[tuple[int, int]]) -> str:
+    """Median resources and KB sent per push, e.g. "1 res 0.1 KB"."""
+    if not sent_list:
+        return "?"
+    count = statistics.median(c for c, _ in sent_list)
+    size = statistics.median(b for _, b in sent_list)
+    return f"{count:.0f} res {size:.0f} B" if size < 10240 else \
+        f"{count:.0f} res {size / 1024:.0f} KB"
+
+
 def report(results: list[Result]) -> None:
-    header = (f"{'services':>8} {'build ms':>8} {'sync s':>7} {'flip ack ms':>13} "
-              f"{'flip seen ms':>13} {'add ack ms':>11} {'cp RSS MB':>13} {'envoy MB':>9} "
-              f"{'RDS KB':>7}")
+    header = (f"{'services':>8} {'ADS':>5} {'sync s':>7} {'flip ack ms':>15} "
+              f"{'flip seen ms':>15} {'sent per flip':>18} {'add ack ms':>11} "
+              f"{'sent per add':>20} {'envoy MB':>9} {'RDS KB':>7}")
     print()
     print(header)
     print("-" * len(header))
     for r in results:
-        flip_ack = f"{ms(med(r.flip_ack))}/{ms(max(r.flip_ack))}"
-        flip_seen = (f"{ms(med(r.flip_seen))}/{ms(max(r.flip_seen))}"
+        flip_ack = f"{ms(med(r.flip_ack))}/{ms(p99(r.flip_ack))}"
+        flip_seen = (f"{ms(med(r.flip_seen))}/{ms(p99(r.flip_seen))}"
                      if r.flip_seen else "never")
-        cp = f"{mb(r.cp_rss_kb)} (+{mb(r.cp_rss_kb - r.cp_baseline_kb)})"
         envoy = mb(max(r.envoy_rss_kb)) if r.envoy_rss_kb else "?"
-        print(f"{r.size:>8} {ms(r.build_s):>8} {r.sync_s:>7.2f} {flip_ack:>13} {flip_seen:>13} "
-              f"{ms(med(r.add_ack)):>11} {cp:>13} {envoy:>9} {r.rds_bytes / 1024:>7.0f}")
-    print("(flip columns: median/max over", FLIPS, "flips; add: median over", ADDS,
-          "adds; envoy MB: the largest Envoy's VmRSS)")
+        print(f"{r.size:>8} {r.protocol:>5} {r.sync_s:>7.2f} {flip_ack:>15} {flip_seen:>15} "
+              f"{per_push(r.flip_sent):>18} {ms(med(r.add_ack)):>11} "
+              f"{per_push(r.add_sent):>20} {envoy:>9} {r.rds_bytes / 1024:>7.0f}")
+    print(f"(flip columns: median/p99 over {FLIPS} flips; add: median over {ADDS} adds; sent: "
+          "resources and their serialized bytes the control plane sent, all Envoys together; "
+          "envoy MB: the largest Envoy's VmRSS after the full sync)")
     for r in results:
         stages = [[round(s * 1000) for s in st] for st in r.add_stages]
-        print(f"\n{r.size} services, {r.envoys} Envoy(s):")
+        print(f"\n{r.size} services, {r.envoys} Envoy(s), {r.protocol}:")
         print(f"  sync: all ACKed {r.acked_s:.2f} s, ACKed+ready {r.sync_s:.2f} s = first build "
               f"{r.build_s:.2f} s + Envoy spawned -> synced {r.envoy_sync_s:.2f} s; "
-              f"worst loop stall {ms(r.stall_sync)} ms")
-        print(f"  flip: builder inside publish median {ms(med(r.flip_build))} ms; "
-              f"worst loop stall {ms(r.stall_flip)} ms; not seen within "
-              f"{FLIP_VISIBLE_DEADLINE:.0f} s: {r.flips_not_seen}")
-        print(f"  add:  per-stage push ms (CDS+EDS, RDS) {stages}; builder median "
-              f"{ms(med(r.add_build))} ms; worst loop stall {ms(r.stall_add)} ms")
+              f"{r.sync_bytes / 1024 / 1024:.1f} MB sent; worst loop stall "
+              f"{ms(r.stall_sync)} ms")
+        print(f"  flip: ack max {ms(max(r.flip_ack))} ms; builder inside publish median "
+              f"{ms(med(r.flip_build))} ms; worst loop stall {ms(r.stall_flip)} ms; not seen "
+              f"within {FLIP_VISIBLE_DEADLINE:.0f} s: {r.flips_not_seen}")
+        print(f"  add:  per-stage push ms (CDS+EDS, RDS) {stages}; sent {r.add_sent}; builder "
+              f"median {ms(med(r.add_build))} ms; worst loop stall {ms(r.stall_add)} ms")
         print(f"  sizes: RDS {r.rds_bytes / 1024:.0f} KB, all clusters {r.cds_bytes / 1024:.0f} KB"
               f", all CLAs {r.eds_bytes / 1024:.0f} KB; control plane RSS "
               f"{mb(r.cp_baseline_kb)} -> {mb(r.cp_rss_kb)} MB; Envoy RSS MB "
               f"{[round(k / 1024) for k in r.envoy_rss_kb]}")
         for note in r.notes:
             print(f"  NOTE: {note}")
-    if len(results) >= 2:
-        lo, hi = results[0], results[-1]
 
-        def ratio(x: float, y: float) -> str:
-            return f"x{y / x:.1f}" if x > 0 else "n/a"
+    def ratio(x: float, y: float) -> str:
+        return f"x{y / x:.1f}" if x > 0 else "n/a"
 
-        lo_delta, hi_delta = lo.cp_rss_kb - lo.cp_baseline_kb, hi.cp_rss_kb - hi.cp_baseline_kb
-        print(f"\nratio {hi.size} vs {lo.size} services (x{hi.size / lo.size:.0f} more): "
-              f"sync {ratio(lo.sync_s, hi.sync_s)} (first build {ratio(lo.build_s, hi.build_s)}, "
-              f"Envoy side {ratio(lo.envoy_sync_s, hi.envoy_sync_s)}), "
-              f"flip ack {ratio(med(lo.flip_ack), med(hi.flip_ack))}, "
-              f"flip seen {ratio(med(lo.flip_seen), med(hi.flip_seen))}, "
-              f"add {ratio(med(lo.add_ack), med(hi.add_ack))}, "
-              f"cp RSS delta {ratio(lo_delta, hi_delta)}, "
-              f"envoy RSS {ratio(max(lo.envoy_rss_kb), max(hi.envoy_rss_kb))}, "
-              f"RDS {ratio(lo.rds_bytes, hi.rds_bytes)}")
+    by_key = {(r.size, r.protocol): r for r in results}
+    for size in sorted({r.size for r in results}):
+        delta, sotw = by_key.get((size, "delta")), by_key.get((size, "sotw"))
+        if delta is None or sotw is None:
+            continue
+        print(f"\nsotw vs delta at {size} services (sotw / delta): "
+              f"flip ack {ratio(med(delta.flip_ack), med(sotw.flip_ack))}, "
+              f"flip seen {ratio(med(delta.flip_seen), med(sotw.flip_seen))}, "
+              f"bytes per flip {ratio(sent_bytes(delta.flip_sent), sent_bytes(sotw.flip_sent))}, "
+              f"add ack {ratio(med(delta.add_ack), med(sotw.add_ack))}, "
+              f"bytes per add {ratio(sent_bytes(delta.add_sent), sent_bytes(sotw.add_sent))}, "
+              f"sync {ratio(delta.sync_s, sotw.sync_s)}")
 
 
-async def main(sizes: list[int], envoy_count: int) -> int:
-    print(f"xds_scale: sizes {sizes}, {envoy_count} Envoy(s) --concurrency 2, "
-          f"{os.cpu_count()} CPUs, pid {os.getpid()}", flush=True)
+async def main(sizes: list[int], envoy_count: int, protocols: list[str]) -> int:
+    print(f"xds_scale: sizes {sizes}, protocols {protocols}, {envoy_count} Envoy(s) "
+          f"--concurrency 2, {os.cpu_count()} CPUs, pid {os.getpid()}", flush=True)
     monitor = LoopMonitor()
     monitor.start()
     a, b = Backend("A"), Backend("B")
@@ -520,10 +598,11 @@ async def main(sizes: list[int], envoy_count: int) -> int:
         await a.start()
         await b.start()
         for n in sizes:
-            began = time.perf_counter()
-            print(f"  {n} services ...", end="", flush=True)
-            results.append(await run_size(n, envoy_count, a, b, monitor))
-            print(f" done in {time.perf_counter() - began:.1f} s", flush=True)
+            for protocol in protocols:
+                began = time.perf_counter()
+                print(f"  {n} services, {protocol} ...", end="", flush=True)
+                results.append(await run_size(n, envoy_count, protocol, a, b, monitor))
+                print(f" done in {time.perf_counter() - began:.1f} s", flush=True)
     finally:
         await a.stop()
         await b.stop()
@@ -537,13 +616,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sizes", default="1000,10000",
                         help="comma-separated service counts (default 1000,10000)")
     parser.add_argument("--envoys", type=int, default=1, help="Envoys per size (default 1)")
+    parser.add_argument("--protocols", default="delta,sotw",
+                        help="comma-separated ADS variants (default delta,sotw)")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if not args.sizes or min(args.sizes) < 1 or args.envoys < 1:
         parser.error("sizes and --envoys must be positive")
+    args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not args.protocols or not set(args.protocols) <= set(XDS_PROTOCOLS):
+        parser.error(f"protocols are among {', '.join(XDS_PROTOCOLS)}")
     return args
 
 
 if __name__ == "__main__":
     options = parse_args(sys.argv[1:])
-    sys.exit(asyncio.run(main(options.sizes, options.envoys)))
+    sys.exit(asyncio.run(main(options.sizes, options.envoys, options.protocols)))

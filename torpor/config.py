@@ -135,6 +135,9 @@ class ControlPlaneConfig:
     admin_tokens: AdminTokensConfig = AdminTokensConfig()
     # TLS on `admin_api` (None: plaintext, fine on loopback).
     admin_tls: AdminTlsConfig | None = None
+    # The ADS variant the bootstrap asks Envoy to speak: "delta" (incremental: only what
+    # changed is sent) or "sotw" (state of the world). The control plane serves both.
+    xds_protocol: str = "delta"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -583,6 +586,10 @@ def _boolean(r: _Reader, key: str, value: object) -> bool:
     return value
 
 
+#: ADS variants an Envoy may be bootstrapped with (control_plane.xds_protocol).
+XDS_PROTOCOLS = ("delta", "sotw")
+
+
 def _choice(*options: str) -> _Parser:
     def parse(r: _Reader, key: str, value: object) -> str:
         if value not in options:
@@ -763,6 +770,7 @@ _CONTROL_PLANE = _Schema(
         "tls": _Field(_section(_SERVER_TLS)),
         "admin_tokens": _Field(_section(_ADMIN_TOKENS)),
         "admin_tls": _Field(_section(_ADMIN_TLS)),
+        "xds_protocol": _Field(_choice(*XDS_PROTOCOLS)),
     },
 )
 _ACTIVATOR = _Schema(

@@ -25,18 +25,24 @@ _TLS_CONTEXT_TYPE = ("type.googleapis.com/"
                      "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
 
 
+#: control_plane.xds_protocol -> ads_config.api_type.
+API_TYPES = {"delta": "DELTA_GRPC", "sotw": "GRPC"}
+
+
 def bootstrap(node_id: str, admin: Address, xds: Address,
               xds_tls: ClientTlsConfig | None = None,
-              stats_flush: float = DEFAULT_STATS_FLUSH) -> dict[str, Any]:
+              stats_flush: float = DEFAULT_STATS_FLUSH,
+              xds_protocol: str = "delta") -> dict[str, Any]:
     """The bootstrap as a JSON-ready dict (Envoy reads JSON and YAML alike). `xds_tls`:
     the certificate Envoy presents to a control plane that requires mTLS, and its CA.
-    `stats_flush`: seconds between two reports of the request counters (stats_sink)."""
+    `stats_flush`: seconds between two reports of the request counters (stats_sink).
+    `xds_protocol`: "delta" (incremental ADS, the default) or "sotw"."""
     return {
         "node": {"id": node_id, "cluster": "torpor"},
         "admin": {"address": _socket(admin, ADMIN_SOCKET_MODE)},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": API_TYPES[xds_protocol],
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "torpor_xds"}}],
@@ -80,7 +86,8 @@ def bootstrap_json(config: Config, node_id: str | None = None, xds: Address | No
     0.0.0.0 the control plane binds."""
     boot = bootstrap(node_id or config.control_plane.node_id, admin or config.gateway.admin,
                      xds or config.control_plane.xds, envoy_xds_tls(config),
-                     config.gateway.stats_flush_interval)
+                     stats_flush=config.gateway.stats_flush_interval,
+                     xds_protocol=config.control_plane.xds_protocol)
     return json.dumps(boot, indent=2, sort_keys=True)
 
 

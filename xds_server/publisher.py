@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from torpor import metrics
 from torpor.logs import event
 from xds_server import types
-from xds_server.cache import ResourceMap, SnapshotCache
+from xds_server.cache import ResourceMap, SnapshotCache, changes
 from xds_server.server import AdsServer
 
 log = logging.getLogger("torpor.xds")
@@ -51,12 +51,7 @@ def stages(current: Resources | None, desired: Resources) -> list[Resources]:
 
 
 def _same(a: Resources, b: Resources) -> bool:
-    keys = set(a) | set(b)
-    return all(
-        {n: r.digest for n, r in a.get(k, {}).items()}
-        == {n: r.digest for n, r in b.get(k, {}).items()}
-        for k in keys
-    )
+    return not any(changes(a.get(k, {}), b.get(k, {})) for k in set(a) | set(b))
 
 
 class Publisher:

@@ -3,12 +3,17 @@
 Owns: one gRPC stream per Envoy, what each stream was sent and has applied, and answering
 "has every connected Envoy applied version V?" (hibernation waits on that). Knows nothing
 of what a resource means; reads resources from the cache through `create_watch` and
-`snapshot`. A delta front end would sit beside this module and use the same cache.
+`snapshot`. The delta front end (delta_server.py) sits beside it on the same cache.
 
 Protocol rules (measured): a NACK is logged with Envoy's error and counted, and the
 rejected version is never sent again (only a newer snapshot is); a stale nonce is ignored;
 EDS/RDS responses carry only changed, subscribed resources; streams are not served before
 the cache holds the desired state.
+
+Delta (incremental) streams are served by delta_server.py on the same gRPC service; they
+register here (`open_stream`, `close_stream`, `report_rejection`, `mark_progress`), so
+`wait_synced`, `lagging`, `rejections` and `streams` count every Envoy, whichever protocol
+it speaks.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -31,6 +37,8 @@ from xds_server.cache import Resource, Snapshot, SnapshotCache
 from xds_server.protocol import RequestKind, classify, updates_for
 
 log = logging.getLogger("torpor.xds")
+
+_Request = TypeVar("_Request")
 
 
 @dataclasses.dataclass
@@ -57,6 +65,9 @@ class EnvoyStream:
     node_id: str = ""
     types: dict[str, TypeState] = dataclasses.field(default_factory=dict)
     responses_sent: int = 0
+    protocol: str = "sotw"  # or "delta"
+    resources_sent: int = 0  # resources carried by every response (delta: + removals)
+    bytes_sent: int = 0  # serialized size of the resources carried
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +89,9 @@ class StreamInfo:
     responses_sent: int
     nacks: dict[str, str]  # type -> last error, for types whose last answer was a NACK
     synced_versions: dict[str, int]
+    protocol: str = "sotw"
+    resources_sent: int = 0
+    bytes_sent: int = 0
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -85,6 +99,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     def __init__(self, cache: SnapshotCache) -> None:
         self._cache = cache
+        self.cache = cache  # the delta streams (delta_server.py) read the same one
         self._streams: dict[int, EnvoyStream] = {}
         self._stream_ids = itertools.count(1)
         self._nonces = itertools.count(1)
@@ -159,33 +174,54 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[DiscoveryResponse]:
         await self._cache.wait_loaded()
-        stream = EnvoyStream(stream_id=next(self._stream_ids), peer=context.peer())
+        stream = self.open_stream(context.peer(), "sotw")
         events: asyncio.Queue[DiscoveryRequest | Snapshot | None] = asyncio.Queue()
         cancel_watch = self._cache.create_watch(events.put_nowait)
-        reader = asyncio.create_task(_read_requests(request_iterator, events))
-        self._streams[stream.stream_id] = stream
-        metrics.XDS_CONNECTED_ENVOYS.set(len(self._streams))
+        reader = asyncio.create_task(read_requests(request_iterator, events))
         try:
             while (item := await events.get()) is not None:
                 if isinstance(item, DiscoveryRequest):
                     self._on_request(stream, item)
                 for response in self._due_responses(stream):
                     yield response
-                self._mark_progress()
+                self.mark_progress()
         finally:
             cancel_watch()
             reader.cancel()
-            self._streams.pop(stream.stream_id, None)
-            metrics.XDS_CONNECTED_ENVOYS.set(len(self._streams))
-            self._mark_progress()
-            event(log, "xds.stream_closed", node=stream.node_id, peer=stream.peer)
+            self.close_stream(stream)
+
+    # --- what both protocols' streams share ---------------------------------------------
+
+    def open_stream(self, peer: str, protocol: str) -> EnvoyStream:
+        """Register a new stream: from now on it counts in `wait_synced` and metrics."""
+        stream = EnvoyStream(stream_id=next(self._stream_ids), peer=peer, protocol=protocol)
+        self._streams[stream.stream_id] = stream
+        metrics.XDS_CONNECTED_ENVOYS.set(len(self._streams))
+        return stream
+
+    def close_stream(self, stream: EnvoyStream) -> None:
+        self._streams.pop(stream.stream_id, None)
+        metrics.XDS_CONNECTED_ENVOYS.set(len(self._streams))
+        self.mark_progress()
+        event(log, "xds.stream_closed", node=stream.node_id, peer=stream.peer,
+              protocol=stream.protocol)
+
+    def next_nonce(self) -> str:
+        """A nonce unique on this server (both protocols draw from one counter)."""
+        return str(next(self._nonces))
+
+    def note_node(self, stream: EnvoyStream, node_id: str) -> None:
+        """The node id arrives in a stream's first request only
+        (set_node_on_first_message_only)."""
+        if not stream.node_id and node_id:
+            stream.node_id = node_id
+            event(log, "xds.stream_opened", node=stream.node_id, peer=stream.peer,
+                  protocol=stream.protocol)
 
     # --- requests -----------------------------------------------------------------------
 
     def _on_request(self, stream: EnvoyStream, request: DiscoveryRequest) -> None:
-        if not stream.node_id and request.node.id:
-            stream.node_id = request.node.id
-            event(log, "xds.stream_opened", node=stream.node_id, peer=stream.peer)
+        self.note_node(stream, request.node.id)
         type_url = request.type_url
         if type_url not in types.SHORT_NAMES:
             event(log, "xds.unknown_type", level=logging.WARNING, node=stream.node_id,
@@ -220,15 +256,23 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         """Envoy rejected our last response and keeps its last good config: remember that
         the rejected version must not be sent again, and go back to what it applied."""
         ts.awaiting = False
-        ts.nacked_version = ts.sent_version
-        ts.last_error = request.error_detail.message
         ts.sent = dict(ts.acked)
+        self.report_rejection(stream, ts, type_url, request.error_detail.message,
+                              request.version_info)
+
+    def report_rejection(self, stream: EnvoyStream, ts: TypeState, type_url: str,
+                         error: str, applied_version: str) -> None:
+        """Envoy rejected `ts`'s last response (version `ts.sent_version`): remember it
+        (that version is not sent again), log Envoy's words, count it and tell the
+        `rejected` listeners (the quarantine)."""
+        ts.nacked_version = ts.sent_version
+        ts.last_error = error
         metrics.XDS_NACKS.labels(type=types.short(type_url)).inc()
         event(log, "xds.nack", level=logging.ERROR, node=stream.node_id,
               type=types.short(type_url), rejected_version=ts.nacked_version,
-              applied_version=request.version_info, error=ts.last_error)
+              applied_version=applied_version, error=error, protocol=stream.protocol)
         rejection = Rejection(stream.node_id or stream.peer, type_url, ts.nacked_version,
-                              ts.last_error)
+                              error)
         for listener in list(self._on_rejected):
             try:
                 listener(rejection)
@@ -271,7 +315,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     def _respond(self, stream: EnvoyStream, ts: TypeState, type_url: str, version: int,
                  due: list[Resource]) -> DiscoveryResponse:
-        nonce = str(next(self._nonces))
+        nonce = self.next_nonce()
         if ts.subscribed is None:
             ts.sent = {r.name: r.digest for r in due}
         else:
@@ -280,6 +324,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         ts.last_nonce = nonce
         ts.sent_version = version
         stream.responses_sent += 1
+        stream.resources_sent += len(due)
+        stream.bytes_sent += sum(r.size for r in due)
         metrics.XDS_PUSHES.labels(type=types.short(type_url)).inc()
         response: DiscoveryResponse = DiscoveryResponse(
             version_info=str(version),
@@ -289,7 +335,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         )
         return response
 
-    def _mark_progress(self) -> None:
+    def mark_progress(self) -> None:
         """Wake `wait_synced` callers: some stream's state moved."""
         self._progress.set()
         self._progress = asyncio.Event()
@@ -324,9 +370,9 @@ def _forget_endpoints_of_changed_clusters(
             eds.sent.pop(resource.name, None)
 
 
-async def _read_requests(
-    requests: AsyncIterator[DiscoveryRequest],
-    events: asyncio.Queue[DiscoveryRequest | Snapshot | None],
+async def read_requests(
+    requests: AsyncIterator[_Request],
+    events: asyncio.Queue[_Request | Snapshot | None],
 ) -> None:
     """Move requests into the stream's event queue; None marks the end of the stream."""
     try:
@@ -354,4 +400,7 @@ def _info(stream: EnvoyStream) -> StreamInfo:
             if ts.nacked_version is not None
         },
         synced_versions={types.short(t): ts.synced_version for t, ts in stream.types.items()},
+        protocol=stream.protocol,
+        resources_sent=stream.resources_sent,
+        bytes_sent=stream.bytes_sent,
     )

@@ -7,7 +7,9 @@ uses by default), or TCP with mTLS (`control_plane.tls`: a client certificate si
 its client_ca). Plain TCP stays possible, with a warning: any process that reaches it can
 open an ADS stream, never ACK, and stall every hibernation for ack_timeout. Callers
 register servicers before start: the ADS servicer must only be reachable once the desired
-state is in the cache.
+state is in the cache. ADS is one gRPC service with two methods: state-of-the-world
+(server.py) and delta (delta_server.py), over the same cache and stream registry; each
+Envoy uses the one its bootstrap names (`ads_config.api_type`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torpor.errors import TorporError
 from torpor.logs import event
 from xds_server import stats_sink
 from xds_server.collector import CallCollector
+from xds_server.delta_server import DeltaAds
 from xds_server.server import AdsServer
 
 # Envoy keeps its ADS stream open for the life of the process; keepalives detect a dead
@@ -54,7 +57,8 @@ async def start_xds_listener(
     "unix:PATH"), with mTLS when `tls` is given; returns (server, port) (port 0 for a
     socket)."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscovery(ads),
+                                                                  server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(collector, server)
     stats_sink.add_to_server(server, collector)  # Envoy's request counters
     socket_path = Path(address.removeprefix("unix:")) if address.startswith("unix:") else None
@@ -82,6 +86,16 @@ async def start_xds_listener(
                   "ACK and stall every hibernation; set control_plane.tls (torpor certs) "
                   "or use unix:PATH")
     return server, port
+
+
+class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """The ADS gRPC service: state-of-the-world streams to `ads`, delta streams to a
+    DeltaAds that shares its cache and stream registry. The handlers are the two servers'
+    own async generator methods (grpc.aio serves a handler as a stream only if it is one)."""
+
+    def __init__(self, ads: AdsServer) -> None:
+        self.StreamAggregatedResources = ads.StreamAggregatedResources
+        self.DeltaAggregatedResources = DeltaAds(ads, ads.cache).DeltaAggregatedResources
 
 
 def server_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:

@@ -30,12 +30,22 @@ async def harness(activator_backend: Backend) -> AsyncIterator[XdsHarness]:
 
 
 @pytest.fixture
-async def envoys(tmp_path: Path) -> AsyncIterator[Callable[[int, str], Envoy]]:
-    """Factory: envoys(xds_port, node_id) starts an Envoy; all are stopped at teardown."""
+def xds_protocol() -> str:
+    """The ADS variant the `envoys` speak: delta, the bootstrap's default. A test module
+    whose tests must pass with both overrides this fixture with
+    `@pytest.fixture(params=XDS_PROTOCOLS)` (torpor.config)."""
+    return "delta"
+
+
+@pytest.fixture
+async def envoys(tmp_path: Path, xds_protocol: str
+                 ) -> AsyncIterator[Callable[[int, str], Envoy]]:
+    """Factory: envoys(xds_port, node_id) starts an Envoy speaking `xds_protocol`; all are
+    stopped at teardown."""
     started: list[Envoy] = []
 
     def start(xds_port: int, node_id: str = "test-envoy") -> Envoy:
-        envoy = Envoy(tmp_path, node_id, free_port(), xds_port)
+        envoy = Envoy(tmp_path, node_id, free_port(), xds_port, xds_protocol=xds_protocol)
         started.append(envoy)
         envoy.start()
         return envoy

@@ -11,15 +11,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.backends import start_backends
 from tests.support.configs import model_service, write_config
 from tests.support.envoy import Envoy
 from tests.support.net import wait_until
 from tests.support.workloads import FixedWorkloads
-from torpor.config import load_config
+from torpor.config import XDS_PROTOCOLS, load_config
 from torpor.store.sqlite import SqliteStore
 from xds_server.control_plane import ControlPlane
+
+
+@pytest.fixture(params=XDS_PROTOCOLS)
+def xds_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with Envoys speaking delta and state-of-the-world ADS."""
+    return str(request.param)
 
 
 async def test_restart_does_not_disturb_traffic(

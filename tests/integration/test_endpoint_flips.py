@@ -10,10 +10,19 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import pytest
 
 from tests.support.backends import start_backends
 from tests.support.envoy import Envoy
 from tests.support.xds import XdsHarness, svc
+from torpor.config import XDS_PROTOCOLS
+
+
+@pytest.fixture(params=XDS_PROTOCOLS)
+def xds_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with Envoys speaking delta and state-of-the-world ADS."""
+    return str(request.param)
+
 
 FLIPS = 20
 VISIBLE_WITHIN = 0.100

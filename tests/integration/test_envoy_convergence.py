@@ -13,12 +13,21 @@ from collections import Counter
 from collections.abc import Callable
 
 import aiohttp
+import pytest
 
 from tests.support.backends import Backend, start_backends
 from tests.support.envoy import Envoy
 from tests.support.net import wait_until
 from tests.support.xds import XdsHarness, svc
+from torpor.config import XDS_PROTOCOLS
 from xds_server.resources import RoutedService
+
+
+@pytest.fixture(params=XDS_PROTOCOLS)
+def xds_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with Envoys speaking delta and state-of-the-world ADS."""
+    return str(request.param)
+
 
 HOSTS = ["a", "b", "c", "d", "e"]
 

@@ -18,8 +18,15 @@ from tests.support.envoy import Envoy
 from tests.support.net import wait_until
 from tests.support.xds import XdsHarness, svc
 from torpor import metrics
+from torpor.config import XDS_PROTOCOLS
 from xds_server import types
 from xds_server.cache import Resource
+
+
+@pytest.fixture(params=XDS_PROTOCOLS)
+def xds_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with Envoys speaking delta and state-of-the-world ADS."""
+    return str(request.param)
 
 
 def nacks() -> float:
@@ -27,7 +34,8 @@ def nacks() -> float:
 
 
 async def test_nack_is_counted_logged_not_resent(
-    harness: XdsHarness, envoys: Callable[[int, str], Envoy], caplog: pytest.LogCaptureFixture
+    harness: XdsHarness, envoys: Callable[[int, str], Envoy], caplog: pytest.LogCaptureFixture,
+    xds_protocol: str,
 ) -> None:
     caplog.set_level(logging.INFO)
     (good,) = await start_backends("good")
@@ -54,6 +62,7 @@ async def test_nack_is_counted_logged_not_resent(
 
             await wait_until(lambda: nacks() > before, 10, "the NACK")
             (stream,) = harness.ads.streams()
+            assert stream.protocol == xds_protocol
             assert stream.nacks.get("cds"), stream
             sent_after_nack = stream.responses_sent
             await asyncio.sleep(1.5)  # a resend loop would answer many times in 1.5 s

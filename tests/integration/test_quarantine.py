@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,16 +24,24 @@ from tests.support.envoy import Envoy
 from tests.support.net import wait_until
 from tests.support.up import UpRuns
 from tests.support.workloads import FixedWorkloads
-from tests.support.xds import XdsHarness
+from tests.support.xds import XdsHarness, with_xds_protocol
 from torpor import admin_client, metrics
-from torpor.config import Config, load_config
+from torpor.config import XDS_PROTOCOLS, Config, load_config
 from torpor.credentials import admin_target
 from torpor.model import Endpoint
 from torpor.store.sqlite import SqliteStore
 from xds_server import validation
+from xds_server.bootstrap import API_TYPES
 from xds_server.control_plane import ControlPlane
 from xds_server.quarantine import Problem, QuarantineBuilder
 from xds_server.resources import RoutedService
+
+
+@pytest.fixture(params=XDS_PROTOCOLS)
+def xds_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with Envoys speaking delta and state-of-the-world ADS."""
+    return str(request.param)
+
 
 pytestmark = pytest.mark.envoy
 
@@ -65,8 +74,7 @@ async def ready_page(config: Config) -> tuple[int, str]:
 
 async def statuses(config: Config) -> dict[str, dict[str, object]]:
     """Through the admin API (in a thread: the control plane runs on this loop)."""
-    found = await asyncio.to_thread(admin_client.list_statuses,
-                                    admin_target(config))
+    found = await asyncio.to_thread(admin_client.list_statuses, admin_target(config))
     return {s["name"]: s for s in found}
 
 
@@ -192,14 +200,17 @@ async def test_a_rejection_nobody_can_be_blamed_for_makes_it_not_ready(
         await alpha.stop()
 
 
-async def test_up_names_a_quarantined_service_and_serves_the_others(tmp_path: Path) -> None:
+async def test_up_names_a_quarantined_service_and_serves_the_others(tmp_path: Path,
+                                                                   xds_protocol: str) -> None:
     """Two configured hosts that differ only by a trailing dot: the loader takes both, the
     validator quarantines the second (Envoy would route the two apart, the activator would
     wake the first for both); `torpor up` says so before "ready." and serves the first."""
     second = model_service("second", 1).replace("host: second.localhost",
                                                 "host: first.localhost.")
-    path = write_config(tmp_path, model_service("first", 1) + second)
+    path = with_xds_protocol(write_config(tmp_path, model_service("first", 1) + second),
+                             xds_protocol)
     config = load_config(path)
+    assert config.control_plane.xds_protocol == xds_protocol
     runs = UpRuns()
     try:
         up = await runs.start(path)
@@ -213,6 +224,8 @@ async def test_up_names_a_quarantined_service_and_serves_the_others(tmp_path: Pa
                 headers={"Host": "first.localhost"}) as r:
             assert r.status == 200
         assert (await ready_page(config))[0] == 200
+        boot = json.loads((config.log_dir() / "envoy-bootstrap.json").read_text())
+        assert boot["dynamic_resources"]["ads_config"]["api_type"] == API_TYPES[xds_protocol]
     finally:
         await runs.stop_all()
 

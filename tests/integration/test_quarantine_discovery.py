@@ -16,6 +16,8 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,17 +25,45 @@ import pytest
 
 from tests.integration import test_kubernetes_loop as loop
 from tests.integration.test_hibernate_wake import send
+from tests.support.configs import write_config
 from tests.support.fake_kube import FakeKube
 from tests.support.kube_objects import model_deployment, model_service
 from tests.support.net import wait_until
-from torpor.config import Config
+from tests.support.up import Up, UpRuns
+from tests.support.xds import with_xds_protocol
+from torpor.config import XDS_PROTOCOLS, Config, load_config
 
 pytestmark = pytest.mark.envoy
 
 NS = loop.NS
 _get = loop._get
 kube = loop.kube  # fixtures: the fake API server, and `torpor up` on it
-start_up = loop.start_up
+
+
+@pytest.fixture(params=XDS_PROTOCOLS)
+def xds_protocol(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with `torpor up`'s Envoy speaking delta and state-of-the-world
+    ADS (control_plane.xds_protocol)."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def start_up(tmp_path: Path, kube: FakeKube, xds_protocol: str) -> AsyncIterator[Any]:
+    """The Kubernetes loop's `start_up` (`torpor up` on the fake, always stopped), its
+    config with `control_plane.xds_protocol`."""
+    runs = UpRuns()
+    kube.write_kubeconfig(tmp_path / "kubeconfig")
+
+    async def start(services: str, extra: str = "", discover: bool = False
+                    ) -> tuple[Up, Config]:
+        workloads = ("{kind: kubernetes, kubeconfig: ./kubeconfig, poll_every: 1s, "
+                     f"discover: {str(discover).lower()}, namespaces: [{NS}]}}")
+        path = with_xds_protocol(write_config(tmp_path, services, extra, workloads=workloads),
+                                 xds_protocol)
+        return await runs.start(path), load_config(path)
+
+    yield start
+    await runs.stop_all()
 
 
 def enabled(host: str) -> dict[str, Any]:

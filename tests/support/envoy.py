@@ -24,16 +24,18 @@ class Envoy:
     def __init__(self, workdir: Path, node_id: str, admin_port: int, xds_port: int,
                  admin: Address | None = None, xds: Address | None = None,
                  xds_tls: ClientTlsConfig | None = None,
-                 stats_flush: float = DEFAULT_STATS_FLUSH) -> None:
+                 stats_flush: float = DEFAULT_STATS_FLUSH, xds_protocol: str = "delta") -> None:
         """Admin and xDS on 127.0.0.1 ports, or at `admin` / `xds` (e.g. Unix sockets);
         `xds_tls`: the client certificate for a control plane that requires mTLS;
-        `stats_flush`: seconds between two reports of Envoy's request counters."""
+        `stats_flush`: seconds between two reports of Envoy's request counters;
+        `xds_protocol`: the ADS variant it speaks, "delta" or "sotw"."""
         self.node_id = node_id
         self.admin_address = admin or Address("127.0.0.1", admin_port)
         self._config = workdir / f"envoy-{node_id}.json"
         self._log = workdir / f"envoy-{node_id}.log"
+        self.xds_protocol = xds_protocol
         boot = bootstrap(node_id, self.admin_address, xds or Address("127.0.0.1", xds_port),
-                         xds_tls, stats_flush)
+                         xds_tls, stats_flush=stats_flush, xds_protocol=xds_protocol)
         self._config.write_text(json.dumps(boot))
         self.proc: subprocess.Popen[bytes] | None = None
 

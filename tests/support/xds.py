@@ -7,6 +7,7 @@ go-control-plane's integration harness pushes snapshots at a real Envoy.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -65,3 +66,13 @@ def hibernated(harness: XdsHarness, name: str, http2: bool = False) -> RoutedSer
     """`name` asleep: its cluster points at the activators, as the control plane does it."""
     return RoutedService(name=name, host=f"{name}.test",
                          endpoints=harness.builder.activator_targets(http2), http2=http2)
+
+
+def with_xds_protocol(path: Path, protocol: str) -> Path:
+    """The config file at `path` (as tests/support/configs.py writes it) with
+    `control_plane.xds_protocol: protocol`: the Envoy `torpor up` starts speaks it."""
+    text = path.read_text()
+    assert "control_plane: {" in text, text
+    path.write_text(text.replace("control_plane: {", f"control_plane: {{xds_protocol: {protocol}, ",
+                                 1))
+    return path

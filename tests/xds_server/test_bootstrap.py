@@ -21,7 +21,9 @@ from xds_server.bootstrap import bootstrap, bootstrap_json
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def write_config(tmp_path: Path, xds_host: str = "127.0.0.1", node_id: str = "edge-7") -> Path:
+def write_config(tmp_path: Path, xds_host: str = "127.0.0.1", node_id: str = "edge-7",
+                 more: str = "") -> Path:
+    """`more`: further control_plane keys, one line, e.g. "xds_protocol: sotw"."""
     path = tmp_path / "torpor.yaml"
     path.write_text(textwrap.dedent(f"""\
         gateway:
@@ -31,6 +33,7 @@ def write_config(tmp_path: Path, xds_host: str = "127.0.0.1", node_id: str = "ed
           xds: {xds_host}:18400
           admin_api: 127.0.0.1:18401
           node_id: {node_id}
+          {more}
         services:
           - name: echo
             host: echo.localhost
@@ -82,11 +85,32 @@ def test_node_admin_and_ads_are_as_configured(config: Config) -> None:
         "address": "127.0.0.1", "port_value": 19911,
     }
     ads = boot["dynamic_resources"]["ads_config"]
-    assert ads["api_type"] == "GRPC"
+    assert ads["api_type"] == "DELTA_GRPC"  # delta ADS unless the config says sotw
     assert ads["transport_api_version"] == "V3"
     assert ads["grpc_services"] == [{"envoy_grpc": {"cluster_name": "torpor_xds"}}]
     for source in ("cds_config", "lds_config"):
         assert boot["dynamic_resources"][source] == {"ads": {}, "resource_api_version": "V3"}
+
+
+@pytest.mark.parametrize(("protocol", "api_type"),
+                         [("delta", "DELTA_GRPC"), ("sotw", "GRPC")])
+def test_xds_protocol_chooses_the_ads_api_type(tmp_path: Path, protocol: str,
+                                               api_type: str) -> None:
+    config = load_config(write_config(tmp_path, more=f"xds_protocol: {protocol}"))
+    boot = json.loads(bootstrap_json(config))
+    assert boot["dynamic_resources"]["ads_config"]["api_type"] == api_type
+
+
+@pytest.mark.envoy
+def test_envoy_validates_the_sotw_bootstrap(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, more="xds_protocol: sotw"))
+    result = validate(tmp_path, bootstrap_json(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_unknown_xds_protocol_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="xds_protocol"):
+        load_config(write_config(tmp_path, more="xds_protocol: rest"))
 
 
 def test_node_id_argument_overrides_the_config(config: Config) -> None:
