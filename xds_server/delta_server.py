@@ -18,7 +18,6 @@ to the quarantine, and the rejected version is not sent again (a newer snapshot 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -35,7 +34,7 @@ from torpor.logs import event
 from xds_server import delta_protocol, types
 from xds_server.cache import NO_CHANGES, Snapshot, SnapshotCache
 from xds_server.delta_protocol import DeltaKind, DeltaUpdate, Subscription
-from xds_server.server import AdsServer, EnvoyStream, TypeState, read_requests
+from xds_server.server import AdsServer, EnvoyStream, TypeState, serve_stream
 
 log = logging.getLogger("torpor.xds")
 
@@ -66,22 +65,10 @@ class DeltaAds:
         request_iterator: AsyncIterator[DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[DeltaDiscoveryResponse]:
-        await self._cache.wait_loaded()
-        stream = self._ads.open_stream(context.peer(), "delta")
-        events: asyncio.Queue[DeltaDiscoveryRequest | Snapshot | None] = asyncio.Queue()
-        cancel_watch = self._cache.create_watch(events.put_nowait)
-        reader = asyncio.create_task(read_requests(request_iterator, events))
-        try:
-            while (item := await events.get()) is not None:
-                if isinstance(item, DeltaDiscoveryRequest):
-                    self._on_request(stream, item)
-                for response in self._due_responses(stream):
-                    yield response
-                self._ads.mark_progress()
-        finally:
-            cancel_watch()
-            reader.cancel()
-            self._ads.close_stream(stream)
+        async for response in serve_stream(self._ads, self._cache, request_iterator,
+                                           context.peer(), "delta", DeltaDiscoveryRequest,
+                                           self._on_request, self._due_responses):
+            yield response
 
     # --- requests -----------------------------------------------------------------------
 

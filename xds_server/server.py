@@ -23,7 +23,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TypeVar
 
 import grpc
@@ -39,6 +39,7 @@ from xds_server.protocol import RequestKind, classify, updates_for
 log = logging.getLogger("torpor.xds")
 
 _Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 @dataclasses.dataclass
@@ -173,22 +174,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         request_iterator: AsyncIterator[DiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[DiscoveryResponse]:
-        await self._cache.wait_loaded()
-        stream = self.open_stream(context.peer(), "sotw")
-        events: asyncio.Queue[DiscoveryRequest | Snapshot | None] = asyncio.Queue()
-        cancel_watch = self._cache.create_watch(events.put_nowait)
-        reader = asyncio.create_task(read_requests(request_iterator, events))
-        try:
-            while (item := await events.get()) is not None:
-                if isinstance(item, DiscoveryRequest):
-                    self._on_request(stream, item)
-                for response in self._due_responses(stream):
-                    yield response
-                self.mark_progress()
-        finally:
-            cancel_watch()
-            reader.cancel()
-            self.close_stream(stream)
+        async for response in serve_stream(self, self._cache, request_iterator, context.peer(),
+                                           "sotw", DiscoveryRequest, self._on_request,
+                                           self._due_responses):
+            yield response
 
     # --- what both protocols' streams share ---------------------------------------------
 
@@ -368,6 +357,33 @@ def _forget_endpoints_of_changed_clusters(
         previous = cds.sent.get(resource.name)
         if previous is not None and previous != resource.digest:
             eds.sent.pop(resource.name, None)
+
+
+async def serve_stream(
+    ads: AdsServer, cache: SnapshotCache, requests: AsyncIterator[_Request], peer: str,
+    protocol: str, request_type: type[_Request],
+    on_request: Callable[[EnvoyStream, _Request], None],
+    due: Callable[[EnvoyStream], Iterable[_Response]],
+) -> AsyncIterator[_Response]:
+    """One stream's life, for both ADS variants: never before the first snapshot is loaded;
+    registered (counted by `wait_synced` and the metrics) while it lives; each request and
+    each new snapshot is handled in arrival order, then whatever is due is sent."""
+    await cache.wait_loaded()
+    stream = ads.open_stream(peer, protocol)
+    events: asyncio.Queue[_Request | Snapshot | None] = asyncio.Queue()
+    cancel_watch = cache.create_watch(events.put_nowait)
+    reader = asyncio.create_task(read_requests(requests, events))
+    try:
+        while (item := await events.get()) is not None:
+            if isinstance(item, request_type):
+                on_request(stream, item)
+            for response in due(stream):
+                yield response
+            ads.mark_progress()
+    finally:
+        cancel_watch()
+        reader.cancel()
+        ads.close_stream(stream)
 
 
 async def read_requests(
