@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torpor
 from torpor import admin_client
 from torpor.config import Address, Config, load_config, parse_duration
 from torpor.credentials import AdminTarget, admin_target
@@ -62,8 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip knows), else the package's own."""
+    try:
+        return importlib.metadata.version("torpor")
+    except importlib.metadata.PackageNotFoundError:
+        return torpor.__version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torpor", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"torpor {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, handler: Callable[[argparse.Namespace, Config], int], text: str,
