@@ -39,6 +39,7 @@ from torpor.errors import UnknownServiceError, WorkloadError
 from torpor.listeners import Listeners
 from torpor.logs import event
 from torpor.model import Endpoint
+from torpor.workloads import replica_logs
 from torpor.workloads.base import EndpointListener, Workloads, wait_for_ready
 from torpor.workloads.local_ports import ReplicaPorts, ephemeral_range
 
@@ -59,6 +60,8 @@ LISTEN_POLL = 0.005
 FAST_LISTEN_WINDOW = 5.0
 
 
+#: How often a replica's log file is looked at for its size cap (replica_logs.py).
+LOG_CAP_EVERY = 5.0
 #: Exits of a service's replicas within this many seconds that make it crash-looping: a
 #: wake waiting for it fails with the exits' story instead of waiting out wake_timeout.
 CRASH_LOOP_EXITS = 3
@@ -362,7 +365,9 @@ class LocalWorkloads(Workloads):
     async def _start_replica(self, svc: _Service) -> None:
         port = self._ports.pick(self._ports_in_use())
         argv = _argv(svc.name, svc.config.command, port)
-        log_path = self._log_dir / f"{svc.name}-{port}.log"
+        log_path = replica_logs.log_path(self._log_dir, svc.name, port)
+        replica_logs.prune(self._log_dir, svc.name,
+                           {r.log_path for r in (*svc.replicas, *svc.stopping)} | {log_path})
         process = await self._spawn_process(svc, argv, log_path)
         replica = _Replica(port=port, process=process, log_path=log_path,
                            started=self._clock.monotonic())
@@ -491,11 +496,18 @@ class LocalWorkloads(Workloads):
     async def _probe_loop(self, svc: _Service, replica: _Replica) -> None:
         path = "/" + svc.config.ready_path.lstrip("/")
         tcp_only = svc.config.ready_probe == "tcp"
+        capped_at = self._clock.monotonic()
         while True:
             found = await (_accepts(replica.port) if tcp_only else _probe(replica.port, path))
             self._observe(svc, replica, found is Probe.READY)
-            age = self._clock.monotonic() - replica.started
-            await asyncio.sleep(probe_delay(found, replica.ready, age, self._probe_interval))
+            now = self._clock.monotonic()
+            if now - capped_at >= LOG_CAP_EVERY:
+                capped_at = now
+                if replica_logs.cap(replica.log_path):
+                    event(logger, "replica.log_capped", service=svc.name, port=replica.port,
+                          log=str(replica.log_path))
+            await asyncio.sleep(probe_delay(found, replica.ready, now - replica.started,
+                                            self._probe_interval))
 
     def _observe(self, svc: _Service, replica: _Replica, ok: bool) -> None:
         """Record one probe result; a replica ready long enough resets the restart backoff."""
