@@ -8,6 +8,7 @@ replicas hold its requests, and nothing is lost when one of them dies.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -172,7 +173,9 @@ async def test_kill_9_the_activator_holding_the_wake_lock(fleet: Fleet) -> None:
 async def test_sigterm_of_the_activator_holding_the_wake_drains_it(fleet: Fleet) -> None:
     """`torpor activator` on SIGTERM (a Kubernetes pod deleted): it leaves the fleet's
     endpoints and refuses new requests, but the requests it holds wait for their wake and
-    are answered within activator.drain_grace; none is cut. Then it exits 0."""
+    are answered within activator.drain_grace; none is cut. A request that reaches it
+    after the SIGTERM, on a connection Envoy had already open to it (before Envoy learned
+    it left), is refused at once: 503 "draining" with Retry-After. Then it exits 0."""
     await hibernate(fleet, "sleepy")
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -182,12 +185,15 @@ async def test_sigterm_of_the_activator_holding_the_wake_drains_it(fleet: Fleet)
 
     codes = [code for code, _, _ in results]
     print(f"\nSIGTERM {victim.name} (wake lock holder, {held_by_victim:.0f} requests held "
-          f"there): exit {exit_code}, {codes.count(200)}/60 x 200")
+          f"there): exit {exit_code}, {codes.count(200)}/60 x 200, the rest refused")
     assert held_by_victim > 0
     assert exit_code == 0
-    assert codes.count(200) == 60, sorted(set(codes))
-    for i, (_, body, _) in enumerate(results):
-        assert body == f"req-{i}".encode()
+    assert codes.count(200) >= held_by_victim  # what it held got its answer
+    for i, (code, body, _) in enumerate(results):
+        if code == 200:
+            assert body == f"req-{i}".encode()
+        else:  # answered, not cut: a refusal that says to come back
+            assert (code, json.loads(body)["error"]) == (503, "draining"), body
     assert "activator.draining" in victim.text()
     await fleet.wait_state("sleepy", "ACTIVE", 15)
 
