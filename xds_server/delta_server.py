@@ -107,11 +107,8 @@ class DeltaAds:
         if kind is DeltaKind.STALE:
             metrics.XDS_STALE_NONCES.labels(type=label).inc()
         elif kind is DeltaKind.ACK:
-            ts.acked = dict(ts.sent)
+            ts.acknowledged()
             ts.pending = None
-            ts.awaiting = False
-            ts.nacked_version = None
-            ts.last_error = None
             metrics.XDS_ACKS.labels(type=label).inc()
         elif kind is DeltaKind.NACK:
             self._on_nack(stream, ts, type_url, request)

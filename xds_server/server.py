@@ -56,6 +56,14 @@ class TypeState:
     last_error: str | None = None
     synced_version: int = 0  # the newest snapshot version this stream fully applied
 
+    def acknowledged(self) -> None:
+        """Envoy applied the response awaiting its answer: what was sent is what it holds,
+        and no rejection stands any more (both ADS variants)."""
+        self.acked = dict(self.sent)
+        self.awaiting = False
+        self.nacked_version = None
+        self.last_error = None
+
 
 @dataclasses.dataclass
 class EnvoyStream:
@@ -232,10 +240,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if type_url not in types.WILDCARD_TYPES:
             ts.subscribed = set(request.resource_names)
         if kind is RequestKind.ACK:
-            ts.acked = dict(ts.sent)
-            ts.awaiting = False
-            ts.nacked_version = None
-            ts.last_error = None
+            ts.acknowledged()
             metrics.XDS_ACKS.labels(type=label).inc()
         elif kind is RequestKind.NACK:
             self._on_nack(stream, ts, type_url, request)
