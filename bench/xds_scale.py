@@ -44,16 +44,19 @@ from pathlib import Path
 import aiohttp
 import grpc
 from aiohttp import web
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryResponse
+from envoy.service.discovery.v3.discovery_pb2 import Resource as ResourceMessage
 
 from torpor.config import XDS_PROTOCOLS, Address
 from torpor.gateway import envoy_binary
 from torpor.model import Endpoint
 from xds_server import types
 from xds_server.bootstrap import bootstrap
-from xds_server.cache import SnapshotCache
+from xds_server.cache import Desired, SnapshotCache
 from xds_server.collector import CallCollector
-from xds_server.publisher import Publisher, Resources
-from xds_server.resources import ROUTE_CONFIG_NAME, GatewaySettings, ResourceBuilder, RoutedService
+from xds_server.publisher import Publisher
+from xds_server.quarantine import QuarantineBuilder
+from xds_server.resources import ROUTE_CONFIG_NAME, GatewaySettings, RoutedService
 from xds_server.server import AdsServer
 from xds_server.serving import start_xds_listener
 
@@ -223,7 +226,7 @@ class Envoys:
         await asyncio.gather(*(e.stop() for e in self.processes), return_exceptions=True)
 
     def pids(self) -> list[int]:
-        return [e.child.pid for e in self.processes if e.child is not None]
+        return [e.proc.pid for e in self.processes if e.proc is not None]
 
     def log_tails(self, chars: int = 1500) -> str:
         out = []
@@ -236,7 +239,7 @@ class Envoys:
     async def all_ready(self, session: aiohttp.ClientSession) -> bool:
         """True when every Envoy's admin /ready answers 200 (LIVE); raises if one exited."""
         for e in self.processes:
-            if e.child is None or e.child.returncode is not None:
+            if e.proc is None or e.proc.returncode is not None:
                 raise RuntimeError(f"envoy exited (see log below)\n{self.log_tails()}")
             try:
                 async with session.get(f"http://{e.admin.host}:{e.admin.port}/ready") as r:
@@ -325,7 +328,7 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
     with tempfile.TemporaryDirectory(prefix="xds-scale-") as tmp, push_log.installed():
         listen_port = free_port()
         settings = GatewaySettings(listen=Endpoint(LOOPBACK, listen_port), activators=(a.endpoint,))
-        builder = ResourceBuilder(settings)
+        builder = QuarantineBuilder(settings)  # the control plane's: checks each service
         cache = SnapshotCache()
         ads = AdsServer(cache)
         publisher = Publisher(cache, ads, ack_timeout=ACK_TIMEOUT)
@@ -338,7 +341,7 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
                 started = time.perf_counter()
                 first = builder.build(table)
                 res.build_s = time.perf_counter() - started
-                snapshot = cache.set_resources(first)  # desired state before any stream
+                snapshot = publisher.load(Desired(first))  # desired state before any stream
                 server, xds_port = await start_xds_listener(f"{LOOPBACK}:0", ads,
                                                             CallCollector())
                 envoys = Envoys(Path(tmp), envoy_count, xds_port, protocol)
@@ -412,11 +415,14 @@ async def get_backend(session: aiohttp.ClientSession, url: str, host: str) -> st
         return f"error {exc!r}"
 
 
-def timed_build(builder: ResourceBuilder, table: list[RoutedService],
-                into: list[float]) -> Callable[[], Resources]:
-    def build() -> Resources:
+def timed_update(builder: QuarantineBuilder, changed: dict[str, RoutedService | None],
+                 into: list[float]) -> Callable[[], Desired]:
+    """The control plane's build inside a publish: only the changed services are rebuilt
+    (and checked), the config is handed out with the names it touched."""
+    def build() -> Desired:
         started = time.perf_counter()
-        out = builder.build(table)
+        builder.update(changed)
+        out = builder.desired()
         into.append(time.perf_counter() - started)
         return out
 
@@ -424,7 +430,7 @@ def timed_build(builder: ResourceBuilder, table: list[RoutedService],
 
 
 async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: RoutedService,
-                table: list[RoutedService], builder: ResourceBuilder, publisher: Publisher,
+                table: list[RoutedService], builder: QuarantineBuilder, publisher: Publisher,
                 ads: AdsServer, a: Backend, b: Backend) -> None:
     """Flip `target` between A and B while two clients poll it through Envoy."""
     latest: dict[str, float] = {}  # backend name -> perf_counter of its latest answer
@@ -443,11 +449,11 @@ async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: R
         await asyncio.sleep(0.2)  # traffic established before the first flip
         for flip in range(FLIPS):
             to = b if flip % 2 == 0 else a
-            table[index] = dataclasses.replace(target, endpoints=(to.endpoint,))
+            table[index] = flipped = dataclasses.replace(target, endpoints=(to.endpoint,))
             before = sent(ads)
             pushed = time.perf_counter()
-            push = asyncio.create_task(
-                publisher.publish(timed_build(builder, list(table), res.flip_build)))
+            push = asyncio.create_task(publisher.publish(
+                timed_update(builder, {flipped.name: flipped}, res.flip_build)))
             seen = None
             while seen is None and time.perf_counter() - pushed < FLIP_VISIBLE_DEADLINE:
                 if latest.get(to.name, 0.0) >= pushed:
@@ -475,7 +481,7 @@ async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: R
 
 
 async def adds(res: Result, session: aiohttp.ClientSession, url: str,
-               table: list[RoutedService], builder: ResourceBuilder, publisher: Publisher,
+               table: list[RoutedService], builder: QuarantineBuilder, publisher: Publisher,
                ads: AdsServer, a: Backend, push_log: PushLog) -> None:
     """Add one new service at a time (cluster + CLA first, then routes) and time each."""
     for k in range(ADDS):
@@ -484,7 +490,7 @@ async def adds(res: Result, session: aiohttp.ClientSession, url: str,
         before = len(push_log.pushes)
         sent_before = sent(ads)
         pushed = time.perf_counter()
-        ok = await publisher.publish(timed_build(builder, list(table), res.add_build))
+        ok = await publisher.publish(timed_update(builder, {new.name: new}, res.add_build))
         res.add_ack.append(time.perf_counter() - pushed)
         sent_after = sent(ads)
         res.add_sent.append((sent_after[0] - sent_before[0], sent_after[1] - sent_before[1]))
@@ -494,6 +500,77 @@ async def adds(res: Result, session: aiohttp.ClientSession, url: str,
         body = await get_backend(session, url, new.host)
         if body != a.name:
             res.notes.append(f"add {k}: {new.host} answered {body!r} right after the ACK")
+
+
+# --- the control plane alone -------------------------------------------------------------
+
+
+async def control_plane_only(n: int, a: Backend, b: Backend) -> None:
+    """The control plane's side of N services with no Envoy: the first build, its memory,
+    and what one flip and one add cost it (build, stage deltas, the cache's new version,
+    and encoding the delta response a stream would be sent)."""
+    gc.collect()
+    baseline = rss_kb()
+    settings = GatewaySettings(listen=Endpoint(LOOPBACK, 10000), activators=(a.endpoint,))
+    builder = QuarantineBuilder(settings)
+    cache = SnapshotCache()
+    ads = AdsServer(cache)
+    publisher = Publisher(cache, ads, ack_timeout=ACK_TIMEOUT)
+    table = services(n, a.endpoint)
+    started = time.perf_counter()
+    publisher.load(Desired(builder.build(table)))
+    build_s = time.perf_counter() - started
+    gc.collect()
+    after = rss_kb()
+    flips: list[float] = []
+    encodes: list[float] = []
+    target = table[n // 2]
+    for flip in range(FLIPS):
+        to = b if flip % 2 == 0 else a
+        shape = dataclasses.replace(target, endpoints=(to.endpoint,))
+        started = time.perf_counter()
+        await publisher.publish(timed_update(builder, {shape.name: shape}, []))
+        snapshot = cache.snapshot()
+        assert snapshot is not None and snapshot.changes is not None
+        flips.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        changed = snapshot.changes[types.ENDPOINT].changed
+        resources = snapshot.of_type(types.ENDPOINT)
+        DeltaDiscoveryResponse(
+            system_version_info=str(snapshot.version), type_url=types.ENDPOINT, nonce="1",
+            resources=[ResourceMessage(name=name, version=resources[name].version,
+                                       resource=resources[name].body)
+                       for name in sorted(changed)]).SerializeToString()
+        encodes.append(time.perf_counter() - started)
+    adds: list[float] = []
+    for k in range(ADDS):
+        new = service(f"svc-new-{k}", a.endpoint)
+        started = time.perf_counter()
+        await publisher.publish(timed_update(builder, {new.name: new}, []))
+        adds.append(time.perf_counter() - started)
+    print(f"{n:>8} {build_s:>8.2f} {mb(baseline):>8} {mb(after):>7} {mb(after - baseline):>7} "
+          f"{ms(med(flips)):>9} {ms(p99(flips)):>8} {ms(med(encodes)):>9} {ms(med(adds)):>8}",
+          flush=True)
+
+
+async def main_control_plane_only(sizes: list[int]) -> int:
+    print(f"xds_scale --control-plane-only: sizes {sizes}, no Envoy, {os.cpu_count()} CPUs")
+    print(f"{'services':>8} {'build s':>8} {'RSS0 MB':>8} {'RSS MB':>7} {'grew MB':>7} "
+          f"{'flip ms':>9} {'p99 ms':>8} {'encode ms':>9} {'add ms':>8}")
+    a, b = Backend("A"), Backend("B")
+    try:
+        await a.start()
+        await b.start()
+        for n in sizes:
+            await control_plane_only(n, a, b)
+    finally:
+        await a.stop()
+        await b.stop()
+    print(f"(flip: the control plane's work for one endpoint flip, median and p99 of {FLIPS}: "
+          "rebuild and check the service, stage deltas, the cache's new version; encode: "
+          "serializing the delta response a stream is sent; add: one new service, all stages, "
+          f"median of {ADDS}; RSS after gc, this process)")
+    return 0
 
 
 # --- report -----------------------------------------------------------------------------
@@ -618,6 +695,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--envoys", type=int, default=1, help="Envoys per size (default 1)")
     parser.add_argument("--protocols", default="delta,sotw",
                         help="comma-separated ADS variants (default delta,sotw)")
+    parser.add_argument("--control-plane-only", action="store_true",
+                        help="no Envoy: the control plane's build, memory and per-flip work "
+                             "at each size (e.g. --sizes 10000,50000)")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if not args.sizes or min(args.sizes) < 1 or args.envoys < 1:
@@ -630,4 +710,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 if __name__ == "__main__":
     options = parse_args(sys.argv[1:])
+    if options.control_plane_only:
+        sys.exit(asyncio.run(main_control_plane_only(options.sizes)))
     sys.exit(asyncio.run(main(options.sizes, options.envoys, options.protocols)))

@@ -32,10 +32,11 @@ class ServiceTable:
     """Records by service name, for the services of `catalog`."""
 
     def __init__(self, catalog: ServiceCatalog, store: Store, workloads: Workloads,
-                 clock: Clock, on_change: Callable[[], None] = lambda: None,
+                 clock: Clock, on_change: Callable[[str], None] = lambda name: None,
                  on_registered: Callable[[str, float], object] = lambda name, at: None) -> None:
-        """`on_change()`: a record came, went or changed (push). `on_registered(name,
-        created_at)`: a service joined the table (the collector keeps its statistics)."""
+        """`on_change(name)`: the record of service `name` came, went or changed (push).
+        `on_registered(name, created_at)`: a service joined the table (the collector keeps
+        its statistics)."""
         self.catalog = catalog
         self._store = store
         self._workloads = workloads
@@ -90,7 +91,7 @@ class ServiceTable:
         elif change.after is None:
             self.records.pop(change.name, None)
             metrics.forget_service(change.name)
-        self._changed_now()
+        self._changed_now(change.name)
 
     def apply(self, record: ServiceRecord) -> None:
         """A record changed (here, or in another process through the store): a newer
@@ -100,7 +101,7 @@ class ServiceTable:
             return
         self.records[record.name] = record
         metrics.set_service_state(record.name, record.state, record.recorded_replicas)
-        self._changed_now()
+        self._changed_now(record.name)
 
     async def wait_for(self, holds: Callable[[], bool], timeout: float) -> bool:
         """Wait until `holds()` is true of the table (checked at every change), at most
@@ -118,13 +119,13 @@ class ServiceTable:
                 return holds()
         return True
 
-    def endpoints_changed(self) -> None:
-        """Ready endpoints of some service changed (routing reads them from workloads)."""
-        self._changed_now()
+    def endpoints_changed(self, name: str) -> None:
+        """Ready endpoints of `name` changed (routing reads them from workloads)."""
+        self._changed_now(name)
 
-    def _changed_now(self) -> None:
+    def _changed_now(self, name: str) -> None:
         self._changed.set()
-        self._on_change()
+        self._on_change(name)
 
     def status(self, name: str, last_seen: float | None) -> ServiceStatus:
         """What `torpor status` shows of `name` (which must be in the table); `last_seen`:

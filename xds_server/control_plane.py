@@ -91,7 +91,7 @@ class ControlPlane:
         self.locks = locks or LocalLocks()
         self.collector = CallCollector(self.clock, self.catalog.hosts())
         self.table = ServiceTable(self.catalog, store, workloads, self.clock,
-                                  on_change=lambda: self.routing.mark_dirty(),
+                                  on_change=lambda name: self.routing.mark_dirty(name),
                                   on_registered=self.collector.ensure)
         reach = advertised_activator_host(config.activator)
         # Until a registry says otherwise: the activator of the config.
@@ -150,7 +150,7 @@ class ControlPlane:
         if self.registry is not None:
             await self.registry.follow(self.routing.on_activators)
         await self.table.ensure_all_running()
-        self.cache.set_resources(self.routing.desired())  # before the first stream arrives
+        self.routing.load()  # the desired state, before the first stream arrives
         self._tasks.append(asyncio.create_task(self.routing.run()))
         self.ports = await self._serve()
         # Read at each scrape, so it clears as soon as Envoy applies a newer config.

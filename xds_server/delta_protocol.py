@@ -18,6 +18,8 @@ import dataclasses
 import enum
 from collections.abc import Collection, Mapping
 
+import immutables
+
 from xds_server.cache import Changes, Resource
 
 #: The name that subscribes to (or, unsubscribed, leaves) every resource of a type.
@@ -82,7 +84,7 @@ def subscribe(current: Subscription | None, add: Collection[str], drop: Collecti
     return Subscription(wildcard=wildcard, names=frozenset(names))
 
 
-def known_versions(initial: Mapping[str, str]) -> dict[str, bytes]:
+def known_versions(initial: Mapping[str, str]) -> immutables.Map[str, bytes]:
     """What a reconnecting Envoy says it holds, as name -> digest. A version that is not a
     digest of ours (another control plane's, or garbage) maps to b"" and so never matches:
     that resource is sent again."""
@@ -92,7 +94,7 @@ def known_versions(initial: Mapping[str, str]) -> dict[str, bytes]:
             known[name] = bytes.fromhex(version)
         except ValueError:
             known[name] = b""
-    return known
+    return immutables.Map(known)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,28 +141,47 @@ def updates_from_changes(change: Changes, resources: Mapping[str, Resource],
     return DeltaUpdate(changed=changed, removed=removed)
 
 
-def held_after(sent: Mapping[str, bytes], subscription: Subscription) -> dict[str, bytes]:
+Held = immutables.Map[str, bytes]  # what a stream holds: name -> digest
+
+
+def held_after(sent: Held, subscription: Subscription) -> Held:
     """What the stream still holds (as far as we must track) after its subscription
     changed: Envoy drops an unsubscribed resource itself, and resubscribing means it must
     be sent again."""
     if subscription.wildcard:
-        return dict(sent)
-    return {name: digest for name, digest in sent.items() if subscription.wants(name)}
+        return sent
+    gone = [name for name in sent if not subscription.wants(name)]
+    return _without(sent, gone)
 
 
-def applied(held: Mapping[str, bytes], update: DeltaUpdate) -> dict[str, bytes]:
-    """What the stream holds once it applied `update` on top of `held`."""
-    out = {name: digest for name, digest in held.items() if name not in update.removed}
-    out.update({r.name: r.digest for r in update.changed})
-    return out
+def applied(held: Held, update: DeltaUpdate) -> Held:
+    """What the stream holds once it applied `update` on top of `held`: in proportion to
+    the update (a persistent map), not to what the stream holds."""
+    out = _without(held, update.removed).mutate()
+    for r in update.changed:
+        out[r.name] = r.digest
+    return out.finish()
 
 
-def rejected(held: Mapping[str, bytes], acked: Mapping[str, bytes],
-             update: DeltaUpdate) -> dict[str, bytes]:
+def rejected(held: Held, acked: Mapping[str, bytes], update: DeltaUpdate) -> Held:
     """What the stream is taken to hold after it rejected `update`: for every name the
     update touched, what it last acknowledged (Envoy keeps its last good config; sending
     a resource it holds already again is harmless, missing one is not)."""
     touched = {r.name for r in update.changed} | set(update.removed)
-    out = {name: digest for name, digest in held.items() if name not in touched}
-    out.update({name: acked[name] for name in touched if name in acked})
-    return out
+    out = held.mutate()
+    for name in touched:
+        if name in acked:
+            out[name] = acked[name]
+        elif name in out:
+            del out[name]
+    return out.finish()
+
+
+def _without(held: Held, names: Collection[str]) -> Held:
+    if not names:
+        return held
+    out = held.mutate()
+    for name in names:
+        if name in out:
+            del out[name]
+    return out.finish()

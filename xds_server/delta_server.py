@@ -84,7 +84,7 @@ class DeltaAds:
             # The first request for the type: what a reconnecting Envoy holds already.
             ts = DeltaTypeState(subscribed=None)
             ts.sent = delta_protocol.known_versions(request.initial_resource_versions)
-            ts.acked = dict(ts.sent)
+            ts.acked = ts.sent
             stream.types[type_url] = ts
             current = None
         else:
@@ -204,6 +204,7 @@ def _forget_endpoints_of_changed_clusters(stream: EnvoyStream, cds: DeltaTypeSta
     for resource in update.changed:
         previous = cds.sent.get(resource.name)
         if previous is not None and previous != resource.digest:
-            eds.sent.pop(resource.name, None)
+            if resource.name in eds.sent:
+                eds.sent = eds.sent.delete(resource.name)
             if isinstance(eds, DeltaTypeState):
                 eds.clean_version = None

@@ -29,8 +29,9 @@ client gets the error instead.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import immutables
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import (
@@ -57,7 +58,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from torpor.edge import EdgeLimits
 from torpor.model import Endpoint
 from xds_server import types
-from xds_server.cache import Resource
+from xds_server.cache import Desired, Resource
 
 LISTENER_NAME = "torpor_http"
 ROUTE_CONFIG_NAME = "torpor_routes"
@@ -110,6 +111,11 @@ class GatewaySettings:
         object.__setattr__(self, "activators_h2", _endpoint_set(self.activators_h2))
 
 
+def _route_key(service: RoutedService) -> tuple[str, bool]:
+    """What of a service its virtual host is built from (an endpoint flip changes none)."""
+    return service.host, service.retry_non_idempotent
+
+
 @dataclasses.dataclass(frozen=True)
 class RoutedService:
     """One service as Envoy sees it: its Host, and where its cluster's traffic goes now."""
@@ -123,24 +129,36 @@ class RoutedService:
 
 
 class ResourceBuilder:
-    """Builds the resource maps for a service table, reusing what did not change."""
+    """Builds the resource maps for a service table, reusing what did not change.
+
+    Incremental: `update` takes the services that changed (a flip: one), `desired` hands
+    out the whole config as persistent maps together with the names touched since the
+    last hand-out, so that a push costs what changed, not the size of the table. `build`
+    is the whole-table form (first load, tests)."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        self._shapes: dict[str, RoutedService] = {}  # what is built now, by name
         # name -> (host and retry choice it was built for, its VirtualHost)
         self._vhosts: dict[str, tuple[tuple[str, bool], route_components_pb2.VirtualHost]] = {}
         self._clusters: dict[str, tuple[bool, Resource]] = {}
         # name -> (endpoints it was built for, its ClusterLoadAssignment)
         self._endpoints: dict[str, tuple[tuple[Endpoint, ...], Resource]] = {}
-        # The RouteConfiguration is ~290 bytes per service (2.8 MB at 10k): rebuilt and
-        # re-hashed only when the (name, host) list changes, not on endpoint flips.
-        self._routes: tuple[tuple[tuple[str, str, bool], ...], Resource] | None = None
         self._static = {
             types.LISTENER: {LISTENER_NAME: Resource.pack(LISTENER_NAME, self._listener())},
         }
         # The activator cluster never changes (EDS); the activator set lives in its CLA.
         self._activator = Resource.pack(ACTIVATOR_CLUSTER, self._activator_cluster())
         self._activator_endpoints = self._activator_load_assignment()
+        self._maps: dict[str, immutables.Map[str, Resource]] = {
+            types.CLUSTER: immutables.Map({ACTIVATOR_CLUSTER: self._activator}),
+            types.ENDPOINT: immutables.Map({ACTIVATOR_CLUSTER: self._activator_endpoints}),
+            types.LISTENER: immutables.Map(self._static[types.LISTENER]),
+            types.ROUTE: immutables.Map(),
+        }
+        self._touched: dict[str, set[str]] = {t: set() for t in self._maps}
+        self._routes_stale = True
+        self._handed_out = False  # before the first hand-out nothing is known to Envoy
 
     def set_activators(self, http1: tuple[Endpoint, ...], h2: tuple[Endpoint, ...]) -> bool:
         """Replace the activator replicas (fleet mode: they come and go). True if the set
@@ -154,6 +172,7 @@ class ResourceBuilder:
         self.settings = new
         if http1_changed:
             self._activator_endpoints = self._activator_load_assignment()
+            self._put(types.ENDPOINT, {ACTIVATOR_CLUSTER: self._activator_endpoints})
         return True
 
     def activator_targets(self, http2: bool) -> tuple[Endpoint, ...]:
@@ -164,40 +183,79 @@ class ResourceBuilder:
             return s.activators_h2
         return s.activators
 
-    def build(self, services: Iterable[RoutedService]) -> dict[str, dict[str, Resource]]:
-        """Every resource type for this service table (services sorted by name)."""
-        ordered = sorted(services, key=lambda s: s.name)
-        clusters = {ACTIVATOR_CLUSTER: self._activator}
-        endpoints = {ACTIVATOR_CLUSTER: self._activator_endpoints}
-        for svc in ordered:
-            clusters[svc.name] = self._cluster(svc.name, svc.http2)
-            endpoints[svc.name] = self._load_assignment(svc.name, svc.endpoints)
-        routes = self._route_config(ordered)
-        self._prune({s.name for s in ordered})
-        return {
-            types.CLUSTER: clusters,
-            types.ENDPOINT: endpoints,
-            types.LISTENER: dict(self._static[types.LISTENER]),
-            types.ROUTE: {ROUTE_CONFIG_NAME: routes},
-        }
+    def build(self, services: Iterable[RoutedService]) -> Mapping[str, Mapping[str, Resource]]:
+        """Every resource type for exactly this service table (the first load, tests)."""
+        new = {s.name: s for s in services}
+        gone: dict[str, RoutedService | None] = {n: None for n in self._shapes if n not in new}
+        self.update({**gone, **new})
+        return self.desired().resources
 
-    def _route_config(self, ordered: list[RoutedService]) -> Resource:
-        key = tuple((s.name, s.host, s.retry_non_idempotent) for s in ordered)
-        if self._routes is None or self._routes[0] != key:
-            routes = route_pb2.RouteConfiguration(
-                name=ROUTE_CONFIG_NAME,
-                virtual_hosts=[*(self._vhost(n, h, r) for n, h, r in key), self._catch_all()],
-            )
-            self._routes = (key, Resource.pack(ROUTE_CONFIG_NAME, routes))
-        return self._routes[1]
+    def update(self, services: Mapping[str, RoutedService | None]) -> None:
+        """Rebuild the resources of these services (None: the service left the table);
+        every other service's resources are kept as they are."""
+        clusters: dict[str, Resource | None] = {}
+        endpoints: dict[str, Resource | None] = {}
+        for name, svc in services.items():
+            old = self._shapes.get(name)
+            if svc is None:
+                if old is not None:
+                    del self._shapes[name]
+                    self._forget(name)
+                    clusters[name] = endpoints[name] = None
+                    self._routes_stale = True
+                continue
+            self._shapes[name] = svc
+            clusters[name] = self._cluster(name, svc.http2)
+            endpoints[name] = self._load_assignment(name, svc.endpoints)
+            if old is None or _route_key(old) != _route_key(svc):
+                self._routes_stale = True
+        self._put(types.CLUSTER, clusters)
+        self._put(types.ENDPOINT, endpoints)
 
-    def _prune(self, names: set[str]) -> None:
-        """Drop cached protos of services that left the table (memory at 10k churn)."""
-        if len(self._clusters) <= len(names) and len(self._vhosts) <= len(names):
+    def desired(self) -> Desired:
+        """The whole config now, and the names touched since the last hand-out (None on
+        the first: everything is new)."""
+        if self._routes_stale:
+            self._put(types.ROUTE, {ROUTE_CONFIG_NAME: self._route_config()})
+            self._routes_stale = False
+        touched = {t: frozenset(names) for t, names in self._touched.items()} \
+            if self._handed_out else None
+        for names in self._touched.values():
+            names.clear()
+        self._handed_out = True
+        return Desired(dict(self._maps), touched)
+
+    def _put(self, type_url: str, resources: Mapping[str, Resource | None]) -> None:
+        """Set (None: remove) resources of one type, remembering their names as touched."""
+        if not resources:
             return
-        self._vhosts = {k: v for k, v in self._vhosts.items() if k in names}
-        self._clusters = {k: v for k, v in self._clusters.items() if k in names}
-        self._endpoints = {k: v for k, v in self._endpoints.items() if k in names}
+        m = self._maps[type_url].mutate()
+        for name, resource in resources.items():
+            if resource is None:
+                if name in m:
+                    del m[name]
+            elif m.get(name) is not resource:
+                m[name] = resource
+            else:
+                continue
+            self._touched[type_url].add(name)
+        self._maps[type_url] = m.finish()
+
+    def _route_config(self) -> Resource:
+        """The one RouteConfiguration: every service's virtual host, by name, then the
+        catch-all. Rebuilt only when a host (or route choice) came, went or changed."""
+        routes = route_pb2.RouteConfiguration(
+            name=ROUTE_CONFIG_NAME,
+            virtual_hosts=[*(self._vhost(s.name, s.host, s.retry_non_idempotent)
+                             for _, s in sorted(self._shapes.items())), self._catch_all()],
+        )
+        return Resource.pack(ROUTE_CONFIG_NAME, routes)
+
+    def _forget(self, name: str) -> None:
+        """Drop the cached protos of a service that left the table (memory at 10k churn)."""
+        self._vhosts.pop(name, None)
+        self._clusters.pop(name, None)
+        self._endpoints.pop(name, None)
 
     # --- per service ----------------------------------------------------------------
 

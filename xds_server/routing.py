@@ -24,8 +24,8 @@ from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState
 from torpor.service_table import ServiceTable
 from torpor.workloads.base import Workloads
-from xds_server.cache import SnapshotCache
-from xds_server.publisher import Publisher, Resources
+from xds_server.cache import Desired, SnapshotCache
+from xds_server.publisher import Publisher
 from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
 from xds_server.server import AdsServer
 
@@ -63,23 +63,48 @@ class EnvoyRouting:
         self._configured_activator = configured_activator
         self._confirm_timeout = confirm_timeout
         self._dirty = asyncio.Event()
+        # Services whose inputs changed since the last build (a flip: one), or every one.
+        self._dirty_names: set[str] = set()
+        self._all_dirty = True
+        self._routed: dict[str, RoutedService] = {}  # what the builder was given last
         # Every held HTTP/2 stream of a service waits for the same confirmation: one wait
         # and one push per service, not one build of the whole config per stream.
         self._confirming: SingleFlight[None] = SingleFlight()
 
-    def desired(self) -> Resources:
-        return self.builder.build(self._routed_services())
+    def desired(self) -> Desired:
+        """The config for the table as it is now, rebuilt for the services marked dirty
+        since the last call (all of them after `mark_dirty()` without a name)."""
+        if self._all_dirty:
+            names = {s.name for s in self._table.catalog.services()} | set(self._routed)
+        else:
+            names = self._dirty_names
+        self._all_dirty, self._dirty_names = False, set()
+        changed: dict[str, RoutedService | None] = {}
+        for name in names:
+            shape = self._routed_service(name)
+            if shape != self._routed.get(name):
+                changed[name] = shape
+                if shape is None:
+                    self._routed.pop(name, None)
+                else:
+                    self._routed[name] = shape
+        self.builder.update(changed)
+        return self.builder.desired()
 
-    def _routed_services(self) -> list[RoutedService]:
-        services = []
-        for service in self._table.catalog.services():
-            record = self._table.records.get(service.name)
-            if record is not None and routed(record.state):
-                services.append(RoutedService(service.name, service.host,
-                                              self._target(service, record),
-                                              http2=service.protocol == "http2",
-                                              retry_non_idempotent=service.retry_non_idempotent))
-        return services
+    def load(self) -> None:
+        """Put the table's config in the cache before any Envoy connects (a stream must
+        never see an empty snapshot: Envoy would drop its routes)."""
+        self._publisher.load(self.desired())
+
+    def _routed_service(self, name: str) -> RoutedService | None:
+        """How Envoy must see `name` now; None when it is not routed (evicted, gone)."""
+        service = self._table.catalog.get(name)
+        record = self._table.records.get(name)
+        if service is None or record is None or not routed(record.state):
+            return None
+        return RoutedService(service.name, service.host, self._target(service, record),
+                             http2=service.protocol == "http2",
+                             retry_non_idempotent=service.retry_non_idempotent)
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
         """Ready replicas of a service routed to them; otherwise the activator, which holds
@@ -92,8 +117,13 @@ class EnvoyRouting:
 
     # --- pushing ----------------------------------------------------------------------
 
-    def mark_dirty(self) -> None:
-        """Something the resources depend on changed: the sync loop pushes soon."""
+    def mark_dirty(self, name: str | None = None) -> None:
+        """Something the resources depend on changed: of service `name` only, or (None)
+        of any service. The sync loop pushes soon."""
+        if name is None:
+            self._all_dirty = True
+        else:
+            self._dirty_names.add(name)
         self._dirty.set()
 
     async def push(self) -> bool:
@@ -148,7 +178,7 @@ class EnvoyRouting:
                 self._workloads.running_replicas(name))
         event(log, "service.endpoints", service=name,
               ready=[str(e) for e in endpoints])
-        self._table.endpoints_changed()
+        self._table.endpoints_changed(name)
 
     def on_activators(self, activators: dict[str, Activator]) -> None:
         """The registered activator replicas changed: they become the endpoints of the

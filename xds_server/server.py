@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TypeVar
 
 import grpc
+import immutables
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
@@ -47,8 +48,10 @@ class TypeState:
     """What one stream asked for and was sent, for one resource type."""
 
     subscribed: set[str] | None  # None: wildcard (CDS, LDS)
-    sent: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> digest
-    acked: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    # name -> digest, persistent maps: an ACK takes what was sent as is, and a response
+    # adds what it carried, in proportion to that, not to what the stream holds.
+    sent: immutables.Map[str, bytes] = dataclasses.field(default_factory=immutables.Map)
+    acked: immutables.Map[str, bytes] = dataclasses.field(default_factory=immutables.Map)
     last_nonce: str | None = None
     awaiting: bool = False  # the last response awaits its ACK/NACK
     sent_version: int = 0
@@ -59,7 +62,7 @@ class TypeState:
     def acknowledged(self) -> None:
         """Envoy applied the response awaiting its answer: what was sent is what it holds,
         and no rejection stands any more (both ADS variants)."""
-        self.acked = dict(self.sent)
+        self.acked = self.sent
         self.awaiting = False
         self.nacked_version = None
         self.last_error = None
@@ -250,7 +253,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         """Envoy rejected our last response and keeps its last good config: remember that
         the rejected version must not be sent again, and go back to what it applied."""
         ts.awaiting = False
-        ts.sent = dict(ts.acked)
+        ts.sent = ts.acked
         self.report_rejection(stream, ts, type_url, request.error_detail.message,
                               request.version_info)
 
@@ -292,7 +295,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             if ts.nacked_version is not None and snapshot.version <= ts.nacked_version:
                 continue
             if ts.subscribed is not None:
-                ts.sent = {n: d for n, d in ts.sent.items() if n in ts.subscribed}
+                ts.sent = immutables.Map(
+                    {n: d for n, d in ts.sent.items() if n in ts.subscribed})
             resources = snapshot.of_type(type_url)
             due = updates_for(resources, ts.sent, ts.subscribed)
             if due is None:
@@ -311,9 +315,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                  due: list[Resource]) -> DiscoveryResponse:
         nonce = self.next_nonce()
         if ts.subscribed is None:
-            ts.sent = {r.name: r.digest for r in due}
+            ts.sent = immutables.Map({r.name: r.digest for r in due})
         else:
-            ts.sent.update({r.name: r.digest for r in due})
+            ts.sent = ts.sent.update({r.name: r.digest for r in due})
         ts.awaiting = True
         ts.last_nonce = nonce
         ts.sent_version = version
@@ -361,7 +365,8 @@ def _forget_endpoints_of_changed_clusters(
     for resource in due:
         previous = cds.sent.get(resource.name)
         if previous is not None and previous != resource.digest:
-            eds.sent.pop(resource.name, None)
+            eds.sent = eds.sent.delete(resource.name) if resource.name in eds.sent \
+                else eds.sent
 
 
 async def serve_stream(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import immutables
 import pytest
 from google.protobuf import wrappers_pb2
 
@@ -29,8 +30,8 @@ def res(name: str, value: str = "v1") -> Resource:
     return Resource.pack(name, wrappers_pb2.StringValue(value=value))
 
 
-def digests(*resources: Resource) -> dict[str, bytes]:
-    return {r.name: r.digest for r in resources}
+def digests(*resources: Resource) -> immutables.Map[str, bytes]:
+    return immutables.Map({r.name: r.digest for r in resources})
 
 
 # --- classify -------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_subscribe(current: Subscription | None, add: list[str], drop: list[str]
 
 def test_known_versions_are_digests_and_foreign_ones_never_match() -> None:
     a = res("a")
-    assert known_versions({"a": a.version, "b": "v17", "c": ""}) == {
+    assert dict(known_versions({"a": a.version, "b": "v17", "c": ""})) == {
         "a": a.digest, "b": b"", "c": b""}
 
 
@@ -152,7 +153,7 @@ def test_applied_then_rejected_goes_back_to_what_was_acknowledged() -> None:
     # Rejected: every touched name back at its acknowledged digest; a new one is not held.
     assert rejected(after, acked, update) == acked
     # An untouched name keeps what it holds.
-    assert rejected({**after, "d": b"d"}, acked, update) == {**acked, "d": b"d"}
+    assert rejected(after.set("d", b"d"), acked, update) == acked.set("d", b"d")
 
 
 @pytest.mark.parametrize("seed", range(40))
