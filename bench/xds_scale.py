@@ -342,6 +342,7 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
                 first = builder.build(table)
                 res.build_s = time.perf_counter() - started
                 snapshot = publisher.load(Desired(first))  # desired state before any stream
+                gc.freeze()  # as the control plane does after its first load
                 server, xds_port = await start_xds_listener(f"{LOOPBACK}:0", ads,
                                                             CallCollector())
                 envoys = Envoys(Path(tmp), envoy_count, xds_port, protocol)
@@ -520,6 +521,7 @@ async def control_plane_only(n: int, a: Backend, b: Backend) -> None:
     started = time.perf_counter()
     publisher.load(Desired(builder.build(table)))
     build_s = time.perf_counter() - started
+    gc.freeze()  # as the control plane does after its first load
     gc.collect()
     after = rss_kb()
     flips: list[float] = []

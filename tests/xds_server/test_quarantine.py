@@ -169,3 +169,36 @@ def test_envoy_words_drop_the_dump_of_the_resource() -> None:
     assert envoy_words("Proto constraint validation failed (X): " + dump).startswith(
         "Proto constraint validation failed (X) (Envoy's message is a dump")
     assert len(envoy_words("x" * 5000)) == 400
+
+
+def test_a_domain_freed_by_one_service_lets_the_clashing_one_in_without_touching_it() -> None:
+    """Service by service: `b` asks for `a`'s host and is quarantined naming `a`; when
+    `a` moves to another host (only `a` changes), `b` gets the host in that same build."""
+    builder = QuarantineBuilder(SETTINGS)
+    builder.build([svc("a", "x.test"), svc("b", "x.test")])
+    assert "already served by 'a'" in (builder.problem("b") or "")
+    builder.update({"a": svc("a", "y.test")})
+    built = builder.desired()
+    assert builder.problem("b") is None
+    config = route_pb2.RouteConfiguration()
+    assert built.resources[types.ROUTE][ROUTE_CONFIG_NAME].body.Unpack(config)
+    owners = {d: v.name for v in config.virtual_hosts for d in v.domains}
+    assert owners["x.test"] == "b" and owners["y.test"] == "a"
+
+
+def test_incremental_admission_equals_a_fresh_one() -> None:
+    """Whatever order services came in, one at a time, the published set and the
+    quarantined set are those a fresh builder gives the final table in one build."""
+    table = {f"s{i}": svc(f"s{i}", f"h{i % 3}.test") for i in range(6)}
+    table["bad"] = svc("bad", None, Endpoint("pod.svc", 80))  # EDS needs an IP address
+    builder = QuarantineBuilder(SETTINGS)
+    builder.build([])
+    for name in ["s0", "bad", "s3", "s1", "s4", "s2", "s5"]:
+        builder.update({name: table[name]})
+    builder.update({"s0": None})
+    del table["s0"]
+    incremental = builder.desired().resources
+    fresh = QuarantineBuilder(SETTINGS)
+    full = fresh.build(sorted(table.values(), key=lambda s: s.name))
+    assert set(builder.quarantined()) == set(fresh.quarantined()) == {"bad", "s4", "s5"}
+    assert set(incremental[types.CLUSTER]) == set(full[types.CLUSTER])
