@@ -29,10 +29,12 @@ from activator.answers import (
     unknown_host,
     upstream_failed,
 )
+from activator.async_calls import AsyncCalls
 from activator.holding import Holding, Lookup, Ready
 from activator.proxy import Proxy, ProxyError
 from activator.waking_page import WAKING_HEADER, WakeView, render, wants_waking_page
 from torpor import metrics
+from torpor.async_calls import call_id_of, wants_async
 from torpor.lifecycle.ports import WakeProgress, Wakes
 from torpor.logs import event
 from torpor.model import Endpoint
@@ -105,11 +107,12 @@ class ActivatorHandler:
     a browser's page request to a sleeping service gets the waking page at once."""
 
     def __init__(self, lookup: Lookup, holding: Holding, proxy: Proxy,
-                 wakings: Wakings | None = None) -> None:
+                 wakings: Wakings | None = None, calls: AsyncCalls | None = None) -> None:
         self._lookup = lookup
         self._holding = holding
         self._proxy = proxy
         self._wakings = wakings
+        self._calls = calls
         self._turn = itertools.count()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -136,6 +139,12 @@ class ActivatorHandler:
             event(log, "activator.unknown_host", host=host, path=request.path)
             return json_answer(unknown_host(host), host=host)
         name = service.name
+        if self._calls is not None:
+            call_id = call_id_of(request.path)
+            if call_id is not None and request.method in ("GET", "HEAD"):
+                return self._calls.status(call_id, name)
+            if wants_async(request.headers) and not self._holding.draining:
+                return await self._calls.submit(request, name)
         if (self._wakings is not None and service.waking_page and not self._holding.draining
                 and wants_waking_page(request.method, request.headers)):
             page = await self._waking_page(name)

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from activator.async_calls import AsyncCalls, ResultSpool
 from activator.edge_server import EdgeAppRunner
 from activator.h2_holder import H2Holder
 from activator.handler import ActivatorHandler, Wakings, make_app
@@ -60,6 +61,7 @@ class ActivatorServer:
         self.port_h2 = 0
         self._runner: web.AppRunner | None = None
         self._proxy = Proxy()
+        self._calls: AsyncCalls | None = None
         self.held = HeldRequests(config.activator.max_held_per_service,
                                  config.activator.max_held)
         self.port = 0
@@ -73,7 +75,13 @@ class ActivatorServer:
         lookup = ServiceLookup(self._catalog.by_host, self._on_miss)
         holding = Holding(self.held, self._waker, self._config.activator.wake_timeout,
                           self._clock, self._on_held)
-        handler = ActivatorHandler(lookup, holding, self._proxy, self._wakings())
+        activator = self._config.activator
+        self._calls = AsyncCalls(
+            ResultSpool(activator.async_spool or self._config.log_dir() / "async",
+                        activator.async_result_ttl, activator.async_max_calls),
+            holding, activator.async_max_bytes)
+        await self._calls.start()
+        handler = ActivatorHandler(lookup, holding, self._proxy, self._wakings(), self._calls)
         self._handler, self._holding = handler, holding
         # Parser limits from the edge limits Envoy's listener has too (torpor/edge.py).
         self._runner = EdgeAppRunner(make_app(handler), self._config.gateway.edge,
@@ -174,6 +182,9 @@ class ActivatorServer:
         return idle.done() and not idle.cancelled()
 
     async def stop(self) -> None:
+        if self._calls is not None:
+            await self._calls.stop()
+            self._calls = None
         if self._h2 is not None:
             await self._h2.stop()
             self._h2 = None

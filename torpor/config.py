@@ -159,6 +159,13 @@ class ActivatorConfig:
     # The waking page's HTML (services' `waking_page`): a file with $service, $progress,
     # $elapsed, $typical and $refresh; default: torpor's own page.
     waking_page_template: Path | None = None
+    # Asynchronous calls (Prefer: respond-async): where they are kept (default: the
+    # folder `async` among torpor's logs), the largest request or result body kept, how
+    # long a result waits to be fetched, and how many calls are kept at once.
+    async_spool: Path | None = None
+    async_max_bytes: int = 10 * 1024 * 1024
+    async_result_ttl: float = 3600.0
+    async_max_calls: int = 10_000
     # The host Envoy reaches the activator at (an IP or a DNS name, e.g. the activator's
     # Kubernetes Service); default: the listen host. Ports are the listen ports.
     advertise: str | None = None
@@ -785,6 +792,10 @@ _ACTIVATOR = _Schema(
         "drain_grace": _Field(_duration()),
         "waking_page_template": _Field(_path),
         "advertise": _Field(_advertised_host),
+        "async_spool": _Field(_path),
+        "async_max_bytes": _Field(_integer(1, 1024 * 1024 * 1024)),
+        "async_result_ttl": _Field(_duration(positive=True)),
+        "async_max_calls": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
     },
 )
 #: The store's keys depend on its kind, so that `path` under etcd is an error, not ignored.

@@ -122,6 +122,11 @@ DISCOVERY_ERRORS = Gauge(
     "1 while a labelled Deployment cannot become a service (bad annotations, name or host "
     "clash); it is left as it was", ["namespace", "deployment"],
 )
+ASYNC_CALLS = Counter(
+    "torpor_activator_async_calls",
+    "Asynchronous calls (Prefer: respond-async) by outcome: accepted, done, failed",
+    ["service", "outcome"],
+)
 PROXY_ERRORS = Counter(
     "torpor_activator_proxy_errors", "Held requests the activator could not proxy", ["service"]
 )

@@ -55,6 +55,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from torpor.async_calls import PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH
 from torpor.edge import EdgeLimits
 from torpor.model import Endpoint
 from xds_server import types
@@ -298,16 +299,31 @@ class ResourceBuilder:
 
     def _routes_to(self, name: str, cluster: str,
                    retry_non_idempotent: bool) -> list[route_components_pb2.Route]:
-        """One route replaying after a reset for every method (the service opted in), or
-        two: idempotent methods with it, the others (POST, PATCH, ...) without it."""
+        """Asynchronous calls first (`_async_routes`); then one route replaying after a
+        reset for every method (the service opted in), or two: idempotent methods with
+        it, the others (POST, PATCH, ...) without it."""
+        # The catch-all reaches the activator with every request anyway.
+        first = self._async_routes(name) if cluster != ACTIVATOR_CLUSTER else []
         if retry_non_idempotent:
-            return [self._route(name, cluster, RESET_RETRY_ON)]
+            return [*first, self._route(name, cluster, RESET_RETRY_ON)]
         idempotent = self._route(f"{name}/idempotent", cluster, RESET_RETRY_ON)
         idempotent.match.headers.append(route_components_pb2.HeaderMatcher(
             name=":method",
             string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(
                 regex="|".join(IDEMPOTENT_METHODS)))))
-        return [idempotent, self._route(name, cluster, SAFE_RETRY_ON)]
+        return [*first, idempotent, self._route(name, cluster, SAFE_RETRY_ON)]
+
+    def _async_routes(self, name: str) -> list[route_components_pb2.Route]:
+        """A call with `Prefer: respond-async` and the status of such calls go to the
+        activator, which answers 202 at once and runs the call (asleep or awake). Only
+        the connection-level retries: a call accepted is never made twice."""
+        status = self._route(f"{name}/async-status", ACTIVATOR_CLUSTER, SAFE_RETRY_ON)
+        status.match.prefix = STATUS_PATH
+        submit = self._route(f"{name}/async", ACTIVATOR_CLUSTER, SAFE_RETRY_ON)
+        submit.match.headers.append(route_components_pb2.HeaderMatcher(
+            name=PREFER_HEADER, string_match=string_pb2.StringMatcher(
+                contains=RESPOND_ASYNC, ignore_case=True)))
+        return [status, submit]
 
     def _route(self, route_name: str, cluster: str, retry_on: str) -> route_components_pb2.Route:
         """A route that survives a cold start: long timeout, retries on another host.

@@ -134,10 +134,10 @@ def test_one_vhost_per_service_sorted_then_the_catch_all_last(
         (CATCH_ALL_VHOST, ["*"]),
     ]
     for vhost in config.virtual_hosts:
-        idempotent, other = vhost.routes
+        idempotent, other = main_routes(vhost)
         assert [idempotent.name, other.name] == [f"{vhost.name}/idempotent", vhost.name]
         target = ACTIVATOR_CLUSTER if vhost.name == CATCH_ALL_VHOST else vhost.name
-        for route in vhost.routes:
+        for route in main_routes(vhost):
             assert route.match.prefix == "/"
             assert route.route.cluster == target
         (method,) = idempotent.match.headers
@@ -149,12 +149,38 @@ def test_one_vhost_per_service_sorted_then_the_catch_all_last(
 SAFE = {"connect-failure", "refused-stream", "reset-before-request", "retriable-headers"}
 
 
+def main_routes(vhost: route_components_pb2.VirtualHost) -> list[route_components_pb2.Route]:
+    """A virtual host's routes to its service (without those of asynchronous calls)."""
+    return [r for r in vhost.routes if not r.name.endswith(("/async", "/async-status"))]
+
+
+def test_asynchronous_calls_and_their_status_go_to_the_activator_first(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    """Every service's virtual host starts with two routes to the activator: the status
+    path of asynchronous calls, and any request that prefers an asynchronous answer;
+    neither replays after a reset (an accepted call is never made twice)."""
+    for vhost in route_config(built).virtual_hosts:
+        if vhost.name == CATCH_ALL_VHOST:
+            assert [r.name for r in vhost.routes] == [f"{CATCH_ALL_VHOST}/idempotent",
+                                                      CATCH_ALL_VHOST]
+            continue
+        status, submit = vhost.routes[:2]
+        assert status.match.prefix == "/.torpor/async/"
+        (prefer,) = submit.match.headers
+        assert (prefer.name, prefer.string_match.contains) == ("prefer", "respond-async")
+        assert prefer.string_match.ignore_case
+        for route in (status, submit):
+            assert route.route.cluster == ACTIVATOR_CLUSTER
+            assert set(route.route.retry_policy.retry_on.split(",")) == SAFE
+
+
 def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
     built: dict[str, dict[str, Resource]],
 ) -> None:
     for vhost in route_config(built).virtual_hosts:
         retry_on = []
-        for route in vhost.routes:
+        for route in main_routes(vhost):
             action: route_components_pb2.RouteAction = route.route
             assert action.HasField("timeout")
             assert action.timeout.ToNanoseconds() == int(SETTINGS.route_timeout * 1e9)
@@ -180,16 +206,16 @@ def test_a_service_that_opts_in_replays_every_method_after_a_reset() -> None:
     opted = RoutedService("opted", "opted.localhost", ECHO.endpoints, retry_non_idempotent=True)
     built = ResourceBuilder(SETTINGS).build([opted, ECHO])
     vhosts = {v.name: v for v in route_config(built).virtual_hosts}
-    (route,) = vhosts["opted"].routes
+    (route,) = main_routes(vhosts["opted"])
     assert not route.match.headers
     assert set(route.route.retry_policy.retry_on.split(",")) == SAFE | {"reset"}
-    assert len(vhosts["echo"].routes) == 2
+    assert len(main_routes(vhosts["echo"])) == 2
     # Opting out again rebuilds the virtual host (it is cached per service).
     builder = ResourceBuilder(SETTINGS)
     builder.build([opted])
     again = builder.build([dataclasses.replace(opted, retry_non_idempotent=False)])
     (vhost,) = (v for v in route_config(again).virtual_hosts if v.name == "opted")
-    assert len(vhost.routes) == 2
+    assert len(main_routes(vhost)) == 2
 
 
 def test_every_vhost_buffers_request_bodies_up_to_the_retry_limit(
