@@ -243,6 +243,19 @@ class ServicePolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RateLimitConfig:
+    """Requests per second one service takes through the gateway (Envoy's token bucket:
+    `burst` tokens, refilled at `requests_per_second`); the rest are answered 429."""
+
+    requests_per_second: int
+    burst: int | None = None  # default: one second's worth
+
+    @property
+    def bucket(self) -> int:
+        return self.burst if self.burst is not None else self.requests_per_second
+
+
+@dataclasses.dataclass(frozen=True)
 class WakeConfig:
     # Flip a waking service's traffic back to its replicas once the first one is ready
     # (fastest answer) or once all recorded replicas are (no burst on one replica).
@@ -308,6 +321,10 @@ class ServiceConfig:
     # says it is waking and reloads itself until the service answers; false: held like
     # any other request.
     waking_page: bool = True
+    # Enforced by Envoy, answered 429 + Retry-After: requests per second (with a burst),
+    # and requests in flight at once (to the replicas, or held while it sleeps).
+    rate_limit: RateLimitConfig | None = None
+    max_concurrent: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -889,6 +906,13 @@ _SERVICE_POLICY = _Schema(
         "prewake": _Field(_boolean),
     },
 )
+_RATE_LIMIT = _Schema(
+    RateLimitConfig,
+    {
+        "requests_per_second": _Field(_integer(1, 1_000_000), _REQUIRED),
+        "burst": _Field(_integer(1, 10_000_000)),
+    },
+)
 _WAKE = _Schema(WakeConfig, {"flip_when": _Field(_choice("first_ready", "all_ready"))})
 _LIVENESS = _Schema(
     LivenessConfig,
@@ -940,6 +964,8 @@ _SERVICE = _Schema(
         "policy": _Field(_section(_SERVICE_POLICY)),
         "retry_non_idempotent": _Field(_boolean),
         "waking_page": _Field(_boolean),
+        "rate_limit": _Field(_section(_RATE_LIMIT)),
+        "max_concurrent": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
     },
 )
 _TOP_LEVEL_KEYS = (

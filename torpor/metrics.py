@@ -122,6 +122,12 @@ DISCOVERY_ERRORS = Gauge(
     "1 while a labelled Deployment cannot become a service (bad annotations, name or host "
     "clash); it is left as it was", ["namespace", "deployment"],
 )
+REQUESTS_LIMITED = Counter(
+    "torpor_requests_limited",
+    "Requests Envoy answered 429 by service and reason: rate (its rate_limit), "
+    "concurrency (its max_concurrent, or a full queue of held requests)",
+    ["service", "reason"],
+)
 ASYNC_CALLS = Counter(
     "torpor_activator_async_calls",
     "Asynchronous calls (Prefer: respond-async) by outcome: accepted, done, failed",

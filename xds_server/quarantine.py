@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import immutables
 
@@ -51,8 +52,9 @@ log = logging.getLogger("torpor.xds")
 
 #: Which fields of a RoutedService shape each resource type (what a rejection of that type
 #: can be blamed on, and what must change to leave quarantine).
-PARTS: Mapping[str, tuple[str, ...]] = {"cds": ("http2",), "eds": ("endpoints",),
-                                        "rds": ("host", "retry_non_idempotent")}
+PARTS: Mapping[str, tuple[str, ...]] = {
+    "cds": ("http2", "max_concurrent"), "eds": ("endpoints",),
+    "rds": ("host", "retry_non_idempotent", "rate_limit")}
 _TOKEN = re.compile(r"[A-Za-z0-9_.*:\-]+")
 
 
@@ -90,7 +92,7 @@ class QuarantineBuilder(ResourceBuilder):
 
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__(settings)
-        self._checked: dict[str, tuple[tuple[bytes, bytes, str, bool], dict[str, list[str]]]] = {}
+        self._checked: dict[str, tuple[tuple[Any, ...], dict[str, list[str]]]] = {}
         self._nacked: dict[str, Problem] = {}  # Envoy's verdicts, until the part changes
         self._quarantined: dict[str, Problem] = {}  # as of the last build
         self._wanted: dict[str, RoutedService] = {}  # every service as the table wants it
@@ -195,7 +197,7 @@ class QuarantineBuilder(ResourceBuilder):
         return chosen, quarantined
 
     def _domains_of(self, svc: RoutedService) -> list[str]:
-        return list(self._vhost(svc.name, svc.host, svc.retry_non_idempotent).domains)
+        return list(self._vhost(svc).domains)
 
     def _fallback(self, svc: RoutedService, problem: Problem) -> RoutedService | None:
         """`svc` with its last good values in the parts at fault, if that passes."""
@@ -214,12 +216,12 @@ class QuarantineBuilder(ResourceBuilder):
     def _validate(self, svc: RoutedService) -> Problem | None:
         """The validator's verdict on one service's cluster, endpoints and virtual host
         (cached by their digests: a 10k-service rebuild checks only what changed)."""
-        cluster = self._cluster(svc.name, svc.http2)
+        cluster = self._cluster(svc)
         cla = self._load_assignment(svc.name, svc.endpoints)
-        key = (cluster.digest, cla.digest, svc.host, svc.retry_non_idempotent)
+        key = (cluster.digest, cla.digest, svc.host, svc.retry_non_idempotent, svc.rate_limit)
         cached = self._checked.get(svc.name)
         if cached is None or cached[0] != key:
-            vhost = self._vhost(svc.name, svc.host, svc.retry_non_idempotent)
+            vhost = self._vhost(svc)
             found = {
                 "cds": validation.check_message(cluster.body, f"cluster {svc.name}"),
                 "eds": (validation.check_message(cla.body, f"endpoints of {svc.name}")

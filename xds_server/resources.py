@@ -46,6 +46,9 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import (
+    local_rate_limit_pb2 as local_ratelimit_pb2,
+)
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -53,6 +56,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from torpor.async_calls import PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH
@@ -112,9 +116,17 @@ class GatewaySettings:
         object.__setattr__(self, "activators_h2", _endpoint_set(self.activators_h2))
 
 
-def _route_key(service: RoutedService) -> tuple[str, bool]:
+RouteKey = tuple[str, bool, "tuple[int, int] | None"]
+
+
+def _route_key(service: RoutedService) -> RouteKey:
     """What of a service its virtual host is built from (an endpoint flip changes none)."""
-    return service.host, service.retry_non_idempotent
+    return service.host, service.retry_non_idempotent, service.rate_limit
+
+
+def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
+    """What of a service its cluster is built from."""
+    return service.http2, service.max_concurrent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +139,10 @@ class RoutedService:
     http2: bool = False  # its cluster speaks HTTP/2 (h2c) to replicas and activator alike
     # Replay every method after an upstream reset, not only idempotent ones.
     retry_non_idempotent: bool = False
+    # (requests per second, burst): Envoy's local rate limit on its virtual host.
+    rate_limit: tuple[int, int] | None = None
+    # Requests in flight at once (its cluster's circuit breaker); None: the gateway's.
+    max_concurrent: int | None = None
 
 
 class ResourceBuilder:
@@ -141,8 +157,11 @@ class ResourceBuilder:
         self.settings = settings
         self._shapes: dict[str, RoutedService] = {}  # what is built now, by name
         # name -> (host and retry choice it was built for, its VirtualHost)
-        self._vhosts: dict[str, tuple[tuple[str, bool], route_components_pb2.VirtualHost]] = {}
-        self._clusters: dict[str, tuple[bool, Resource]] = {}
+        self._vhosts: dict[str, tuple[RouteKey, route_components_pb2.VirtualHost]] = {}
+        self._clusters: dict[str, tuple[tuple[bool, int | None], Resource]] = {}
+        # Services with a rate limit: while there is none, the listener has no rate-limit
+        # filter (nothing per request for those who do not use it).
+        self._limited: set[str] = set()
         # name -> (endpoints it was built for, its ClusterLoadAssignment)
         self._endpoints: dict[str, tuple[tuple[Endpoint, ...], Resource]] = {}
         self._static = {
@@ -159,7 +178,7 @@ class ResourceBuilder:
         }
         self._touched: dict[str, set[str]] = {t: set() for t in self._maps}
         self._routes_stale = True
-        self._vhost_fields: dict[str, tuple[tuple[str, bool], bytes]] = {}
+        self._vhost_fields: dict[str, tuple[RouteKey, bytes]] = {}
         self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
         self._handed_out = False  # before the first hand-out nothing is known to Envoy
 
@@ -203,17 +222,28 @@ class ResourceBuilder:
             if svc is None:
                 if old is not None:
                     del self._shapes[name]
+                    self._note_rate_limit(name, False)
                     self._forget(name)
                     clusters[name] = endpoints[name] = None
                     self._routes_stale = True
                 continue
             self._shapes[name] = svc
-            clusters[name] = self._cluster(name, svc.http2)
+            self._note_rate_limit(name, svc.rate_limit is not None)
+            clusters[name] = self._cluster(svc)
             endpoints[name] = self._load_assignment(name, svc.endpoints)
             if old is None or _route_key(old) != _route_key(svc):
                 self._routes_stale = True
         self._put(types.CLUSTER, clusters)
         self._put(types.ENDPOINT, endpoints)
+
+    def _note_rate_limit(self, name: str, limited: bool) -> None:
+        """Keep the set of rate-limited services; the first one in or the last one out
+        changes the listener (its HTTP filters)."""
+        before = bool(self._limited)
+        (self._limited.add if limited else self._limited.discard)(name)
+        if bool(self._limited) != before:
+            self._put(types.LISTENER, {LISTENER_NAME: Resource.pack(
+                LISTENER_NAME, self._listener(rate_limits=bool(self._limited)))})
 
     def desired(self) -> Desired:
         """The whole config now, and the names touched since the last hand-out (None on
@@ -261,7 +291,7 @@ class ResourceBuilder:
         key = _route_key(service)
         cached = self._vhost_fields.get(service.name)
         if cached is None or cached[0] != key:
-            vhost = self._vhost(service.name, service.host, service.retry_non_idempotent)
+            vhost = self._vhost(service)
             cached = self._vhost_fields[service.name] = (key, _length_delimited(
                 _VIRTUAL_HOSTS_FIELD, vhost.SerializeToString(deterministic=True)))
         return cached[1]
@@ -275,13 +305,17 @@ class ResourceBuilder:
 
     # --- per service ----------------------------------------------------------------
 
-    def _vhost(self, name: str, host: str,
-               retry_non_idempotent: bool) -> route_components_pb2.VirtualHost:
-        cached = self._vhosts.get(name)
-        if cached is None or cached[0] != (host, retry_non_idempotent):
-            vhost = self._vhost_proto(name, [host, f"{host}:*"], cluster=name,
-                                      retry_non_idempotent=retry_non_idempotent)
-            cached = self._vhosts[name] = ((host, retry_non_idempotent), vhost)
+    def _vhost(self, service: RoutedService) -> route_components_pb2.VirtualHost:
+        key = _route_key(service)
+        cached = self._vhosts.get(service.name)
+        if cached is None or cached[0] != key:
+            host = service.host
+            vhost = self._vhost_proto(service.name, [host, f"{host}:*"], cluster=service.name,
+                                      retry_non_idempotent=service.retry_non_idempotent)
+            if service.rate_limit is not None:
+                vhost.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(
+                    _any(_rate_limit(service.name, *service.rate_limit)))
+            cached = self._vhosts[service.name] = (key, vhost)
         return cached[1]
 
     def _vhost_proto(self, name: str, domains: list[str], cluster: str,
@@ -360,9 +394,10 @@ class ResourceBuilder:
             ),
         )
 
-    def _cluster(self, name: str, http2: bool) -> Resource:
+    def _cluster(self, service: RoutedService) -> Resource:
+        name, http2, key = service.name, service.http2, _cluster_key(service)
         cached = self._clusters.get(name)
-        if cached is None or cached[0] != http2:
+        if cached is None or cached[0] != key:
             s = self.settings
             cluster = cluster_pb2.Cluster(
                 name=name,
@@ -371,13 +406,13 @@ class ResourceBuilder:
                                                                         eds_config=_ads()),
                 connect_timeout=_duration(s.connect_timeout),
                 lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
-                circuit_breakers=_circuit_breakers(s.max_requests),
+                circuit_breakers=_circuit_breakers(s.max_requests, service.max_concurrent),
                 ignore_health_on_host_removal=True,
             )
             if http2:
                 cluster.typed_extension_protocol_options[_HTTP_OPTIONS_KEY].CopyFrom(
                     _any(_http2_options()))
-            cached = self._clusters[name] = (http2, Resource.pack(name, cluster))
+            cached = self._clusters[name] = (key, Resource.pack(name, cluster))
         return cached[1]
 
     def _load_assignment(self, name: str, endpoints: tuple[Endpoint, ...]) -> Resource:
@@ -412,7 +447,7 @@ class ResourceBuilder:
         return Resource.pack(ACTIVATOR_CLUSTER,
                              _cla(ACTIVATOR_CLUSTER, self.settings.activators))
 
-    def _listener(self) -> listener_pb2.Listener:
+    def _listener(self, rate_limits: bool = False) -> listener_pb2.Listener:
         """The edge: limits from `settings.edge` (the activator's are the same, so a
         request that reaches an awake service can wake a sleeping one); the client's
         address is the connection's (use_remote_address, no trusted hops: a client cannot
@@ -436,9 +471,11 @@ class ResourceBuilder:
                 upgrade_type="websocket")],
             rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=_ads()),
             http_filters=[
+                *([_rate_limit_filter()] if rate_limits else []),
                 hcm_pb2.HttpFilter(name="envoy.filters.http.router",
-                                   typed_config=_any(router_pb2.Router()))
+                                   typed_config=_any(router_pb2.Router())),
             ],
+            local_reply_config=_local_replies(),
             access_log=[_access_log()],
         )
         return listener_pb2.Listener(
@@ -541,7 +578,8 @@ def _http2_options() -> http_protocol_options_pb2.HttpProtocolOptions:
 MAX_UPSTREAM_CONNECTIONS = 4096
 
 
-def _circuit_breakers(limit: int) -> circuit_breaker_pb2.CircuitBreakers:
+def _circuit_breakers(limit: int, concurrent: int | None = None
+                      ) -> circuit_breaker_pb2.CircuitBreakers:
     """Thresholds for clusters whose requests the activator may hold. max_retries (parallel
     retries) is the request limit too: an activator replica that dies resets every request
     it held at once, and each retry beyond the ceiling is a 503 (measured with a tenth of
@@ -549,18 +587,84 @@ def _circuit_breakers(limit: int) -> circuit_breaker_pb2.CircuitBreakers:
     Our retry_on never replays an answered request, and num_retries bounds each request.
     Connections stop at MAX_UPSTREAM_CONNECTIONS; the requests beyond queue in Envoy."""
     value = wrappers_pb2.UInt32Value(value=limit)
+    # A service's own limit of requests in flight (`max_concurrent`): beyond it Envoy
+    # answers at once (429 + Retry-After, `_local_replies`), asleep or awake.
+    requests = value if concurrent is None else wrappers_pb2.UInt32Value(value=concurrent)
     return circuit_breaker_pb2.CircuitBreakers(
         thresholds=[
             circuit_breaker_pb2.CircuitBreakers.Thresholds(
                 priority=base_pb2.DEFAULT,
                 max_connections=wrappers_pb2.UInt32Value(
-                    value=min(limit, MAX_UPSTREAM_CONNECTIONS)),
-                max_pending_requests=value,
-                max_requests=value,
+                    value=min(requests.value, MAX_UPSTREAM_CONNECTIONS)),
+                max_pending_requests=requests,
+                max_requests=requests,
                 max_retries=value,
             )
         ]
     )
+
+
+#: Envoy's local rate limit filter: off unless a service's virtual host configures it.
+RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+#: Envoy refills a token bucket at most every 50 ms: 20 times a second.
+_FILLS_PER_SECOND_MAX = 20
+
+
+def _rate_limit_filter() -> hcm_pb2.HttpFilter:
+    """The filter in the listener's chain, with no bucket of its own: it limits only the
+    virtual hosts that carry a `_rate_limit` config."""
+    return hcm_pb2.HttpFilter(name=RATE_LIMIT_FILTER, typed_config=_any(
+        local_ratelimit_pb2.LocalRateLimit(stat_prefix="torpor_rate_limit")))
+
+
+def _rate_limit(name: str, per_second: int, burst: int) -> local_ratelimit_pb2.LocalRateLimit:
+    """`per_second` requests a second for one service, `burst` at once; the rest get 429
+    with Retry-After. The bucket is refilled in small steps (a token every 1/per_second s,
+    or every 50 ms, Envoy's shortest, several) so that the limit holds over any second,
+    not only on average."""
+    # The fewest tokens per fill that keep the interval at 50 ms or more, and that
+    # interval exactly (integer nanoseconds, rounded up: never faster than the rate).
+    fill = -(-per_second // _FILLS_PER_SECOND_MAX)
+    interval = duration_pb2.Duration()
+    interval.FromNanoseconds(-(-fill * 1_000_000_000 // per_second))
+    return local_ratelimit_pb2.LocalRateLimit(
+        stat_prefix=f"torpor_rate_limit_{name}",
+        token_bucket=token_bucket_pb2.TokenBucket(
+            # A bucket smaller than one fill would cap the rate below `per_second`.
+            max_tokens=max(burst, fill), tokens_per_fill=wrappers_pb2.UInt32Value(value=fill),
+            fill_interval=interval),
+        filter_enabled=_percent_everyone(RATE_LIMIT_FILTER + "_enabled"),
+        filter_enforced=_percent_everyone(RATE_LIMIT_FILTER + "_enforced"),
+        response_headers_to_add=[_header_value(RETRY_AFTER, str(_RETRY_AFTER_SECONDS))],
+    )
+
+
+def _percent_everyone(runtime_key: str) -> base_pb2.RuntimeFractionalPercent:
+    """100 % (Envoy's local rate limit enforces nothing until both fractions are set)."""
+    return base_pb2.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(
+            numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED),
+        runtime_key=runtime_key)
+
+
+RETRY_AFTER = "retry-after"
+_RETRY_AFTER_SECONDS = 1
+
+
+def _header_value(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
+def _local_replies() -> hcm_pb2.LocalReplyConfig:
+    """A request over a service's `max_concurrent` (Envoy's circuit breaker: response
+    flag UO, 503 by default) is answered 429 + Retry-After, as a rate-limited one."""
+    return hcm_pb2.LocalReplyConfig(mappers=[hcm_pb2.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(response_flag_filter=(
+            accesslog_pb2.ResponseFlagFilter(flags=["UO"]))),
+        status_code=wrappers_pb2.UInt32Value(value=429),
+        headers_to_add=[_header_value(RETRY_AFTER, str(_RETRY_AFTER_SECONDS))])])
 
 
 def _ads() -> config_source_pb2.ConfigSource:

@@ -102,9 +102,13 @@ class EnvoyRouting:
         record = self._table.records.get(name)
         if service is None or record is None or not routed(record.state):
             return None
+        limit = service.rate_limit
         return RoutedService(service.name, service.host, self._target(service, record),
                              http2=service.protocol == "http2",
-                             retry_non_idempotent=service.retry_non_idempotent)
+                             retry_non_idempotent=service.retry_non_idempotent,
+                             rate_limit=(None if limit is None else
+                                         (limit.requests_per_second, limit.bucket)),
+                             max_concurrent=service.max_concurrent)
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
         """Ready replicas of a service routed to them; otherwise the activator, which holds

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from torpor import metrics
 from torpor.config import DEFAULT_STATS_FLUSH
 from torpor.logs import event
 
@@ -69,6 +70,12 @@ KEPT_SERVICE_COUNTERS = (
     "retry_or_shadow_abandoned", "upstream_cx_connect_fail", "upstream_rq_timeout",
     "upstream_rq_[1-5]xx",
 )
+#: A rate-limited service's requests refused by Envoy's local rate limit (resources.py
+#: names the limit's stat prefix after the service): calls that never reached the cluster.
+RATE_LIMITED_PREFIX = "torpor_rate_limit_"
+RATE_LIMITED_SUFFIX = ".http_local_rate_limit.rate_limited"
+#: Requests over a service's max_concurrent (Envoy's circuit breaker, answered 429).
+OVER_CONCURRENCY = "upstream_rq_pending_overflow"
 #: torpor's own clusters (activator, control plane) keep every statistic: two clusters.
 #: Service names are DNS labels, so they never start with "torpor_".
 _OWN_CLUSTERS = "cluster.torpor_"
@@ -167,10 +174,15 @@ def calls_from(families: Iterable[Any],
     at_ms = 0
     for family in families:
         name: str = family.name
-        if not name.startswith(_CLUSTER):
+        limited = _rate_limited_service(name)
+        sign: int | None
+        if limited is not None:  # refused before its cluster: a call all the same
+            cluster, sign = limited, 1
+        elif not name.startswith(_CLUSTER):
             continue
-        cluster, _, counter = name[len(_CLUSTER):].rpartition(".")
-        sign = _SIGNS.get(counter)
+        else:
+            cluster, _, counter = name[len(_CLUSTER):].rpartition(".")
+            sign = _SIGNS.get(counter)
         if sign is None or not cluster:
             continue
         for metric in family.metric:
@@ -186,6 +198,31 @@ def calls_from(families: Iterable[Any],
         elif balance < 0:
             owed[cluster] = -balance
     return calls, (at_ms / 1000.0 if at_ms else None)
+
+
+def _rate_limited_service(name: str) -> str | None:
+    if name.startswith(RATE_LIMITED_PREFIX) and name.endswith(RATE_LIMITED_SUFFIX):
+        return name[len(RATE_LIMITED_PREFIX):-len(RATE_LIMITED_SUFFIX)] or None
+    return None
+
+
+def refusals_from(families: Iterable[Any]) -> dict[tuple[str, str], int]:
+    """Requests Envoy answered 429 per (service, reason) in one flush: "rate" (the
+    service's rate limit), "concurrency" (its max_concurrent, or the queue of held
+    requests full)."""
+    out: dict[tuple[str, str], int] = {}
+    for family in families:
+        name: str = family.name
+        service = _rate_limited_service(name)
+        reason = "rate"
+        if service is None:
+            if not (name.startswith(_CLUSTER) and name.endswith("." + OVER_CONCURRENCY)):
+                continue
+            service, reason = name[len(_CLUSTER):-len(OVER_CONCURRENCY) - 1], "concurrency"
+        value = sum(int(m.counter.value) for m in family.metric)
+        if value:
+            out[(service, reason)] = out.get((service, reason), 0) + value
+    return out
 
 
 class CallSink(Protocol):
@@ -211,6 +248,8 @@ class MetricsReceiver:
             calls, at = calls_from(message.envoy_metrics, owed)
             if calls:
                 self._sink.count_calls(calls, at)
+            for (service, reason), count in refusals_from(message.envoy_metrics).items():
+                metrics.REQUESTS_LIMITED.labels(service=service, reason=reason).inc(count)
         event(log, "stats_sink.stream_closed", node=node)
         return StreamMetricsResponse()
 

@@ -159,6 +159,19 @@ def test_a_flush_counts_attempts_minus_retries() -> None:
     assert calls_from([], owed) == ({}, None)
 
 
+def test_requests_refused_429_are_calls_and_counted_by_reason() -> None:
+    """A rate-limited request never reaches its service's cluster: it is a call all the
+    same (demand the policy must see), and counted as refused by its reason."""
+    families = [family("torpor_rate_limit_a.http_local_rate_limit.rate_limited", 4),
+                family("torpor_rate_limit_a.http_local_rate_limit.ok", 6),
+                family("cluster.a.upstream_rq_total", 6),
+                family("cluster.b.upstream_rq_pending_overflow", 2),
+                family("torpor_rate_limit.http_local_rate_limit.rate_limited", 0)]
+    calls, _ = calls_from(families, {})
+    assert calls == {"a": 10, "b": 2}
+    assert stats_sink.refusals_from(families) == {("a", "rate"): 4, ("b", "concurrency"): 2}
+
+
 def test_the_matcher_keeps_everything_not_per_cluster() -> None:
     patterns = stats_sink.envoy_stats()["stats_config"]["stats_matcher"]["inclusion_list"][
         "patterns"]

@@ -65,6 +65,8 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "retry_buffer": st.integers(0, 64 * 1024 * 1024),
     "headers_kb": st.integers(1, 8192),
     "max_held": st.integers(1, 1_000_000),
+    "rate": st.integers(1, 1_000_000),
+    "concurrent": st.integers(1, 1_000_000),
 }
 ODD: dict[str, st.SearchStrategy[Any]] = {
     "name": st.sampled_from(["Echo", "a_b", "-x", "x" * 64, "torpor_activator"]),
@@ -76,6 +78,8 @@ ODD: dict[str, st.SearchStrategy[Any]] = {
     "retry_buffer": st.sampled_from([-1, 64 * 1024 * 1024 + 1]),
     "headers_kb": st.sampled_from([0, 8193]),
     "max_held": st.sampled_from([0, 1_000_001]),
+    "rate": st.sampled_from([0, -5, 1_000_001, "ten"]),
+    "concurrent": st.sampled_from([0, 1_000_001]),
 }
 PROTOCOLS = st.one_of(VALID["protocol"], ODD["protocol"])
 ENDPOINTS = st.lists(st.builds(
@@ -104,6 +108,11 @@ def config_text(draw: st.DrawFn) -> str:
                  f"    replicas: {value('replicas')}", f"    protocol: {value('protocol')!r}"]
         if draw(st.booleans()):
             lines.append(f"    policy: {{idle_after: {value('duration')!r}}}")
+        if draw(st.booleans()):
+            lines.append(f"    rate_limit: {{requests_per_second: {value('rate')!r}, "
+                         f"burst: {value('rate')!r}}}")
+        if draw(st.booleans()):
+            lines.append(f"    max_concurrent: {value('concurrent')!r}")
         lines += ["    local:", "      command: [python, -m, torpor.examples.model_server,"
                   " --port, '{port}']", "      ready_path: /healthz"]
         return "\n".join(lines) + "\n"
@@ -189,9 +198,12 @@ async def test_what_torpor_accepts_envoy_accepts(
                     catalog.put(found, f"deployment/models/found{index}")
                 except (AnnotationError, CatalogConflictError):
                     seen["annotations refused"] += 1
-            routed = [RoutedService(s.name, s.host, tuple(endpoints[i % len(endpoints)]),
-                                    http2=s.protocol == "http2")
-                      for i, s in enumerate(catalog.services())]
+            routed = [RoutedService(
+                s.name, s.host, tuple(endpoints[i % len(endpoints)]),
+                http2=s.protocol == "http2", max_concurrent=s.max_concurrent,
+                rate_limit=(None if s.rate_limit is None else
+                            (s.rate_limit.requests_per_second, s.rate_limit.bucket)))
+                for i, s in enumerate(catalog.services())]
             settings_of = gateway_settings(config, (activator, Endpoint("127.0.0.1", 10)))
             refused = asyncio.run_coroutine_threadsafe(push(routed, settings_of),
                                                        loop).result(60)

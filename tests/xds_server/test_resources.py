@@ -359,7 +359,7 @@ def test_a_host_change_drops_the_old_vhost_from_the_cache() -> None:
     builder = ResourceBuilder(SETTINGS)
     builder.build([ECHO])
     builder.build([RoutedService("echo", "echo2.localhost", ECHO.endpoints)])
-    assert {name: host for name, ((host, _), _) in builder._vhosts.items()} == {
+    assert {name: key[0] for name, (key, _) in builder._vhosts.items()} == {
         "echo": "echo2.localhost"}
 
 
