@@ -6,6 +6,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RegisterServiceRequest(_message.Message):
+    __slots__ = ("name", "host", "spec_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    host: str
+    spec_json: str
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
+
+class UnregisterServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterServiceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListServicesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -1114,3 +1114,15 @@ def load_config(path: str | Path) -> Config:
     )
     _check_port_clashes(r, config)
     return config
+
+
+def load_service(raw: object, source: str, config: Config) -> ServiceConfig:
+    """One service given outside the file (`torpor register`): the keys, checks and errors
+    of a `services:` entry under `config`'s workloads kind, relative paths against the
+    config file's folder. Raises ConfigError naming `source` and the key."""
+    r = _Reader(source, config.path.parent)
+    try:
+        return _services(r, "service", [raw], config.workloads.kind)[0]
+    except ConfigError as exc:
+        key = exc.key.removeprefix("service[0]").lstrip(".")
+        raise ConfigError(source, key, exc.problem) from None
