@@ -30,10 +30,12 @@ from torpor.catalog import ServiceCatalog
 from torpor.config import Address, Config
 from torpor.coordination import Coordination, open_coordination
 from torpor.credentials import admin_target
+from torpor.errors import TorporError
 from torpor.lifecycle.ports import Wakes
 from torpor.lifecycle.wake import Waker
 from torpor.logs import event
 from torpor.model import Endpoint
+from torpor.reload import ReloadPlan
 from torpor.workloads import make_workloads
 from torpor.workloads.base import Discovery, Workloads
 from xds_server.bootstrap import bootstrap, envoy_xds_tls
@@ -121,6 +123,13 @@ class Assembly:
         it holds 503 + Retry-After now."""
         if self.activator is not None:
             self.activator.end_grace()
+
+    async def apply_reload(self, plan: ReloadPlan, config: Config) -> list[str]:
+        """A reloaded config (assembly/reload.py): the control plane applies the services
+        and the policy; every other setting keeps its start value in every component."""
+        if self.control_plane is None:
+            raise TorporError(f"{self.role.value} runs no control plane to reload")
+        return await self.control_plane.apply_reload(plan, config)
 
     async def close(self) -> None:
         """Close everything opened, newest first. Idempotent."""

@@ -19,6 +19,7 @@ from typing import Any
 from torpor import metrics
 from torpor.catalog import CONFIG, REGISTERED, CatalogConflictError, ServiceCatalog
 from torpor.config import Config, ServiceConfig
+from torpor.errors import TorporError
 from torpor.logs import event
 from torpor.workloads.base import Workloads
 
@@ -76,9 +77,6 @@ def needs_restart_text(keys: tuple[str, ...]) -> str:
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """The difference between the running config and a newly loaded one. Services are
     matched by name (a renamed service is one removed and one added)."""
-    before = {s.name: s for s in old.services}
-    after = {s.name: s for s in new.services}
-    changed = tuple(s for s in new.services if s.name in before and before[s.name] != s)
     live: list[str] = []
     fixed: list[str] = []
     for field in dataclasses.fields(old):
@@ -86,6 +84,12 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             continue
         keys = changed_keys(field.name, getattr(old, field.name), getattr(new, field.name))
         (live if field.name in LIVE_SECTIONS else fixed).extend(keys)
+    if old.workloads.kind != new.workloads.kind:
+        # Each service's block is the other kind's: none of them can be applied.
+        return ReloadPlan(live=tuple(live), needs_restart=(*fixed, "services"))
+    before = {s.name: s for s in old.services}
+    after = {s.name: s for s in new.services}
+    changed = tuple(s for s in new.services if s.name in before and before[s.name] != s)
     return ReloadPlan(
         added=tuple(s for s in new.services if s.name not in before),
         removed=tuple(s.name for s in old.services if s.name not in after),
@@ -117,10 +121,12 @@ def replaces_replicas(before: ServiceConfig, after: ServiceConfig) -> bool:
     return (old.command, old.cwd, old.env) != (new.command, new.cwd, new.env)
 
 
-def applied(old: Config, new: Config) -> Config:
-    """The config a process runs after a reload: the new services and live sections; every
-    other setting keeps its old value."""
+def applied(old: Config, new: Config, plan: ReloadPlan) -> Config:
+    """The config a process runs after a reload: the new services (unless `plan` cannot
+    apply them) and live sections; every other setting keeps its old value."""
     live = {name: getattr(new, name) for name in LIVE_SECTIONS}
+    if "services" in plan.needs_restart:
+        return dataclasses.replace(old, **live)
     return dataclasses.replace(old, services=new.services, **live)
 
 
@@ -181,7 +187,7 @@ class ServiceChanges:
                     await self.change(service, CONFIG)
                 else:
                     await self.add(service, CONFIG)
-            except CatalogConflictError as exc:
+            except (CatalogConflictError, TorporError) as exc:
                 problems.append(f"service {service.name!r} not applied: {exc}")
                 event(log, "config.service_refused", level=logging.WARNING,
                       service=service.name, error=str(exc))
