@@ -1,7 +1,7 @@
 """Reloading the config of a running `torpor up` or `torpor xds-server`: on SIGHUP, and
 when the file's content changes.
 
-Owns noticing (SIGHUP; the file's SHA-256 read every `RELOAD_POLL` seconds), loading the
+Owns noticing (SIGHUP; the file's SHA-256 read every `control_plane.reload_poll`), loading the
 file with the parser and errors of a start, saying what happened (one log event, the
 metric `torpor_config_reloads_total{result}`, a line for `torpor up`'s person) and handing
 the plan to the control plane. A file that does not load keeps the running config. Must
@@ -25,9 +25,6 @@ from torpor.reload import ReloadPlan, applied, plan_reload
 
 log = logging.getLogger("torpor.reload")
 
-#: How often the config file is read for a change (seconds).
-RELOAD_POLL = 2.0
-
 #: Carries a plan out; returns what could not be applied (ControlPlane.apply_reload).
 Apply = Callable[[ReloadPlan, Config], Awaitable[list[str]]]
 
@@ -45,13 +42,13 @@ class ConfigReloader:
     """The running config of one process, reloaded on request or when its file changes."""
 
     def __init__(self, config: Config, apply: Apply,
-                 say: Callable[[str], None] = lambda text: None,
-                 poll_every: float = RELOAD_POLL) -> None:
-        """`say(text)`: a line for a person (`torpor up` prints it)."""
+                 say: Callable[[str], None] = lambda text: None) -> None:
+        """`say(text)`: a line for a person (`torpor up` prints it). The file is read
+        every `control_plane.reload_poll` (as at start: a reload does not change it)."""
         self.config = config
         self._apply = apply
         self._say = say
-        self._poll_every = poll_every
+        self._poll_every = config.control_plane.reload_poll or None  # 0: SIGHUP only
         self._digest = file_digest(config.path)
         self._wanted = asyncio.Event()
 
