@@ -155,6 +155,11 @@ class Assembly:
                 f"{cp.admin_api}, metrics on http://{cp.metrics}/metrics")
         if self.runs_activator:
             await self._start_activator()
+            if self.role is Role.UP:
+                act = config.activator
+                say(f"activator: HTTP/1 on {act.listen}, HTTP/2 on {act.listen_h2}; its "
+                    "metrics are on control_plane.metrics (activator.metrics "
+                    f"{act.metrics} is used by a standalone `torpor activator` only)")
         if self.role is Role.UP:
             assert self.ports is not None
             self.envoy = await self._start_envoy(self.ports.xds, say)
