@@ -25,6 +25,7 @@ from tests.support.up import UpRuns, processes_mentioning, status_json
 from torpor import admin_client
 from torpor.config import Config, load_config
 from torpor.credentials import admin_target, created_token_path
+from torpor.gateway import admin_session, admin_url
 
 pytestmark = pytest.mark.envoy
 
@@ -143,6 +144,13 @@ async def test_an_edited_file_adds_removes_and_edits_services_and_a_bad_one_is_r
             scraped = await r.text()
         assert 'torpor_config_reloads_total{result="failed"} 1.0' in scraped
         assert 'torpor_config_reloads_total{result="applied"} 1.0' in scraped
+
+    # The bootstrap uses no deprecated Envoy feature (the overload manager's downstream
+    # connections monitor, not the runtime key overload.global_downstream_max_connections).
+    url = admin_url(config.gateway.admin, "/stats?filter=^runtime.deprecated_feature_use$")
+    async with admin_session(config.gateway.admin, 10) as admin, admin.get(url) as r:
+        assert (await r.text()).strip() == "runtime.deprecated_feature_use: 0"
+    assert "deprecated" not in (tmp_path / "torpor-logs" / "envoy.log").read_text().lower()
 
 
 async def _stopped_soon(pid: int) -> bool:
