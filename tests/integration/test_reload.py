@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import free_port, wait_until
+from tests.support.split_stack import torpor_proc, wait_logged
 from tests.support.up import UpRuns, processes_mentioning, status_json
 from torpor import admin_client
 from torpor.config import Config, load_config
@@ -256,3 +257,37 @@ async def test_registered_services_serve_survive_a_restart_and_need_the_operator
         assert names(path) == {"base"}
         await wait_until(lambda: not processes_mentioning("--name reg "), 15,
                          "reg's replica stopped")
+
+
+async def test_xds_server_reloads_on_sighup(tmp_path: Path) -> None:
+    keep = model_service("keep", 1)
+    path = write_config(tmp_path, keep)
+    path.write_text(path.read_text().replace("control_plane: {",
+                                             "control_plane: {reload_poll: 0s, "))
+    config = load_config(path)
+    server = torpor_proc(tmp_path, "xds-server", path)
+    server.start()
+    try:
+        def ready() -> bool:
+            try:
+                statuses = admin_client.list_statuses(admin_target(config), timeout=2)
+            except admin_client.AdminError:
+                return False
+            return any(s["ready_endpoints"] for s in statuses)
+
+        await wait_until(lambda: asyncio.to_thread(ready), 60, "xds-server serving keep")
+        keep_pid = [p.split(":")[0] for p in processes_mentioning("--name keep ")]
+        replace_file(path, path.read_text().replace(keep, keep + model_service("more", 1)))
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGHUP)
+
+        async def added() -> bool:
+            found = await asyncio.to_thread(names_at, config)
+            return found == {"keep", "more"}
+
+        await wait_until(added, 30, "the SIGHUP's service in the table")
+        await wait_logged(server, '"config.reloaded"')
+        assert [p.split(":")[0] for p in processes_mentioning("--name keep ")] == keep_pid
+        assert await server.stop() == 0, server.text()[-3000:]
+    finally:
+        server.kill()
