@@ -18,7 +18,7 @@ from typing import Any
 
 from torpor import metrics
 from torpor.catalog import CONFIG, REGISTERED, CatalogConflictError, ServiceCatalog
-from torpor.config import Config, ServiceConfig
+from torpor.config import Address, Config, ServiceConfig
 from torpor.errors import TorporError
 from torpor.logs import event
 from torpor.workloads.base import Workloads
@@ -101,11 +101,12 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
 
 
 def changed_keys(key: str, old: Any, new: Any) -> list[str]:
-    """The dotted keys under `key` whose values differ (nested sections field by field)."""
+    """The dotted keys under `key` whose values differ (nested sections field by field; an
+    address is one value: "gateway.listen", not its port)."""
     if old == new:
         return []
     if (dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new)
-            and type(old) is type(new)):
+            and type(old) is type(new) and not isinstance(old, Address)):
         return [k for f in dataclasses.fields(old)
                 for k in changed_keys(f"{key}.{f.name}", getattr(old, f.name),
                                       getattr(new, f.name))]

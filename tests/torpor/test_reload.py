@@ -82,9 +82,9 @@ def test_fixed_settings_need_a_restart_and_keep_their_value_policy_applies(
     new = config_of(tmp_path, BASE.replace("8080", "8081").replace("10m", "20m")
                     .replace("policy:", "activator: {wake_timeout: 10s}\npolicy:"), "n.yaml")
     plan = plan_reload(old, new)
-    assert plan.needs_restart == ("gateway.listen.port", "activator.wake_timeout")
+    assert plan.needs_restart == ("gateway.listen", "activator.wake_timeout")
     assert plan.live == ("policy.idle_after",)
-    assert "needs a restart: gateway.listen.port, activator.wake_timeout" in plan.summary()
+    assert "needs a restart: gateway.listen, activator.wake_timeout" in plan.summary()
     running = applied(old, new, plan)
     assert running.gateway == old.gateway and running.activator == old.activator
     assert running.policy.idle_after == 1200.0
