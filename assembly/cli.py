@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import shlex
 import signal
@@ -28,7 +29,7 @@ from torpor import admin_client
 from torpor.config import Address, Config, load_config, parse_duration
 from torpor.credentials import AdminTarget, admin_target
 from torpor.errors import ConfigError, TorporError
-from torpor.logs import setup_logging
+from torpor.logs import event, setup_logging
 from torpor.supervision import AlreadyRunningError
 from torpor.wording import for_people
 
@@ -241,8 +242,13 @@ def _run_role(assembly: Assembly) -> int:
         from assembly.reload import ConfigReloader
 
         reloader = ConfigReloader(assembly.config, assembly.apply_reload)
-        if assembly.runs_control_plane:  # SIGHUP: reload (before the start: not a stop)
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.request)
+        # SIGHUP reloads a control plane; it never stops a process (its default action).
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, reloader.request if assembly.runs_control_plane else
+            lambda: event(logging.getLogger("torpor.reload"), "config.reload_not_supported",
+                          level=logging.WARNING, role=assembly.role.value,
+                          why="an activator's services come from the control plane (or "
+                              "discovery and the store); restart it for other settings"))
         reloading: asyncio.Task[None] | None = None
         try:
             await assembly.start()

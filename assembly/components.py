@@ -35,7 +35,8 @@ from torpor.lifecycle.ports import Wakes
 from torpor.lifecycle.wake import Waker
 from torpor.logs import event
 from torpor.model import Endpoint
-from torpor.reload import ReloadPlan
+from torpor.registrations import Registrations
+from torpor.reload import ReloadPlan, ServiceChanges
 from torpor.workloads import make_workloads
 from torpor.workloads.base import Discovery, Workloads
 from xds_server.bootstrap import bootstrap, envoy_xds_tls
@@ -219,6 +220,7 @@ class Assembly:
         confirm = AdminRouteConfirmation(admin, config.activator.wake_timeout).wait_routed
         if wakes_itself(config):
             assert self.coordination is not None and self.workloads is not None
+            await self._follow_registrations(self.coordination, self.workloads)
             waker = Waker(self.coordination.store, self.workloads, self.coordination.locks,
                           wake_timeout=config.activator.wake_timeout,
                           flip_when=config.wake.flip_when)
@@ -227,6 +229,20 @@ class Assembly:
         await mirror.start()
         self._stack.push_async_callback(mirror.stop)
         return AdminWaker(admin, config.activator.wake_timeout), confirm, mirror.refresh_on_miss
+
+    async def _follow_registrations(self, fleet: Coordination, workloads: Workloads) -> None:
+        """An activator that wakes services itself has its own catalog (config and
+        discovery): services registered through the admin API join it from the store, at
+        start and within 2 s of a registration. It pushes nothing: no Envoy is its own."""
+
+        async def no_push() -> None:
+            return None
+
+        registrations = Registrations(self.config, fleet.store, self.catalog,
+                                      ServiceChanges(self.catalog, workloads, no_push))
+        await registrations.load()
+        following = asyncio.create_task(registrations.follow())
+        self._stack.push_async_callback(_cancelled, following)
 
     async def _register(self) -> None:
         """In a fleet, put this activator in every control plane's activator cluster; the
@@ -264,3 +280,9 @@ class Assembly:
         self._stack.push_async_callback(envoy.stop)
         await envoy.start()  # until LIVE; restarted from then on when it dies
         return envoy
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -9,6 +9,7 @@ departure themselves are torpor.reload.ServiceChanges'. Must not know gRPC or En
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,6 +19,7 @@ from torpor.errors import (
     AlreadyExistsError,
     ConfigError,
     InvalidArgumentError,
+    TorporError,
     UnknownServiceError,
 )
 from torpor.logs import event
@@ -28,6 +30,8 @@ log = logging.getLogger("torpor.registrations")
 
 #: The store's document kind: service name → its spec, as a `services:` entry.
 KIND = "registered"
+#: How often a process that did not write a registration looks for new ones (seconds).
+FOLLOW_EVERY = 2.0
 
 
 class Registrations:
@@ -44,10 +48,6 @@ class Registrations:
     def set_config(self, config: Config) -> None:
         """A reloaded config: later registrations are checked against it."""
         self._config = config
-
-    def spec(self, name: str, host: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """The stored form of a registration: a `services:` entry."""
-        return {**spec, "name": name, "host": host}
 
     def parse(self, spec: dict[str, Any]) -> ServiceConfig:
         """Raises InvalidArgumentError with the config's words."""
@@ -103,6 +103,16 @@ class Registrations:
         await self._drop(name)
         event(log, "service.registration_displaced", level=logging.WARNING, service=name,
               why="the config file now has a service of this name or host; the config wins")
+
+    async def follow(self, every: float = FOLLOW_EVERY) -> None:
+        """Until cancelled: `sync` every `every` seconds (a fleet's other control planes
+        and activators that wake services themselves see a registration within it)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.sync()
+            except TorporError as exc:
+                event(log, "registrations.sync_failed", level=logging.WARNING, error=str(exc))
 
     async def sync(self) -> list[str]:
         """Make the catalog hold exactly the stored registrations (another control plane

@@ -180,14 +180,12 @@ class ServiceChanges:
         problems: list[str] = []
         for name in plan.removed:
             await self.remove(name, CONFIG)
-        for service in (*plan.changed, *plan.added):
+        steps = [(s, self.change) for s in plan.changed] + [(s, self.add) for s in plan.added]
+        for service, step in steps:
             for owner in self._owners(service):
                 await displace(owner)
             try:
-                if service in plan.changed:
-                    await self.change(service, CONFIG)
-                else:
-                    await self.add(service, CONFIG)
+                await step(service, CONFIG)
             except (CatalogConflictError, TorporError) as exc:
                 problems.append(f"service {service.name!r} not applied: {exc}")
                 event(log, "config.service_refused", level=logging.WARNING,

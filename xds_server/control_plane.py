@@ -59,9 +59,6 @@ from xds_server.serving import start_xds_listener
 
 log = logging.getLogger("torpor.control_plane")
 
-#: How often a fleet's control plane looks for registrations another one wrote (seconds).
-REGISTRATIONS_EVERY = 2.0
-
 
 @dataclasses.dataclass(frozen=True)
 class BoundPorts:
@@ -171,7 +168,7 @@ class ControlPlane:
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
         self._tasks.append(asyncio.create_task(self.savings.run()))
         if self.config.store.kind == "etcd":  # another control plane may register
-            self._tasks.append(asyncio.create_task(self._follow_registrations()))
+            self._tasks.append(asyncio.create_task(self.registrations.follow()))
         if self._run_policy:
             self._tasks.append(asyncio.create_task(self.policy.run()))
             if self.election is not None:
@@ -286,15 +283,6 @@ class ControlPlane:
         except TorporError as exc:
             event(log, "service.register_failed", service=change.name, error=str(exc),
                   level=logging.ERROR)
-
-    async def _follow_registrations(self) -> None:
-        """Registrations other control planes of the fleet wrote join here too."""
-        while True:
-            await asyncio.sleep(REGISTRATIONS_EVERY)
-            try:
-                await self.registrations.sync()
-            except TorporError as exc:
-                event(log, "registrations.sync_failed", level=logging.WARNING, error=str(exc))
 
     async def apply_reload(self, plan: ReloadPlan, config: Config) -> list[str]:
         """A reloaded config: `plan` (torpor.reload.plan_reload) carried out, `config`

@@ -259,7 +259,8 @@ async def test_registered_services_serve_survive_a_restart_and_need_the_operator
                          "reg's replica stopped")
 
 
-async def test_xds_server_reloads_on_sighup(tmp_path: Path) -> None:
+async def test_xds_server_reloads_on_sighup_an_activator_survives_one(
+        tmp_path: Path) -> None:
     keep = model_service("keep", 1)
     path = write_config(tmp_path, keep)
     path.write_text(path.read_text().replace("control_plane: {",
@@ -288,6 +289,19 @@ async def test_xds_server_reloads_on_sighup(tmp_path: Path) -> None:
         await wait_until(added, 30, "the SIGHUP's service in the table")
         await wait_logged(server, '"config.reloaded"')
         assert [p.split(":")[0] for p in processes_mentioning("--name keep ")] == keep_pid
+
+        # A standalone activator does not reload, and SIGHUP does not stop it either.
+        activator = torpor_proc(tmp_path, "activator", path)
+        activator.start()
+        try:
+            await wait_logged(activator, "activator.h2.listening")
+            assert activator.proc is not None
+            os.kill(activator.proc.pid, signal.SIGHUP)
+            await wait_logged(activator, '"config.reload_not_supported"')
+            assert activator.alive
+            assert await activator.stop() == 0, activator.text()[-3000:]
+        finally:
+            activator.kill()
         assert await server.stop() == 0, server.text()[-3000:]
     finally:
         server.kill()
