@@ -125,7 +125,7 @@ class Assembly:
         if self.activator is not None:
             self.activator.end_grace()
 
-    async def apply_reload(self, plan: ReloadPlan, config: Config) -> list[str]:
+    async def apply_reload(self, plan: ReloadPlan, config: Config) -> dict[str, str]:
         """A reloaded config (assembly/reload.py): the control plane applies the services
         and the policy; every other setting keeps its start value in every component."""
         if self.control_plane is None:

@@ -21,12 +21,13 @@ from torpor import metrics
 from torpor.config import Config, load_config
 from torpor.errors import ConfigError
 from torpor.logs import event
-from torpor.reload import ReloadPlan, applied, plan_reload
+from torpor.reload import ReloadPlan, applied, plan_reload, without_refused
 
 log = logging.getLogger("torpor.reload")
 
-#: Carries a plan out; returns what could not be applied (ControlPlane.apply_reload).
-Apply = Callable[[ReloadPlan, Config], Awaitable[list[str]]]
+#: Carries a plan out; returns the services it could not apply, name → why
+#: (ControlPlane.apply_reload).
+Apply = Callable[[ReloadPlan, Config], Awaitable[dict[str, str]]]
 
 
 def file_digest(path: Path) -> str | None:
@@ -83,8 +84,11 @@ class ConfigReloader:
             self._say(f"config reload failed ({trigger}); the running config stays: {exc}")
             return "failed"
         plan = plan_reload(self.config, new)
-        self.config = applied(self.config, new, plan)
-        problems = await self._apply(plan, self.config) if plan.applies_anything else []
+        before, self.config = self.config, applied(self.config, new, plan)
+        refused = await self._apply(plan, self.config) if plan.applies_anything else {}
+        # Not applied: as before in the running config, so the next reload tries again.
+        self.config = without_refused(before, self.config, refused)
+        problems = [f"service {name!r} not applied: {why}" for name, why in refused.items()]
         result = "applied" if plan.applies_anything else "unchanged"
         metrics.CONFIG_RELOADS.labels(result=result).inc()
         event(log, "config.reloaded", level=logging.WARNING if problems or

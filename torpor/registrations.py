@@ -150,10 +150,7 @@ class Registrations:
         return None
 
     async def _put(self, service: ServiceConfig, spec: dict[str, Any]) -> None:
-        if self._catalog.source(service.name) == REGISTERED:
-            await self._changes.change(service, REGISTERED)
-        else:
-            await self._changes.add(service, REGISTERED)
+        await self._changes.put(service, REGISTERED)
         self._specs[service.name] = spec
 
     async def _drop(self, name: str) -> None:

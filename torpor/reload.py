@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from torpor import metrics
@@ -122,6 +122,17 @@ def replaces_replicas(before: ServiceConfig, after: ServiceConfig) -> bool:
     return (old.command, old.cwd, old.env) != (new.command, new.cwd, new.env)
 
 
+def without_refused(before: Config, running: Config, refused: Iterable[str]) -> Config:
+    """`running` with the services that could not be applied back as in `before` (an
+    addition left out, a change undone), so that the next reload tries them again."""
+    names = set(refused)
+    if not names:
+        return running
+    old = {s.name: s for s in before.services}
+    services = [old.get(s.name) if s.name in names else s for s in running.services]
+    return dataclasses.replace(running, services=tuple(s for s in services if s is not None))
+
+
 def applied(old: Config, new: Config, plan: ReloadPlan) -> Config:
     """The config a process runs after a reload: the new services (unless `plan` cannot
     apply them) and live sections; every other setting keeps its old value."""
@@ -148,15 +159,11 @@ class ServiceChanges:
         self._workloads = workloads
         self._routed = routed
 
-    async def add(self, service: ServiceConfig, source: str) -> None:
-        """Raises CatalogConflictError (nothing changed) when the name or host is taken."""
-        self._catalog.check(service, source)
-        await self._workloads.put_service(service)
-        self._catalog.put(service, source)
-
-    async def change(self, service: ServiceConfig, source: str) -> None:
-        """A service's new entry: local replicas are replaced when their command changed
-        (make-before-break), the rest follows the catalog. Raises CatalogConflictError."""
+    async def put(self, service: ServiceConfig, source: str) -> None:
+        """A new service, or a service's new entry: the workloads first (local replicas
+        are replaced, make-before-break, when their command changed), then the catalog,
+        which the table and Envoy follow. Raises CatalogConflictError, changing nothing,
+        when the name or host is another's."""
         self._catalog.check(service, source)
         await self._workloads.put_service(service)
         self._catalog.put(service, source)
@@ -172,22 +179,21 @@ class ServiceChanges:
         return True
 
     async def apply(self, plan: ReloadPlan,
-                    displace: Callable[[str], Awaitable[None]]) -> list[str]:
+                    displace: Callable[[str], Awaitable[None]]) -> dict[str, str]:
         """Carry a config reload's service changes out: removals first (their hosts may be
         reused), then changes, then additions. `displace(name)`: a name or host the config
-        now has belongs to a registered service; the config wins. Returns what could not
-        be applied, one line each (e.g. a host a discovered service answers)."""
-        problems: list[str] = []
+        now has belongs to a registered service; the config wins. Returns the services
+        that could not be applied, name → why (e.g. a host a discovered service answers)."""
+        problems: dict[str, str] = {}
         for name in plan.removed:
             await self.remove(name, CONFIG)
-        steps = [(s, self.change) for s in plan.changed] + [(s, self.add) for s in plan.added]
-        for service, step in steps:
+        for service in (*plan.changed, *plan.added):
             for owner in self._owners(service):
                 await displace(owner)
             try:
-                await step(service, CONFIG)
+                await self.put(service, CONFIG)
             except (CatalogConflictError, TorporError) as exc:
-                problems.append(f"service {service.name!r} not applied: {exc}")
+                problems[service.name] = str(exc)
                 event(log, "config.service_refused", level=logging.WARNING,
                       service=service.name, error=str(exc))
         return problems

@@ -284,10 +284,10 @@ class ControlPlane:
             event(log, "service.register_failed", service=change.name, error=str(exc),
                   level=logging.ERROR)
 
-    async def apply_reload(self, plan: ReloadPlan, config: Config) -> list[str]:
+    async def apply_reload(self, plan: ReloadPlan, config: Config) -> dict[str, str]:
         """A reloaded config: `plan` (torpor.reload.plan_reload) carried out, `config`
         (torpor.reload.applied: new services and policy, every other setting as it was)
-        what runs from now on. Returns what could not be applied, one line each."""
+        what runs from now on. Returns the services it could not apply, name → why."""
         self.config = config
         self.policy.set_config(config)
         self.registrations.set_config(config)

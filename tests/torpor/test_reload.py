@@ -18,7 +18,7 @@ from torpor.config import Config, ServiceConfig, load_config, load_service
 from torpor.errors import AlreadyExistsError, ConfigError, InvalidArgumentError, UnknownServiceError
 from torpor.etcd.connection import EtcdConnection
 from torpor.registrations import Registrations
-from torpor.reload import ReloadPlan, ServiceChanges, applied, plan_reload
+from torpor.reload import ReloadPlan, ServiceChanges, applied, plan_reload, without_refused
 from torpor.store.base import Store
 from torpor.store.etcd import EtcdStore
 from torpor.store.sqlite import SqliteStore
@@ -164,10 +164,34 @@ async def test_a_removed_service_leaves_envoy_before_its_replicas_stop(
 
     problems = await p.changes.apply(plan_reload(old, new), displace)
 
-    assert problems == []
+    assert problems == {}
     assert p.pushes == [("a",)]  # pushed without b, before b's replicas were dropped
     assert p.workloads.calls == [("drop", "b"), ("put", "c")]
     assert [s.name for s in p.catalog.services()] == ["a", "c"]  # b's host reused by c
+
+
+async def test_a_host_a_discovered_service_has_is_refused_and_tried_again_later(
+        tmp_path: Path) -> None:
+    old = config_of(tmp_path, BASE)
+    new = config_of(tmp_path, BASE.replace("host: a.localhost", "host: k.localhost")
+                    + "  - name: c\n    host: k2.localhost\n"
+                      "    local: {command: [python, -m, m, '{port}']}\n", "n.yaml")
+    p = parts(old)
+    for name, host in (("k", "k.localhost"), ("k2", "k2.localhost")):
+        p.catalog.put(dataclasses.replace(old.services[0], name=name, host=host),
+                      "deployment/models/" + name)
+
+    async def displace(name: str) -> None:
+        raise AssertionError(name)
+
+    plan = plan_reload(old, new)
+    refused = await p.changes.apply(plan, displace)
+
+    assert set(refused) == {"a", "c"}
+    assert "host 'k.localhost' is already used by service 'k'" in refused["a"]
+    running = without_refused(old, applied(old, new, plan), refused)
+    assert running.services == old.services  # a as it was, c not there: tried next time
+    assert plan_reload(running, new).changed == plan.changed
 
 
 # --- registrations in the store -----------------------------------------------------------
