@@ -239,7 +239,8 @@ class Assembly:
             return None
 
         registrations = Registrations(self.config, fleet.store, self.catalog,
-                                      ServiceChanges(self.catalog, workloads, no_push))
+                                      ServiceChanges(self.catalog, workloads, no_push),
+                                      writes=False)
         await registrations.load()
         following = asyncio.create_task(registrations.follow())
         self._stack.push_async_callback(_cancelled, following)

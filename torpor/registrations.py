@@ -38,7 +38,10 @@ class Registrations:
     """The registered services of one control plane, kept in its store."""
 
     def __init__(self, config: Config, store: Store, catalog: ServiceCatalog,
-                 changes: ServiceChanges) -> None:
+                 changes: ServiceChanges, writes: bool = True) -> None:
+        """`writes`: False for a process that only follows the registrations (an activator
+        that wakes services itself): it never deletes one, even one its config wins."""
+        self._writes = writes
         self._config = config
         self._store = store
         self._catalog = catalog
@@ -134,7 +137,7 @@ class Registrations:
         try:
             service = self.parse(spec)
             owner = self._catalog.source(name)
-            if owner == CONFIG:
+            if owner == CONFIG and self._writes:
                 await self.displace(name)
                 return f"registered service {name!r}: the config file has it; the config wins"
             if owner is not None and owner != REGISTERED:
