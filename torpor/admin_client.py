@@ -138,6 +138,7 @@ def status_from_message(message: Any) -> dict[str, Any]:
             problem=str(message.problem) if message.HasField("problem") else None,
             replica_problem=(str(message.replica_problem)
                              if message.HasField("replica_problem") else None),
+            source=str(message.source) if message.HasField("source") else None,
         )
     except ValueError as exc:
         raise AdminError(

@@ -105,6 +105,8 @@ def status_to_message(status: ServiceStatus) -> Any:
         message.problem = status.problem
     if status.replica_problem is not None:
         message.replica_problem = status.replica_problem
+    if status.source is not None:
+        message.source = status.source
     return message
 
 

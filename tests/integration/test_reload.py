@@ -234,6 +234,8 @@ async def test_registered_services_serve_survive_a_restart_and_need_the_operator
     done = await asyncio.to_thread(cli, path, *register, token=operator)
     assert done.returncode == 0, done.stderr
     assert "registered reg" in done.stdout
+    sources = {s["name"]: s["source"] for s in status_json(path)}
+    assert sources == {"base": "config", "reg": "registered"}
     async with aiohttp.ClientSession() as session:
         assert (await answers(session, config, "reg.localhost"))["model"] == "reg"
 
