@@ -13,7 +13,9 @@ import concurrent.futures
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -27,7 +29,7 @@ from torpor import admin_client
 from torpor.config import Address, Config, load_config, parse_duration
 from torpor.credentials import AdminTarget, admin_target
 from torpor.errors import ConfigError, TorporError
-from torpor.logs import setup_logging
+from torpor.logs import event, setup_logging
 from torpor.supervision import AlreadyRunningError
 from torpor.wording import for_people
 
@@ -88,9 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    verb("up", _up, "run the whole gateway on this machine until Ctrl-C")
+    verb("up", _up, "run the whole gateway on this machine until Ctrl-C; SIGHUP or a "
+                    "change of the config file reloads it (services and policy at once, "
+                    "other settings at the next start)")
     xds = verb("xds-server", _xds_server,
-               "run only the control plane (xDS, access logs, admin API)", log_level="info")
+               "run only the control plane (xDS, access logs, admin API); SIGHUP or a "
+               "change of the config file reloads it", log_level="info")
     activator = verb("activator", _activator, "run only the activator", log_level="info")
     for p in (xds, activator):
         p.add_argument("--member", metavar="NAME",
@@ -105,6 +110,40 @@ def _parser() -> argparse.ArgumentParser:
                        ("wake", "wake a sleeping service now")):
         p = verb(name, _hibernate if name == "hibernate" else _wake, text)
         p.add_argument("name", metavar="NAME", help="service name")
+    register = verb("register", _register,
+                    "add a service at run time, kept in the store (the config file wins a "
+                    "name clash; needs the operator token)")
+    register.add_argument("name", metavar="NAME", help="service name")
+    register.add_argument("--host", required=True, metavar="HOST",
+                          help="the Host header it answers, e.g. echo.localhost")
+    register.add_argument("--replicas", type=int, metavar="N",
+                          help="replicas while ACTIVE (default: 1)")
+    register.add_argument("--command", metavar="COMMAND",
+                          help="workloads.kind local: the command that starts one replica, "
+                               "one string split as a shell would, \"{port}\" replaced by "
+                               "its port, e.g. 'python -m torpor.examples.model_server "
+                               "--port {port}'")
+    register.add_argument("--ready-path", metavar="PATH",
+                          help="local: the readiness path (default: /healthz)")
+    register.add_argument("--ready-probe", choices=["http", "tcp"],
+                          help="local: http (GET the ready path) or tcp (default: http)")
+    register.add_argument("--namespace", metavar="NS",
+                          help="workloads.kind kubernetes: the Deployment's namespace")
+    register.add_argument("--deployment", metavar="NAME",
+                          help="kubernetes: the Deployment that runs the replicas")
+    register.add_argument("--port", type=int, metavar="PORT",
+                          help="kubernetes: the port the replicas listen on")
+    register.add_argument("--protocol", choices=["http1", "http2"],
+                          help="what the replicas speak (default: http1)")
+    register.add_argument("--never-sleep", action="store_true",
+                          help="never hibernated by the policy")
+    register.add_argument("--spec", metavar="JSON",
+                          help="more keys of the service's `services:` entry as a JSON "
+                               "object, e.g. '{\"policy\": {\"idle_after\": \"30m\"}}'")
+    unregister = verb("unregister", _unregister,
+                      "remove a registered service: its route, then its replicas (needs "
+                      "the operator token)")
+    unregister.add_argument("name", metavar="NAME", help="service name")
     report = verb("report", _report, "what sleeping saved and what waking cost, per service")
     report.add_argument("--json", action="store_true",
                         help='print {"services": [...], "total": {...}, "since", "generated_at"}')
@@ -195,15 +234,33 @@ def _activator(args: argparse.Namespace, config: Config) -> int:
 
 def _run_role(assembly: Assembly) -> int:
     """Run one component until SIGINT/SIGTERM; an activator then drains (no new requests,
-    held ones finish within `activator.drain_grace`). A clean stop revokes this process's
+    held ones finish within `activator.drain_grace`). A control plane reloads its config
+    on SIGHUP and when the file changes (assembly/reload.py). A clean stop revokes this process's
     lease, so its leadership, locks and registration go at once."""
 
     async def run() -> int:
+        from assembly.reload import ConfigReloader
+
+        reloader = ConfigReloader(assembly.config, assembly.apply_reload)
+        # SIGHUP reloads a control plane; it never stops a process (its default action).
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, reloader.request if assembly.runs_control_plane else
+            lambda: event(logging.getLogger("torpor.reload"), "config.reload_not_supported",
+                          level=logging.WARNING, role=assembly.role.value,
+                          why="an activator's services come from the control plane (or "
+                              "discovery and the store); restart it for other settings"))
+        reloading: asyncio.Task[None] | None = None
         try:
             await assembly.start()
+            if assembly.runs_control_plane:
+                reloading = asyncio.create_task(reloader.run())
             await _until_signal(again=assembly.end_grace)
             await assembly.drain()
         finally:
+            if reloading is not None:
+                reloading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reloading
             await assembly.close()
         return 0
 
@@ -282,6 +339,57 @@ def _wake_progress(target: AdminTarget, name: str, elapsed: float) -> str:
             f"{for_people(elapsed)}")
     problem = status.get("replica_problem")
     return f"{line}; {problem}" if problem else line
+
+
+def register_spec(args: argparse.Namespace) -> dict[str, object]:
+    """The `services:` entry (without name and host) the register options describe.
+    Raises ValueError for a --spec that is not a JSON object or a --command that does not
+    split."""
+    spec: dict[str, object] = {}
+    if args.spec:
+        extra = json.loads(args.spec)
+        if not isinstance(extra, dict):
+            raise ValueError("--spec must be a JSON object")
+        spec.update(extra)
+    if args.replicas is not None:
+        spec["replicas"] = args.replicas
+    if args.protocol:
+        spec["protocol"] = args.protocol
+    if args.never_sleep:
+        spec["never_sleep"] = True
+    local = {key: value for key, value in (
+        ("command", shlex.split(args.command) if args.command else None),
+        ("ready_path", args.ready_path), ("ready_probe", args.ready_probe))
+        if value is not None}
+    if local:
+        spec["local"] = local
+    kubernetes = {key: value for key, value in (
+        ("namespace", args.namespace), ("deployment", args.deployment), ("port", args.port))
+        if value is not None}
+    if kubernetes:
+        spec["kubernetes"] = kubernetes
+    return spec
+
+
+def _register(args: argparse.Namespace, config: Config) -> int:
+    try:
+        spec = register_spec(args)
+    except ValueError as exc:
+        print(f"torpor: register: {exc}", file=sys.stderr)
+        return 2
+    status = admin_client.register(admin_target(config), args.name, args.host, spec,
+                                   timeout=config.control_plane.ack_timeout + 30)
+    print(f"registered {args.name} (kept in the store; `torpor unregister {args.name}` "
+          "removes it)")
+    print(admin_client.format_status_table([status]))
+    return 0
+
+
+def _unregister(args: argparse.Namespace, config: Config) -> int:
+    admin_client.unregister(admin_target(config), args.name,
+                            timeout=config.control_plane.ack_timeout + 30)
+    print(f"unregistered {args.name}")
+    return 0
 
 
 def _report(args: argparse.Namespace, config: Config) -> int:

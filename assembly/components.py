@@ -30,10 +30,13 @@ from torpor.catalog import ServiceCatalog
 from torpor.config import Address, Config
 from torpor.coordination import Coordination, open_coordination
 from torpor.credentials import admin_target
+from torpor.errors import TorporError
 from torpor.lifecycle.ports import Wakes
 from torpor.lifecycle.wake import Waker
 from torpor.logs import event
 from torpor.model import Endpoint
+from torpor.registrations import Registrations
+from torpor.reload import ReloadPlan, ServiceChanges
 from torpor.workloads import make_workloads
 from torpor.workloads.base import Discovery, Workloads
 from xds_server.bootstrap import bootstrap, envoy_xds_tls
@@ -122,6 +125,13 @@ class Assembly:
         if self.activator is not None:
             self.activator.end_grace()
 
+    async def apply_reload(self, plan: ReloadPlan, config: Config) -> dict[str, str]:
+        """A reloaded config (assembly/reload.py): the control plane applies the services
+        and the policy; every other setting keeps its start value in every component."""
+        if self.control_plane is None:
+            raise TorporError(f"{self.role.value} runs no control plane to reload")
+        return await self.control_plane.apply_reload(plan, config)
+
     async def close(self) -> None:
         """Close everything opened, newest first. Idempotent."""
         await self._stack.aclose()
@@ -146,6 +156,11 @@ class Assembly:
                 f"{cp.admin_api}, metrics on http://{cp.metrics}/metrics")
         if self.runs_activator:
             await self._start_activator()
+            if self.role is Role.UP:
+                act = config.activator
+                say(f"activator: HTTP/1 on {act.listen}, HTTP/2 on {act.listen_h2}; its "
+                    "metrics are on control_plane.metrics (activator.metrics "
+                    f"{act.metrics} is used by a standalone `torpor activator` only)")
         if self.role is Role.UP:
             assert self.ports is not None
             self.envoy = await self._start_envoy(self.ports.xds, say)
@@ -205,6 +220,7 @@ class Assembly:
         confirm = AdminRouteConfirmation(admin, config.activator.wake_timeout).wait_routed
         if wakes_itself(config):
             assert self.coordination is not None and self.workloads is not None
+            await self._follow_registrations(self.coordination, self.workloads)
             waker = Waker(self.coordination.store, self.workloads, self.coordination.locks,
                           wake_timeout=config.activator.wake_timeout,
                           flip_when=config.wake.flip_when)
@@ -213,6 +229,21 @@ class Assembly:
         await mirror.start()
         self._stack.push_async_callback(mirror.stop)
         return AdminWaker(admin, config.activator.wake_timeout), confirm, mirror.refresh_on_miss
+
+    async def _follow_registrations(self, fleet: Coordination, workloads: Workloads) -> None:
+        """An activator that wakes services itself has its own catalog (config and
+        discovery): services registered through the admin API join it from the store, at
+        start and within 2 s of a registration. It pushes nothing: no Envoy is its own."""
+
+        async def no_push() -> None:
+            return None
+
+        registrations = Registrations(self.config, fleet.store, self.catalog,
+                                      ServiceChanges(self.catalog, workloads, no_push),
+                                      writes=False)
+        await registrations.load()
+        following = asyncio.create_task(registrations.follow())
+        self._stack.push_async_callback(_cancelled, following)
 
     async def _register(self) -> None:
         """In a fleet, put this activator in every control plane's activator cluster; the
@@ -250,3 +281,9 @@ class Assembly:
         self._stack.push_async_callback(envoy.stop)
         await envoy.start()  # until LIVE; restarted from then on when it dies
         return envoy
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -2,7 +2,8 @@
 
 Owns what `up` adds to the assembly (components.py, Role.UP): ports checked before
 anything starts, start-up progress for a person, and running until SIGINT/SIGTERM or until
-Envoy died too often to be restarted (envoy_process.py restarts it otherwise). The
+Envoy died too often to be restarted (envoy_process.py restarts it otherwise); SIGHUP and
+a changed config file reload the config (reload.py). The
 assembly starts the control plane (which loads state, starts replicas and only then serves
 xDS), the activator and an Envoy bootstrapped to the control plane. On a
 signal it drains first (Envoy's listeners closed, held requests finish within
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from assembly.components import Assembly, Role
+from assembly.reload import ConfigReloader
 from torpor import supervision
 from torpor.config import Config
 from torpor.errors import TorporError
@@ -85,10 +87,14 @@ async def _run(config: Config, logs: Path, out: TextIO) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop_on, stop, sig, out, gateway)
+    reloader = ConfigReloader(config, gateway.apply_reload, lambda text: say(out, text))
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)  # a reload once started
+    reloading: asyncio.Task[None] | None = None
 
     try:
         await gateway.start(lambda text: say(out, text))
         assert gateway.envoy is not None and gateway.control_plane is not None
+        reloading = asyncio.create_task(reloader.run())
         envoy_failed = asyncio.create_task(gateway.envoy.wait_failed())
         progress = asyncio.create_task(show_progress(gateway.control_plane, config, out))
         stop_wait = asyncio.create_task(stop.wait())
@@ -103,6 +109,10 @@ async def _run(config: Config, logs: Path, out: TextIO) -> int:
         say(out, "stopping...")
         return 0
     finally:
+        if reloading is not None:
+            reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloading
         with contextlib.suppress(Exception):
             await gateway.close()
         say(out, "stopped; no process left running")

@@ -24,35 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0ftorpor.admin.v1\"\x15\n\x13ListServicesRequest\"Z\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.torpor.admin.v1.ServiceStatus\x12\x10\n\x08problems\x18\x02 \x03(\t\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10HibernateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11WaitRoutedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\nTransition\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x12\n\nfrom_state\x18\x02 \x01(\t\x12\x10\n\x08to_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xb8\x03\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\x05\x12\x19\n\x11recorded_replicas\x18\x06 \x01(\x05\x12\x17\n\x0fready_endpoints\x18\x07 \x03(\t\x12\x16\n\tlast_call\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12,\n\x07history\x18\x0b \x03(\x0b\x32\x1b.torpor.admin.v1.Transition\x12\x17\n\nkeep_alive\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tnext_call\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07problem\x18\x0e \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0freplica_problem\x18\x0f \x01(\tH\x04\x88\x01\x01\x42\x0c\n\n_last_callB\r\n\x0b_keep_aliveB\x0c\n\n_next_callB\n\n\x08_problemB\x12\n\x10_replica_problem\"=\n\rReportRequest\x12\x1a\n\rsince_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_since_seconds\"\xb7\x01\n\x0eServiceSavings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15replica_seconds_saved\x18\x02 \x01(\x01\x12\x1c\n\x14replica_seconds_idle\x18\x03 \x01(\x01\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x03\x12\x1a\n\x12\x63old_start_seconds\x18\x05 \x01(\x01\x12\x10\n\x08prewakes\x18\x06 \x01(\x03\x12\x17\n\x0fprewakes_wasted\x18\x07 \x01(\x03\"\x89\x01\n\x0eReportResponse\x12\x31\n\x08services\x18\x01 \x03(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12.\n\x05total\x18\x02 \x01(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12\x14\n\x0cgenerated_at\x18\x03 \x01(\x01\x32\xe9\x03\n\x05\x41\x64min\x12[\n\x0cListServices\x12$.torpor.admin.v1.ListServicesRequest\x1a%.torpor.admin.v1.ListServicesResponse\x12P\n\nGetService\x12\".torpor.admin.v1.GetServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12N\n\tHibernate\x12!.torpor.admin.v1.HibernateRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12\x44\n\x04Wake\x12\x1c.torpor.admin.v1.WakeRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12P\n\nWaitRouted\x12\".torpor.admin.v1.WaitRoutedRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12I\n\x06Report\x12\x1e.torpor.admin.v1.ReportRequest\x1a\x1f.torpor.admin.v1.ReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0ftorpor.admin.v1\"G\n\x16RegisterServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\"(\n\x18UnregisterServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19UnregisterServiceResponse\"\x15\n\x13ListServicesRequest\"Z\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.torpor.admin.v1.ServiceStatus\x12\x10\n\x08problems\x18\x02 \x03(\t\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10HibernateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11WaitRoutedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\nTransition\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x12\n\nfrom_state\x18\x02 \x01(\t\x12\x10\n\x08to_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xd8\x03\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\x05\x12\x19\n\x11recorded_replicas\x18\x06 \x01(\x05\x12\x17\n\x0fready_endpoints\x18\x07 \x03(\t\x12\x16\n\tlast_call\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12,\n\x07history\x18\x0b \x03(\x0b\x32\x1b.torpor.admin.v1.Transition\x12\x17\n\nkeep_alive\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tnext_call\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07problem\x18\x0e \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0freplica_problem\x18\x0f \x01(\tH\x04\x88\x01\x01\x12\x13\n\x06source\x18\x10 \x01(\tH\x05\x88\x01\x01\x42\x0c\n\n_last_callB\r\n\x0b_keep_aliveB\x0c\n\n_next_callB\n\n\x08_problemB\x12\n\x10_replica_problemB\t\n\x07_source\"=\n\rReportRequest\x12\x1a\n\rsince_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_since_seconds\"\xb7\x01\n\x0eServiceSavings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15replica_seconds_saved\x18\x02 \x01(\x01\x12\x1c\n\x14replica_seconds_idle\x18\x03 \x01(\x01\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x03\x12\x1a\n\x12\x63old_start_seconds\x18\x05 \x01(\x01\x12\x10\n\x08prewakes\x18\x06 \x01(\x03\x12\x17\n\x0fprewakes_wasted\x18\x07 \x01(\x03\"\x89\x01\n\x0eReportResponse\x12\x31\n\x08services\x18\x01 \x03(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12.\n\x05total\x18\x02 \x01(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12\x14\n\x0cgenerated_at\x18\x03 \x01(\x01\x32\xb1\x05\n\x05\x41\x64min\x12[\n\x0cListServices\x12$.torpor.admin.v1.ListServicesRequest\x1a%.torpor.admin.v1.ListServicesResponse\x12P\n\nGetService\x12\".torpor.admin.v1.GetServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12N\n\tHibernate\x12!.torpor.admin.v1.HibernateRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12\x44\n\x04Wake\x12\x1c.torpor.admin.v1.WakeRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12P\n\nWaitRouted\x12\".torpor.admin.v1.WaitRoutedRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12I\n\x06Report\x12\x1e.torpor.admin.v1.ReportRequest\x1a\x1f.torpor.admin.v1.ReportResponse\x12Z\n\x0fRegisterService\x12\'.torpor.admin.v1.RegisterServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12j\n\x11UnregisterService\x12).torpor.admin.v1.UnregisterServiceRequest\x1a*.torpor.admin.v1.UnregisterServiceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTSERVICESREQUEST']._serialized_start=39
-  _globals['_LISTSERVICESREQUEST']._serialized_end=60
-  _globals['_LISTSERVICESRESPONSE']._serialized_start=62
-  _globals['_LISTSERVICESRESPONSE']._serialized_end=152
-  _globals['_GETSERVICEREQUEST']._serialized_start=154
-  _globals['_GETSERVICEREQUEST']._serialized_end=187
-  _globals['_HIBERNATEREQUEST']._serialized_start=189
-  _globals['_HIBERNATEREQUEST']._serialized_end=221
-  _globals['_WAKEREQUEST']._serialized_start=223
-  _globals['_WAKEREQUEST']._serialized_end=250
-  _globals['_WAITROUTEDREQUEST']._serialized_start=252
-  _globals['_WAITROUTEDREQUEST']._serialized_end=285
-  _globals['_TRANSITION']._serialized_start=287
-  _globals['_TRANSITION']._serialized_end=365
-  _globals['_SERVICESTATUS']._serialized_start=368
-  _globals['_SERVICESTATUS']._serialized_end=808
-  _globals['_REPORTREQUEST']._serialized_start=810
-  _globals['_REPORTREQUEST']._serialized_end=871
-  _globals['_SERVICESAVINGS']._serialized_start=874
-  _globals['_SERVICESAVINGS']._serialized_end=1057
-  _globals['_REPORTRESPONSE']._serialized_start=1060
-  _globals['_REPORTRESPONSE']._serialized_end=1197
-  _globals['_ADMIN']._serialized_start=1200
-  _globals['_ADMIN']._serialized_end=1689
+  _globals['_REGISTERSERVICEREQUEST']._serialized_start=39
+  _globals['_REGISTERSERVICEREQUEST']._serialized_end=110
+  _globals['_UNREGISTERSERVICEREQUEST']._serialized_start=112
+  _globals['_UNREGISTERSERVICEREQUEST']._serialized_end=152
+  _globals['_UNREGISTERSERVICERESPONSE']._serialized_start=154
+  _globals['_UNREGISTERSERVICERESPONSE']._serialized_end=181
+  _globals['_LISTSERVICESREQUEST']._serialized_start=183
+  _globals['_LISTSERVICESREQUEST']._serialized_end=204
+  _globals['_LISTSERVICESRESPONSE']._serialized_start=206
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=296
+  _globals['_GETSERVICEREQUEST']._serialized_start=298
+  _globals['_GETSERVICEREQUEST']._serialized_end=331
+  _globals['_HIBERNATEREQUEST']._serialized_start=333
+  _globals['_HIBERNATEREQUEST']._serialized_end=365
+  _globals['_WAKEREQUEST']._serialized_start=367
+  _globals['_WAKEREQUEST']._serialized_end=394
+  _globals['_WAITROUTEDREQUEST']._serialized_start=396
+  _globals['_WAITROUTEDREQUEST']._serialized_end=429
+  _globals['_TRANSITION']._serialized_start=431
+  _globals['_TRANSITION']._serialized_end=509
+  _globals['_SERVICESTATUS']._serialized_start=512
+  _globals['_SERVICESTATUS']._serialized_end=984
+  _globals['_REPORTREQUEST']._serialized_start=986
+  _globals['_REPORTREQUEST']._serialized_end=1047
+  _globals['_SERVICESAVINGS']._serialized_start=1050
+  _globals['_SERVICESAVINGS']._serialized_end=1233
+  _globals['_REPORTRESPONSE']._serialized_start=1236
+  _globals['_REPORTRESPONSE']._serialized_end=1373
+  _globals['_ADMIN']._serialized_start=1376
+  _globals['_ADMIN']._serialized_end=2065
 # @@protoc_insertion_point(module_scope)

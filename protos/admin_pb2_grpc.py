@@ -65,6 +65,16 @@ class AdminStub:
                 request_serializer=protos_dot_admin__pb2.ReportRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ReportResponse.FromString,
                 _registered_method=True)
+        self.RegisterService = channel.unary_unary(
+                '/torpor.admin.v1.Admin/RegisterService',
+                request_serializer=protos_dot_admin__pb2.RegisterServiceRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ServiceStatus.FromString,
+                _registered_method=True)
+        self.UnregisterService = channel.unary_unary(
+                '/torpor.admin.v1.Admin/UnregisterService',
+                request_serializer=protos_dot_admin__pb2.UnregisterServiceRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.UnregisterServiceResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -117,6 +127,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterService(self, request, context):
+        """Add a service at run time, or replace one added so; kept in the store, so it survives
+        a control-plane restart. The config file wins: a name it (or discovery) has is
+        ALREADY_EXISTS, as is a host another service answers; a spec that fails the config's
+        checks is INVALID_ARGUMENT. Returns the service's status once it is in the table.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterService(self, request, context):
+        """Remove a registered service: Envoy stops routing it, then its replicas stop. NOT_FOUND
+        for an unknown name, INVALID_ARGUMENT for a service of the config file or discovery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +177,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=protos_dot_admin__pb2.ReportRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ReportResponse.SerializeToString,
+            ),
+            'RegisterService': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterService,
+                    request_deserializer=protos_dot_admin__pb2.RegisterServiceRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ServiceStatus.SerializeToString,
+            ),
+            'UnregisterService': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterService,
+                    request_deserializer=protos_dot_admin__pb2.UnregisterServiceRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.UnregisterServiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +352,60 @@ class Admin:
             '/torpor.admin.v1.Admin/Report',
             protos_dot_admin__pb2.ReportRequest.SerializeToString,
             protos_dot_admin__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.admin.v1.Admin/RegisterService',
+            protos_dot_admin__pb2.RegisterServiceRequest.SerializeToString,
+            protos_dot_admin__pb2.ServiceStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.admin.v1.Admin/UnregisterService',
+            protos_dot_admin__pb2.UnregisterServiceRequest.SerializeToString,
+            protos_dot_admin__pb2.UnregisterServiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

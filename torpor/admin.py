@@ -7,7 +7,7 @@ with a fake and lets the control plane implement it without knowing gRPC.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from torpor.model import ServiceStatus
 
@@ -41,4 +41,19 @@ class ServiceAdmin(Protocol):
         """Return once every Envoy of the control plane sends `name`'s traffic to its
         replicas (a standalone activator's HTTP/2 holder waits for this before Envoy
         replays a held request); raises TorporError when that cannot be confirmed."""
+        ...
+
+
+class ServiceRegistry(Protocol):
+    """Services added and removed at run time (`torpor register` / `unregister`). Errors:
+    InvalidArgumentError for a spec that fails the config's checks (or a service that was
+    not registered), AlreadyExistsError for a name or host taken, UnknownServiceError."""
+
+    async def register(self, name: str, host: str, spec: dict[str, Any]) -> ServiceStatus:
+        """Add or replace a registered service (`spec`: the rest of a `services:` entry);
+        returns its status once it is in the table."""
+        ...
+
+    async def unregister(self, name: str) -> None:
+        """Remove a registered service: route first, then its replicas."""
         ...

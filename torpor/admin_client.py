@@ -9,6 +9,7 @@ must not print: the CLI decides what goes to stdout and stderr.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,6 +95,21 @@ def report(address: Target, since: float | None = None, timeout: float = 30.0) -
     return _invoke(address, "Report", request, timeout, None)
 
 
+def register(address: Target, name: str, host: str, spec: Mapping[str, Any],
+             timeout: float = 60.0) -> dict[str, Any]:
+    """Register a service (`spec`: the rest of its `services:` entry); returns its status
+    dict once the control plane has it in its table."""
+    request = admin_pb2.RegisterServiceRequest(name=name, host=host,
+                                               spec_json=json.dumps(dict(spec)))
+    return status_from_message(_invoke(address, "RegisterService", request, timeout, name))
+
+
+def unregister(address: Target, name: str, timeout: float = 60.0) -> None:
+    """Remove a registered service (its route, then its replicas)."""
+    request = admin_pb2.UnregisterServiceRequest(name=name)
+    _invoke(address, "UnregisterService", request, timeout, name)
+
+
 def status_from_message(message: Any) -> dict[str, Any]:
     """admin_pb2.ServiceStatus → the dict of `ServiceStatus.to_json()`."""
     try:
@@ -122,6 +138,7 @@ def status_from_message(message: Any) -> dict[str, Any]:
             problem=str(message.problem) if message.HasField("problem") else None,
             replica_problem=(str(message.replica_problem)
                              if message.HasField("replica_problem") else None),
+            source=str(message.source) if message.HasField("source") else None,
         )
     except ValueError as exc:
         raise AdminError(

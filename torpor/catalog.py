@@ -23,6 +23,8 @@ from torpor.model import host_of
 log = logging.getLogger("torpor.catalog")
 
 CONFIG = "config"
+#: The source of services added at run time through the admin API (`torpor register`).
+REGISTERED = "registered"
 
 
 @dataclasses.dataclass(frozen=True)

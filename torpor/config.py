@@ -138,6 +138,9 @@ class ControlPlaneConfig:
     # The ADS variant the bootstrap asks Envoy to speak: "delta" (incremental: only what
     # changed is sent) or "sotw" (state of the world). The control plane serves both.
     xds_protocol: str = "delta"
+    # How often `torpor up` / `torpor xds-server` read the config file for a change to
+    # reload (services and policy at run time); 0: only on SIGHUP.
+    reload_poll: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +591,25 @@ def _duration_within(low: float, high: float) -> _Parser:
     return parse
 
 
+#: control_plane.reload_poll bounds (besides 0, off): below 0.5 s the file is read for
+#: nothing most of the time; above an hour a change waits longer than anyone expects.
+MIN_RELOAD_POLL, MAX_RELOAD_POLL = 0.5, 3600.0
+
+
+def _off_or_within(low: float, high: float) -> _Parser:
+    """0 (off), or a duration from `low` to `high` seconds."""
+    base = _duration()
+
+    def parse(r: _Reader, key: str, value: object) -> float:
+        seconds = float(base(r, key, value))
+        if seconds != 0 and not low <= seconds <= high:
+            r.fail(key, f"expected 0 (off) or a duration from {low:g}s to {high:g}s, got "
+                        f"{seconds:g}s")
+        return seconds
+
+    return parse
+
+
 def _key_prefix(r: _Reader, key: str, value: object) -> str:
     """An etcd key prefix: starts with "/"; a "/" is added at the end if missing."""
     text = _string(r, key, value)
@@ -795,6 +817,7 @@ _CONTROL_PLANE = _Schema(
         "admin_tokens": _Field(_section(_ADMIN_TOKENS)),
         "admin_tls": _Field(_section(_ADMIN_TLS)),
         "xds_protocol": _Field(_choice(*XDS_PROTOCOLS)),
+        "reload_poll": _Field(_off_or_within(MIN_RELOAD_POLL, MAX_RELOAD_POLL)),
     },
 )
 _ACTIVATOR = _Schema(
@@ -1151,3 +1174,15 @@ def load_config(path: str | Path) -> Config:
     )
     _check_port_clashes(r, config)
     return config
+
+
+def load_service(raw: object, source: str, config: Config) -> ServiceConfig:
+    """One service given outside the file (`torpor register`): the keys, checks and errors
+    of a `services:` entry under `config`'s workloads kind, relative paths against the
+    config file's folder. Raises ConfigError naming `source` and the key."""
+    r = _Reader(source, config.path.parent)
+    try:
+        return _services(r, "service", [raw], config.workloads.kind)[0]
+    except ConfigError as exc:
+        key = exc.key.removeprefix("service[0]").lstrip(".")
+        raise ConfigError(source, key, exc.problem) from None

@@ -55,3 +55,13 @@ class WakeFailedError(TorporError):
     def __init__(self, message: str, outcome: str) -> None:
         super().__init__(message)
         self.outcome = outcome
+
+
+class AlreadyExistsError(TorporError):
+    """A name or host is already taken: `torpor register` of a name the config file (or
+    discovery) has, or of a host another service answers."""
+
+
+class InvalidArgumentError(TorporError):
+    """A request's argument fails its checks (a registered service's spec, or unregistering
+    a service that was not registered)."""

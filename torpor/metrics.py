@@ -84,6 +84,11 @@ POLICY_PREWAKES = Counter(
 CALL_STATS_FLUSHES = Counter(
     "torpor_call_stats_flushes", "Flushes of calling statistics to the store", ["outcome"]
 )
+CONFIG_RELOADS = Counter(
+    "torpor_config_reloads",
+    "Config reloads (SIGHUP or a changed file), by result: applied (something changed), "
+    "unchanged, or failed (the file is invalid: the running config stays)", ["result"],
+)
 
 HELD_REQUESTS = Gauge("torpor_held_requests", "Requests the activator holds now", ["service"])
 HELD_REQUESTS_TOTAL = Counter(

@@ -177,6 +177,9 @@ class ServiceStatus:
     problem: str | None = None
     # Why its replicas do not run as they should (Workloads.problem), None while they do.
     replica_problem: str | None = None
+    # Where the service comes from: "config", "registered" (torpor register) or the
+    # discovery source (e.g. "deployment/models/echo"); None when unknown.
+    source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -196,6 +199,7 @@ class ServiceStatus:
             "next_call": self.next_call,
             "problem": self.problem,
             "replica_problem": self.replica_problem,
+            "source": self.source,
         }
 
 

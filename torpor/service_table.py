@@ -146,4 +146,5 @@ class ServiceTable:
             updated_at=record.updated_at,
             history=record.history,
             replica_problem=self._workloads.problem(name),
+            source=self.catalog.source(name),
         )

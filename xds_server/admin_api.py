@@ -8,6 +8,7 @@ The client side (message → status dict) lives in torpor/admin_client.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,10 +17,12 @@ from typing import Any, TypeVar
 import grpc
 
 from protos import admin_pb2, admin_pb2_grpc
-from torpor.admin import ServiceAdmin
+from torpor.admin import ServiceAdmin, ServiceRegistry
 from torpor.errors import (
+    AlreadyExistsError,
     ConfigError,
     ConflictError,
+    InvalidArgumentError,
     InvalidTransitionError,
     LockTimeoutError,
     NotSupportedError,
@@ -48,6 +51,8 @@ SavingsReport = Callable[[float | None], Awaitable[list[tuple[str, Savings]]]]
 #: Most specific first: the first class the error is an instance of decides the code.
 _ERROR_CODES: tuple[tuple[type[TorporError], Any], ...] = (
     (UnknownServiceError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotSupportedError, grpc.StatusCode.UNIMPLEMENTED),
     (InvalidTransitionError, grpc.StatusCode.FAILED_PRECONDITION),
     (ConflictError, grpc.StatusCode.ABORTED),
@@ -100,6 +105,8 @@ def status_to_message(status: ServiceStatus) -> Any:
         message.problem = status.problem
     if status.replica_problem is not None:
         message.replica_problem = status.replica_problem
+    if status.source is not None:
+        message.source = status.source
     return message
 
 
@@ -123,9 +130,11 @@ class AdminServicer:
     methods; it does not subclass the generated (untyped) AdminServicer.
     """
 
-    def __init__(self, admin: ServiceAdmin, report: SavingsReport | None = None) -> None:
+    def __init__(self, admin: ServiceAdmin, report: SavingsReport | None = None,
+                 registry: ServiceRegistry | None = None) -> None:
         self._admin = admin
         self._report = report
+        self._registry = registry
 
     async def ListServices(self, request: Any, context: Any) -> Any:
         statuses = await self._call("ListServices", "", context, self._admin.statuses)
@@ -161,6 +170,39 @@ class AdminServicer:
         return admin_pb2.ReportResponse(
             services=[savings_to_message(name, savings) for name, savings in rows],
             total=savings_to_message("total", total(rows)), generated_at=time.time())
+
+    async def RegisterService(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        spec = await self._spec(request, context)
+        status = await self._call("RegisterService", name, context,
+                                  lambda: self._registration().register(
+                                      name, str(request.host), spec))
+        return status_to_message(status)
+
+    async def UnregisterService(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        await self._call("UnregisterService", name, context,
+                         lambda: self._registration().unregister(name))
+        return admin_pb2.UnregisterServiceResponse()
+
+    def _registration(self) -> ServiceRegistry:
+        if self._registry is None:
+            raise NotSupportedError("this admin API registers no services")
+        return self._registry
+
+    @staticmethod
+    async def _spec(request: Any, context: Any) -> dict[str, Any]:
+        """spec_json as a JSON object ({} when empty)."""
+        text = str(request.spec_json) or "{}"
+        try:
+            spec = json.loads(text)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"spec_json is not JSON: {exc}")
+        if not isinstance(spec, dict):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "spec_json must be a JSON object")
+        return {str(key): value for key, value in spec.items()}
 
     async def _savings(self, since: float | None) -> list[tuple[str, Savings]]:
         if self._report is None:
@@ -207,11 +249,13 @@ async def start_admin_server(address: str, admin: ServiceAdmin,
                              report: SavingsReport | None = None,
                              interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                              credentials: grpc.ServerCredentials | None = None,
+                             registry: ServiceRegistry | None = None,
                              ) -> tuple[grpc.aio.Server, int]:
     """Serve `admin` (and `report`, for the Report RPC) on `address` ("host:port"; port 0
     picks a free one). `interceptors`: the token check (xds_server/admin_auth.py); the
     control plane always passes it, tests of the servicer alone may not. `credentials`:
-    serve TLS (xds_server/admin_auth.py server_tls), else plaintext.
+    serve TLS (xds_server/admin_auth.py server_tls), else plaintext. `registry`: what
+    RegisterService and UnregisterService change (None: both UNIMPLEMENTED).
 
     Returns the started server and the bound port. Stop it with `await server.stop(grace)`.
     Raises TorporError if the address cannot be bound (in use, or not a host:port).
@@ -219,7 +263,7 @@ async def start_admin_server(address: str, admin: ServiceAdmin,
     # SO_REUSEPORT off: a second torpor on the same port must fail, not share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                              interceptors=list(interceptors) or None)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin, report), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin, report, registry), server)
     try:
         port = int(server.add_secure_port(address, credentials) if credentials is not None
                    else server.add_insecure_port(address))

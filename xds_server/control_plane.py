@@ -39,6 +39,8 @@ from torpor.lifecycle.wake import Waker
 from torpor.locks import LocalLocks, ServiceLocks
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceStatus
+from torpor.registrations import Registrations
+from torpor.reload import ReloadPlan, ServiceChanges
 from torpor.service_table import ServiceTable
 from torpor.store.base import Store
 from torpor.workloads.base import Workloads
@@ -117,12 +119,17 @@ class ControlPlane:
         self.policy = PolicyLoop(config, self.catalog, lambda: self.table.records,
                                  self.collector, self.hibernation, self.clock, self.is_leader,
                                  waker=self.waker, store=store)
+        # Services arriving, changing, leaving at run time (config reload, torpor register).
+        self.changes = ServiceChanges(self.catalog, workloads, self.routing.push)
+        self.registrations = Registrations(config, store, self.catalog, self.changes)
         self.admin = ControlPlaneAdmin(self.table, self.collector, self.hibernation,
                                        self.waker, self.routing,
                                        lambda: [*problems(), *self.readiness()],
                                        outlook=self.policy.outlook,
                                        quarantine=self.quarantine.problem,
-                                       left_out=self.quarantine.left_out)
+                                       left_out=self.quarantine.left_out,
+                                       registrations=self.registrations,
+                                       register_timeout=config.control_plane.ack_timeout)
         self._run_policy = run_policy
         self.savings = SavingsKeeper(  # the leader's savings ledger (torpor report)
             store, lambda: self.table.records, self.collector.last_call, self.clock,
@@ -139,6 +146,8 @@ class ControlPlane:
 
     async def start(self) -> BoundPorts:
         """Load the table, start replicas of services that should run, then serve."""
+        await self.registrations.load()  # registered services are routed from the start
+        self.collector.set_hosts(self.catalog.hosts())
         await self.table.load()  # registers each service's statistics with the collector
         await self.collector.load(self.store)  # adds the stored counts to them
         if self.election is None:  # a fleet's leader repairs in its policy passes
@@ -163,6 +172,8 @@ class ControlPlane:
         self._tasks.append(asyncio.create_task(
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
         self._tasks.append(asyncio.create_task(self.savings.run()))
+        if self.config.store.kind == "etcd":  # another control plane may register
+            self._tasks.append(asyncio.create_task(self.registrations.follow()))
         if self._run_policy:
             self._tasks.append(asyncio.create_task(self.policy.run()))
             if self.election is not None:
@@ -203,7 +214,7 @@ class ControlPlane:
         self._servers.append(xds_server)
         tokens = AdminTokens.from_config(self.config)  # creates admin-token if none is set
         admin_server, admin_port = await start_admin_server(
-            str(cp.admin_api), self.admin, report=self.savings.report,
+            str(cp.admin_api), self.admin, report=self.savings.report, registry=self.admin,
             interceptors=[AdminAuthInterceptor(tokens)],
             credentials=server_tls(cp.admin_tls) if cp.admin_tls is not None else None)
         self._servers.append(admin_server)
@@ -277,6 +288,15 @@ class ControlPlane:
         except TorporError as exc:
             event(log, "service.register_failed", service=change.name, error=str(exc),
                   level=logging.ERROR)
+
+    async def apply_reload(self, plan: ReloadPlan, config: Config) -> dict[str, str]:
+        """A reloaded config: `plan` (torpor.reload.plan_reload) carried out, `config`
+        (torpor.reload.applied: new services and policy, every other setting as it was)
+        what runs from now on. Returns the services it could not apply, name → why."""
+        self.config = config
+        self.policy.set_config(config)
+        self.registrations.set_config(config)
+        return await self.changes.apply(plan, self.registrations.displace)
 
     # --- what `torpor up` asks of its control plane -------------------------------------
 

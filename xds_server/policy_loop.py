@@ -139,6 +139,10 @@ class PolicyLoop:
         self._prewakes: dict[str, asyncio.Task[None]] = {}
         self._saved_at: float | None = None
 
+    def set_config(self, config: Config) -> None:
+        """A reloaded config: its `policy` section applies from the next pass on."""
+        self._config = config
+
     async def run(self) -> None:
         """A pass every `policy.check_every`, when leading; learned states are saved every
         `control_plane.stats_flush_every` (and at `close`)."""

@@ -1,21 +1,23 @@
-"""The admin operations of a control plane (torpor.admin.ServiceAdmin), over its parts.
+"""The admin operations of a control plane (torpor.admin.ServiceAdmin and ServiceRegistry),
+over its parts.
 
-Owns what `torpor status`, `torpor hibernate`, `torpor wake` and a standalone activator's
-"is the flip applied?" mean for this process: read the table, run the lifecycle procedure,
-push, answer with the service's status. Must not speak gRPC (admin_api.py) nor decide
-states (torpor.lifecycle).
+Owns what `torpor status`, `hibernate`, `wake`, `register`, `unregister` and a standalone
+activator's "is the flip applied?" mean for this process: read the table, run the
+lifecycle procedure or the registration, push, answer with the service's status. Must not
+speak gRPC (admin_api.py) nor decide states (torpor.lifecycle).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-from torpor.errors import TorporError, UnknownServiceError, WorkloadError
+from torpor.errors import NotSupportedError, TorporError, UnknownServiceError, WorkloadError
 from torpor.lifecycle.hibernation import Hibernation
 from torpor.lifecycle.wake import Waker
 from torpor.model import ServiceState, ServiceStatus
+from torpor.registrations import Registrations
 from torpor.service_table import ServiceTable
 from xds_server.collector import CallCollector
 from xds_server.routing import EnvoyRouting
@@ -39,11 +41,16 @@ class ControlPlaneAdmin:
                  problems: Callable[[], list[str]] = list,
                  outlook: Callable[[str], Outlook] | None = None,
                  quarantine: Callable[[str], str | None] | None = None,
-                 left_out: Callable[[str], str | None] | None = None) -> None:
+                 left_out: Callable[[str], str | None] | None = None,
+                 registrations: Registrations | None = None,
+                 register_timeout: float = 10.0) -> None:
         """`outlook(name)`: the policy's keep-alive and next predicted call of a service
         (None: status shows neither). `quarantine(name)`: why Envoy's config leaves the
         service out (or at its last good config), None when it does not; `left_out(name)`:
-        the same, only for a service Envoy does not route at all."""
+        the same, only for a service Envoy does not route at all. `registrations`: what
+        `torpor register` changes (None: this process registers nothing)."""
+        self._registrations = registrations
+        self._register_timeout = register_timeout
         self._quarantine = quarantine
         self._left_out = left_out
         self._outlook = outlook
@@ -90,6 +97,25 @@ class ControlPlaneAdmin:
             raise TorporError(f"service {name!r} is quarantined, Envoy does not route it: "
                               f"{problem}")
         return self._status(name)
+
+    async def register(self, name: str, host: str, spec: dict[str, Any]) -> ServiceStatus:
+        """torpor.admin.ServiceRegistry.register: stored, in the catalog, then answered
+        once the table holds its record (the push follows as for any change)."""
+        service = await self._registry().register({**spec, "name": name, "host": host})
+        if not await self._table.wait_for(lambda: service.name in self._table.records,
+                                          self._register_timeout):
+            raise TorporError(f"service {name!r} is registered but not yet in the table "
+                              f"after {self._register_timeout:g}s; torpor status shows it "
+                              "when it is")
+        return self._status(service.name)
+
+    async def unregister(self, name: str) -> None:
+        await self._registry().unregister(name)
+
+    def _registry(self) -> Registrations:
+        if self._registrations is None:
+            raise NotSupportedError("this control plane registers no services")
+        return self._registrations
 
     def _status(self, name: str) -> ServiceStatus:
         status = self._table.status(name, self._collector.last_call(name))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from torpor.catalog import ServiceCatalog
+from torpor.config import ServiceConfig
+from torpor.errors import NotSupportedError
 from torpor.model import Endpoint
 
 #: Called with (service name, its ready endpoints now) whenever the ready set changes.
@@ -88,6 +90,17 @@ class Workloads(abc.ABC):
         (a Kubernetes Deployment's torpor.io/recorded-replicas annotation), if it is at zero
         now; None when it keeps no such record. Lets a lost store be rebuilt."""
         return None
+
+    async def put_service(self, service: ServiceConfig) -> None:
+        """Manage `service` from now on, or take its changed entry (a config reload,
+        `torpor register`); replicas are started by `scale` as for any service. Local
+        replicas running an old command are replaced (make-before-break)."""
+        raise NotSupportedError(f"{type(self).__name__} cannot add services at run time")
+
+    async def drop_service(self, name: str) -> None:
+        """Stop managing `name` (a removed service): local replicas are stopped; a
+        Kubernetes Deployment is left as it is. Unknown names are no error."""
+        raise NotSupportedError(f"{type(self).__name__} cannot remove services at run time")
 
     async def discover(self, catalog: ServiceCatalog) -> Discovery | None:
         """Start adding services found in the platform (Kubernetes Deployments labelled

@@ -146,6 +146,12 @@ class KubernetesWorkloads(Workloads):
         if tracked is not None:
             _wake_waiters(tracked)
 
+    async def put_service(self, service: ServiceConfig) -> None:
+        self.track(service)
+
+    async def drop_service(self, name: str) -> None:
+        self.untrack(name)
+
     def _add(self, tracked: _Tracked) -> None:
         self._services[tracked.config.name] = tracked
         self._users.setdefault((tracked.namespace, tracked.service), set()).add(

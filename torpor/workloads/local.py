@@ -184,6 +184,8 @@ class _Service:
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     # Serialises scale, restart and close, so that two of them never count the same replicas.
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    # Removed at run time (drop_service): nothing starts a replica of it again.
+    dropped: bool = False
 
 
 class LocalWorkloads(Workloads):
@@ -199,9 +201,11 @@ class LocalWorkloads(Workloads):
         clock: Clock | None = None,
         backoff_reset_after: float = 10.0,
         ports: tuple[int, int] | None = None,
+        replace_timeout: float = 120.0,
     ) -> None:
         """`ports`: where replicas listen (workloads.ports; default: just below the
-        kernel's ephemeral range)."""
+        kernel's ephemeral range). `replace_timeout`: how long replicas with a changed
+        command may take to get ready before the old ones stop anyway."""
         self._services = {
             s.name: _Service(s.name, s.local, next_restart_delay=restart_backoff[0])
             for s in services
@@ -219,6 +223,7 @@ class LocalWorkloads(Workloads):
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._ports = ReplicaPorts(ports)
+        self._replace_timeout = replace_timeout
 
     # -- the Workloads contract ------------------------------------------------------------
 
@@ -261,6 +266,8 @@ class LocalWorkloads(Workloads):
         self._check_open()
         async with svc.lock:
             self._check_open()
+            if svc.dropped:
+                raise UnknownServiceError(f"service {name!r} was removed")
             svc.desired = replicas
             await self._reconcile(svc)
 
@@ -298,6 +305,76 @@ class LocalWorkloads(Workloads):
         """Process ids of the wanted replicas that run now, oldest first (for tests and
         `torpor status`; a pid is also its replica's process group id)."""
         return [r.pid for r in self._service(name).replicas if r.alive]
+
+    # -- services coming, changing and going at run time -----------------------------------
+
+    async def put_service(self, service: ServiceConfig) -> None:
+        """A new service (no replica until `scale`), or a changed `local:` block: when the
+        command, cwd or env changed, running replicas are replaced make-before-break;
+        other keys apply to replicas started later."""
+        if service.local is None:
+            raise WorkloadError(f"service {service.name!r} has no local: block, and "
+                                "workloads.kind is local")
+        self._check_open()
+        svc = self._services.get(service.name)
+        if svc is None:
+            self._services[service.name] = _Service(
+                service.name, service.local, next_restart_delay=self._restart_backoff[0])
+            return
+        async with svc.lock:
+            self._check_open()
+            old, svc.config = svc.config, service.local
+            if (old.command, old.cwd, old.env) != (svc.config.command, svc.config.cwd,
+                                                   svc.config.env):
+                await self._replace(svc)
+
+    async def drop_service(self, name: str) -> None:
+        """Stop every replica of a removed service and forget it; a scale or restart
+        waiting for it finds it gone."""
+        svc = self._services.get(name)
+        if svc is None:
+            return
+        svc.dropped = True
+        await self._close_service(svc)
+        if self._services.get(name) is svc:
+            del self._services[name]
+        _wake_waiters(svc)
+        event(logger, "service.replicas_removed", service=name)
+
+    async def _replace(self, svc: _Service) -> None:
+        """Under the service's lock: start as many replicas with the new command as run
+        now, wait until they are ready (at most `replace_timeout`, or until one exits),
+        then stop the old ones. A new command that does not start leaves the restart
+        backoff to retry it, as for a crash."""
+        old = list(svc.replicas)
+        if not old:
+            return
+        fresh: list[_Replica] = []
+        try:
+            for _ in old:
+                await self._start_replica(svc)
+                fresh.append(svc.replicas[-1])
+            await wait_for_ready(lambda: tuple(r.endpoint for r in fresh if r.ready),
+                                 lambda: svc.changed, lambda: self._check_fresh(svc, fresh),
+                                 len(fresh), self._replace_timeout,
+                                 f"service {svc.name!r}: replicas with the new command")
+        except (TimeoutError, WorkloadError) as exc:
+            event(logger, "replicas.replace_incomplete", level=logging.WARNING,
+                  service=svc.name, error=str(exc))
+        await self._stop_all(svc, [r for r in old if r in svc.replicas])
+        missing = max(0, svc.desired - len(svc.replicas))
+        if missing and not self._closed:
+            svc.restarts_due = missing
+            self._schedule_restart(svc)
+        event(logger, "replicas.replaced", service=svc.name, stopped=[r.pid for r in old],
+              started=[r.pid for r in fresh])
+
+    def _check_fresh(self, svc: _Service, fresh: list[_Replica]) -> None:
+        self._check_open()
+        for replica in fresh:
+            if not replica.alive:
+                raise WorkloadError(f"service {svc.name!r}: a replica with the new command "
+                                    f"exited ({exit_text(replica.process.returncode or 0)})")
 
     # -- scaling ---------------------------------------------------------------------------
 
@@ -342,7 +419,7 @@ class LocalWorkloads(Workloads):
     async def _restart_after(self, svc: _Service, delay: float) -> None:
         await asyncio.sleep(delay)
         async with svc.lock:
-            if self._closed:
+            if self._closed or svc.dropped:
                 return
             svc.restart_task = None
             svc.restarts_due = 0
