@@ -155,6 +155,10 @@ class ControlPlane:
         self.ports = await self._serve()
         # Read at each scrape, so it clears as soon as Envoy applies a newer config.
         metrics.XDS_CONFIG_REJECTED.set_function(lambda: float(bool(self.readiness())))
+        # One process of a fleet exports service states and replicas: the leader.
+        metrics.export_service_facts(self.is_leader)
+        if self.election is None and self._run_policy:  # the only reconciler there is
+            metrics.LEADER.labels(election="reconciler").set(1)
         self._tasks.append(asyncio.create_task(
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
         self._tasks.append(asyncio.create_task(self.savings.run()))
@@ -178,6 +182,9 @@ class ControlPlane:
                 await task
         self._tasks.clear()
         metrics.XDS_CONFIG_REJECTED.set_function(lambda: 0.0)
+        metrics.export_service_facts(None)
+        if self.election is None and self._run_policy:
+            metrics.LEADER.labels(election="reconciler").set(0)
         if self._run_policy:
             await self.policy.close()  # pre-wakes stopped, learned states saved
         for server in self._servers:

@@ -29,9 +29,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
 
-import torpor.metrics  # noqa: F401  (registers every torpor metric)
 from assembly import cli
+from torpor import metrics  # registers every torpor metric
 from torpor.certs import make_certs, write_certs
 from torpor.config import Address, load_config
 from torpor.gateway import envoy_binary
@@ -937,8 +938,14 @@ def exported_samples() -> set[str]:
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
                 "histogram": ("_bucket", "_sum", "_count", "_created"),
                 "summary": ("", "_sum", "_count", "_created"), "info": ("_info",)}
-    return {m.name + suffix for m in REGISTRY.collect() if m.name.startswith("torpor_")
-            for suffix in suffixes.get(m.type, ("",))}
+    # describe(), not collect(): some gauges are on /metrics only in the process that owns
+    # them (the leader's service states, a fleet's activator count).
+    described = [m for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)
+                 for m in metric.describe()]
+    names = {m.name for m in REGISTRY.collect()} | {m.name for m in described}
+    types = {m.name: m.type for m in [*REGISTRY.collect(), *described]}
+    return {name + suffix for name in names if name.startswith("torpor_")
+            for suffix in suffixes.get(types[name], ("",))}
 
 
 def dashboard_expressions() -> list[str]:

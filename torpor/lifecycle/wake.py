@@ -269,6 +269,6 @@ class Waker:
     def _count(self, name: str, outcome: str, started: float) -> None:
         took = self._clock.monotonic() - started
         metrics.WAKE_OUTCOMES.labels(service=name, outcome=outcome).inc()
-        metrics.WAKE_DURATION.labels(outcome=outcome).observe(took)
+        metrics.WAKE_DURATION.labels(service=name, outcome=outcome).observe(took)
         event(log, "wake.finished", service=name, outcome=outcome, seconds=round(took, 3),
               level=logging.INFO if outcome == "woken" else logging.WARNING)
