@@ -7,7 +7,7 @@ place to check against. Components import the objects they update; nothing else 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -30,13 +30,19 @@ from torpor.model import ServiceState
 # that saw them (its own Envoys' calls, the wakes it ran), so their sums are right as they are.
 
 _service_facts_owner: Callable[[], bool] | None = None
+_running_replicas: Callable[[], Mapping[str, int]] | None = None
 
 
-def export_service_facts(owner: Callable[[], bool] | None) -> None:
+def export_service_facts(owner: Callable[[], bool] | None,
+                         replicas: Callable[[], Mapping[str, int]] | None = None) -> None:
     """From now on this process exports the service facts while `owner()` is true (None:
-    never, the default: an activator, a stopped control plane)."""
-    global _service_facts_owner
+    never, the default: an activator, a stopped control plane). `replicas()`: the replicas
+    running now per service, read at each scrape (a Deployment's count changes after its
+    endpoints did, with no event of its own). It runs on the metrics server's thread: it
+    must only read."""
+    global _service_facts_owner, _running_replicas
     _service_facts_owner = owner
+    _running_replicas = replicas
 
 
 def exports_service_facts() -> bool:
@@ -49,6 +55,17 @@ class LeaderGauge(Gauge):  # type: ignore[misc]
 
     def collect(self) -> Iterable[Metric]:
         return super().collect() if exports_service_facts() else []
+
+
+class ReplicasGauge(LeaderGauge):
+    """torpor_service_replicas: read from the workloads at each scrape, when they can be."""
+
+    def collect(self) -> Iterable[Metric]:
+        replicas = _running_replicas
+        if replicas is not None and exports_service_facts():
+            for service, count in replicas().items():
+                self.labels(service=service).set(count)
+        return super().collect()
 
 
 class SetGauge(Gauge):  # type: ignore[misc]
@@ -93,8 +110,9 @@ SERVICE_STATE = LeaderGauge(
     "1 for the state a service is in, 0 for the others (exported by the leader only)",
     ["service", "state"],
 )
-SERVICE_REPLICAS = LeaderGauge("torpor_service_replicas",
-                              "Replicas running now (exported by the leader only)", ["service"])
+SERVICE_REPLICAS = ReplicasGauge("torpor_service_replicas",
+                                 "Replicas running now (exported by the leader only)",
+                                 ["service"])
 REPLICAS_SAVED = LeaderGauge(
     "torpor_replicas_saved",
     "Replicas not running because torpor put the service to sleep (its recorded count while "
