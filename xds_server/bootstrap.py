@@ -11,6 +11,7 @@ to it.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from typing import Any
@@ -175,6 +176,7 @@ def _is_ip(host: str) -> bool:
 PROMETHEUS_STATS_PATH = "/stats/prometheus"
 STATS_LISTENER = "torpor_envoy_stats"
 ADMIN_CLUSTER = "torpor_envoy_admin"
+_ANY_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
 
 def add_stats_listener(boot: dict[str, Any], listen: Address | None, admin: Address) -> None:
@@ -184,6 +186,8 @@ def add_stats_listener(boot: dict[str, Any], listen: Address | None, admin: Addr
     reaching the admin interface, whose other paths change or stop the gateway."""
     if listen is None:
         return
+    if admin.host in _ANY_HOST:  # an admin on every address: dial it on loopback
+        admin = dataclasses.replace(admin, host=_ANY_HOST[admin.host])
     endpoint = {"endpoint": {"address": _socket(admin)}}
     boot["static_resources"]["clusters"].append({
         "name": ADMIN_CLUSTER,

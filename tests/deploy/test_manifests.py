@@ -821,7 +821,7 @@ def envoy_bootstrap(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str,
 
 
 def xds_cluster(boot: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    (cluster,) = boot["static_resources"]["clusters"]
+    (cluster,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == "torpor_xds"]
     lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     return cluster["type"], lb["endpoint"]["address"]["socket_address"]
 
@@ -930,7 +930,8 @@ def test_every_alert_has_for_severity_summary_and_description() -> None:
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
     tested = {t["alertname"] for case in yaml.safe_load(RULES_TEST.read_text())["tests"]
               for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
-    assert {"TorporWakeFailed", "TorporXdsNack"} <= tested
+    assert {"TorporWakeFailed", "TorporXdsNack", "TorporServiceQuarantined", "TorporNoLeader",
+            "TorporNoActivator"} <= tested
 
 
 def exported_samples() -> set[str]:
@@ -1118,7 +1119,7 @@ def test_gateway_mode_authenticates_xds_with_mtls_and_the_admin_api_with_tokens(
     assert readable(activator_ca.ca, activator) == "torpor-xds-tls"
     # The bootstrap Envoy runs on presents that certificate.
     boot = json.loads(configmap_data(rendered, mode, "torpor-envoy-bootstrap")["bootstrap.json"])
-    (cluster,) = boot["static_resources"]["clusters"]
+    (cluster,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == "torpor_xds"]
     common = cluster["transport_socket"]["typed_config"]["common_tls_context"]
     assert common["tls_certificates"][0]["certificate_chain"]["filename"] == str(envoy_tls.cert)
     # No Secret's content is in the manifests: the operator makes them.
