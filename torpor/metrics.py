@@ -136,9 +136,10 @@ SERVICE_READY_ENDPOINTS = LeaderGauge(
 REQUESTS_SEEN = Counter(
     "torpor_requests_seen", "Requests Envoy reported in its access log, per service", ["service"]
 )
-LAST_REQUEST = LeaderGauge(
-    "torpor_last_request_timestamp_seconds", "Unix time of the last request seen, by any "
-    "control plane's Envoys (exported by the leader only)", ["service"]
+LAST_REQUEST = Gauge(
+    "torpor_last_request_timestamp_seconds", "Unix time of the last request seen (each "
+    "control plane: its own Envoys' and, within a stats flush, its peers'; take the max)",
+    ["service"]
 )
 UNKNOWN_HOST_REQUESTS = Counter(
     "torpor_unknown_host_requests", "Requests for hosts that are not in the service table"
@@ -273,7 +274,7 @@ def forget_service(service: str) -> None:
     for candidate in ServiceState:
         _remove(SERVICE_STATE, service, candidate.value)
     for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS, REPLICAS_SAVED,
-                  SERVICE_QUARANTINED, LAST_REQUEST):
+                  SERVICE_QUARANTINED):
         _remove(gauge, service)
     for outcome in WAKE_OUTCOME_NAMES:
         _remove(WAKE_DURATION, service, outcome)
