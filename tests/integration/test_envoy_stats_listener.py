@@ -1,7 +1,8 @@
 """gateway.stats_listen: Envoy's own statistics for Prometheus on a listener of their own,
 while the admin interface stays on its owner-only Unix socket. Checked offline by Envoy
 (`--mode validate`) and live under `torpor up`: GET /stats/prometheus answers Envoy's
-statistics; every other path and method is refused (the admin's /quitquitquit too)."""
+statistics; every other path and method is refused (the admin's /quitquitquit too). And
+what the no-leader and no-activator alerts look for, as `torpor up` exports it."""
 
 from __future__ import annotations
 
@@ -82,3 +83,19 @@ async def test_envoy_statistics_are_served_and_nothing_else(tmp_path: Path, runs
             async with session.request(method, base + where) as response:
                 assert response.status == 404, (method, where, response.status)
     assert up.proc is not None and up.proc.poll() is None, "torpor up stopped"
+
+
+async def test_one_machine_reports_a_leader_and_a_serving_activator(tmp_path: Path,
+                                                                    runs: UpRuns) -> None:
+    """What TorporNoLeader and TorporNoActivator look for, from `torpor up` (one process:
+    the only reconciler, and its activator), with the service facts it owns."""
+    path = write_config(tmp_path, model_service("echo", 1))
+    await runs.start(path)
+    config = load_config(path)
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://{config.control_plane.metrics}/metrics") as response:
+        exported = set((await response.text()).splitlines())
+    assert 'torpor_leader{election="reconciler"} 1.0' in exported
+    assert "torpor_activator_serving 1.0" in exported
+    assert 'torpor_service_replicas{service="echo"} 1.0' in exported
+    assert not [line for line in exported if line.startswith("torpor_activators ")]
