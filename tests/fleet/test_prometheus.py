@@ -279,6 +279,10 @@ async def test_dashboard_and_alerts_on_a_fleet_of_two(fleet: Fleet,
                                            f"({metric}))")
         assert by(exporters, "service") == {(SLEEPY,): 1, (WOKE,): 1}, (metric, exporters)
     assert await prometheus.query('torpor_service_state{job="torpor-activator"}') == []
+    per_service = by(await prometheus.query(
+        'count by (service) ({__name__=~"torpor_.+", service=~".+"})'), "service")
+    print(f"series per service (README: 39 for one that slept and woke, 12 asleep): "
+          f"{per_service}")
 
     # Alerts: none of the fleet's while it is whole.
     async def quiet() -> bool:
