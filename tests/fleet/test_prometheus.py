@@ -281,6 +281,12 @@ async def test_dashboard_and_alerts_on_a_fleet_of_two(fleet: Fleet,
     assert await prometheus.query('torpor_service_state{job="torpor-activator"}') == []
     per_service = by(await prometheus.query(
         'count by (service) ({__name__=~"torpor_.+", service=~".+"})'), "service")
+    # The per-service histograms' budget (README "Metrics"): 6 buckets + Inf + sum + count,
+    # once per outcome and process that observed it; one wake, so once.
+    for histogram in ("torpor_wake_duration_seconds", "torpor_cold_start_seconds"):
+        series = await prometheus.query(f'count({{__name__=~"{histogram}_(bucket|sum|count)", '
+                                        f'service="{WOKE}"}})')
+        assert series == [({}, len(PER_SERVICE_BUCKETS) + 3)], (histogram, series)
     print(f"series per service (README: 39 for one that slept and woke, 12 asleep): "
           f"{per_service}")
 
