@@ -19,6 +19,7 @@ from tests.support.configs import model_service, write_config
 from tests.support.net import free_port
 from tests.support.up import Up, UpRuns
 from torpor.config import load_config
+from torpor.errors import ConfigError
 from torpor.gateway import envoy_binary
 from xds_server.bootstrap import bootstrap_json
 
@@ -50,6 +51,23 @@ def test_the_bootstrap_with_a_stats_listener_is_valid(tmp_path: Path) -> None:
                              "--log-level", "warning"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("9902", "expected an address host:port"),
+    ("127.0.0.1:70000", "out of range"),
+    ("SAME", "clashes with gateway.listen"),
+])
+def test_a_bad_stats_listen_is_a_config_error(tmp_path: Path, value: str, problem: str) -> None:
+    path = write_config(tmp_path, model_service("echo", 1))
+    listen = re.search(r"gateway: \{listen: ([0-9.:]+)", path.read_text())
+    assert listen is not None
+    value = listen[1] if value == "SAME" else value
+    path.write_text(path.read_text().replace(
+        listen[0], f"{listen[0]}, stats_listen: '{value}'"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "gateway.stats_listen" and problem in info.value.problem, info.value
 
 
 def test_without_the_key_there_is_no_stats_listener(tmp_path: Path) -> None:
