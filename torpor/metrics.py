@@ -74,7 +74,11 @@ class ReplicasGauge(LeaderGauge):
     def collect(self) -> Iterable[Metric]:
         replicas = _running_replicas
         if replicas is not None and exports_service_facts():
-            for service, count in replicas().items():
+            try:
+                counts = replicas()
+            except Exception:  # a failing read keeps the last values; /metrics stays up
+                counts = {}
+            for service, count in counts.items():
                 self.labels(service=service).set(count)
         return super().collect()
 
