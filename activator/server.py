@@ -22,6 +22,7 @@ from activator.handler import ActivatorHandler, Wakings, make_app
 from activator.holding import HeldRequests, Holding, ServiceLookup
 from activator.proxy import Proxy
 from activator.waking_page import load_template
+from torpor import metrics
 from torpor.catalog import ServiceCatalog
 from torpor.clock import Clock
 from torpor.config import Config
@@ -106,6 +107,7 @@ class ActivatorServer:
         except TorporError:
             await self.stop()
             raise
+        metrics.ACTIVATOR_SERVING.set(1)  # the no-activator alert looks for a 1
         return self.port
 
     def _wakings(self) -> Wakings:
@@ -182,6 +184,8 @@ class ActivatorServer:
         return idle.done() and not idle.cancelled()
 
     async def stop(self) -> None:
+        if self._runner is not None:
+            metrics.ACTIVATOR_SERVING.set(0)
         if self._calls is not None:
             await self._calls.stop()
             self._calls = None

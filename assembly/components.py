@@ -39,7 +39,7 @@ from torpor.registrations import Registrations
 from torpor.reload import ReloadPlan, ServiceChanges
 from torpor.workloads import make_workloads
 from torpor.workloads.base import Discovery, Workloads
-from xds_server.bootstrap import bootstrap, envoy_xds_tls
+from xds_server.bootstrap import add_stats_listener, bootstrap, envoy_xds_tls
 from xds_server.control_plane import BoundPorts, ControlPlane
 
 log = logging.getLogger("torpor.assembly")
@@ -275,6 +275,7 @@ class Assembly:
                          envoy_xds_tls(config),
                          stats_flush=config.gateway.stats_flush_interval,
                          xds_protocol=config.control_plane.xds_protocol)
+        add_stats_listener(boot, config.gateway.stats_listen, config.gateway.admin)
         path = self._logs / "envoy-bootstrap.json"
         path.write_text(json.dumps(boot, indent=2))
         envoy = SupervisedEnvoy(path, self._logs / "envoy.log", config.gateway.admin, say=say)

@@ -1,6 +1,8 @@
 # Sourced by scripts/test (after env.sh): makes sure the tools that check deploy/ are on
 # this machine, installing them when it can:
-#   promtool  checks and unit-tests deploy/prometheus (Debian's `prometheus` package);
+#   promtool  checks and unit-tests deploy/prometheus, and the prometheus server that
+#             tests/fleet/test_prometheus.py runs against a fleet (both in Debian's
+#             `prometheus` package);
 #   kubectl   renders deploy/ with its built-in kustomize (v4 or newer: deploy/ uses
 #             kustomize Components);
 #   chromium  the headless browser of the waking page's test (Debian's `chromium`).
@@ -34,17 +36,20 @@ _torpor_apt_install() {
   return "$status"
 }
 
-# promtool --------------------------------------------------------------------------------
-if ! command -v promtool > /dev/null 2>&1; then
+# promtool and the prometheus server ---------------------------------------------------------
+_torpor_has_prometheus() { command -v promtool > /dev/null 2>&1 && command -v prometheus > /dev/null 2>&1; }
+if ! _torpor_has_prometheus; then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get > /dev/null 2>&1; then
-    _torpor_say "installing promtool (Debian package prometheus)"
+    _torpor_say "installing promtool and the prometheus server (Debian package prometheus)"
     _torpor_apt_install prometheus || _torpor_say "apt-get install prometheus failed"
   fi
-  if ! command -v promtool > /dev/null 2>&1; then
-    _torpor_say "promtool is missing: the deploy/prometheus tests will fail." \
-      "Install it as root with: apt-get install prometheus (Debian), or put promtool on PATH."
+  if ! _torpor_has_prometheus; then
+    _torpor_say "promtool or prometheus is missing: the deploy/prometheus tests and" \
+      "tests/fleet/test_prometheus.py will fail. Install them as root with:" \
+      "apt-get install prometheus (Debian), or put promtool and prometheus on PATH."
   fi
 fi
+unset -f _torpor_has_prometheus
 
 # chromium --------------------------------------------------------------------------------
 # The waking page's test drives a real headless browser (tests/support/browser.py).

@@ -112,6 +112,9 @@ class GatewayConfig:
     # How often Envoy reports its request counters to the control plane: the resolution
     # of every service's last call (xds_server/stats_sink.py).
     stats_flush_interval: float = DEFAULT_STATS_FLUSH
+    # A listener of Envoy's that answers only GET /stats/prometheus (Envoy's own statistics
+    # for Prometheus), so that the admin interface itself can stay on its Unix socket.
+    stats_listen: Address | None = None
 
     @property
     def edge(self) -> EdgeLimits:
@@ -365,6 +368,8 @@ class Config:
             "activator.listen": self.activator.listen,
             "activator.listen_h2": self.activator.listen_h2,
             "activator.metrics": self.activator.metrics,
+            **({"gateway.stats_listen": self.gateway.stats_listen}
+               if self.gateway.stats_listen is not None else {}),
         }
 
 
@@ -789,7 +794,8 @@ _GATEWAY = _Schema(
      "retry_buffer_bytes": _Field(_integer(0, 64 * 1024 * 1024)),
      "max_request_headers_kb": _Field(_integer(1, MAX_REQUEST_HEADERS_KB_LIMIT)),
      "xds_tls": _Field(_client_tls),
-     "stats_flush_interval": _Field(_duration_within(MIN_STATS_FLUSH, MAX_STATS_FLUSH))},
+     "stats_flush_interval": _Field(_duration_within(MIN_STATS_FLUSH, MAX_STATS_FLUSH)),
+     "stats_listen": _Field(_address)},
 )
 _SERVER_TLS = _Schema(
     ServerTlsConfig,

@@ -7,15 +7,95 @@ place to check against. Components import the objects they update; nothing else 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client import (
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+    start_http_server,
+)
+from prometheus_client.metrics_core import Metric
 
 from torpor.errors import TorporError
 from torpor.model import ServiceState
+
+# No `_created` series beside every counter and histogram: nothing reads them, and at
+# 10,000 services they would be a quarter of all series (the budget: README "Metrics").
+disable_created_metrics()
+
+# --- who exports what, so that sums over a fleet count each fact once ----------------------
+# Every control plane of a fleet watches the same store and workloads, so each knows every
+# service's state, replicas and endpoints, and an activator knows the states of the wakes it
+# ran. Were each to export them, a dashboard summing over instances would count a service
+# once per process (2 control planes: an ACTIVE service's timeline value 2). So these
+# "service facts" are exported by one process only: the one `export_service_facts` names
+# (the leader of the reconciler election; a control plane without a fleet). Every process
+# keeps the values current (a follower that becomes leader exports them at once); only the
+# owner's /metrics shows them. Events (counters, histograms) are counted by the one process
+# that saw them (its own Envoys' calls, the wakes it ran), so their sums are right as they are.
+
+_service_facts_owner: Callable[[], bool] | None = None
+_running_replicas: Callable[[], Mapping[str, int]] | None = None
+
+
+def export_service_facts(owner: Callable[[], bool] | None,
+                         replicas: Callable[[], Mapping[str, int]] | None = None) -> None:
+    """From now on this process exports the service facts while `owner()` is true (None:
+    never, the default: an activator, a stopped control plane). `replicas()`: the replicas
+    running now per service, read at each scrape (a Deployment's count changes after its
+    endpoints did, with no event of its own). It runs on the metrics server's thread: it
+    must only read."""
+    global _service_facts_owner, _running_replicas
+    _service_facts_owner = owner
+    _running_replicas = replicas
+
+
+def exports_service_facts() -> bool:
+    owner = _service_facts_owner
+    return owner is not None and owner()
+
+
+class LeaderGauge(Gauge):  # type: ignore[misc]
+    """A gauge of a service fact: on /metrics only while this process owns service facts."""
+
+    def collect(self) -> Iterable[Metric]:
+        return super().collect() if exports_service_facts() else []
+
+
+class ReplicasGauge(LeaderGauge):
+    """torpor_service_replicas: read from the workloads at each scrape, when they can be."""
+
+    def collect(self) -> Iterable[Metric]:
+        replicas = _running_replicas
+        if replicas is not None and exports_service_facts():
+            try:
+                counts = replicas()
+            except Exception:  # a failing read keeps the last values; /metrics stays up
+                counts = {}
+            for service, count in counts.items():
+                self.labels(service=service).set(count)
+        return super().collect()
+
+
+class SetGauge(Gauge):  # type: ignore[misc]
+    """A gauge that appears on /metrics only once it has been set (a gauge without labels
+    would show 0 in every process, including those that never measure it)."""
+
+    _was_set = False
+
+    def set(self, value: float) -> None:
+        self._was_set = True
+        super().set(value)
+
+    def collect(self) -> Iterable[Metric]:
+        return super().collect() if self._was_set else []
+
 
 XDS_PUSHES = Counter("torpor_xds_pushes", "xDS responses sent to Envoys", ["type"])
 XDS_ACKS = Counter("torpor_xds_acks", "xDS responses acknowledged by Envoys", ["type"])
@@ -40,25 +120,30 @@ XDS_CONNECTED_ENVOYS = Gauge("torpor_xds_connected_envoys", "Envoy ADS streams c
 XDS_SNAPSHOT_VERSION = Gauge("torpor_xds_snapshot_version", "Version of the current snapshot")
 XDS_RESOURCES = Gauge("torpor_xds_resources", "Resources in the current snapshot", ["type"])
 
-SERVICE_STATE = Gauge(
+SERVICE_STATE = LeaderGauge(
     "torpor_service_state",
-    "1 for the state a service is in, 0 for the others",
+    "1 for the state a service is in, 0 for the others (exported by the leader only)",
     ["service", "state"],
 )
-SERVICE_REPLICAS = Gauge("torpor_service_replicas", "Replicas running now", ["service"])
-REPLICAS_SAVED = Gauge(
+SERVICE_REPLICAS = ReplicasGauge("torpor_service_replicas",
+                                 "Replicas running now (exported by the leader only)",
+                                 ["service"])
+REPLICAS_SAVED = LeaderGauge(
     "torpor_replicas_saved",
     "Replicas not running because torpor put the service to sleep (its recorded count while "
-    "HIBERNATED or EVICTED, else 0)", ["service"],
+    "HIBERNATED or EVICTED, else 0; exported by the leader only)", ["service"],
 )
-SERVICE_READY_ENDPOINTS = Gauge(
-    "torpor_service_ready_endpoints", "Ready endpoints of a service", ["service"]
+SERVICE_READY_ENDPOINTS = LeaderGauge(
+    "torpor_service_ready_endpoints", "Ready endpoints of a service (exported by the leader "
+    "only)", ["service"]
 )
 REQUESTS_SEEN = Counter(
     "torpor_requests_seen", "Requests Envoy reported in its access log, per service", ["service"]
 )
 LAST_REQUEST = Gauge(
-    "torpor_last_request_timestamp_seconds", "Unix time of the last request seen", ["service"]
+    "torpor_last_request_timestamp_seconds", "Unix time of the last request seen (each "
+    "control plane: its own Envoys' and, within a stats flush, its peers'; take the max)",
+    ["service"]
 )
 UNKNOWN_HOST_REQUESTS = Counter(
     "torpor_unknown_host_requests", "Requests for hosts that are not in the service table"
@@ -104,11 +189,16 @@ QUEUE_OVERFLOWS = Counter(
     "torpor_queue_overflows", "Requests refused with 503 because a service's queue was full",
     ["service"],
 )
+#: Few buckets, because the wake and cold-start histograms are per service: each has
+#: len(buckets) + 3 series (+Inf, _sum, _count) per service (and outcome), i.e. 9 at 6
+#: buckets; 10,000 services that all woke: 90,000 series of each.
+PER_SERVICE_BUCKETS = (1, 5, 30, 120, 300, 600)
 WAKE_DURATION = Histogram(
-    "torpor_wake_duration_seconds", "From the start of a wake to its first ready endpoint",
-    ["outcome"],
-    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+    "torpor_wake_duration_seconds", "From the start of a wake to its first ready endpoint, "
+    "counted by the process that ran the wake", ["service", "outcome"],
+    buckets=PER_SERVICE_BUCKETS,
 )
+WAKE_OUTCOME_NAMES = ("woken", "timeout", "failed")
 WAKE_OUTCOMES = Counter(
     "torpor_wake_outcomes", "Wakes by outcome (woken, timeout, failed)", ["service", "outcome"]
 )
@@ -153,8 +243,12 @@ LEADER = Gauge("torpor_leader", "1 while this process leads the election (reconc
 ETCD_WATCH_RESTARTS = Counter(
     "torpor_etcd_watch_restarts", "etcd watches resumed after a failure, by watch", ["watch"]
 )
-ACTIVATORS = Gauge("torpor_activators", "Activator replicas registered in etcd, as this "
-                   "control plane sees them (the endpoints of Envoy's activator cluster)")
+ACTIVATORS = SetGauge("torpor_activators", "Activator replicas registered in etcd, as this "
+                      "control plane sees them (the endpoints of Envoy's activator cluster; "
+                      "fleet only)")
+ACTIVATOR_SERVING = SetGauge(
+    "torpor_activator_serving",
+    "1 while this process's activator accepts requests for sleeping services, 0 once it stopped")
 
 # The savings ledger (torpor/ledger.py): exported only by the control plane whose ledger
 # counts (the leader in a fleet).
@@ -169,7 +263,7 @@ COLD_STARTS = Counter(
 )
 COLD_START_SECONDS = Histogram(
     "torpor_cold_start_seconds", "A cold start's wait, from WAKING to ACTIVE", ["service"],
-    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+    buckets=PER_SERVICE_BUCKETS,
 )
 PREWAKES = Counter(
     "torpor_prewakes", "Pre-wakes by outcome: useful (a call came before the service slept "
@@ -202,6 +296,8 @@ def forget_service(service: str) -> None:
     for gauge in (SERVICE_REPLICAS, SERVICE_READY_ENDPOINTS, HELD_REQUESTS, REPLICAS_SAVED,
                   SERVICE_QUARANTINED):
         _remove(gauge, service)
+    for outcome in WAKE_OUTCOME_NAMES:
+        _remove(WAKE_DURATION, service, outcome)
 
 
 def forget_savings(service: str) -> None:

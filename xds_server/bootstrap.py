@@ -11,6 +11,7 @@ to it.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from typing import Any
@@ -88,6 +89,7 @@ def bootstrap_json(config: Config, node_id: str | None = None, xds: Address | No
                      xds or config.control_plane.xds, envoy_xds_tls(config),
                      stats_flush=config.gateway.stats_flush_interval,
                      xds_protocol=config.control_plane.xds_protocol)
+    add_stats_listener(boot, config.gateway.stats_listen, admin or config.gateway.admin)
     return json.dumps(boot, indent=2, sort_keys=True)
 
 
@@ -166,3 +168,54 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --- Envoy's statistics for Prometheus ------------------------------------------------------
+
+#: The one path the stats listener answers (Envoy's admin handler of the same path).
+PROMETHEUS_STATS_PATH = "/stats/prometheus"
+STATS_LISTENER = "torpor_envoy_stats"
+ADMIN_CLUSTER = "torpor_envoy_admin"
+_ANY_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+def add_stats_listener(boot: dict[str, Any], listen: Address | None, admin: Address) -> None:
+    """With `listen` (gateway.stats_listen): a static listener there that forwards GET
+    /stats/prometheus to Envoy's own admin (a static cluster on the admin's address, Unix
+    socket or TCP) and answers 404 to anything else. Prometheus scrapes Envoy there without
+    reaching the admin interface, whose other paths change or stop the gateway."""
+    if listen is None:
+        return
+    if admin.host in _ANY_HOST:  # an admin on every address: dial it on loopback
+        admin = dataclasses.replace(admin, host=_ANY_HOST[admin.host])
+    endpoint = {"endpoint": {"address": _socket(admin)}}
+    boot["static_resources"]["clusters"].append({
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC" if admin.is_unix or _is_ip(admin.host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": ADMIN_CLUSTER,
+                            "endpoints": [{"lb_endpoints": [endpoint]}]},
+    })
+    only_get = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    routes = [
+        {"match": {"path": PROMETHEUS_STATS_PATH, "headers": only_get},
+         "route": {"cluster": ADMIN_CLUSTER, "timeout": "10s"}},
+        {"match": {"prefix": "/"},
+         "direct_response": {"status": 404, "body": {
+             "inline_string": f"only GET {PROMETHEUS_STATS_PATH} is served here\n"}}},
+    ]
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                 "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "torpor_stats",
+        "route_config": {"name": STATS_LISTENER, "virtual_hosts": [
+            {"name": STATS_LISTENER, "domains": ["*"], "routes": routes}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    boot["static_resources"].setdefault("listeners", []).append({
+        "name": STATS_LISTENER,
+        "address": _socket(listen),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": manager}]}],
+    })

@@ -31,7 +31,7 @@ from torpor.catalog import CatalogChange, ServiceCatalog
 from torpor.clock import Clock, SystemClock
 from torpor.config import Config
 from torpor.credentials import AdminTokens
-from torpor.errors import TorporError
+from torpor.errors import TorporError, UnknownServiceError
 from torpor.etcd.election import LeaderElection
 from torpor.etcd.registry import ActivatorRegistry
 from torpor.lifecycle.hibernation import Hibernation
@@ -169,6 +169,10 @@ class ControlPlane:
         self.ports = await self._serve()
         # Read at each scrape, so it clears as soon as Envoy applies a newer config.
         metrics.XDS_CONFIG_REJECTED.set_function(lambda: float(bool(self.readiness())))
+        # One process of a fleet exports service states and replicas: the leader.
+        metrics.export_service_facts(self.is_leader, self._running_replicas)
+        if self.election is None and self._run_policy:  # the only reconciler there is
+            metrics.LEADER.labels(election="reconciler").set(1)
         self._tasks.append(asyncio.create_task(
             self.collector.run_flusher(self.store, self.config.control_plane.stats_flush_every)))
         self._tasks.append(asyncio.create_task(self.savings.run()))
@@ -194,6 +198,9 @@ class ControlPlane:
                 await task
         self._tasks.clear()
         metrics.XDS_CONFIG_REJECTED.set_function(lambda: 0.0)
+        metrics.export_service_facts(None)
+        if self.election is None and self._run_policy:
+            metrics.LEADER.labels(election="reconciler").set(0)
         if self._run_policy:
             await self.policy.close()  # pre-wakes stopped, learned states saved
         for server in self._servers:
@@ -270,6 +277,15 @@ class ControlPlane:
         """An Envoy NACKed a config: quarantine the services behind it, push without them."""
         if self.quarantine.rejected(rejection, self.cache.snapshot()):
             self.routing.mark_dirty()
+
+    def _running_replicas(self) -> dict[str, int]:
+        """Replicas running now per service, for torpor_service_replicas at each scrape (on
+        the metrics server's thread: it only reads)."""
+        found = {}
+        for name in list(self.table.records):
+            with contextlib.suppress(UnknownServiceError):
+                found[name] = self.workloads.running_replicas(name)
+        return found
 
     def is_leader(self) -> bool:
         """Whether this control plane runs the policy (in a fleet: the elected one)."""

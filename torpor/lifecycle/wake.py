@@ -30,7 +30,7 @@ from torpor.lifecycle.records import change_state
 from torpor.lifecycle.transitions import Action, Event, Step, decide
 from torpor.locks import LockTimeoutError, ServiceLocks, lock_key
 from torpor.logs import event
-from torpor.model import Endpoint, ServiceRecord
+from torpor.model import Endpoint, ServiceRecord, ServiceState
 from torpor.store.base import Store
 from torpor.workloads.base import Workloads
 
@@ -177,6 +177,9 @@ class Waker:
             event(log, "wake.not_needed", service=name, state=wake.record.state.value,
                   cause=cause.value, level=logging.DEBUG)
             return self._workloads.ready_endpoints(name)
+        # Already ACTIVE (another activator's wake finished while this one waited for the
+        # lock): only its ready endpoints; no wake of this process to count.
+        woke = wake.record.state is not ServiceState.ACTIVE
         await self._take(wake, step, wake.reason)
         try:
             ready = await self._run(wake, step.after)
@@ -200,7 +203,8 @@ class Waker:
             # the store is back and the leader's repair sees ready replicas (→ ACTIVE).
             event(log, "wake.state_write_failed", service=name, error=str(exc),
                   level=logging.ERROR)
-        self._count(name, "woken", wake.started)
+        if woke:
+            self._count(name, "woken", wake.started)
         return ready
 
     async def _run(self, wake: _Wake, actions: tuple[Action, ...]) -> tuple[Endpoint, ...]:
@@ -269,6 +273,6 @@ class Waker:
     def _count(self, name: str, outcome: str, started: float) -> None:
         took = self._clock.monotonic() - started
         metrics.WAKE_OUTCOMES.labels(service=name, outcome=outcome).inc()
-        metrics.WAKE_DURATION.labels(outcome=outcome).observe(took)
+        metrics.WAKE_DURATION.labels(service=name, outcome=outcome).observe(took)
         event(log, "wake.finished", service=name, outcome=outcome, seconds=round(took, 3),
               level=logging.INFO if outcome == "woken" else logging.WARNING)
