@@ -177,6 +177,13 @@ class ServiceStatus:
     problem: str | None = None
     # Why its replicas do not run as they should (Workloads.problem), None while they do.
     replica_problem: str | None = None
+    # Its wake settings as they apply (its own, else the activator section's; None:
+    # unknown) and its group (None: none): torpor/wake_settings.py.
+    group: str | None = None
+    wake_timeout: float | None = None
+    max_held: int | None = None
+    activation_replicas: int | None = None
+    min_awake: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -196,6 +203,11 @@ class ServiceStatus:
             "next_call": self.next_call,
             "problem": self.problem,
             "replica_problem": self.replica_problem,
+            "group": self.group,
+            "wake_timeout": self.wake_timeout,
+            "max_held": self.max_held,
+            "activation_replicas": self.activation_replicas,
+            "min_awake": self.min_awake,
         }
 
 

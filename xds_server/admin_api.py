@@ -100,6 +100,10 @@ def status_to_message(status: ServiceStatus) -> Any:
         message.problem = status.problem
     if status.replica_problem is not None:
         message.replica_problem = status.replica_problem
+    for field in ("group", "wake_timeout", "max_held", "activation_replicas", "min_awake"):
+        value = getattr(status, field)
+        if value is not None:
+            setattr(message, field, value)
     return message
 
 

@@ -17,6 +17,7 @@ from torpor.lifecycle.hibernation import Hibernation
 from torpor.lifecycle.wake import Waker
 from torpor.model import ServiceState, ServiceStatus
 from torpor.service_table import ServiceTable
+from torpor.wake_settings import SettingsOf
 from xds_server.collector import CallCollector
 from xds_server.routing import EnvoyRouting
 
@@ -39,11 +40,14 @@ class ControlPlaneAdmin:
                  problems: Callable[[], list[str]] = list,
                  outlook: Callable[[str], Outlook] | None = None,
                  quarantine: Callable[[str], str | None] | None = None,
-                 left_out: Callable[[str], str | None] | None = None) -> None:
+                 left_out: Callable[[str], str | None] | None = None,
+                 settings: SettingsOf | None = None) -> None:
         """`outlook(name)`: the policy's keep-alive and next predicted call of a service
         (None: status shows neither). `quarantine(name)`: why Envoy's config leaves the
         service out (or at its last good config), None when it does not; `left_out(name)`:
-        the same, only for a service Envoy does not route at all."""
+        the same, only for a service Envoy does not route at all. `settings(name)`: its
+        wake settings and group, shown as they apply."""
+        self._settings = settings
         self._quarantine = quarantine
         self._left_out = left_out
         self._outlook = outlook
@@ -95,6 +99,11 @@ class ControlPlaneAdmin:
         status = self._table.status(name, self._collector.last_call(name))
         if self._quarantine is not None:
             status = dataclasses.replace(status, problem=self._quarantine(name))
+        if self._settings is not None:
+            own = self._settings(name)
+            status = dataclasses.replace(
+                status, group=own.group, wake_timeout=own.wake_timeout, max_held=own.max_held,
+                activation_replicas=own.activation_replicas, min_awake=own.min_awake)
         if self._outlook is None:
             return status
         outlook = self._outlook(name)
