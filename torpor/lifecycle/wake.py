@@ -257,7 +257,7 @@ class Waker:
         for member in members:
             if self._flights.running(member):
                 continue
-            reason = f"group {group}: woken with {name}"
+            reason = f"group {group}: woken with {name}" if group else f"woken with {name}"
             task = asyncio.create_task(self._wake_member(member, reason, cause))
             self._group_wakes.add(task)
             task.add_done_callback(self._group_wakes.discard)
