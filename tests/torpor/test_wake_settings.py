@@ -3,6 +3,7 @@ annotations, the resolution against the activator section, and what Envoy is giv
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -154,3 +155,29 @@ def test_bad_annotations_are_reported_together() -> None:
     assert "torpor.io/group: 'Pipe_Line' is not a valid group name" in text
     assert "did you mean 'torpor.io/wake-timeout'?" in text
     assert len(found) == 6
+
+
+# --- status and a standalone activator's mirror -----------------------------------------------
+
+
+def test_status_carries_the_settings_and_a_mirror_applies_them() -> None:
+    from activator.catalog_mirror import mirrored
+    from tests.xds_server.test_admin_api import make_status
+    from torpor import admin_client
+    from xds_server.admin_api import status_to_message
+
+    plain = admin_client.status_from_message(status_to_message(make_status("echo")))
+    assert {k: plain[k] for k in ("group", "wake_timeout", "max_held", "activation_replicas",
+                                  "min_awake")} == dict.fromkeys(
+        ("group", "wake_timeout", "max_held", "activation_replicas", "min_awake"))
+    assert plain["state"] == "ACTIVE" and plain["recorded_replicas"] == 2  # unchanged fields
+
+    own = dataclasses.replace(make_status("llm"), group="pipeline", wake_timeout=300.0,
+                              max_held=7, activation_replicas=1, min_awake=90.0)
+    back = admin_client.status_from_message(status_to_message(own))
+    assert (back["group"], back["wake_timeout"], back["max_held"], back["activation_replicas"],
+            back["min_awake"]) == ("pipeline", 300.0, 7, 1, 90.0)
+    copy = mirrored(back)
+    assert wake_settings(ACTIVATOR, copy) == WakeSettings(300.0, 7, 1, 90.0, "pipeline")
+    assert copy.host == "llm.localhost"
+    assert wake_settings(ACTIVATOR, mirrored(plain)) == WakeSettings(120.0, 100)
