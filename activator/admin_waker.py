@@ -19,23 +19,28 @@ from torpor import admin_client
 from torpor.errors import TorporError, UnknownServiceError, WakeFailedError
 from torpor.lifecycle.wake import SingleFlight
 from torpor.model import Endpoint
+from torpor.wake_settings import SettingsOf, WakeSettings
 
 
 class AdminWaker:
     """Implements torpor.lifecycle.ports.Wakes over the admin API at `address`."""
 
-    def __init__(self, address: admin_client.Target, wake_timeout: float) -> None:
+    def __init__(self, address: admin_client.Target, wake_timeout: float,
+                 settings: SettingsOf | None = None) -> None:
+        """`settings(name)`: the service's own wake_timeout (default: `wake_timeout`)."""
         self._address = address
-        # The control plane's own wake gives up after wake_timeout; allow for the call.
-        self._call_timeout = wake_timeout + 10.0
+        self._settings: SettingsOf = settings or (lambda name: WakeSettings(wake_timeout, 1))
         self._flights: SingleFlight[tuple[Endpoint, ...]] = SingleFlight()
 
     async def wake(self, name: str, reason: str) -> tuple[Endpoint, ...]:
         return await self._flights.join(name, lambda: asyncio.to_thread(self._wake, name))
 
     def _wake(self, name: str) -> tuple[Endpoint, ...]:
+        # The control plane's own wake gives up after the service's wake_timeout; allow
+        # for the call.
+        timeout = self._settings(name).wake_timeout + 10.0
         try:
-            status = admin_client.wake(self._address, name, timeout=self._call_timeout)
+            status = admin_client.wake(self._address, name, timeout=timeout)
         except admin_client.AdminError as exc:
             if exc.code == "NOT_FOUND":
                 raise UnknownServiceError(str(exc)) from exc

@@ -2,10 +2,11 @@
 
 `torpor activator` in its own process (a Kubernetes Deployment) does not discover services
 itself: it needs no Kubernetes API access at all. It mirrors the control plane's table
-(name and host of every service, config and discovered) through the admin API: every
+(name, host and wake settings of every service, config and discovered) through the admin
+API: every
 `every` seconds, and at once when a request names a host it does not know, so a service
 labelled a moment ago is found on its first request. Must not decide anything about the
-services: it only copies names and hosts.
+services: it only copies names, hosts and the wake settings the holding applies.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from torpor import admin_client
 from torpor.catalog import CONFIG, CatalogConflictError, ServiceCatalog
@@ -67,18 +70,30 @@ class CatalogMirror:
         except admin_client.AdminError as exc:
             event(log, "activator.catalog_refresh_failed", error=str(exc), level=logging.WARNING)
             return
-        self._apply({s["name"]: s["host"] for s in statuses if s.get("host")})
+        self._apply({s["name"]: mirrored(s) for s in statuses if s.get("host")})
 
-    def _apply(self, hosts: dict[str, str]) -> None:
-        for name in set(self._catalog.names_from(SOURCE)) - set(hosts):
+    def _apply(self, services: dict[str, ServiceConfig]) -> None:
+        for name in set(self._catalog.names_from(SOURCE)) - set(services):
             self._catalog.remove(name, SOURCE)
-        for name, host in hosts.items():
+        for name, service in services.items():
             if self._catalog.source(name) == CONFIG:
                 continue
             with contextlib.suppress(CatalogConflictError):
-                self._catalog.put(ServiceConfig(name=name, host=host), SOURCE)
+                self._catalog.put(service, SOURCE)
 
     async def _run(self) -> None:
         while True:
             await self.refresh()
             await asyncio.sleep(self._every)
+
+
+def mirrored(status: Mapping[str, Any]) -> ServiceConfig:
+    """A service as the activator needs it, from its status: name, host, and the wake
+    settings as the control plane applies them (a per-service wake_timeout and max_held
+    bound its held requests here too)."""
+    return ServiceConfig(name=status["name"], host=status["host"],
+                         wake_timeout=status.get("wake_timeout"),
+                         max_held=status.get("max_held"),
+                         activation_replicas=status.get("activation_replicas"),
+                         min_awake=status.get("min_awake") or 0.0,
+                         group=status.get("group"))

@@ -30,6 +30,7 @@ from torpor.errors import TorporError, UnknownServiceError, WakeFailedError
 from torpor.lifecycle.ports import Wakes
 from torpor.logs import event
 from torpor.model import Endpoint
+from torpor.wake_settings import SettingsOf, WakeSettings
 
 log = logging.getLogger("torpor.activator")
 
@@ -65,16 +66,18 @@ class HeldRequests:
         return self._total
 
     @contextlib.contextmanager
-    def slot(self, name: str) -> Iterator[None]:
+    def slot(self, name: str, limit: int | None = None) -> Iterator[None]:
         """Hold one request of `name` for the duration of the block; raises QueueFullError
-        when the service's queue, or the activator as a whole, is full. The slot is given
-        back however the block ends."""
+        when the service's queue (`limit`: its own max_held, else max_per_service), or the
+        activator as a whole, is full. The slot is given back however the block ends."""
         held = self._held.get(name, 0)
-        if held >= self.max_per_service:
+        own = limit is not None and limit != self.max_per_service
+        if held >= (limit if limit is not None else self.max_per_service):
             metrics.QUEUE_OVERFLOWS.labels(service=name).inc()
+            setting = "services[].max_held" if own else "activator.max_held_per_service"
             raise QueueFullError(
                 f"service {name!r} already has {held} requests waiting for it to wake "
-                f"(activator.max_held_per_service)")
+                f"({setting})")
         if self.max_total is not None and self._total >= self.max_total:
             metrics.QUEUE_OVERFLOWS.labels(service=name).inc()
             raise QueueFullError(
@@ -200,10 +203,14 @@ class Holding:
 
     def __init__(self, held: HeldRequests, wakes: Wakes, wake_timeout: float,
                  clock: Clock | None = None,
-                 on_held: Callable[[str], None] | None = None) -> None:
+                 on_held: Callable[[str], None] | None = None,
+                 settings: SettingsOf | None = None) -> None:
+        """`settings(name)`: the service's own wake_timeout and max_held (default: the
+        `wake_timeout` given and the held requests' max_per_service for every service)."""
         self.held = held
         self._wakes = wakes
-        self._wake_timeout = wake_timeout
+        self._settings: SettingsOf = settings or (
+            lambda name: WakeSettings(wake_timeout, held.max_per_service))
         self._clock = clock or SystemClock()
         # Told of every request that arrives for a sleeping service (the idle policy
         # counts them as calls), refused or not.
@@ -232,7 +239,8 @@ class Holding:
 
     async def hold(self, name: str, after_wake: AfterWake | None = None) -> Outcome:
         """Hold one request of `name`: take a slot, trigger or join its wake, then, when
-        `after_wake` is given, wait for it too; all within one `wake_timeout` deadline.
+        `after_wake` is given, wait for it too; all within one `wake_timeout` deadline (the
+        service's own, else the activator's), in a queue of the service's `max_held`.
 
         Returns how the request left; raises CancelledError (counted as abandoned
         "disconnected") when the caller is cancelled, i.e. the client went away. The wake
@@ -247,9 +255,10 @@ class Holding:
         phases: list[Phase] = ["wake"]
         unconfirmed: str | None = None
         outcome: Outcome
+        own = self._settings(name)
         try:
-            with self.held.slot(name):
-                async with asyncio.timeout(self._wake_timeout):
+            with self.held.slot(name, own.max_held):
+                async with asyncio.timeout(own.wake_timeout):
                     endpoints, unconfirmed = await self._until_drain_ends(
                         self._wait(name, after_wake, phases))
         except _DrainEnded:
@@ -257,7 +266,7 @@ class Holding:
         except QueueFullError as exc:
             outcome = QueueFull(name, str(exc))
         except TimeoutError:
-            outcome = DeadlinePassed(name, phases[-1], self._wake_timeout)
+            outcome = DeadlinePassed(name, phases[-1], own.wake_timeout)
         except WakeFailedError as exc:
             outcome = WakeFailed(name, "timeout" if exc.outcome == "timeout" else "failed",
                                  str(exc))

@@ -29,6 +29,7 @@ from torpor.config import Config
 from torpor.errors import ConfigError, TorporError
 from torpor.lifecycle.ports import Wakes
 from torpor.logs import event
+from torpor.wake_settings import settings_lookup
 
 log = logging.getLogger("torpor.activator")
 
@@ -75,7 +76,8 @@ class ActivatorServer:
         # of the same service find it, queue, time out and fail alike.
         lookup = ServiceLookup(self._catalog.by_host, self._on_miss)
         holding = Holding(self.held, self._waker, self._config.activator.wake_timeout,
-                          self._clock, self._on_held)
+                          self._clock, self._on_held,
+                          settings_lookup(self._config.activator, self._catalog.get))
         activator = self._config.activator
         self._calls = AsyncCalls(
             ResultSpool(activator.async_spool or self._config.log_dir() / "async",

@@ -37,6 +37,7 @@ from torpor.logs import event
 from torpor.model import Endpoint
 from torpor.registrations import Registrations
 from torpor.reload import ReloadPlan, ServiceChanges
+from torpor.wake_settings import group_members, settings_lookup
 from torpor.workloads import make_workloads
 from torpor.workloads.base import Discovery, Workloads
 from xds_server.bootstrap import add_stats_listener, bootstrap, envoy_xds_tls
@@ -218,17 +219,22 @@ class Assembly:
             return self.control_plane.waker, self.control_plane.wait_routed, None
         admin = admin_target(config)  # the token: config's file, or the one up created
         confirm = AdminRouteConfirmation(admin, config.activator.wake_timeout).wait_routed
+        settings = settings_lookup(config.activator, self.catalog.get)
         if wakes_itself(config):
             assert self.coordination is not None and self.workloads is not None
             await self._follow_registrations(self.coordination, self.workloads)
+            catalog = self.catalog
             waker = Waker(self.coordination.store, self.workloads, self.coordination.locks,
                           wake_timeout=config.activator.wake_timeout,
-                          flip_when=config.wake.flip_when)
+                          flip_when=config.wake.flip_when, settings=settings,
+                          members=lambda name: group_members(catalog.services(), name))
+            self._stack.push_async_callback(waker.close)
             return waker, confirm, None
         mirror = CatalogMirror(admin, self.catalog)
         await mirror.start()
         self._stack.push_async_callback(mirror.stop)
-        return AdminWaker(admin, config.activator.wake_timeout), confirm, mirror.refresh_on_miss
+        return (AdminWaker(admin, config.activator.wake_timeout, settings), confirm,
+                mirror.refresh_on_miss)
 
     async def _follow_registrations(self, fleet: Coordination, workloads: Workloads) -> None:
         """An activator that wakes services itself has its own catalog (config and

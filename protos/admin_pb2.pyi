@@ -75,7 +75,7 @@ class Transition(_message.Message):
     def __init__(self, at: _Optional[float] = ..., from_state: _Optional[str] = ..., to_state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history", "keep_alive", "next_call", "problem", "replica_problem", "source")
+    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history", "keep_alive", "next_call", "problem", "replica_problem", "source", "group", "wake_timeout", "max_held", "activation_replicas", "min_awake")
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,11 @@ class ServiceStatus(_message.Message):
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     REPLICA_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    WAKE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_HELD_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_AWAKE_FIELD_NUMBER: _ClassVar[int]
     name: str
     host: str
     state: str
@@ -108,7 +113,12 @@ class ServiceStatus(_message.Message):
     problem: str
     replica_problem: str
     source: str
-    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ..., problem: _Optional[str] = ..., replica_problem: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    group: str
+    wake_timeout: float
+    max_held: int
+    activation_replicas: int
+    min_awake: float
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ..., problem: _Optional[str] = ..., replica_problem: _Optional[str] = ..., source: _Optional[str] = ..., group: _Optional[str] = ..., wake_timeout: _Optional[float] = ..., max_held: _Optional[int] = ..., activation_replicas: _Optional[int] = ..., min_awake: _Optional[float] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("since_seconds",)

@@ -139,6 +139,13 @@ def status_from_message(message: Any) -> dict[str, Any]:
             replica_problem=(str(message.replica_problem)
                              if message.HasField("replica_problem") else None),
             source=str(message.source) if message.HasField("source") else None,
+            group=str(message.group) if message.HasField("group") else None,
+            wake_timeout=(float(message.wake_timeout)
+                          if message.HasField("wake_timeout") else None),
+            max_held=int(message.max_held) if message.HasField("max_held") else None,
+            activation_replicas=(int(message.activation_replicas)
+                                 if message.HasField("activation_replicas") else None),
+            min_awake=float(message.min_awake) if message.HasField("min_awake") else None,
         )
     except ValueError as exc:
         raise AdminError(

@@ -331,6 +331,18 @@ class ServiceConfig:
     # and requests in flight at once (to the replicas, or held while it sleeps).
     rate_limit: RateLimitConfig | None = None
     max_concurrent: int | None = None
+    # Wake settings of this service (None: the activator section's). `wake_timeout`: how
+    # long its wake and its held requests may take; `max_held`: requests held at once for
+    # it; `activation_replicas`: how many replicas a wake starts first (the rest follow to
+    # the recorded count once the first are ready; None: the recorded count at once);
+    # `min_awake`: after a wake, the policy leaves it running at least this long.
+    wake_timeout: float | None = None
+    max_held: int | None = None
+    activation_replicas: int | None = None
+    min_awake: float = 0.0
+    # Services of one group are woken together and hibernated together (when every member
+    # is idle by its own policy).
+    group: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -739,6 +751,16 @@ def _service_name(r: _Reader, key: str, value: object) -> str:
     return text
 
 
+def _group_name(r: _Reader, key: str, value: object) -> str:
+    """A service group's name: the rule of service names (it appears in logs, metrics and
+    Kubernetes annotations alike)."""
+    text = _string(r, key, value)
+    if len(text) > 63 or not _SERVICE_NAME_RE.fullmatch(text):
+        r.fail(key, f"{text!r} is not a valid group name; use lowercase letters, digits and "
+                    "'-', starting and ending with a letter or digit, at most 63 characters")
+    return text
+
+
 _HOST_LABEL_RE = re.compile(r"[a-z0-9_]([-a-z0-9_]*[a-z0-9_])?")
 
 
@@ -995,6 +1017,11 @@ _SERVICE = _Schema(
         "waking_page": _Field(_boolean),
         "rate_limit": _Field(_section(_RATE_LIMIT)),
         "max_concurrent": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
+        "wake_timeout": _Field(_duration(positive=True)),
+        "max_held": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
+        "activation_replicas": _Field(_integer(1, MAX_REPLICAS)),
+        "min_awake": _Field(_duration()),
+        "group": _Field(_group_name),
     },
 )
 _TOP_LEVEL_KEYS = (

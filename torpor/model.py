@@ -180,6 +180,13 @@ class ServiceStatus:
     # Where the service comes from: "config", "registered" (torpor register) or the
     # discovery source (e.g. "deployment/models/echo"); None when unknown.
     source: str | None = None
+    # Its wake settings as they apply (its own, else the activator section's; None:
+    # unknown) and its group (None: none): torpor/wake_settings.py.
+    group: str | None = None
+    wake_timeout: float | None = None
+    max_held: int | None = None
+    activation_replicas: int | None = None
+    min_awake: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -200,6 +207,11 @@ class ServiceStatus:
             "problem": self.problem,
             "replica_problem": self.replica_problem,
             "source": self.source,
+            "group": self.group,
+            "wake_timeout": self.wake_timeout,
+            "max_held": self.max_held,
+            "activation_replicas": self.activation_replicas,
+            "min_awake": self.min_awake,
         }
 
 

@@ -43,6 +43,7 @@ from torpor.registrations import Registrations
 from torpor.reload import ReloadPlan, ServiceChanges
 from torpor.service_table import ServiceTable
 from torpor.store.base import Store
+from torpor.wake_settings import group_members, longest_wake_timeout, settings_lookup
 from torpor.workloads.base import Workloads
 from xds_server import types
 from xds_server.admin_api import start_admin_server
@@ -111,10 +112,13 @@ class ControlPlane:
             self.cache, self.ads, Publisher(self.cache, self.ads, config.control_plane.ack_timeout),
             configured, confirm_timeout=config.control_plane.ack_timeout)
         self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
-                           flip_when=config.wake.flip_when, clock=self.clock)
+                           flip_when=config.wake.flip_when, clock=self.clock,
+                           settings=settings_lookup(config.activator, self.catalog.get),
+                           members=lambda name: group_members(self.catalog.services(), name))
         self.hibernation = Hibernation(
             store, workloads, self.locks, self.routing, self.collector, self.clock,
-            lock_wait=max(config.activator.wake_timeout, config.control_plane.ack_timeout),
+            lock_wait=max(longest_wake_timeout(config.activator, config.services),
+                          config.control_plane.ack_timeout),
             on_record=self.table.apply)
         self.policy = PolicyLoop(config, self.catalog, lambda: self.table.records,
                                  self.collector, self.hibernation, self.clock, self.is_leader,
@@ -129,7 +133,9 @@ class ControlPlane:
                                        quarantine=self.quarantine.problem,
                                        left_out=self.quarantine.left_out,
                                        registrations=self.registrations,
-                                       register_timeout=config.control_plane.ack_timeout)
+                                       register_timeout=config.control_plane.ack_timeout,
+                                       settings=settings_lookup(config.activator,
+                                                                self.catalog.get))
         self._run_policy = run_policy
         self.savings = SavingsKeeper(  # the leader's savings ledger (torpor report)
             store, lambda: self.table.records, self.collector.last_call, self.clock,
@@ -203,6 +209,7 @@ class ControlPlane:
             metrics.LEADER.labels(election="reconciler").set(0)
         if self._run_policy:
             await self.policy.close()  # pre-wakes stopped, learned states saved
+        await self.waker.close()  # group members' wakes under way stopped
         for server in self._servers:
             await server.stop(1.0)
         self._servers.clear()

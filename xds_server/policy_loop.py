@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from policies import Activity, Decision, PolicySettings, decide, learning
+from policies.awake import group_decisions, keep_awake
 from torpor import metrics
 from torpor.call_stats import CallStats
 from torpor.catalog import ServiceCatalog
@@ -199,12 +200,39 @@ class PolicyLoop:
             self.learned.observe(name, stats, now)
             services.append((record, service, stats))
         self.learned.refresh_prior(now)
-        for record, service, stats in services:
-            verdict = self._decide(record, service, stats, now)
+        verdicts = {record.name: keep_awake(self._decide(record, service, stats, now),
+                                            last_woken(record), service.min_awake, now)
+                    for record, service, stats in services}
+        verdicts = group_decisions(verdicts, {service.name: service.group
+                                              for _, service, _ in services if service.group})
+        together: dict[str, list[tuple[ServiceRecord, Decision]]] = {}
+        for record, service, _ in services:
+            verdict = verdicts[record.name]
             if prewake_wanted(record.state, verdict, service.never_sleep,
                               learning_settings(self._config, service).prewake):
                 self._prewake(record.name, verdict.next_call)
-            await self._act(record, VERDICTS[verdict.activity], verdict.reason)
+            if service.group is None:
+                await self._act(record, VERDICTS[verdict.activity], verdict.reason)
+            else:
+                together.setdefault(service.group, []).append((record, verdict))
+        for group, members in together.items():
+            await self._act_together(group, members)
+
+    async def _act_together(self, group: str,
+                            members: list[tuple[ServiceRecord, Decision]]) -> None:
+        """The verdicts of one group's members, carried out at once: when the group is idle
+        (group_decisions left no member ACTIVE), every member that runs is hibernated in
+        this pass, concurrently, with the group named in its history."""
+        moving = [record.name for record, verdict in members
+                  if step(record.state, VERDICTS[verdict.activity]).to is not None
+                  and verdict.activity is not Activity.ACTIVE]
+        if moving:
+            event(log, "policy.group_idle", group=group, services=moving)
+        await asyncio.gather(*(
+            self._act(record, VERDICTS[verdict.activity],
+                      verdict.reason if verdict.activity is Activity.ACTIVE
+                      else f"group {group} idle; {verdict.reason}")
+            for record, verdict in members))
 
     def _decide(self, record: ServiceRecord, service: ServiceConfig, stats: CallStats,
                 now: float) -> Decision:

@@ -34,13 +34,16 @@ log = logging.getLogger("torpor.control_plane")
 
 def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> GatewaySettings:
     """Envoy settings from the config: route timeouts and circuit breakers that allow for
-    a cold start and many held requests (measured)."""
+    a cold start and many held requests (measured): the longest wake_timeout and the largest
+    max_held of the gateway and the config's services (their own settings)."""
+    from torpor.wake_settings import largest_max_held, longest_wake_timeout
+
     return GatewaySettings(
         listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
         activators=(activator[0],),
         activators_h2=(activator[1],),
-        route_timeout=config.activator.wake_timeout + 30.0,
-        max_requests=max(1024, 4 * config.activator.max_held_per_service),
+        route_timeout=longest_wake_timeout(config.activator, config.services) + 30.0,
+        max_requests=max(1024, 4 * largest_max_held(config.activator, config.services)),
         retry_buffer_bytes=config.gateway.retry_buffer_bytes,
         edge=config.gateway.edge,
     )

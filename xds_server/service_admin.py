@@ -19,6 +19,7 @@ from torpor.lifecycle.wake import Waker
 from torpor.model import ServiceState, ServiceStatus
 from torpor.registrations import Registrations
 from torpor.service_table import ServiceTable
+from torpor.wake_settings import SettingsOf
 from xds_server.collector import CallCollector
 from xds_server.routing import EnvoyRouting
 
@@ -43,14 +44,17 @@ class ControlPlaneAdmin:
                  quarantine: Callable[[str], str | None] | None = None,
                  left_out: Callable[[str], str | None] | None = None,
                  registrations: Registrations | None = None,
-                 register_timeout: float = 10.0) -> None:
+                 register_timeout: float = 10.0,
+                 settings: SettingsOf | None = None) -> None:
         """`outlook(name)`: the policy's keep-alive and next predicted call of a service
         (None: status shows neither). `quarantine(name)`: why Envoy's config leaves the
         service out (or at its last good config), None when it does not; `left_out(name)`:
         the same, only for a service Envoy does not route at all. `registrations`: what
-        `torpor register` changes (None: this process registers nothing)."""
+        `torpor register` changes (None: this process registers nothing). `settings(name)`:
+        its wake settings and group, shown as they apply."""
         self._registrations = registrations
         self._register_timeout = register_timeout
+        self._settings = settings
         self._quarantine = quarantine
         self._left_out = left_out
         self._outlook = outlook
@@ -121,6 +125,11 @@ class ControlPlaneAdmin:
         status = self._table.status(name, self._collector.last_call(name))
         if self._quarantine is not None:
             status = dataclasses.replace(status, problem=self._quarantine(name))
+        if self._settings is not None:
+            own = self._settings(name)
+            status = dataclasses.replace(
+                status, group=own.group, wake_timeout=own.wake_timeout, max_held=own.max_held,
+                activation_replicas=own.activation_replicas, min_awake=own.min_awake)
         if self._outlook is None:
             return status
         outlook = self._outlook(name)

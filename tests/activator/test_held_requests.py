@@ -46,3 +46,17 @@ def test_a_slot_is_given_back_when_its_block_fails() -> None:
 def test_bounds_below_one_are_refused(per_service: int, total: int) -> None:
     with pytest.raises(ValueError):
         HeldRequests(per_service, total)
+
+
+def test_a_service_s_own_bound_replaces_the_activator_s() -> None:
+    held = HeldRequests(max_per_service=3, max_total=10)
+    with held.slot("small", limit=1):
+        with pytest.raises(QueueFullError, match=r"services\[\]\.max_held"):
+            with held.slot("small", limit=1):
+                pass
+    with contextlib.ExitStack() as slots:  # a larger own bound than the activator's
+        for _ in range(5):
+            slots.enter_context(held.slot("big", limit=5))
+        with pytest.raises(QueueFullError):
+            with held.slot("big", limit=5):
+                pass

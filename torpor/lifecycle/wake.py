@@ -11,6 +11,7 @@ evicted route, ACTIVE flips the endpoints back) and pushes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -32,6 +33,7 @@ from torpor.locks import LockTimeoutError, ServiceLocks, lock_key
 from torpor.logs import event
 from torpor.model import Endpoint, ServiceRecord, ServiceState
 from torpor.store.base import Store
+from torpor.wake_settings import SettingsOf, WakeSettings, first_replicas
 from torpor.workloads.base import Workloads
 
 log = logging.getLogger("torpor.waker")
@@ -87,15 +89,21 @@ def reason_for(reason: str, cause: Event) -> str:
 
 
 class _Wake:
-    """One wake of one service, under its lock: the record as it goes, and the clock."""
+    """One wake of one service, under its lock: the record as it goes, and the clock.
+
+    `replicas` is the count the service runs once awake (the recorded one, at least 1);
+    `first` those the wake starts and waits for (its activation_replicas, when fewer): the
+    rest are started once the first are ready."""
 
     def __init__(self, record: ServiceRecord, reason: str, started: float,
-                 deadline: float) -> None:
+                 settings: WakeSettings) -> None:
         self.record = record
         self.reason = reason
         self.started = started
-        self.deadline = deadline
+        self.timeout = settings.wake_timeout
+        self.deadline = started + settings.wake_timeout
         self.replicas = max(1, record.recorded_replicas)
+        self.first = first_replicas(record.recorded_replicas, settings.activation_replicas)
         self.scaled = False
 
 
@@ -106,17 +114,33 @@ class Waker:
 
     def __init__(self, store: Store, workloads: Workloads, locks: ServiceLocks, *,
                  wake_timeout: float, flip_when: str = "first_ready",
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, settings: SettingsOf | None = None,
+                 members: Callable[[str], tuple[str, ...]] | None = None) -> None:
+        """`settings(name)`: the service's own wake settings (default: `wake_timeout` for
+        every service, the recorded count at once). `members(name)`: the other services of
+        its group, woken with it (default: none)."""
         if flip_when not in FLIP_WHEN:
             raise ValueError(f"flip_when must be one of {FLIP_WHEN}, not {flip_when!r}")
         self._store = store
         self._workloads = workloads
         self._locks = locks
-        self._wake_timeout = wake_timeout
         self._flip_when = flip_when
         self._clock = clock or SystemClock()
+        self._settings: SettingsOf = settings or (
+            lambda name: WakeSettings(wake_timeout, 1))
+        self._members = members or (lambda name: ())
         self._flights: SingleFlight[tuple[Endpoint, ...]] = SingleFlight()
         self._running: dict[str, _Wake] = {}
+        self._group_wakes: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Stop the wakes of group members still under way (each ends as a wake cut
+        short does: repair takes over)."""
+        for task in list(self._group_wakes):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._group_wakes.clear()
 
     def progress(self, name: str) -> WakeProgress | None:
         """How far the wake of `name` running in this process is (None: none runs)."""
@@ -127,7 +151,7 @@ class Waker:
             ready = len(self._workloads.ready_endpoints(name))
         except TorporError:
             ready = 0
-        return WakeProgress(ready=min(ready, wake.replicas), replicas=wake.replicas)
+        return WakeProgress(ready=min(ready, wake.first), replicas=wake.first)
 
     def waking(self, name: str) -> bool:
         """Whether a wake of `name` is under way in this process."""
@@ -143,12 +167,13 @@ class Waker:
     async def _wake(self, name: str, reason: str, cause: Event) -> tuple[Endpoint, ...]:
         started = self._clock.monotonic()
         reason = reason_for(reason, cause)
+        settings = self._settings(name)
         try:
-            async with self._locks.hold(lock_key(name), self._wake_timeout):
+            async with self._locks.hold(lock_key(name), settings.wake_timeout):
                 record = await self._store.get(name)
                 if record is None:
                     raise UnknownServiceError(f"unknown service {name!r}")
-                wake = _Wake(record, reason, started, started + self._wake_timeout)
+                wake = _Wake(record, reason, started, settings)
                 self._running[name] = wake
                 try:
                     return await self._carry_out(wake, cause)
@@ -181,6 +206,8 @@ class Waker:
         # lock): only its ready endpoints; no wake of this process to count.
         woke = wake.record.state is not ServiceState.ACTIVE
         await self._take(wake, step, wake.reason)
+        if step.to is ServiceState.WAKING:
+            self._wake_group(name, cause)
         try:
             ready = await self._run(wake, step.after)
         except WorkloadError as exc:
@@ -188,10 +215,10 @@ class Waker:
             raise WakeFailedError(f"service {name!r}: {exc}", "failed") from exc
         except TimeoutError as exc:
             await self._end(wake, Event.WAKE_TIMED_OUT,
-                            f"wake timed out: not ready after {self._wake_timeout:g}s",
+                            f"wake timed out: not ready after {wake.timeout:g}s",
                             "timeout")
             raise WakeFailedError(
-                f"service {name!r} did not become ready within {self._wake_timeout:g}s "
+                f"service {name!r} did not become ready within {wake.timeout:g}s "
                 f"({exc})", "timeout") from exc
         took = self._clock.monotonic() - wake.started
         done = decide(name, wake.record.state, Event.WAKE_SUCCEEDED)
@@ -203,18 +230,59 @@ class Waker:
             # the store is back and the leader's repair sees ready replicas (→ ACTIVE).
             event(log, "wake.state_write_failed", service=name, error=str(exc),
                   level=logging.ERROR)
+        await self._scale_rest(wake)
         if woke:
             self._count(name, "woken", wake.started)
         return ready
+
+    async def _scale_rest(self, wake: _Wake) -> None:
+        """After a wake that started fewer replicas than recorded (activation_replicas):
+        the rest, now, still under the lock (a hibernation cannot interleave). Starting
+        replicas does not wait for them: the held requests go to the first ones."""
+        if not wake.scaled or wake.first >= wake.replicas:
+            return
+        name = wake.record.name
+        event(log, "wake.scaling_rest", service=name, replicas=wake.replicas,
+              first=wake.first)
+        try:
+            await self._workloads.scale(name, wake.replicas)
+        except WorkloadError as exc:
+            event(log, "wake.scale_rest_failed", service=name, error=str(exc),
+                  level=logging.WARNING)
+
+    def _wake_group(self, name: str, cause: Event) -> None:
+        """`name` starts waking: wake the other members of its group too, each in a task
+        of its own (from its recorded count), joining a wake of theirs already running."""
+        members = self._members(name)
+        if not members:
+            return
+        group = self._settings(name).group
+        event(log, "wake.group", service=name, group=group, members=list(members))
+        for member in members:
+            if self._flights.running(member):
+                continue
+            reason = f"group {group}: woken with {name}" if group else f"woken with {name}"
+            task = asyncio.create_task(self._wake_member(member, reason, cause))
+            self._group_wakes.add(task)
+            task.add_done_callback(self._group_wakes.discard)
+
+    async def _wake_member(self, member: str, reason: str, cause: Event) -> None:
+        try:
+            await self._flights.join(member, lambda: self._wake(member, reason, cause))
+        except TorporError as exc:
+            event(log, "wake.group_member_failed", service=member, error=str(exc),
+                  level=logging.WARNING)
+        except Exception:  # a task of its own: nobody else would see it
+            log.exception("wake.group_member_failed service=%s", member)
 
     async def _run(self, wake: _Wake, actions: tuple[Action, ...]) -> tuple[Endpoint, ...]:
         """The step's effects in order; returns the ready endpoints WAIT_READY found."""
         ready: tuple[Endpoint, ...] = ()
         for action in actions:
             if action is Action.SCALE_UP:
-                event(log, "wake.scaling", service=wake.record.name, replicas=wake.replicas,
-                      flip_when=self._flip_when)
-                await self._workloads.scale(wake.record.name, wake.replicas)
+                event(log, "wake.scaling", service=wake.record.name, replicas=wake.first,
+                      recorded=wake.replicas, flip_when=self._flip_when)
+                await self._workloads.scale(wake.record.name, wake.first)
                 wake.scaled = True
             elif action is Action.WAIT_READY:
                 ready = await self._ready(wake)
@@ -232,7 +300,7 @@ class Waker:
         """Wait until enough replicas are ready (all of them with flip_when all_ready, when
         this wake started them), at most until the wake's deadline."""
         name = wake.record.name
-        needed = wake.replicas if wake.scaled and self._flip_when == "all_ready" else 1
+        needed = wake.first if wake.scaled and self._flip_when == "all_ready" else 1
         current = self._workloads.ready_endpoints(name)
         if len(current) >= needed:
             return current

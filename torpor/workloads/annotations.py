@@ -20,11 +20,16 @@ from typing import Any, TypeVar
 
 from torpor.config import (
     _SERVICE_NAME_RE,
+    MAX_HELD_PER_SERVICE,
+    MAX_REPLICAS,
     POLICY_KINDS,
     KubernetesServiceConfig,
     ServiceConfig,
     ServicePolicyConfig,
     _choice,
+    _duration,
+    _group_name,
+    _integer,
     _kube_name,
     _Reader,
     _service_host,
@@ -50,6 +55,11 @@ COLD_START_PRICE = PREFIX + "cold-start-price"
 PREWAKE = PREFIX + "prewake"
 RETRY_NON_IDEMPOTENT = PREFIX + "retry-non-idempotent"
 WAKING_PAGE = PREFIX + "waking-page"
+WAKE_TIMEOUT = PREFIX + "wake-timeout"
+MAX_HELD = PREFIX + "max-held"
+ACTIVATION_REPLICAS = PREFIX + "activation-replicas"
+MIN_AWAKE = PREFIX + "min-awake"
+GROUP = PREFIX + "group"
 
 #: Annotations torpor writes on a Deployment it hibernates; never read here, and left out of
 #: the fingerprint so that torpor's own writes do not look like a config change.
@@ -74,6 +84,11 @@ KNOWN_ANNOTATIONS = (
     PREWAKE,
     RETRY_NON_IDEMPOTENT,
     WAKING_PAGE,
+    WAKE_TIMEOUT,
+    MAX_HELD,
+    ACTIVATION_REPLICAS,
+    MIN_AWAKE,
+    GROUP,
 )
 PROTOCOLS = ("http1", "http2")
 
@@ -296,6 +311,7 @@ def _build(
     retry_non_idempotent = _flag(problems, given, RETRY_NON_IDEMPOTENT)
     waking_page = _flag(problems, given, WAKING_PAGE, default="true")
     policy = _policy(problems, given)
+    wake = _wake(problems, given)
     if (
         name is None
         or namespace is None
@@ -308,6 +324,7 @@ def _build(
         or retry_non_idempotent is None
         or waking_page is None
         or policy is None
+        or wake is None
     ):
         return None
     return ServiceConfig(
@@ -323,6 +340,7 @@ def _build(
         policy=policy,
         retry_non_idempotent=retry_non_idempotent,
         waking_page=waking_page,
+        **wake,
     )
 
 
@@ -403,6 +421,33 @@ def _policy(problems: _Problems, given: Mapping[str, str]) -> ServicePolicyConfi
                                creation_grace=values["creation_grace"], kind=kind,
                                cold_start_price=values["cold_start_price"],
                                prewake=None if prewake is None else prewake == "true")
+
+
+def _wake(problems: _Problems, given: Mapping[str, str]) -> dict[str, Any] | None:
+    """The wake settings (`ServiceConfig` keyword arguments of those given), by config.py's
+    rules: durations, integers in the same bounds (written as decimal strings), a group
+    name like a service name."""
+    rules: dict[str, Callable[[_Reader, str, Any], Any]] = {
+        WAKE_TIMEOUT: _duration(positive=True),
+        MAX_HELD: _integer(1, MAX_HELD_PER_SERVICE),
+        ACTIVATION_REPLICAS: _integer(1, MAX_REPLICAS),
+        MIN_AWAKE: _duration(),
+        GROUP: _group_name,
+    }
+    values: dict[str, Any] = {}
+    failed = False
+    for key, rule in rules.items():
+        if key not in given:
+            continue
+        text: object = given[key]
+        if key in (MAX_HELD, ACTIVATION_REPLICAS):
+            stripped = given[key].strip()
+            text = int(stripped) if stripped.isascii() and stripped.isdigit() else given[key]
+        value = problems.check(key, rule, text)
+        if value is None:
+            failed = True
+        values[key.removeprefix(PREFIX).replace("-", "_")] = value
+    return None if failed else values
 
 
 def _port(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.net import wait_until
 from tests.support.workloads import SimulatedWorkloads
 from torpor.errors import UnknownServiceError, WakeFailedError
 from torpor.lifecycle.transitions import Event
@@ -17,6 +18,7 @@ from torpor.lifecycle.wake import Waker, reason_for
 from torpor.locks import LocalLocks, lock_key
 from torpor.model import ServiceRecord, ServiceState
 from torpor.store.sqlite import SqliteStore
+from torpor.wake_settings import WakeSettings
 
 S = ServiceState
 
@@ -180,3 +182,61 @@ async def test_prewake_leaves_an_evicted_service_evicted(store: SqliteStore) -> 
     stored = await store.get("e")
     assert stored is not None and stored.state is S.EVICTED
     assert workloads.calls == []
+
+
+# --- per-service wake settings and groups ---------------------------------------------------
+
+
+def own_settings(**by_name: WakeSettings) -> Callable[[str], WakeSettings]:
+    return lambda name: by_name.get(name, WakeSettings(5.0, 100))
+
+
+async def test_activation_replicas_answer_after_the_first_and_start_the_rest(
+        store: SqliteStore) -> None:
+    await sleeping(store, "big", recorded=3)
+    workloads = SimulatedWorkloads({"big": 0.05})
+    waker = Waker(store, workloads, LocalLocks(), wake_timeout=5, flip_when="all_ready",
+                  settings=own_settings(big=WakeSettings(5.0, 100, activation_replicas=1)))
+    ready = await waker.wake("big", "first request")
+    assert len(ready) == 1  # answered once the one activation replica was ready
+    assert workloads.calls == [("big", 1), ("big", 3)]  # then the rest, to the recorded count
+    record = await store.get("big")
+    assert record is not None and record.state is S.ACTIVE
+    assert (record.desired_replicas, record.recorded_replicas) == (3, 3)
+
+
+async def test_a_service_s_own_wake_timeout_applies(store: SqliteStore) -> None:
+    await sleeping(store, "slow", recorded=1)
+    await sleeping(store, "quick", recorded=1)
+    workloads = SimulatedWorkloads({"slow": 0.6, "quick": 0.6})
+    waker = Waker(store, workloads, LocalLocks(), wake_timeout=0.3,
+                  settings=own_settings(slow=WakeSettings(5.0, 100),
+                                        quick=WakeSettings(0.3, 100)))
+    assert len(await waker.wake("slow", "r")) == 1  # 0.6 s: within its own 5 s
+    with pytest.raises(WakeFailedError, match=r"within 0.3s"):
+        await waker.wake("quick", "r")
+
+
+async def test_one_wake_wakes_the_whole_group_each_from_its_recorded_count(
+        store: SqliteStore) -> None:
+    for name, recorded in (("a", 1), ("b", 2), ("c", 3), ("alone", 1)):
+        await sleeping(store, name, recorded=recorded)
+    workloads = SimulatedWorkloads({"a": 0.05, "b": 0.1, "c": 0.1, "alone": 0.0})
+    group = {"a": ("b", "c"), "b": ("a", "c"), "c": ("a", "b")}
+    waker = Waker(store, workloads, LocalLocks(), wake_timeout=5,
+                  members=lambda name: group.get(name, ()))
+    await waker.wake("a", "first request")
+    await wait_until(lambda: not waker.waking("b") and not waker.waking("c"), 5, "members")
+    for name, recorded in (("a", 1), ("b", 2), ("c", 3)):
+        record = await store.get(name)
+        assert record is not None and record.state is S.ACTIVE, name
+        assert workloads.desired_replicas(name) == recorded
+    b = await store.get("b")
+    assert b is not None and "woken with a" in b.history[-2].reason
+    alone = await store.get("alone")
+    assert alone is not None and alone.state is S.HIBERNATED
+    # Awake already: a later wake of one member wakes nobody again.
+    calls = len(workloads.calls)
+    await waker.wake("b", "again")
+    assert len(workloads.calls) == calls
+    await waker.close()
