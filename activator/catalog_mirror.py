@@ -88,10 +88,14 @@ class CatalogMirror:
 
 
 def mirrored(status: Mapping[str, Any]) -> ServiceConfig:
-    """A service as the activator needs it, from its status: name, host, and the wake
+    """A service as the activator needs it, from its status: name, hosts and paths, and the wake
     settings as the control plane applies them (a per-service wake_timeout and max_held
     bound its held requests here too)."""
-    return ServiceConfig(name=status["name"], host=status["host"],
+    hosts = tuple(h for h in status.get("hosts") or () if h != status["host"])
+    paths = tuple(status.get("paths") or ())
+    return ServiceConfig(name=status["name"], host=status["host"], hosts=hosts,
+                         paths=() if paths == ("/",) else paths,
+                         rewrite=status.get("rewrite"),
                          wake_timeout=status.get("wake_timeout"),
                          max_held=status.get("max_held"),
                          activation_replicas=status.get("activation_replicas"),

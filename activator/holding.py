@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Literal
+from typing import Literal, Protocol
 
 from torpor import metrics
 from torpor.clock import Clock, SystemClock
@@ -30,6 +30,7 @@ from torpor.errors import TorporError, UnknownServiceError, WakeFailedError
 from torpor.lifecycle.ports import Wakes
 from torpor.logs import event
 from torpor.model import Endpoint
+from torpor.routes import ROOT
 from torpor.wake_settings import SettingsOf, WakeSettings
 
 log = logging.getLogger("torpor.activator")
@@ -39,7 +40,11 @@ log = logging.getLogger("torpor.activator")
 AfterWake = Callable[[str], Awaitable[None]]
 #: The service for a Host header (or :authority), or None when there is none even after a
 #: catalog refresh.
-Lookup = Callable[[str], Awaitable[ServiceConfig | None]]
+class Lookup(Protocol):
+    """Request (Host, path, the service Envoy named if any) → its service."""
+
+    def __call__(self, host: str, path: str = ..., named: str | None = ...
+                 ) -> Awaitable[ServiceConfig | None]: ...
 #: What a held request was waiting for when it left: the wake, or the route confirmation.
 Phase = Literal["wake", "flip"]
 
@@ -107,23 +112,34 @@ def abandoned(name: str, reason: str) -> None:
 
 
 class ServiceLookup:
-    """Host → service for both fronts, refreshing the catalog once on a miss.
+    """Request → service for both fronts, refreshing the catalog once on a miss.
 
+    By the service Envoy named (`x-torpor-service`, set on the routes of services whose
+    path Envoy rewrites, the only ones whose request no longer shows its route; Envoy
+    drops a client's own), else by Host and path (torpor/routes.py, Envoy's rule).
     Async because the refresh is (a standalone activator asks the control plane): callers
     run it in the request's own task, never in a protocol callback.
     """
 
-    def __init__(self, by_host: Callable[[str], ServiceConfig | None],
-                 on_miss: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, by_host: Callable[[str, str], ServiceConfig | None],
+                 on_miss: Callable[[], Awaitable[None]] | None = None,
+                 by_name: Callable[[str], ServiceConfig | None] | None = None) -> None:
         self._by_host = by_host
+        self._by_name = by_name
         self._on_miss = on_miss
 
-    async def __call__(self, host: str) -> ServiceConfig | None:
-        service = self._by_host(host)
+    async def __call__(self, host: str, path: str = ROOT,
+                       named: str | None = None) -> ServiceConfig | None:
+        service = self._find(host, path, named)
         if service is None and self._on_miss is not None:
             await self._on_miss()
-            service = self._by_host(host)
+            service = self._find(host, path, named)
         return service
+
+    def _find(self, host: str, path: str, named: str | None) -> ServiceConfig | None:
+        if named and self._by_name is not None:
+            return self._by_name(named)
+        return self._by_host(host, path.split("?", 1)[0])
 
 
 # --- outcomes: how a held request left ----------------------------------------------------

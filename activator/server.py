@@ -74,7 +74,7 @@ class ActivatorServer:
         await self._proxy.start()
         # One lookup and one way of holding for both fronts: an HTTP/1 and an HTTP/2 request
         # of the same service find it, queue, time out and fail alike.
-        lookup = ServiceLookup(self._catalog.by_host, self._on_miss)
+        lookup = ServiceLookup(self._catalog.by_host, self._on_miss, self._catalog.get)
         holding = Holding(self.held, self._waker, self._config.activator.wake_timeout,
                           self._clock, self._on_held,
                           settings_lookup(self._config.activator, self._catalog.get))

@@ -75,7 +75,7 @@ class Transition(_message.Message):
     def __init__(self, at: _Optional[float] = ..., from_state: _Optional[str] = ..., to_state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history", "keep_alive", "next_call", "problem", "replica_problem", "source", "group", "wake_timeout", "max_held", "activation_replicas", "min_awake")
+    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history", "keep_alive", "next_call", "problem", "replica_problem", "source", "group", "wake_timeout", "max_held", "activation_replicas", "min_awake", "hosts", "paths", "rewrite")
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,9 @@ class ServiceStatus(_message.Message):
     MAX_HELD_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MIN_AWAKE_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    REWRITE_FIELD_NUMBER: _ClassVar[int]
     name: str
     host: str
     state: str
@@ -118,7 +121,10 @@ class ServiceStatus(_message.Message):
     max_held: int
     activation_replicas: int
     min_awake: float
-    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ..., problem: _Optional[str] = ..., replica_problem: _Optional[str] = ..., source: _Optional[str] = ..., group: _Optional[str] = ..., wake_timeout: _Optional[float] = ..., max_held: _Optional[int] = ..., activation_replicas: _Optional[int] = ..., min_awake: _Optional[float] = ...) -> None: ...
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    rewrite: str
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ..., problem: _Optional[str] = ..., replica_problem: _Optional[str] = ..., source: _Optional[str] = ..., group: _Optional[str] = ..., wake_timeout: _Optional[float] = ..., max_held: _Optional[int] = ..., activation_replicas: _Optional[int] = ..., min_awake: _Optional[float] = ..., hosts: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ..., rewrite: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("since_seconds",)

@@ -146,6 +146,8 @@ def status_from_message(message: Any) -> dict[str, Any]:
             activation_replicas=(int(message.activation_replicas)
                                  if message.HasField("activation_replicas") else None),
             min_awake=float(message.min_awake) if message.HasField("min_awake") else None,
+            hosts=tuple(message.hosts), paths=tuple(message.paths),
+            rewrite=str(message.rewrite) if message.HasField("rewrite") else None,
         )
     except ValueError as exc:
         raise AdminError(

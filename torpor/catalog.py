@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from torpor.config import ServiceConfig
 from torpor.listeners import Listeners
 from torpor.logs import event
-from torpor.model import host_of
+from torpor.routes import ROOT, RouteTable, describe_clash
 
 log = logging.getLogger("torpor.catalog")
 
@@ -49,7 +49,7 @@ class ServiceCatalog:
     def __init__(self, services: Iterable[ServiceConfig] = ()) -> None:
         self._by_name: dict[str, ServiceConfig] = {}
         self._source: dict[str, str] = {}
-        self._by_host: dict[str, str] = {}
+        self._routes = RouteTable()
         self._listeners: Listeners[[CatalogChange]] = Listeners("catalog.listener_failed")
         for service in services:
             self._insert(service, CONFIG)
@@ -73,14 +73,27 @@ class ServiceCatalog:
         """"config", or the discovery source's key (e.g. "deployment/models/echo")."""
         return self._source.get(name)
 
-    def by_host(self, host_header: str) -> ServiceConfig | None:
-        """The service for a Host header (port, case and a trailing dot ignored)."""
-        name = self._by_host.get(host_of(host_header))
+    def by_host(self, host_header: str, path: str = ROOT) -> ServiceConfig | None:
+        """The service a request with this Host header and path reaches (port, case and a
+        trailing dot of the host ignored; torpor/routes.py)."""
+        name = self._routes.find(host_header, path)
         return None if name is None else self._by_name[name]
 
+    def route_name(self, host_header: str, path: str = ROOT) -> str | None:
+        """`by_host`, as the service's name (what the access-log collector counts by)."""
+        return self._routes.find(host_header, path)
+
     def hosts(self) -> dict[str, str]:
-        """Host → service name (what the access-log collector counts calls by)."""
-        return dict(self._by_host)
+        """Main host → service name."""
+        return {s.host: name for name, s in self._by_name.items()}
+
+    def clashing(self, service: ServiceConfig) -> list[str]:
+        """Other services that hold one of `service`'s hosts and paths."""
+        return sorted({other for _, _, other in self._routes.clashes(service.routes())})
+
+    def shares_host(self, name: str) -> bool:
+        """Whether another service is reached under one of `name`'s hosts."""
+        return self._routes.shares_host(name)
 
     # --- changing (discovery) -------------------------------------------------------
 
@@ -93,8 +106,6 @@ class ServiceCatalog:
         before = self._by_name.get(service.name)
         if before == service:
             return False
-        if before is not None:
-            del self._by_host[before.host]
         self._insert(service, source)
         event(log, "catalog.service_updated" if before else "catalog.service_added",
               service=service.name, host=service.host, source=source)
@@ -107,11 +118,10 @@ class ServiceCatalog:
         if owner is not None and owner != source:
             raise CatalogConflictError(
                 f"service name {service.name!r} is already used by {owner}")
-        host_owner = self._by_host.get(service.host)
-        if host_owner is not None and host_owner != service.name:
+        for host, path, other in self._routes.clashes(service.routes())[:1]:
             raise CatalogConflictError(
-                f"host {service.host!r} is already used by service {host_owner!r} "
-                f"({self._source[host_owner]})")
+                f"{describe_clash(host, path)} is already used by service {other!r} "
+                f"({self._source[other]})")
 
     def remove(self, name: str, source: str) -> bool:
         """Remove a service that `source` added; config services are never removed."""
@@ -119,7 +129,7 @@ class ServiceCatalog:
             return False
         before = self._by_name.pop(name)
         del self._source[name]
-        del self._by_host[before.host]
+        self._routes.remove(name)
         event(log, "catalog.service_removed", service=name, source=source)
         self._listeners.notify(CatalogChange(name, before, None))
         return True
@@ -137,4 +147,4 @@ class ServiceCatalog:
     def _insert(self, service: ServiceConfig, source: str) -> None:
         self._by_name[service.name] = service
         self._source[service.name] = source
-        self._by_host[service.host] = service.name
+        self._routes.put(service.routes())

@@ -18,6 +18,7 @@ import yaml
 
 from torpor.edge import DEFAULT_MAX_REQUEST_HEADERS_KB, MAX_REQUEST_HEADERS_KB_LIMIT, EdgeLimits
 from torpor.errors import ConfigError
+from torpor.routes import ROOT, Routes, RouteTable, describe_clash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +328,12 @@ class ServiceConfig:
     # says it is waking and reloads itself until the service answers; false: held like
     # any other request.
     waking_page: bool = True
+    # More hosts it is reached at (exact, or `*.suffix`), path prefixes under its hosts
+    # (empty: every path; several services may share a host with distinct paths), and what
+    # the matched prefix becomes on the way to the replicas (None: unchanged). torpor/routes.py.
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    rewrite: str | None = None
     # Enforced by Envoy, answered 429 + Retry-After: requests per second (with a burst),
     # and requests in flight at once (to the replicas, or held while it sleeps).
     rate_limit: RateLimitConfig | None = None
@@ -343,6 +350,10 @@ class ServiceConfig:
     # Services of one group are woken together and hibernated together (when every member
     # is idle by its own policy).
     group: str | None = None
+
+    def routes(self) -> Routes:
+        """Where it is reached: its host and `hosts`, under `paths` (every path if none)."""
+        return Routes(self.name, (self.host, *self.hosts), self.paths or (ROOT,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -782,6 +793,50 @@ def _service_host(r: _Reader, key: str, value: object) -> str:
     return host
 
 
+def _extra_hosts(r: _Reader, key: str, value: object) -> tuple[str, ...]:
+    """More hosts, each exact (as `host`) or a wildcard `*.suffix` (every host that ends
+    with `.suffix`: Envoy's only wildcard that routes by name)."""
+    if not isinstance(value, list):
+        r.fail(key, f"expected a list of hosts, got {_describe(value)}")
+    hosts: list[str] = []
+    for index, item in enumerate(value):
+        at = f"{key}[{index}]"
+        text = _string(r, at, item)
+        wildcard = text.startswith("*.")
+        host = _service_host(r, at, text[2:] if wildcard else text)
+        host = "*." + host if wildcard else host
+        if host in hosts:
+            r.fail(at, f"{text!r} is listed twice")
+        hosts.append(host)
+    return tuple(hosts)
+
+
+def _path_prefixes(r: _Reader, key: str, value: object) -> tuple[str, ...]:
+    """Path prefixes: '/' or '/a/b' (no trailing '/', no '?' or '#', no spaces)."""
+    if not isinstance(value, list) or not value:
+        r.fail(key, f"expected a non-empty list of path prefixes, got {_describe(value)}")
+    paths: list[str] = []
+    for index, item in enumerate(value):
+        at = f"{key}[{index}]"
+        path = _string(r, at, item)
+        if (not path.startswith("/") or any(c.isspace() for c in path) or "?" in path
+                or "#" in path or (path != "/" and (path.endswith("/") or "//" in path))):
+            r.fail(at, f"expected a path prefix like /v1/models/sentiment (a leading '/', "
+                   f"no trailing '/', no '?', '#' or spaces), got {path!r}")
+        if path in paths:
+            r.fail(at, f"{path!r} is listed twice")
+        paths.append(path)
+    return tuple(paths)
+
+
+def _rewrite(r: _Reader, key: str, value: object) -> str:
+    path = _string(r, key, value)
+    if not path.startswith("/") or any(c.isspace() for c in path) or "?" in path:
+        r.fail(key, f"expected a path like / or /api (a leading '/', no '?' or spaces), "
+               f"got {path!r}")
+    return path
+
+
 def _advertised_host(r: _Reader, key: str, value: object) -> str:
     """A host name or IP address, no port (the listen ports are used)."""
     text = _string(r, key, value)
@@ -1015,6 +1070,9 @@ _SERVICE = _Schema(
         "policy": _Field(_section(_SERVICE_POLICY)),
         "retry_non_idempotent": _Field(_boolean),
         "waking_page": _Field(_boolean),
+        "hosts": _Field(_extra_hosts),
+        "paths": _Field(_path_prefixes),
+        "rewrite": _Field(_rewrite),
         "rate_limit": _Field(_section(_RATE_LIMIT)),
         "max_concurrent": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
         "wake_timeout": _Field(_duration(positive=True)),
@@ -1056,7 +1114,7 @@ def _services(r: _Reader, key: str, value: object, workloads: str) -> tuple[Serv
         r.fail(key, f"expected a list of services, got {_describe(value)}")
     services: list[ServiceConfig] = []
     first_by_name: dict[str, str] = {}
-    first_by_host: dict[str, str] = {}
+    table = RouteTable()
     for index, item in enumerate(value):
         at = f"{key}[{index}]"
         service = _read(r, at, item, _SERVICE)
@@ -1077,14 +1135,24 @@ def _services(r: _Reader, key: str, value: object, workloads: str) -> tuple[Serv
                 f"duplicate service name {service.name!r}, already used by "
                 f"{first_by_name[service.name]}",
             )
-        if service.host in first_by_host:
-            r.fail(
-                _join(at, "host"),
-                f"duplicate host {service.host!r}, already used by {first_by_host[service.host]}",
-            )
+        clashes = table.clashes(service.routes())
+        if clashes:
+            host, path, owner = clashes[0]
+            r.fail(_join(at, "host" if host == service.host else "hosts"),
+                   f"duplicate {describe_clash(host, path)}, already used by service "
+                   f"{owner!r} ({first_by_name[owner]}); two services need different hosts "
+                   "or paths")
+        if service.rewrite is not None and not service.paths:
+            r.fail(_join(at, "rewrite"), "rewrites the path prefix given in `paths`; "
+                   "give the service paths too")
         first_by_name[service.name] = at
-        first_by_host[service.host] = at
+        table.put(service.routes())
         services.append(service)
+    for index, service in enumerate(services):
+        if service.rate_limit is not None and table.shares_host(service.name):
+            r.fail(_join(f"{key}[{index}]", "rate_limit"),
+                   f"service {service.name!r} shares a host with another service; a rate "
+                   "limit needs a host of its own (it applies per host, to every path)")
     return tuple(services)
 
 

@@ -187,6 +187,11 @@ class ServiceStatus:
     max_held: int | None = None
     activation_replicas: int | None = None
     min_awake: float | None = None
+    # Where it is reached (torpor/routes.py): every host (the first is `host`), its path
+    # prefixes ("/": every path) and what Envoy rewrites the matched prefix to (None: not).
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    rewrite: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -212,6 +217,9 @@ class ServiceStatus:
             "max_held": self.max_held,
             "activation_replicas": self.activation_replicas,
             "min_awake": self.min_awake,
+            "hosts": list(self.hosts or ((self.host,) if self.host else ())),
+            "paths": list(self.paths or ("/",)),
+            "rewrite": self.rewrite,
         }
 
 

@@ -203,8 +203,7 @@ class ServiceChanges:
         found = []
         if self._catalog.source(service.name) == REGISTERED:
             found.append(service.name)
-        by_host = self._catalog.by_host(service.host)
-        if by_host is not None and by_host.name != service.name and \
-                self._catalog.source(by_host.name) == REGISTERED:
-            found.append(by_host.name)
+        for other in self._catalog.clashing(service):
+            if self._catalog.source(other) == REGISTERED and other not in found:
+                found.append(other)
         return found

@@ -147,4 +147,7 @@ class ServiceTable:
             history=record.history,
             replica_problem=self._workloads.problem(name),
             source=self.catalog.source(name),
+            hosts=service.routes().hosts if service else (),
+            paths=service.paths if service else (),
+            rewrite=service.rewrite if service else None,
         )

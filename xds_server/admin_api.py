@@ -107,10 +107,13 @@ def status_to_message(status: ServiceStatus) -> Any:
         message.replica_problem = status.replica_problem
     if status.source is not None:
         message.source = status.source
-    for field in ("group", "wake_timeout", "max_held", "activation_replicas", "min_awake"):
+    for field in ("group", "wake_timeout", "max_held", "activation_replicas", "min_awake",
+                  "rewrite"):
         value = getattr(status, field)
         if value is not None:
             setattr(message, field, value)
+    message.hosts.extend(status.hosts)
+    message.paths.extend(status.paths)
     return message
 
 

@@ -20,9 +20,10 @@ tries again at the next flush).
 Which service an access-log entry is for: every service route is named after its service, so
 `route_name` identifies it without parsing hosts. Entries of the catch-all route (a service
 that was evicted, or a host nobody knows) and entries whose route is not in the table are
-matched by their Host (`authority`, lowercased, without port) against `set_hosts`; what
-still matches nothing counts in `unknown_hosts`. "The table" is what the owner declared
-with `ensure` (and not yet `forget`): entries for any other name are unknown hosts.
+matched by their Host and path against the catalog's routes (`router`; or by Host alone,
+`set_hosts`); what still matches nothing counts in `unknown_hosts`. "The table" is what
+the owner declared with `ensure` (and not yet `forget`): entries for any other name are
+unknown hosts.
 
 An entry counts at its own `start_time` (when Envoy received the request), not when its
 log arrives (~0.5-1 s later, or minutes later for a request held over a cold start); an
@@ -37,7 +38,7 @@ import heapq
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -77,9 +78,13 @@ class CallCollector(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
     not thread-safe.
     """
 
-    def __init__(self, clock: Clock | None = None, hosts: Mapping[str, str] | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, hosts: Mapping[str, str] | None = None,
+                 router: Callable[[str, str], str | None] | None = None) -> None:
+        """`router(authority, path)`: the service a catch-all request was for (the
+        catalog's routing rule: hosts and paths); else the `hosts` map, by host alone."""
         self._clock = clock or SystemClock()
         self._hosts: dict[str, str] = {}
+        self._router = router
         self._stats: dict[str, CallStats] = {}
         #: loaded from the store for names not ensure()d (yet): ensure() adopts them.
         self._stored: dict[str, CallStats] = {}
@@ -216,7 +221,8 @@ class CallCollector(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc
             name = common.route_name
             if name not in table:  # catch-all, no route, or a route that left the table
                 host = host_of(entry.request.authority)
-                name = self._hosts.get(host, "")
+                name = (self._router(entry.request.authority, entry.request.path) or ""
+                        if self._router is not None else self._hosts.get(host, ""))
                 if name not in table:
                     self._count_unknown(host)
                     unknown += 1

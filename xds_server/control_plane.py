@@ -93,7 +93,7 @@ class ControlPlane:
         self.election = election
         self.registry = registry
         self.locks = locks or LocalLocks()
-        self.collector = CallCollector(self.clock, self.catalog.hosts())
+        self.collector = CallCollector(self.clock, router=self.catalog.route_name)
         self.table = ServiceTable(self.catalog, store, workloads, self.clock,
                                   on_change=lambda name: self.routing.mark_dirty(name),
                                   on_registered=self.collector.ensure)
@@ -153,7 +153,6 @@ class ControlPlane:
     async def start(self) -> BoundPorts:
         """Load the table, start replicas of services that should run, then serve."""
         await self.registrations.load()  # registered services are routed from the start
-        self.collector.set_hosts(self.catalog.hosts())
         await self.table.load()  # registers each service's statistics with the collector
         await self.collector.load(self.store)  # adds the stored counts to them
         if self.election is None:  # a fleet's leader repairs in its policy passes
@@ -300,7 +299,6 @@ class ControlPlane:
 
     def _on_catalog(self, change: CatalogChange) -> None:
         """A discovered service came, changed or went: the table takes it in, then push."""
-        self.collector.set_hosts(self.catalog.hosts())
         task = asyncio.create_task(self._catalog_changed(change))
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)

@@ -45,6 +45,7 @@ from xds_server.resources import (
     GatewaySettings,
     ResourceBuilder,
     RoutedService,
+    route_key,
 )
 from xds_server.server import Rejection
 
@@ -54,7 +55,7 @@ log = logging.getLogger("torpor.xds")
 #: can be blamed on, and what must change to leave quarantine).
 PARTS: Mapping[str, tuple[str, ...]] = {
     "cds": ("http2", "max_concurrent"), "eds": ("endpoints",),
-    "rds": ("host", "retry_non_idempotent", "rate_limit")}
+    "rds": ("host", "hosts", "paths", "rewrite", "retry_non_idempotent", "rate_limit")}
 _TOKEN = re.compile(r"[A-Za-z0-9_.*:\-]+")
 
 
@@ -185,7 +186,7 @@ class QuarantineBuilder(ResourceBuilder):
             shape = chosen[name]
             if shape is None:
                 continue
-            clashes = self._domains.claim(name, self._domains_of(shape))
+            clashes = self._domains.claim(name, self._domains_of(shape), shape.prefixes())
             if not clashes:
                 continue
             original = self._wanted[name]
@@ -193,7 +194,7 @@ class QuarantineBuilder(ResourceBuilder):
             quarantined.setdefault(name, problem)
             fallback = self._fallback(original, problem)
             chosen[name] = fallback if fallback is not None and not self._domains.claim(
-                name, self._domains_of(fallback)) else None
+                name, self._domains_of(fallback), fallback.prefixes()) else None
         return chosen, quarantined
 
     def _domains_of(self, svc: RoutedService) -> list[str]:
@@ -218,7 +219,7 @@ class QuarantineBuilder(ResourceBuilder):
         (cached by their digests: a 10k-service rebuild checks only what changed)."""
         cluster = self._cluster(svc)
         cla = self._load_assignment(svc.name, svc.endpoints)
-        key = (cluster.digest, cla.digest, svc.host, svc.retry_non_idempotent, svc.rate_limit)
+        key = (cluster.digest, cla.digest, route_key(svc))
         cached = self._checked.get(svc.name)
         if cached is None or cached[0] != key:
             vhost = self._vhost(svc)

@@ -29,7 +29,9 @@ client gets the error instead.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import functools
+import re
+from collections.abc import Callable, Iterable, Mapping
 
 import immutables
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -62,6 +64,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from torpor.async_calls import PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH
 from torpor.edge import EdgeLimits
 from torpor.model import Endpoint
+from torpor.routes import ROOT, SERVICE_HEADER
 from xds_server import types
 from xds_server.cache import Desired, Resource
 
@@ -116,12 +119,14 @@ class GatewaySettings:
         object.__setattr__(self, "activators_h2", _endpoint_set(self.activators_h2))
 
 
-RouteKey = tuple[str, bool, "tuple[int, int] | None"]
+RouteKey = tuple[str, tuple[str, ...], tuple[str, ...], "str | None", bool,
+                 "tuple[int, int] | None"]
 
 
-def _route_key(service: RoutedService) -> RouteKey:
-    """What of a service its virtual host is built from (an endpoint flip changes none)."""
-    return service.host, service.retry_non_idempotent, service.rate_limit
+def route_key(service: RoutedService) -> RouteKey:
+    """What of a service its routes are built from (an endpoint flip changes none)."""
+    return (service.host, service.hosts, service.paths, service.rewrite,
+            service.retry_non_idempotent, service.rate_limit)
 
 
 def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
@@ -143,6 +148,17 @@ class RoutedService:
     rate_limit: tuple[int, int] | None = None
     # Requests in flight at once (its cluster's circuit breaker); None: the gateway's.
     max_concurrent: int | None = None
+    # More hosts (exact or "*.suffix"), path prefixes (empty: every path) and what the
+    # matched prefix is rewritten to (torpor/routes.py).
+    hosts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    rewrite: str | None = None
+
+    def all_hosts(self) -> tuple[str, ...]:
+        return (self.host, *self.hosts)
+
+    def prefixes(self) -> tuple[str, ...]:
+        return self.paths or (ROOT,)
 
 
 class ResourceBuilder:
@@ -178,7 +194,10 @@ class ResourceBuilder:
         }
         self._touched: dict[str, set[str]] = {t: set() for t in self._maps}
         self._routes_stale = True
-        self._vhost_fields: dict[str, tuple[RouteKey, bytes]] = {}
+        # Serialized virtual hosts by name: a service's own (its hosts that no other service
+        # shares), and "@host" for a host several services share (each under its paths).
+        self._vhost_fields: dict[str, tuple[object, bytes]] = {}
+        self._host_members: dict[str, set[str]] = {}  # host -> services reached under it
         self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
         self._handed_out = False  # before the first hand-out nothing is known to Envoy
 
@@ -222,6 +241,7 @@ class ResourceBuilder:
             if svc is None:
                 if old is not None:
                     del self._shapes[name]
+                    self._leave_hosts(old)
                     self._note_rate_limit(name, False)
                     self._forget(name)
                     clusters[name] = endpoints[name] = None
@@ -231,10 +251,23 @@ class ResourceBuilder:
             self._note_rate_limit(name, svc.rate_limit is not None)
             clusters[name] = self._cluster(svc)
             endpoints[name] = self._load_assignment(name, svc.endpoints)
-            if old is None or _route_key(old) != _route_key(svc):
+            if old is None or route_key(old) != route_key(svc):
                 self._routes_stale = True
+                self._leave_hosts(old)
+                for host in svc.all_hosts():
+                    self._host_members.setdefault(host, set()).add(name)
         self._put(types.CLUSTER, clusters)
         self._put(types.ENDPOINT, endpoints)
+
+    def _leave_hosts(self, service: RoutedService | None) -> None:
+        if service is None:
+            return
+        for host in service.all_hosts():
+            members = self._host_members.get(host)
+            if members is not None:
+                members.discard(service.name)
+                if not members:
+                    del self._host_members[host]
 
     def _note_rate_limit(self, name: str, limited: bool) -> None:
         """Keep the set of rate-limited services; the first one in or the last one out
@@ -281,19 +314,37 @@ class ResourceBuilder:
         the message's deterministic serialization (its fields in number order: the name,
         then each virtual host), without building and serializing 10k protos again
         (measured at 10k services: ~95 ms a build before, a few ms now)."""
-        parts = [_length_delimited(_ROUTE_CONFIG_NAME_FIELD, ROUTE_CONFIG_NAME.encode())]
-        parts.extend(self._vhost_bytes(s) for _, s in sorted(self._shapes.items()))
-        parts.append(_length_delimited(_VIRTUAL_HOSTS_FIELD, self._catch_all_bytes))
+        units: list[tuple[str, bytes]] = []
+        for name, service in self._shapes.items():
+            own = tuple(h for h in service.all_hosts() if len(self._host_members[h]) == 1)
+            if own:
+                units.append((name, self._cached_vhost(
+                    name, (route_key(service), own),
+                    functools.partial(self._service_vhost, service, own))))
+        for host, members in self._host_members.items():
+            if len(members) > 1:
+                shared = [self._shapes[m] for m in sorted(members)]
+                units.append((_shared_name(host), self._cached_vhost(
+                    _shared_name(host), tuple(route_key(s) for s in shared),
+                    functools.partial(self._shared_vhost, host, shared))))
+        units.sort()
+        live = {name for name, _ in units}
+        for gone in [n for n in self._vhost_fields if n not in live]:
+            del self._vhost_fields[gone]
+        parts = [_length_delimited(_ROUTE_CONFIG_NAME_FIELD, ROUTE_CONFIG_NAME.encode()),
+                 *(b for _, b in units),
+                 _length_delimited(_VIRTUAL_HOSTS_FIELD, self._catch_all_bytes)]
+        if any(s.rewrite is not None for s in self._shapes.values()):
+            parts.append(_NAMING_HEADER_GUARD)
         return Resource.serialized(ROUTE_CONFIG_NAME, _ROUTE_TYPE_URL, b"".join(parts))
 
-    def _vhost_bytes(self, service: RoutedService) -> bytes:
-        """A service's virtual host as a serialized `virtual_hosts` field (cached)."""
-        key = _route_key(service)
-        cached = self._vhost_fields.get(service.name)
+    def _cached_vhost(self, name: str, key: object,
+                      build: Callable[[], route_components_pb2.VirtualHost]) -> bytes:
+        """A virtual host as a serialized `virtual_hosts` field, rebuilt when `key` moved."""
+        cached = self._vhost_fields.get(name)
         if cached is None or cached[0] != key:
-            vhost = self._vhost(service)
-            cached = self._vhost_fields[service.name] = (key, _length_delimited(
-                _VIRTUAL_HOSTS_FIELD, vhost.SerializeToString(deterministic=True)))
+            cached = self._vhost_fields[name] = (key, _length_delimited(
+                _VIRTUAL_HOSTS_FIELD, build().SerializeToString(deterministic=True)))
         return cached[1]
 
     def _forget(self, name: str) -> None:
@@ -306,60 +357,85 @@ class ResourceBuilder:
     # --- per service ----------------------------------------------------------------
 
     def _vhost(self, service: RoutedService) -> route_components_pb2.VirtualHost:
-        key = _route_key(service)
+        """The service's virtual host over all its hosts (what the quarantine checks, and
+        what Envoy gets while no other service shares one of its hosts)."""
+        key = route_key(service)
         cached = self._vhosts.get(service.name)
         if cached is None or cached[0] != key:
-            host = service.host
-            vhost = self._vhost_proto(service.name, [host, f"{host}:*"], cluster=service.name,
-                                      retry_non_idempotent=service.retry_non_idempotent)
-            if service.rate_limit is not None:
-                vhost.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(
-                    _any(_rate_limit(service.name, *service.rate_limit)))
-            cached = self._vhosts[service.name] = (key, vhost)
+            cached = self._vhosts[service.name] = (
+                key, self._service_vhost(service, service.all_hosts()))
         return cached[1]
 
-    def _vhost_proto(self, name: str, domains: list[str], cluster: str,
-                     retry_non_idempotent: bool = False) -> route_components_pb2.VirtualHost:
+    def _service_vhost(self, service: RoutedService,
+                       hosts: tuple[str, ...]) -> route_components_pb2.VirtualHost:
+        """One service's virtual host over `hosts` (its own): the status route of
+        asynchronous calls, then its routes, longest path first."""
+        vhost = self._vhost_proto(service.name, _domains(hosts), [
+            self._status_route(service.name),
+            *(route for prefix in _longest_first(service.prefixes())
+              for route in self._routes_to(service, prefix))])
+        if service.rate_limit is not None:
+            vhost.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(
+                _any(_rate_limit(service.name, *service.rate_limit)))
+        return vhost
+
+    def _shared_vhost(self, host: str, services: list[RoutedService]
+                      ) -> route_components_pb2.VirtualHost:
+        """A host several services share: each one's routes under its paths, longest path
+        first over all of them (Envoy takes the first route that matches)."""
+        pairs = sorted(((p, s) for s in services for p in s.prefixes()),
+                       key=lambda ps: (-len(ps[0]), ps[0], ps[1].name))
+        return self._vhost_proto(_shared_name(host), _domains((host,)), [
+            self._status_route(_shared_name(host)),
+            *(route for prefix, service in pairs for route in self._routes_to(service, prefix))])
+
+    def _vhost_proto(self, name: str, domains: list[str],
+                     routes: list[route_components_pb2.Route]
+                     ) -> route_components_pb2.VirtualHost:
         """A virtual host with its routes. Its request body buffer is what a retry can
         replay: bodies up to `retry_buffer_bytes` are kept until the response starts."""
         return route_components_pb2.VirtualHost(
             name=name,
             domains=domains,
-            routes=self._routes_to(name, cluster, retry_non_idempotent),
+            routes=routes,
             # Not per_request_buffer_limit_bytes: deprecated in favour of this field.
             request_body_buffer_limit=wrappers_pb2.UInt64Value(
                 value=self.settings.retry_buffer_bytes),
         )
 
-    def _routes_to(self, name: str, cluster: str,
-                   retry_non_idempotent: bool) -> list[route_components_pb2.Route]:
-        """Asynchronous calls first (`_async_routes`); then one route replaying after a
-        reset for every method (the service opted in), or two: idempotent methods with
-        it, the others (POST, PATCH, ...) without it."""
-        # The catch-all reaches the activator with every request anyway.
-        first = self._async_routes(name) if cluster != ACTIVATOR_CLUSTER else []
-        if retry_non_idempotent:
-            return [*first, self._route(name, cluster, RESET_RETRY_ON)]
-        idempotent = self._route(f"{name}/idempotent", cluster, RESET_RETRY_ON)
-        idempotent.match.headers.append(route_components_pb2.HeaderMatcher(
-            name=":method",
-            string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(
-                regex="|".join(IDEMPOTENT_METHODS)))))
-        return [*first, idempotent, self._route(name, cluster, SAFE_RETRY_ON)]
-
-    def _async_routes(self, name: str) -> list[route_components_pb2.Route]:
-        """A call with `Prefer: respond-async` and the status of such calls go to the
-        activator, which answers 202 at once and runs the call (asleep or awake). Only
-        the connection-level retries: a call accepted is never made twice."""
-        status = self._route(f"{name}/async-status", ACTIVATOR_CLUSTER, SAFE_RETRY_ON)
-        status.match.prefix = STATUS_PATH
-        submit = self._route(f"{name}/async", ACTIVATOR_CLUSTER, SAFE_RETRY_ON)
+    def _routes_to(self, service: RoutedService, prefix: str
+                   ) -> list[route_components_pb2.Route]:
+        """A service's routes under one path prefix: asynchronous calls first (to the
+        activator); then one route replaying after a reset for every method (the service
+        opted in), or two: idempotent methods with it, the others (POST, PATCH, ...)
+        without it. A rewrite of the prefix, and the header naming the service, on each."""
+        name = _route_name(service.name, prefix)
+        submit = self._route(f"{name}/async", ACTIVATOR_CLUSTER, SAFE_RETRY_ON, prefix)
         submit.match.headers.append(route_components_pb2.HeaderMatcher(
             name=PREFER_HEADER, string_match=string_pb2.StringMatcher(
                 contains=RESPOND_ASYNC, ignore_case=True)))
-        return [status, submit]
+        if service.retry_non_idempotent:
+            routes = [submit, self._route(name, service.name, RESET_RETRY_ON, prefix)]
+        else:
+            idempotent = self._route(f"{name}/idempotent", service.name, RESET_RETRY_ON,
+                                     prefix)
+            idempotent.match.headers.append(_IDEMPOTENT)
+            routes = [submit, idempotent, self._route(name, service.name, SAFE_RETRY_ON,
+                                                      prefix)]
+        if service.rewrite is not None:
+            for route in routes:
+                _rewrite(route, service.name, prefix, service.rewrite)
+        return routes
 
-    def _route(self, route_name: str, cluster: str, retry_on: str) -> route_components_pb2.Route:
+    def _status_route(self, vhost: str) -> route_components_pb2.Route:
+        """The status of asynchronous calls, to the activator (once per virtual host).
+        Only the connection-level retries: a call accepted is never made twice."""
+        status = self._route(f"{vhost}/async-status", ACTIVATOR_CLUSTER, SAFE_RETRY_ON)
+        status.match.prefix = STATUS_PATH
+        return status
+
+    def _route(self, route_name: str, cluster: str, retry_on: str,
+               prefix: str = ROOT) -> route_components_pb2.Route:
         """A route that survives a cold start: long timeout, retries on another host.
         `retry_on` is SAFE_RETRY_ON or RESET_RETRY_ON (module docstring):
         - connect-failure, refused-stream, reset-before-request: the request never reached
@@ -374,7 +450,7 @@ class ResourceBuilder:
         s = self.settings
         return route_components_pb2.Route(
             name=route_name,
-            match=route_components_pb2.RouteMatch(prefix="/"),
+            match=_match(prefix),
             route=route_components_pb2.RouteAction(
                 cluster=cluster,
                 timeout=_duration(s.route_timeout),
@@ -424,8 +500,13 @@ class ResourceBuilder:
     # --- shared resources ---------------------------------------------------------------
 
     def _catch_all(self) -> route_components_pb2.VirtualHost:
-        """Unknown (or evicted) hosts go to the activator, which knows the service table."""
-        return self._vhost_proto(CATCH_ALL_VHOST, ["*"], cluster=ACTIVATOR_CLUSTER)
+        """Unknown (or evicted) hosts go to the activator, which knows the service table
+        (it sees every request: no routes of asynchronous calls needed)."""
+        idempotent = self._route(f"{CATCH_ALL_VHOST}/idempotent", ACTIVATOR_CLUSTER,
+                                 RESET_RETRY_ON)
+        idempotent.match.headers.append(_IDEMPOTENT)
+        return self._vhost_proto(CATCH_ALL_VHOST, ["*"], [
+            idempotent, self._route(CATCH_ALL_VHOST, ACTIVATOR_CLUSTER, SAFE_RETRY_ON)])
 
     def _activator_cluster(self) -> cluster_pb2.Cluster:
         """EDS, not STATIC: activator replicas come and go without a cluster change (which
@@ -521,11 +602,64 @@ def _access_log() -> accesslog_pb2.AccessLog:
                                    typed_config=_any(config))
 
 
+#: Idempotent methods (a route that replays them after a reset).
+_IDEMPOTENT = route_components_pb2.HeaderMatcher(
+    name=":method", string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(
+        regex="|".join(IDEMPOTENT_METHODS))))
+
+
+def _match(prefix: str) -> route_components_pb2.RouteMatch:
+    """"/" matches every path; another prefix its own path and those below it, never a
+    longer name ("/v1/m" matches "/v1/m/x", not "/v1/mx"): Envoy's path_separated_prefix."""
+    if prefix == ROOT:
+        return route_components_pb2.RouteMatch(prefix=ROOT)
+    return route_components_pb2.RouteMatch(path_separated_prefix=prefix)
+
+
+def _rewrite(route: route_components_pb2.Route, service: str, prefix: str,
+             rewrite: str) -> None:
+    """The matched prefix becomes `rewrite` ("/v1/m/predict" → "/predict" with "/", no
+    double slash; the query string is kept), and the route names its service in
+    SERVICE_HEADER: the activator cannot tell the service from the rewritten path."""
+    pattern = "^" + re.escape(prefix) + ("/?" if rewrite.endswith("/") else "")
+    route.route.regex_rewrite.CopyFrom(regex_pb2.RegexMatchAndSubstitute(
+        pattern=regex_pb2.RegexMatcher(regex=pattern), substitution=rewrite))
+    route.request_headers_to_add.append(base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=SERVICE_HEADER, value=service),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+
+
+def _domains(hosts: Iterable[str]) -> list[str]:
+    """Each host, and for an exact one the same host with any port."""
+    return [d for h in hosts for d in ((h,) if h.startswith("*") else (h, f"{h}:*"))]
+
+
+def _longest_first(prefixes: Iterable[str]) -> list[str]:
+    return sorted(prefixes, key=lambda p: (-len(p), p))
+
+
+def _shared_name(host: str) -> str:
+    """The virtual host of a host several services share (a service name has no "@")."""
+    return "@" + host
+
+
+def _route_name(service: str, prefix: str) -> str:
+    return service if prefix == ROOT else f"{service}@{prefix}"
+
+
 _ROUTE_TYPE_URL = "type.googleapis.com/" + route_pb2.RouteConfiguration.DESCRIPTOR.full_name
 _ROUTE_CONFIG_NAME_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name[
     "name"].number
 _VIRTUAL_HOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name[
     "virtual_hosts"].number
+
+
+#: The RouteConfiguration's tail while some service's path is rewritten: SERVICE_HEADER is
+#: dropped from every request before the routes add their own (a client cannot pick the
+#: service the activator serves); the route-level header must then win.
+_NAMING_HEADER_GUARD = route_pb2.RouteConfiguration(
+    request_headers_to_remove=[SERVICE_HEADER],
+    most_specific_header_mutations_wins=True).SerializeToString(deterministic=True)
 
 
 def _length_delimited(field_number: int, value: bytes) -> bytes:

@@ -111,7 +111,9 @@ class EnvoyRouting:
                              retry_non_idempotent=service.retry_non_idempotent,
                              rate_limit=(None if limit is None else
                                          (limit.requests_per_second, limit.bucket)),
-                             max_concurrent=service.max_concurrent)
+                             max_concurrent=service.max_concurrent,
+                             hosts=service.hosts, paths=service.paths,
+                             rewrite=service.rewrite)
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
         """Ready replicas of a service routed to them; otherwise the activator, which holds

@@ -583,24 +583,28 @@ class DomainIndex:
     at a time, so checking one changed service costs its own domains, not the table's."""
 
     def __init__(self, reserved: Iterable[tuple[str, Iterable[str]]] = ()) -> None:
-        self._owners: dict[tuple[str, str], str] = {}
-        self._claimed: dict[str, list[tuple[str, str]]] = {}
+        self._owners: dict[tuple[str, str, str], str] = {}  # (table, domain, path) -> owner
+        self._claimed: dict[str, list[tuple[str, str, str]]] = {}
         for name, domains in reserved:
             if self.claim(name, domains):
                 raise ValueError(f"reserved virtual host {name!r} clashes with another")
 
-    def claim(self, name: str, domains: Iterable[str]) -> list[str]:
-        """Give `name` these domains (replacing what it held); the problems instead if
-        one is owned by another virtual host (then `name` holds nothing)."""
+    def claim(self, name: str, domains: Iterable[str],
+              paths: Iterable[str] = ("/",)) -> list[str]:
+        """Give `name` these domains under these path prefixes (replacing what it held);
+        the problems instead if one is owned by another service (then `name` holds
+        nothing). Services may share a domain under different paths (torpor's virtual
+        host of a shared host holds each one's routes)."""
         self.release(name)
-        keys = [domain_table(d) for d in domains]
+        keys = [(*domain_table(d), p) for d in domains for p in paths]
         problems = []
         for key in keys:
             owner = self._owners.get(key)
             if owner is not None and owner != name:
+                where = "" if key[2] == "/" else f" under {key[2]!r}"
                 problems.append("a second '*' domain (one is allowed per route table)"
                                 if key[0] == "default" else
-                                f"domain {key[1]!r} is already served by {owner!r}")
+                                f"domain {key[1]!r}{where} is already served by {owner!r}")
         if len(set(keys)) != len(keys):
             problems.append("a domain is listed twice")
         if problems:

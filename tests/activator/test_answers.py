@@ -159,7 +159,7 @@ async def http1(waker: Waker, host: str = "svc.localhost", queue_full: bool = Fa
         refreshed.append(host)
 
     held = HeldRequests(1)
-    handler = ActivatorHandler(ServiceLookup({SVC.host: SVC}.get, on_miss),
+    handler = ActivatorHandler(ServiceLookup(lambda host, path: {SVC.host: SVC}.get(host), on_miss),
                                Holding(held, waker, 0.05), Proxy())
     with held.slot("svc") if queue_full else contextlib.nullcontext():
         response = await handler.handle(

@@ -83,7 +83,8 @@ async def test_holding_drain() -> None:
 async def test_http1_wait_idle_and_answers() -> None:
     waker = FakeWaker()
     holding = Holding(HeldRequests(10), waker, 30.0)
-    handler = ActivatorHandler(ServiceLookup({SVC.host: SVC}.get), holding, Proxy())
+    handler = ActivatorHandler(ServiceLookup(lambda host, path: {SVC.host: SVC}.get(host)),
+                               holding, Proxy())
 
     def request() -> web.Request:
         return make_mocked_request("GET", "/predict", headers={"Host": SVC.host})

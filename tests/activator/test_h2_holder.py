@@ -244,7 +244,7 @@ class Harness:
                     find: Lookup | None = None) -> H2Holder:
         self.held = HeldRequests(max_per_service=max_held)
         holding = Holding(self.held, self.waker, wake_timeout, on_held=self.held_names.append)
-        self.holder = H2Holder(find or ServiceLookup(lookup), holding,
+        self.holder = H2Holder(find or ServiceLookup(lambda host, path: lookup(host)), holding,
                                after_wake=after_wake or self.after_wake)
         self.port = await asyncio.wait_for(self.holder.start("127.0.0.1", 0), DEADLINE)
         return self.holder
@@ -340,7 +340,7 @@ async def test_unknown_authority_is_looked_up_again_after_a_refresh(harness: Har
     def by_host(authority: str) -> ServiceConfig | None:
         return known.get(authority.rsplit(":", 1)[0].lower())
 
-    await harness.start(find=ServiceLookup(by_host, on_miss))
+    await harness.start(find=ServiceLookup(lambda host, path: by_host(host), on_miss))
     client = await harness.raw()
     late_stream = await client.request("late.localhost:8080")
     await asyncio.wait_for(entered.wait(), DEADLINE)

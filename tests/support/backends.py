@@ -26,8 +26,11 @@ class Backend:
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         body = await request.read()
-        return web.Response(text=self.name, headers={"x-backend": self.name,
-                                                     "x-body-bytes": str(len(body))})
+        return web.Response(text=self.name, headers={
+            "x-backend": self.name, "x-body-bytes": str(len(body)),
+            # What the gateway sent on (routing tests: rewrites and headers it adds).
+            "x-path": request.path_qs,
+            "x-seen-service": request.headers.get("x-torpor-service", "")})
 
     async def start(self) -> Backend:
         app = web.Application()

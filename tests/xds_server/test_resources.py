@@ -359,8 +359,8 @@ def test_a_host_change_drops_the_old_vhost_from_the_cache() -> None:
     builder = ResourceBuilder(SETTINGS)
     builder.build([ECHO])
     builder.build([RoutedService("echo", "echo2.localhost", ECHO.endpoints)])
-    assert {name: key[0] for name, (key, _) in builder._vhosts.items()} == {
-        "echo": "echo2.localhost"}
+    assert {name: key[1] for name, (key, _) in builder._vhost_fields.items()} == {
+        "echo": ("echo2.localhost",)}
 
 
 def test_a_removed_services_caches_are_pruned() -> None:
@@ -370,7 +370,7 @@ def test_a_removed_services_caches_are_pruned() -> None:
     assert set(second[types.CLUSTER]) == {ACTIVATOR_CLUSTER, "echo"}
     assert set(second[types.ENDPOINT]) == {ACTIVATOR_CLUSTER, "echo"}
     assert [v.name for v in route_config(second).virtual_hosts] == ["echo", CATCH_ALL_VHOST]
-    assert set(builder._vhosts) == {"echo"}
+    assert set(builder._vhost_fields) == {"echo"}
     assert set(builder._clusters) == {"echo"}
     assert set(builder._endpoints) == {"echo"}
     # Coming back, it is built anew (nothing of it was kept), with the same content.
