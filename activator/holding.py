@@ -138,7 +138,11 @@ class ServiceLookup:
 
     def _find(self, host: str, path: str, named: str | None) -> ServiceConfig | None:
         if named and self._by_name is not None:
-            return self._by_name(named)
+            service = self._by_name(named)
+            # Only the routes of a rewritten path name their service (and only then does
+            # Envoy drop a client's own header): a name for any other is not trusted.
+            if service is not None and service.rewrite is not None:
+                return service
         return self._by_host(host, path.split("?", 1)[0])
 
 

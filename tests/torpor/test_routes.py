@@ -11,6 +11,7 @@ from torpor.catalog import CatalogConflictError, ServiceCatalog
 from torpor.config import ServiceConfig, load_config
 from torpor.errors import ConfigError
 from torpor.routes import Routes, RouteTable
+from torpor.workloads.annotations import AnnotationError, service_from_deployment
 
 TABLE = RouteTable([
     Routes("api", ("api.example.com",)),
@@ -111,3 +112,27 @@ def test_services_may_share_a_host_under_different_paths(tmp_path: Path) -> None
     with pytest.raises(CatalogConflictError, match="path '/v1/b' is already used by service 'b'"):
         catalog.put(ServiceConfig("c", "other.test", hosts=("api.test",), paths=("/v1/b",)),
                     "deployment/models/c")
+
+
+def deployment(annotations: dict[str, str]) -> dict[str, object]:
+    return {"metadata": {"name": "m", "namespace": "models",
+                         "labels": {"torpor.io/enabled": "true"}, "annotations": annotations},
+            "spec": {"template": {"spec": {"containers": [
+                {"name": "model", "ports": [{"name": "http", "containerPort": 8080}]}]}}}}
+
+
+def test_a_deployment_declares_hosts_paths_and_limits_by_annotation() -> None:
+    service = service_from_deployment(deployment({
+        "torpor.io/hosts": "a.test, *.b.test", "torpor.io/paths": "/v1/m,/v2/m",
+        "torpor.io/rewrite": "/", "torpor.io/rate-limit": "5",
+        "torpor.io/rate-limit-burst": "9", "torpor.io/max-concurrent": "3"}))
+    assert (service.hosts, service.paths, service.rewrite, service.max_concurrent) == (
+        ("a.test", "*.b.test"), ("/v1/m", "/v2/m"), "/", 3)
+    assert service.rate_limit is not None and service.rate_limit.bucket == 9
+    with pytest.raises(AnnotationError) as caught:
+        service_from_deployment(deployment({"torpor.io/paths": "v1",
+                                            "torpor.io/rewrite": "/x",
+                                            "torpor.io/rate-limit-burst": "4"}))
+    message = str(caught.value)
+    assert "torpor.io/paths: expected a path prefix" in message
+    assert "torpor.io/rate-limit-burst: is the burst of torpor.io/rate-limit" in message

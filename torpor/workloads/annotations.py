@@ -24,14 +24,18 @@ from torpor.config import (
     MAX_REPLICAS,
     POLICY_KINDS,
     KubernetesServiceConfig,
+    RateLimitConfig,
     ServiceConfig,
     ServicePolicyConfig,
     _choice,
     _duration,
+    _extra_hosts,
     _group_name,
     _integer,
     _kube_name,
+    _path_prefixes,
     _Reader,
+    _rewrite,
     _service_host,
     _service_name,
     parse_duration,
@@ -60,6 +64,12 @@ MAX_HELD = PREFIX + "max-held"
 ACTIVATION_REPLICAS = PREFIX + "activation-replicas"
 MIN_AWAKE = PREFIX + "min-awake"
 GROUP = PREFIX + "group"
+HOSTS = PREFIX + "hosts"
+PATHS = PREFIX + "paths"
+REWRITE = PREFIX + "rewrite"
+RATE_LIMIT = PREFIX + "rate-limit"
+RATE_LIMIT_BURST = PREFIX + "rate-limit-burst"
+MAX_CONCURRENT = PREFIX + "max-concurrent"
 
 #: Annotations torpor writes on a Deployment it hibernates; never read here, and left out of
 #: the fingerprint so that torpor's own writes do not look like a config change.
@@ -89,6 +99,12 @@ KNOWN_ANNOTATIONS = (
     ACTIVATION_REPLICAS,
     MIN_AWAKE,
     GROUP,
+    HOSTS,
+    PATHS,
+    REWRITE,
+    RATE_LIMIT,
+    RATE_LIMIT_BURST,
+    MAX_CONCURRENT,
 )
 PROTOCOLS = ("http1", "http2")
 
@@ -312,6 +328,7 @@ def _build(
     waking_page = _flag(problems, given, WAKING_PAGE, default="true")
     policy = _policy(problems, given)
     wake = _wake(problems, given)
+    routing = _routing(problems, given)
     if (
         name is None
         or namespace is None
@@ -325,6 +342,7 @@ def _build(
         or waking_page is None
         or policy is None
         or wake is None
+        or routing is None
     ):
         return None
     return ServiceConfig(
@@ -341,6 +359,7 @@ def _build(
         retry_non_idempotent=retry_non_idempotent,
         waking_page=waking_page,
         **wake,
+        **routing,
     )
 
 
@@ -448,6 +467,49 @@ def _wake(problems: _Problems, given: Mapping[str, str]) -> dict[str, Any] | Non
             failed = True
         values[key.removeprefix(PREFIX).replace("-", "_")] = value
     return None if failed else values
+
+
+def _routing(problems: _Problems, given: Mapping[str, str]) -> dict[str, Any] | None:
+    """Hosts and paths (comma-separated lists), the rewrite, and the limits, by config.py's
+    rules (`ServiceConfig` keyword arguments of those given)."""
+    values: dict[str, Any] = {}
+    failed = False
+
+    def check(key: str, rule: Callable[[_Reader, str, Any], Any], text: object) -> Any:
+        nonlocal failed
+        value = problems.check(key, rule, text)
+        failed = failed or value is None
+        return value
+
+    if HOSTS in given:
+        values["hosts"] = check(HOSTS, _extra_hosts, _listed(given[HOSTS]))
+    if PATHS in given:
+        values["paths"] = check(PATHS, _path_prefixes, _listed(given[PATHS]))
+    if REWRITE in given:
+        values["rewrite"] = check(REWRITE, _rewrite, given[REWRITE])
+        if PATHS not in given:
+            problems.add(REWRITE, f"rewrites the path prefix given in {PATHS}; set it too")
+            failed = True
+    limits = {key: check(key, _integer(1, bound), _number(given[key]))
+              for key, bound in ((RATE_LIMIT, 1_000_000), (RATE_LIMIT_BURST, 10_000_000),
+                                 (MAX_CONCURRENT, MAX_HELD_PER_SERVICE)) if key in given}
+    if limits.get(RATE_LIMIT_BURST) is not None and RATE_LIMIT not in limits:
+        problems.add(RATE_LIMIT_BURST, f"is the burst of {RATE_LIMIT}; set it too")
+        failed = True
+    if limits.get(RATE_LIMIT) is not None:
+        values["rate_limit"] = RateLimitConfig(limits[RATE_LIMIT], limits.get(RATE_LIMIT_BURST))
+    if MAX_CONCURRENT in limits:
+        values["max_concurrent"] = limits[MAX_CONCURRENT]
+    return None if failed else values
+
+
+def _listed(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _number(text: str) -> object:
+    stripped = text.strip()
+    return int(stripped) if stripped.isascii() and stripped.isdigit() else text
 
 
 def _port(
