@@ -45,7 +45,7 @@ EXAMPLES = 200
 #: The values a config may get wrong; an example makes at most one of them odd (one odd
 #: value is enough for the loader to refuse the whole file, so more would waste examples).
 SLOTS = ("name", "host", "protocol", "replicas", "duration", "retry_buffer", "headers_kb",
-         "max_held")
+         "max_held", "rate", "concurrent", "paths", "extra_host", "rewrite")
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 _ODD_HOSTS = st.sampled_from([
     "*", "*.x.test", "x.*", "*.*.x", "A.Test", "a..test", "-a.test", "a.test:8080", "a test",
@@ -66,6 +66,10 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "headers_kb": st.integers(1, 8192),
     "max_held": st.integers(1, 1_000_000),
     "rate": st.integers(1, 1_000_000),
+    "paths": st.lists(st.sampled_from(["/v1", "/v1/models", "/a-b/c_d", "/x.y", "/%20"]),
+                      min_size=1, max_size=3, unique=True),
+    "extra_host": st.one_of(HOSTS, st.builds(lambda h: "*." + h, HOSTS)),
+    "rewrite": st.sampled_from(["/", "/api", "/a/b/"]),
     "concurrent": st.integers(1, 1_000_000),
 }
 ODD: dict[str, st.SearchStrategy[Any]] = {
@@ -79,6 +83,9 @@ ODD: dict[str, st.SearchStrategy[Any]] = {
     "headers_kb": st.sampled_from([0, 8193]),
     "max_held": st.sampled_from([0, 1_000_001]),
     "rate": st.sampled_from([0, -5, 1_000_001, "ten"]),
+    "paths": st.sampled_from([["v1"], ["/v1/"], ["/a?b"], ["/a b"], [], ["/v1", "/v1"]]),
+    "extra_host": st.sampled_from(["*", "a.*.b", "*x.test", "-a.test"]),
+    "rewrite": st.sampled_from(["", "x", "/a?b"]),
     "concurrent": st.sampled_from([0, 1_000_001]),
 }
 PROTOCOLS = st.one_of(VALID["protocol"], ODD["protocol"])
@@ -113,6 +120,12 @@ def config_text(draw: st.DrawFn) -> str:
                          f"burst: {value('rate')!r}}}")
         if draw(st.booleans()):
             lines.append(f"    max_concurrent: {value('concurrent')!r}")
+        if draw(st.booleans()):
+            lines.append(f"    hosts: [{value('extra_host')!r}]")
+        if draw(st.booleans()):
+            lines.append(f"    paths: {value('paths')!r}")
+            if draw(st.booleans()):
+                lines.append(f"    rewrite: {value('rewrite')!r}")
         lines += ["    local:", "      command: [python, -m, torpor.examples.model_server,"
                   " --port, '{port}']", "      ready_path: /healthz"]
         return "\n".join(lines) + "\n"
@@ -201,6 +214,7 @@ async def test_what_torpor_accepts_envoy_accepts(
             routed = [RoutedService(
                 s.name, s.host, tuple(endpoints[i % len(endpoints)]),
                 http2=s.protocol == "http2", max_concurrent=s.max_concurrent,
+                hosts=s.hosts, paths=s.paths, rewrite=s.rewrite,
                 rate_limit=(None if s.rate_limit is None else
                             (s.rate_limit.requests_per_second, s.rate_limit.bucket)))
                 for i, s in enumerate(catalog.services())]
