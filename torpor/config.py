@@ -19,6 +19,7 @@ import yaml
 from torpor.edge import DEFAULT_MAX_REQUEST_HEADERS_KB, MAX_REQUEST_HEADERS_KB_LIMIT, EdgeLimits
 from torpor.errors import ConfigError
 from torpor.routes import ROOT, Routes, RouteTable, describe_clash
+from torpor.tls_files import read_certificate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,27 @@ class ServerTlsConfig:
     cert: Path
     key: Path
     client_ca: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateConfig:
+    """A certificate (chain) and its key, for the hosts it is served to (SNI)."""
+
+    cert: Path
+    key: Path
+    hosts: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayTlsConfig:
+    """TLS on the gateway's listener: the default certificate, more certificates chosen by
+    the name a client asks for (SNI), and HTTP/2 offered to clients (ALPN). The files are
+    read by the control plane and sent to Envoy over SDS; a change is sent again."""
+
+    cert: Path
+    key: Path
+    sni: tuple[CertificateConfig, ...] = ()
+    http2: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +138,8 @@ class GatewayConfig:
     # A listener of Envoy's that answers only GET /stats/prometheus (Envoy's own statistics
     # for Prometheus), so that the admin interface itself can stay on its Unix socket.
     stats_listen: Address | None = None
+    # TLS on the listener (certificates reloaded on change through SDS), HTTP/2 by ALPN.
+    tls: GatewayTlsConfig | None = None
 
     @property
     def edge(self) -> EdgeLimits:
@@ -872,7 +896,8 @@ _GATEWAY = _Schema(
      "max_request_headers_kb": _Field(_integer(1, MAX_REQUEST_HEADERS_KB_LIMIT)),
      "xds_tls": _Field(_client_tls),
      "stats_flush_interval": _Field(_duration_within(MIN_STATS_FLUSH, MAX_STATS_FLUSH)),
-     "stats_listen": _Field(_address)},
+     "stats_listen": _Field(_address),
+     "tls": _Field(lambda r, key, value: _gateway_tls(r, key, value))},
 )
 _SERVER_TLS = _Schema(
     ServerTlsConfig,
@@ -1275,6 +1300,48 @@ def load_config(path: str | Path) -> Config:
     )
     _check_port_clashes(r, config)
     return config
+
+
+_SNI_CERTIFICATE = _Schema(
+    CertificateConfig,
+    {"cert": _Field(_path, _REQUIRED), "key": _Field(_path, _REQUIRED),
+     "hosts": _Field(_extra_hosts, _REQUIRED, "the names (SNI) this certificate is for")},
+)
+
+
+def _sni(r: _Reader, key: str, value: object) -> tuple[CertificateConfig, ...]:
+    if not isinstance(value, list):
+        r.fail(key, f"expected a list of {{hosts, cert, key}}, got {_describe(value)}")
+    entries = [_read(r, f"{key}[{i}]", item, _SNI_CERTIFICATE) for i, item in enumerate(value)]
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        for host in entry.hosts:
+            if host in seen:
+                r.fail(f"{key}[{i}].hosts", f"{host!r} already has the certificate of "
+                       f"{key}[{seen[host]}]")
+            seen[host] = i
+    return tuple(entries)
+
+
+_GATEWAY_TLS = _Schema(
+    GatewayTlsConfig,
+    {"cert": _Field(_path, _REQUIRED), "key": _Field(_path, _REQUIRED),
+     "sni": _Field(_sni), "http2": _Field(_boolean)},
+)
+
+
+def _gateway_tls(r: _Reader, key: str, value: object) -> GatewayTlsConfig:
+    """The gateway's TLS, each certificate and key read and matched now: a bad file is a
+    config error at start, not a listener Envoy refuses later."""
+    tls = _read(r, key, value, _GATEWAY_TLS)
+    pairs = [(key, tls.cert, tls.key)] + [(f"{key}.sni[{i}]", e.cert, e.key)
+                                         for i, e in enumerate(tls.sni)]
+    for at, cert, private in pairs:
+        try:
+            read_certificate(cert, private)
+        except ValueError as exc:
+            r.fail(at, str(exc))
+    return tls
 
 
 def load_service(raw: object, source: str, config: Config) -> ServiceConfig:

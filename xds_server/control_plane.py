@@ -49,6 +49,7 @@ from xds_server import types
 from xds_server.admin_api import start_admin_server
 from xds_server.admin_auth import AdminAuthInterceptor, server_tls
 from xds_server.cache import Snapshot, SnapshotCache
+from xds_server.certificates import CertificateWatcher
 from xds_server.collector import CallCollector
 from xds_server.policy_loop import PolicyLoop
 from xds_server.publisher import Publisher
@@ -165,6 +166,12 @@ class ControlPlane:
         if self.registry is not None:
             await self.registry.follow(self.routing.on_activators)
         await self.table.ensure_all_running()
+        if self.config.gateway.tls is not None:
+            # The listener's certificates, before the listener that names them.
+            watcher = CertificateWatcher(self.config.gateway.tls, self._on_certificates,
+                                         every=self.config.control_plane.reload_poll or 2.0)
+            watcher.load()
+            self._tasks.append(asyncio.create_task(watcher.run()))
         self.routing.load()  # the desired state, before the first stream arrives
         # The table's resources live as long as the process: out of the collector's
         # generations, a full collection no longer walks them (measured at 50k services:
@@ -273,6 +280,11 @@ class ControlPlane:
         """One line per quarantined service: "quarantined: NAME: problem"."""
         return [f"quarantined: {name}: {problem}"
                 for name, problem in sorted(self.quarantine.quarantined().items())]
+
+    def _on_certificates(self, certificates: dict[str, tuple[bytes, bytes]]) -> None:
+        """The gateway's certificates (read, or changed on disk): sent to Envoy (SDS)."""
+        self.quarantine.set_certificates(certificates)
+        self.routing.mark_dirty()
 
     def _on_applied(self, snapshot: Snapshot) -> None:
         """Every Envoy applied `snapshot`: suspects of a NACK may be let back in."""

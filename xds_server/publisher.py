@@ -42,9 +42,7 @@ def stages(current: Resources | None, desired: Resources) -> list[Resources]:
     """The snapshots that lead from `current` to `desired`, in order (pure)."""
     if current is None:
         return [desired]
-    merged = {
-        t: {**current.get(t, {}), **desired.get(t, {})} for t in (types.CLUSTER, types.ENDPOINT)
-    }
+    merged = {t: {**current.get(t, {}), **desired.get(t, {})} for t in _TARGETS}
     first = {**current, **merged}
     second = {**desired, **merged}
     out: list[Resources] = []
@@ -58,8 +56,9 @@ def _same(a: Resources, b: Resources) -> bool:
     return not any(changes(a.get(k, {}), b.get(k, {})) for k in set(a) | set(b))
 
 
-#: Types whose additions go first and whose removals go last (what routes point at).
-_TARGETS = (types.CLUSTER, types.ENDPOINT)
+#: Types whose additions go first and whose removals go last (what routes and listeners
+#: point at).
+_TARGETS = (types.CLUSTER, types.ENDPOINT, types.SECRET)
 Stage = Mapping[str, Delta]
 
 

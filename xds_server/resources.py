@@ -52,10 +52,12 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import (
     local_rate_limit_pb2 as local_ratelimit_pb2,
 )
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
@@ -87,6 +89,16 @@ RESET_RETRY_ON = SAFE_RETRY_ON + ",reset"
 
 
 @dataclasses.dataclass(frozen=True)
+class ListenerTls:
+    """The listener's TLS: the SDS secret served by default, those chosen by SNI (server
+    names → secret), and whether HTTP/2 is offered (ALPN)."""
+
+    default_secret: str = "torpor_gateway_cert"
+    sni: tuple[tuple[tuple[str, ...], str], ...] = ()
+    http2: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class GatewaySettings:
     """Everything about the generated config that is not per service."""
 
@@ -113,6 +125,8 @@ class GatewaySettings:
     # Header size and count limits, header timeout (torpor/edge.py): the activator's
     # aiohttp server is built from the same values.
     edge: EdgeLimits = dataclasses.field(default_factory=EdgeLimits)
+    # TLS on the listener: None for plain HTTP.
+    tls: ListenerTls | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activators", _endpoint_set(self.activators))
@@ -191,6 +205,7 @@ class ResourceBuilder:
             types.ENDPOINT: immutables.Map({ACTIVATOR_CLUSTER: self._activator_endpoints}),
             types.LISTENER: immutables.Map(self._static[types.LISTENER]),
             types.ROUTE: immutables.Map(),
+            types.SECRET: immutables.Map(),
         }
         self._touched: dict[str, set[str]] = {t: set() for t in self._maps}
         self._routes_stale = True
@@ -259,6 +274,15 @@ class ResourceBuilder:
         self._put(types.CLUSTER, clusters)
         self._put(types.ENDPOINT, endpoints)
 
+    def set_certificates(self, certificates: Mapping[str, tuple[bytes, bytes]]) -> None:
+        """The listener's certificates by SDS secret name: (PEM chain, PEM key). Only a
+        changed one is sent again; Envoy swaps it in for new connections."""
+        current = self._maps[types.SECRET]
+        self._put(types.SECRET, {
+            **{name: Resource.pack(name, _secret(name, chain, key))
+               for name, (chain, key) in certificates.items()},
+            **{name: None for name in current if name not in certificates}})
+
     def _leave_hosts(self, service: RoutedService | None) -> None:
         if service is None:
             return
@@ -289,7 +313,9 @@ class ResourceBuilder:
         for names in self._touched.values():
             names.clear()
         self._handed_out = True
-        return Desired(dict(self._maps), touched)
+        # Without TLS there is no certificate: no SDS type at all (as before it existed).
+        return Desired({t: m for t, m in self._maps.items() if m or t != types.SECRET},
+                       touched)
 
     def _put(self, type_url: str, resources: Mapping[str, Resource | None]) -> None:
         """Set (None: remove) resources of one type, remembering their names as touched."""
@@ -559,19 +585,27 @@ class ResourceBuilder:
             local_reply_config=_local_replies(),
             access_log=[_access_log()],
         )
+        filters = [listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))]
+        tls = self.settings.tls
+        if tls is None:
+            return listener_pb2.Listener(
+                name=LISTENER_NAME, address=_socket(self.settings.listen),
+                filter_chains=[listener_components_pb2.FilterChain(filters=filters)])
         return listener_pb2.Listener(
-            name=LISTENER_NAME,
-            address=_socket(self.settings.listen),
+            name=LISTENER_NAME, address=_socket(self.settings.listen),
+            # The name a client asks for (SNI) picks the certificate's filter chain.
+            listener_filters=[listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.tls_inspector",
+                typed_config=_any(tls_inspector_pb2.TlsInspector()))],
             filter_chains=[
-                listener_components_pb2.FilterChain(
-                    filters=[
-                        listener_components_pb2.Filter(
-                            name="envoy.filters.network.http_connection_manager",
-                            typed_config=_any(manager),
-                        )
-                    ]
-                )
-            ],
+                *(listener_components_pb2.FilterChain(
+                    filter_chain_match=listener_components_pb2.FilterChainMatch(
+                        server_names=list(names)),
+                    transport_socket=_tls_socket(secret, tls.http2), filters=filters)
+                  for names, secret in tls.sni)],
+            default_filter_chain=listener_components_pb2.FilterChain(
+                transport_socket=_tls_socket(tls.default_secret, tls.http2), filters=filters),
         )
 
 
@@ -580,6 +614,23 @@ class ResourceBuilder:
 #: to a service's own cluster, awake or asleep, are counted by Envoy's counters
 #: (stats_sink.py): no log entry, no gRPC message, no Python per request.
 CATCH_ALL_ONLY = f"xds.cluster_name == '{ACTIVATOR_CLUSTER}'"
+
+
+def _tls_socket(secret: str, http2: bool) -> base_pb2.TransportSocket:
+    """TLS with the certificate of SDS secret `secret` (sent over ADS, so a renewed file
+    reaches Envoy without a listener change); ALPN offers HTTP/2, then HTTP/1.1."""
+    context = tls_pb2.DownstreamTlsContext(common_tls_context=tls_pb2.CommonTlsContext(
+        tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(
+            name=secret, sds_config=_ads())],
+        alpn_protocols=["h2", "http/1.1"] if http2 else ["http/1.1"]))
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls",
+                                    typed_config=_any(context))
+
+
+def _secret(name: str, chain: bytes, key: bytes) -> secret_pb2.Secret:
+    return secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
+        certificate_chain=base_pb2.DataSource(inline_bytes=chain),
+        private_key=base_pb2.DataSource(inline_bytes=key)))
 
 
 def _access_log() -> accesslog_pb2.AccessLog:

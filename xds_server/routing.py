@@ -25,6 +25,7 @@ from torpor.model import Endpoint, ServiceRecord, ServiceState
 from torpor.service_table import ServiceTable
 from torpor.workloads.base import Workloads
 from xds_server.cache import Desired, SnapshotCache
+from xds_server.certificates import listener_tls
 from xds_server.publisher import Publisher
 from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
 from xds_server.server import AdsServer
@@ -46,6 +47,7 @@ def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> Ga
         max_requests=max(1024, 4 * largest_max_held(config.activator, config.services)),
         retry_buffer_bytes=config.gateway.retry_buffer_bytes,
         edge=config.gateway.edge,
+        tls=listener_tls(config.gateway.tls),
     )
 
 

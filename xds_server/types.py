@@ -12,15 +12,18 @@ CLUSTER: Final = PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT: Final = PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER: Final = PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE: Final = PREFIX + "envoy.config.route.v3.RouteConfiguration"
+#: The gateway's TLS certificates (SDS), named in the listener's filter chains.
+SECRET: Final = PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 
-#: CDS, EDS before LDS, RDS.
-ADD_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+#: CDS, EDS before LDS, RDS (and the certificates a listener uses before the listener).
+ADD_ORDER: Final = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
 
 #: Types whose state-of-the-world responses must list every resource (a missing one is
 #: deleted). For EDS and RDS, a response carries only the resources it updates.
 WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER})
 
-SHORT_NAMES: Final = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
+SHORT_NAMES: Final = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds",
+                      SECRET: "sds"}
 
 
 def short(type_url: str) -> str:
