@@ -16,6 +16,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 import yaml
 
+from torpor.credentials_files import read_api_keys, read_jwks
 from torpor.edge import DEFAULT_MAX_REQUEST_HEADERS_KB, MAX_REQUEST_HEADERS_KB_LIMIT, EdgeLimits
 from torpor.errors import ConfigError
 from torpor.routes import ROOT, Routes, RouteTable, describe_clash
@@ -83,6 +84,26 @@ class GatewayTlsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class JwtConfig:
+    """Tokens Envoy accepts: signed by a key of `jwks` (a JWKS file, re-read on change),
+    from `issuer`, for one of `audiences` (any when empty), not expired."""
+
+    issuer: str
+    jwks: Path
+    audiences: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    """Who may call a service, checked by Envoy before routing (a refused request never
+    reaches the activator or a replica): an API key from `api_keys` (a file of
+    `client: key` lines, re-read on change) in the `x-api-key` header, or a JWT."""
+
+    api_keys: Path | None = None
+    jwt: JwtConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientTlsConfig:
     """A client's TLS files: the CA that signed the server's certificate, and (mTLS) the
     client's own certificate and key."""
@@ -140,6 +161,8 @@ class GatewayConfig:
     stats_listen: Address | None = None
     # TLS on the listener (certificates reloaded on change through SDS), HTTP/2 by ALPN.
     tls: GatewayTlsConfig | None = None
+    # Authentication of every service that does not set its own (services[].auth).
+    auth: AuthConfig | None = None
 
     @property
     def edge(self) -> EdgeLimits:
@@ -358,6 +381,8 @@ class ServiceConfig:
     hosts: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     rewrite: str | None = None
+    # Who may call it (None: as gateway.auth; NO_AUTH, `auth: none` in the file: anyone).
+    auth: AuthConfig | None = None
     # Enforced by Envoy, answered 429 + Retry-After: requests per second (with a burst),
     # and requests in flight at once (to the replicas, or held while it sleeps).
     rate_limit: RateLimitConfig | None = None
@@ -897,7 +922,8 @@ _GATEWAY = _Schema(
      "xds_tls": _Field(_client_tls),
      "stats_flush_interval": _Field(_duration_within(MIN_STATS_FLUSH, MAX_STATS_FLUSH)),
      "stats_listen": _Field(_address),
-     "tls": _Field(lambda r, key, value: _gateway_tls(r, key, value))},
+     "tls": _Field(lambda r, key, value: _gateway_tls(r, key, value)),
+     "auth": _Field(lambda r, key, value: _auth(r, key, value))},
 )
 _SERVER_TLS = _Schema(
     ServerTlsConfig,
@@ -1098,6 +1124,7 @@ _SERVICE = _Schema(
         "hosts": _Field(_extra_hosts),
         "paths": _Field(_path_prefixes),
         "rewrite": _Field(_rewrite),
+        "auth": _Field(lambda r, key, value: _auth(r, key, value)),
         "rate_limit": _Field(_section(_RATE_LIMIT)),
         "max_concurrent": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
         "wake_timeout": _Field(_duration(positive=True)),
@@ -1342,6 +1369,47 @@ def _gateway_tls(r: _Reader, key: str, value: object) -> GatewayTlsConfig:
         except ValueError as exc:
             r.fail(at, str(exc))
     return tls
+
+
+def _strings(r: _Reader, key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        r.fail(key, f"expected a list of strings, got {_describe(value)}")
+    return tuple(_string(r, f"{key}[{index}]", item) for index, item in enumerate(value))
+
+
+_JWT = _Schema(
+    JwtConfig,
+    {"issuer": _Field(_string, _REQUIRED, "the `iss` the tokens carry"),
+     "jwks": _Field(_path, _REQUIRED, "a JWKS file with the keys that sign the tokens"),
+     "audiences": _Field(_strings)},
+)
+_AUTH = _Schema(AuthConfig, {"api_keys": _Field(_path), "jwt": _Field(_section(_JWT))})
+#: `auth: none` on a service: not asked, even when gateway.auth is set.
+NO_AUTH = AuthConfig()
+
+
+def service_auth(service: ServiceConfig, gateway: GatewayConfig) -> AuthConfig | None:
+    """Who may call `service`: its own auth, else the gateway's; None: anyone."""
+    auth = service.auth if service.auth is not None else gateway.auth
+    return None if auth is None or auth == NO_AUTH else auth
+
+
+def _auth(r: _Reader, key: str, value: object) -> AuthConfig:
+    """An auth section, its files read now (a missing or bad one is a config error)."""
+    if value in ("none", False):
+        return NO_AUTH
+    auth = _read(r, key, value, _AUTH)
+    if (auth.api_keys is None) == (auth.jwt is None):
+        r.fail(key, "give one of api_keys (a file of `client: key` lines) or jwt "
+               "({issuer, jwks, audiences}); `none` turns a gateway-wide one off")
+    try:
+        if auth.api_keys is not None:
+            read_api_keys(auth.api_keys)
+        if auth.jwt is not None:
+            read_jwks(auth.jwt.jwks)
+    except ValueError as exc:
+        r.fail(_join(key, "api_keys" if auth.api_keys is not None else "jwt.jwks"), str(exc))
+    return auth
 
 
 def load_service(raw: object, source: str, config: Config) -> ServiceConfig:

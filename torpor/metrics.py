@@ -217,6 +217,11 @@ DISCOVERY_ERRORS = Gauge(
     "1 while a labelled Deployment cannot become a service (bad annotations, name or host "
     "clash); it is left as it was", ["namespace", "deployment"],
 )
+AUTH_RELOADS = Counter(
+    "torpor_auth_reloads",
+    "API key and JWKS files read again after a change: applied, failed (old kept)",
+    ["result"],
+)
 TLS_RELOADS = Counter(
     "torpor_tls_reloads",
     "Gateway certificate files read again after a change: applied, failed (old kept)",

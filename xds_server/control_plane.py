@@ -51,6 +51,7 @@ from xds_server.admin_auth import AdminAuthInterceptor, server_tls
 from xds_server.cache import Snapshot, SnapshotCache
 from xds_server.certificates import CertificateWatcher
 from xds_server.collector import CallCollector
+from xds_server.credentials import Credentials
 from xds_server.policy_loop import PolicyLoop
 from xds_server.publisher import Publisher
 from xds_server.quarantine import QuarantineBuilder, envoy_words
@@ -108,10 +109,13 @@ class ControlPlane:
         # why) and every other service keeps routing.
         self.quarantine = QuarantineBuilder(gateway_settings(config, configured))
         self.ads.add_listeners(self._on_rejected, self._on_applied)
+        # The API keys and JWKS behind gateway.auth and services[].auth, kept current.
+        self.credentials = Credentials(config.gateway)
         self.routing = EnvoyRouting(
             self.table, workloads, self.quarantine,
             self.cache, self.ads, Publisher(self.cache, self.ads, config.control_plane.ack_timeout),
-            configured, confirm_timeout=config.control_plane.ack_timeout)
+            configured, confirm_timeout=config.control_plane.ack_timeout,
+            auth_of=self.credentials.route_auth)
         self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
                            flip_when=config.wake.flip_when, clock=self.clock,
                            settings=settings_lookup(config.activator, self.catalog.get),
@@ -173,6 +177,8 @@ class ControlPlane:
             watcher.load()
             self._tasks.append(asyncio.create_task(watcher.run()))
         self.routing.load()  # the desired state, before the first stream arrives
+        self._tasks.append(asyncio.create_task(self.credentials.run(
+            self.config.control_plane.reload_poll or 2.0, self.routing.mark_dirty)))
         # The table's resources live as long as the process: out of the collector's
         # generations, a full collection no longer walks them (measured at 50k services:
         # a 27 ms pause in one flip out of 50 without this).

@@ -28,6 +28,7 @@ client gets the error instead.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import re
@@ -42,12 +43,15 @@ from envoy.config.core.v3 import (
     config_source_pb2,
     grpc_service_pb2,
     protocol_pb2,
+    substitution_format_string_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.filters.http.api_key_auth.v3 import api_key_auth_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_authn_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import (
     local_rate_limit_pb2 as local_ratelimit_pb2,
 )
@@ -61,7 +65,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from torpor.async_calls import PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH
 from torpor.edge import EdgeLimits
@@ -86,6 +90,44 @@ IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
 SAFE_RETRY_ON = "connect-failure,refused-stream,reset-before-request,retriable-headers"
 #: Also replays a request an upstream reset after it was sent (before any response header).
 RESET_RETRY_ON = SAFE_RETRY_ON + ",reset"
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKeys:
+    """Callers of a service show one of these keys in `x-api-key` (client, key)."""
+
+    credentials: tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class JwtRule:
+    """Callers of a service show a JWT of `issuer` (for one of `audiences`, any when
+    empty) signed by a key of the JWKS `jwks` (its text), as `Authorization: Bearer`."""
+
+    provider: str
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks: str
+
+
+RouteAuth = ApiKeys | JwtRule
+#: What a service may need of the listener's HTTP filters (`_features_of`).
+RATE_LIMITED, API_KEYS = "rate_limit", "api_keys"
+Feature = str | JwtRule
+API_KEY_HEADER = "x-api-key"
+API_KEY_FILTER = "envoy.filters.http.api_key_auth"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+
+
+def _features_of(service: RoutedService) -> tuple[Feature, ...]:
+    out: list[Feature] = []
+    if service.rate_limit is not None:
+        out.append(RATE_LIMITED)
+    if isinstance(service.auth, ApiKeys):
+        out.append(API_KEYS)
+    elif isinstance(service.auth, JwtRule):
+        out.append(service.auth)
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,13 +176,13 @@ class GatewaySettings:
 
 
 RouteKey = tuple[str, tuple[str, ...], tuple[str, ...], "str | None", bool,
-                 "tuple[int, int] | None"]
+                 "tuple[int, int] | None", "RouteAuth | None"]
 
 
 def route_key(service: RoutedService) -> RouteKey:
     """What of a service its routes are built from (an endpoint flip changes none)."""
     return (service.host, service.hosts, service.paths, service.rewrite,
-            service.retry_non_idempotent, service.rate_limit)
+            service.retry_non_idempotent, service.rate_limit, service.auth)
 
 
 def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
@@ -167,6 +209,8 @@ class RoutedService:
     hosts: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     rewrite: str | None = None
+    # Who may call it, checked by Envoy before routing (None: anyone).
+    auth: RouteAuth | None = None
 
     def all_hosts(self) -> tuple[str, ...]:
         return (self.host, *self.hosts)
@@ -189,9 +233,10 @@ class ResourceBuilder:
         # name -> (host and retry choice it was built for, its VirtualHost)
         self._vhosts: dict[str, tuple[RouteKey, route_components_pb2.VirtualHost]] = {}
         self._clusters: dict[str, tuple[tuple[bool, int | None], Resource]] = {}
-        # Services with a rate limit: while there is none, the listener has no rate-limit
-        # filter (nothing per request for those who do not use it).
-        self._limited: set[str] = set()
+        # What services need of the listener's filters (`_note_features`).
+        self._feature_of: dict[str, tuple[Feature, ...]] = {}
+        self._features: collections.Counter[Feature] = collections.Counter()
+        self._listener_features: frozenset[Feature] = frozenset()
         # name -> (endpoints it was built for, its ClusterLoadAssignment)
         self._endpoints: dict[str, tuple[tuple[Endpoint, ...], Resource]] = {}
         self._static = {
@@ -257,13 +302,13 @@ class ResourceBuilder:
                 if old is not None:
                     del self._shapes[name]
                     self._leave_hosts(old)
-                    self._note_rate_limit(name, False)
+                    self._note_features(name, None)
                     self._forget(name)
                     clusters[name] = endpoints[name] = None
                     self._routes_stale = True
                 continue
             self._shapes[name] = svc
-            self._note_rate_limit(name, svc.rate_limit is not None)
+            self._note_features(name, svc)
             clusters[name] = self._cluster(svc)
             endpoints[name] = self._load_assignment(name, svc.endpoints)
             if old is None or route_key(old) != route_key(svc):
@@ -293,14 +338,22 @@ class ResourceBuilder:
                 if not members:
                     del self._host_members[host]
 
-    def _note_rate_limit(self, name: str, limited: bool) -> None:
-        """Keep the set of rate-limited services; the first one in or the last one out
-        changes the listener (its HTTP filters)."""
-        before = bool(self._limited)
-        (self._limited.add if limited else self._limited.discard)(name)
-        if bool(self._limited) != before:
+    def _note_features(self, name: str, service: RoutedService | None) -> None:
+        """Keep count of what services need of the listener's HTTP filters (a rate limit,
+        API keys, a JWT provider); when that set changes (the first user in, the last one
+        out, a JWKS renewed) the listener is rebuilt. Nothing per request for features
+        nobody uses."""
+        old = self._feature_of.pop(name, ())
+        self._features.subtract(old)
+        new = _features_of(service) if service is not None else ()
+        if new:
+            self._feature_of[name] = new
+            self._features.update(new)
+        used = frozenset(f for f, count in self._features.items() if count > 0)
+        if used != self._listener_features:
+            self._listener_features = used
             self._put(types.LISTENER, {LISTENER_NAME: Resource.pack(
-                LISTENER_NAME, self._listener(rate_limits=bool(self._limited)))})
+                LISTENER_NAME, self._listener(used))})
 
     def desired(self) -> Desired:
         """The whole config now, and the names touched since the last hand-out (None on
@@ -397,7 +450,7 @@ class ResourceBuilder:
         """One service's virtual host over `hosts` (its own): the status route of
         asynchronous calls, then its routes, longest path first."""
         vhost = self._vhost_proto(service.name, _domains(hosts), [
-            self._status_route(service.name),
+            self._status_route(service.name, service.auth),
             *(route for prefix in _longest_first(service.prefixes())
               for route in self._routes_to(service, prefix))])
         if service.rate_limit is not None:
@@ -451,13 +504,20 @@ class ResourceBuilder:
         if service.rewrite is not None:
             for route in routes:
                 _rewrite(route, service.name, prefix, service.rewrite)
+        if service.auth is not None:
+            for route in routes:
+                _require(route, service.auth)
         return routes
 
-    def _status_route(self, vhost: str) -> route_components_pb2.Route:
-        """The status of asynchronous calls, to the activator (once per virtual host).
-        Only the connection-level retries: a call accepted is never made twice."""
+    def _status_route(self, vhost: str, auth: RouteAuth | None = None
+                      ) -> route_components_pb2.Route:
+        """The status of asynchronous calls, to the activator (once per virtual host;
+        asking for the credentials of the host's service, if it is alone on it). Only
+        the connection-level retries: a call accepted is never made twice."""
         status = self._route(f"{vhost}/async-status", ACTIVATOR_CLUSTER, SAFE_RETRY_ON)
         status.match.prefix = STATUS_PATH
+        if auth is not None:
+            _require(status, auth)
         return status
 
     def _route(self, route_name: str, cluster: str, retry_on: str,
@@ -554,7 +614,7 @@ class ResourceBuilder:
         return Resource.pack(ACTIVATOR_CLUSTER,
                              _cla(ACTIVATOR_CLUSTER, self.settings.activators))
 
-    def _listener(self, rate_limits: bool = False) -> listener_pb2.Listener:
+    def _listener(self, features: frozenset[Feature] = frozenset()) -> listener_pb2.Listener:
         """The edge: limits from `settings.edge` (the activator's are the same, so a
         request that reaches an awake service can wake a sleeping one); the client's
         address is the connection's (use_remote_address, no trusted hops: a client cannot
@@ -578,7 +638,8 @@ class ResourceBuilder:
                 upgrade_type="websocket")],
             rds=hcm_pb2.Rds(route_config_name=ROUTE_CONFIG_NAME, config_source=_ads()),
             http_filters=[
-                *([_rate_limit_filter()] if rate_limits else []),
+                *_auth_filters(features),
+                *([_rate_limit_filter()] if RATE_LIMITED in features else []),
                 hcm_pb2.HttpFilter(name="envoy.filters.http.router",
                                    typed_config=_any(router_pb2.Router())),
             ],
@@ -678,6 +739,43 @@ def _rewrite(route: route_components_pb2.Route, service: str, prefix: str,
     route.request_headers_to_add.append(base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=SERVICE_HEADER, value=service),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+
+
+def _require(route: route_components_pb2.Route, auth: RouteAuth) -> None:
+    """The route asks for the service's credentials (the listener's filter checks them:
+    `_auth_filters`)."""
+    if isinstance(auth, ApiKeys):
+        per_route = api_key_auth_pb2.ApiKeyAuthPerRoute(
+            credentials=[api_key_auth_pb2.Credential(key=key, client=client)
+                         for client, key in auth.credentials],
+            key_sources=[api_key_auth_pb2.KeySource(header=API_KEY_HEADER)])
+        # The filter is off in the listener; this route turns it on with its keys.
+        turned_on = route_components_pb2.FilterConfig(config=_any(per_route))
+        route.typed_per_filter_config[API_KEY_FILTER].CopyFrom(_any(turned_on))
+    else:
+        route.typed_per_filter_config[JWT_FILTER].CopyFrom(_any(
+            jwt_authn_pb2.PerRouteConfig(requirement_name=auth.provider)))
+
+
+def _auth_filters(features: frozenset[Feature]) -> list[hcm_pb2.HttpFilter]:
+    """The authentication filters the services need: API keys (off unless a route turns
+    it on with its keys) and JWT (its providers; checked where a route names one)."""
+    filters = []
+    if API_KEYS in features:
+        filters.append(hcm_pb2.HttpFilter(
+            name=API_KEY_FILTER, disabled=True, typed_config=_any(api_key_auth_pb2.ApiKeyAuth(
+                key_sources=[api_key_auth_pb2.KeySource(header=API_KEY_HEADER)]))))
+    rules = sorted((f for f in features if isinstance(f, JwtRule)), key=lambda r: r.provider)
+    if rules:
+        filters.append(hcm_pb2.HttpFilter(name=JWT_FILTER, typed_config=_any(
+            jwt_authn_pb2.JwtAuthentication(
+                providers={r.provider: jwt_authn_pb2.JwtProvider(
+                    issuer=r.issuer, audiences=list(r.audiences),
+                    local_jwks=base_pb2.DataSource(inline_string=r.jwks))
+                    for r in rules},
+                requirement_map={r.provider: jwt_authn_pb2.JwtRequirement(
+                    provider_name=r.provider) for r in rules}))))
+    return filters
 
 
 def _domains(hosts: Iterable[str]) -> list[str]:
@@ -844,12 +942,36 @@ def _header_value(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 def _local_replies() -> hcm_pb2.LocalReplyConfig:
     """A request over a service's `max_concurrent` (Envoy's circuit breaker: response
-    flag UO, 503 by default) is answered 429 + Retry-After, as a rate-limited one."""
-    return hcm_pb2.LocalReplyConfig(mappers=[hcm_pb2.ResponseMapper(
-        filter=accesslog_pb2.AccessLogFilter(response_flag_filter=(
-            accesslog_pb2.ResponseFlagFilter(flags=["UO"]))),
+    flag UO, 503 by default) is answered 429 + Retry-After, as a rate-limited one; a
+    refused credential (401, 403) gets a JSON body as the activator's answers have:
+    {"error", "message"} with Envoy's reason ("Jwt is expired")."""
+    overloaded = hcm_pb2.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(
+            response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UO"])),
         status_code=wrappers_pb2.UInt32Value(value=429),
-        headers_to_add=[_header_value(RETRY_AFTER, str(_RETRY_AFTER_SECONDS))])])
+        headers_to_add=[_header_value(RETRY_AFTER, str(_RETRY_AFTER_SECONDS))])
+    return hcm_pb2.LocalReplyConfig(mappers=[
+        overloaded, _json_reply(401, "unauthorized"), _json_reply(403, "forbidden")])
+
+
+def _json_reply(code: int, error: str) -> hcm_pb2.ResponseMapper:
+    """Envoy's own `code` answers with a JSON body."""
+    comparison = accesslog_pb2.ComparisonFilter(
+        op=accesslog_pb2.ComparisonFilter.EQ,
+        value=base_pb2.RuntimeUInt32(default_value=code,
+                                     runtime_key=f"torpor.local_reply_{code}"))
+    return hcm_pb2.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(
+            status_code_filter=accesslog_pb2.StatusCodeFilter(comparison=comparison)),
+        body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=_json_struct({"error": error, "message": "%LOCAL_REPLY_BODY%"}),
+            content_type="application/json"))
+
+
+def _json_struct(fields: Mapping[str, str]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(fields)
+    return out
 
 
 def _ads() -> config_source_pb2.ConfigSource:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from torpor import metrics
 from torpor.config import Config, ServiceConfig
@@ -27,7 +28,7 @@ from torpor.workloads.base import Workloads
 from xds_server.cache import Desired, SnapshotCache
 from xds_server.certificates import listener_tls
 from xds_server.publisher import Publisher
-from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
+from xds_server.resources import GatewaySettings, ResourceBuilder, RouteAuth, RoutedService
 from xds_server.server import AdsServer
 
 log = logging.getLogger("torpor.control_plane")
@@ -58,7 +59,11 @@ class EnvoyRouting:
     def __init__(self, table: ServiceTable, workloads: Workloads, builder: ResourceBuilder,
                  cache: SnapshotCache, ads: AdsServer, publisher: Publisher,
                  configured_activator: tuple[Endpoint, Endpoint],
-                 confirm_timeout: float) -> None:
+                 confirm_timeout: float,
+                 auth_of: Callable[[ServiceConfig], RouteAuth | None] = lambda s: None
+                 ) -> None:
+        """`auth_of(service)`: what Envoy asks of its callers (credentials.py)."""
+        self._auth_of = auth_of
         self._table = table
         self._workloads = workloads
         self.builder = builder
@@ -115,7 +120,7 @@ class EnvoyRouting:
                                          (limit.requests_per_second, limit.bucket)),
                              max_concurrent=service.max_concurrent,
                              hosts=service.hosts, paths=service.paths,
-                             rewrite=service.rewrite)
+                             rewrite=service.rewrite, auth=self._auth_of(service))
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
         """Ready replicas of a service routed to them; otherwise the activator, which holds
