@@ -62,8 +62,10 @@ async def test_envoy_refuses_bad_credentials_before_anything_else_sees_them(
     keys = tmp_path / "keys.txt"
     keys.write_text(f"# who may call `keyed`\nalice: {ALICE}\n")
     jwks, signer = jwks_and_signer(tmp_path)
-    services = (model_service("keyed", 1) + f"    auth: {{api_keys: {keys}}}\n"
-                + model_service("tokened", 1)
+    log_requests = ", --log-requests"
+    services = (model_service("keyed", 1, flags=log_requests)
+                + f"    auth: {{api_keys: {keys}}}\n"
+                + model_service("tokened", 1, flags=log_requests)
                 + f"    auth: {{jwt: {{issuer: '{ISSUER}', jwks: {jwks}, "
                   f"audiences: [{AUDIENCE}]}}}}\n"
                 + model_service("open", 1))
@@ -71,13 +73,15 @@ async def test_envoy_refuses_bad_credentials_before_anything_else_sees_them(
     text = path.read_text().replace("control_plane: {", "control_plane: {reload_poll: 0.5s, ", 1)
     path.write_text(text)
     config = load_config(path)
-    gateway = f"http://{config.gateway.listen}/healthz"
+    gateway = f"http://{config.gateway.listen}/predict?text=good"
     runs = UpRuns()
 
     async def get(host: str, **headers: str) -> tuple[int, dict[str, str] | str]:
         async with aiohttp.ClientSession() as session, session.get(
                 gateway, headers={"Host": f"{host}.localhost", **headers}) as r:
             body = await r.text()
+            if r.status == 200:
+                return 200, r.headers["x-served-by"].split(":")[0]
             return r.status, json.loads(body) if r.content_type == "application/json" \
                 else body
 
@@ -91,7 +95,7 @@ async def test_envoy_refuses_bad_credentials_before_anything_else_sees_them(
         by_name = {s["name"]: s for s in status_json(path)}
         assert by_name["keyed"]["state"] == "HIBERNATED"
         # The right key passes (and wakes it).
-        assert await get("keyed", **{"x-api-key": ALICE}) == (200, "ok")
+        assert await get("keyed", **{"x-api-key": ALICE}) == (200, "keyed")
 
         # JWT: missing, expired, another issuer: 401 with Envoy's reason; a good one passes.
         assert (await get("tokened"))[0] == 401
@@ -100,8 +104,8 @@ async def test_envoy_refuses_bad_credentials_before_anything_else_sees_them(
         assert status == 401 and isinstance(body, dict) and "expired" in body["message"]
         other = token(signer, issuer="https://other.test")
         assert (await get("tokened", Authorization=f"Bearer {other}"))[0] == 401
-        assert await get("tokened", Authorization=f"Bearer {token(signer)}") == (200, "ok")
-        assert await get("open") == (200, "ok")  # a service without auth is not asked
+        assert await get("tokened", Authorization=f"Bearer {token(signer)}") == (200, "tokened")
+        assert await get("open") == (200, "open")  # a service without auth is not asked
 
         # A key added to the file works without a restart.
         keys.write_text(f"alice: {ALICE}\nbob: {BOB}\n")
@@ -110,6 +114,12 @@ async def test_envoy_refuses_bad_credentials_before_anything_else_sees_them(
             return (await get("keyed", **{"x-api-key": BOB}))[0] == 200
 
         await wait_until(bob_allowed, 20, "bob's new key accepted", interval=0.2)
-        assert await get("keyed", **{"x-api-key": ALICE}) == (200, "ok")
+        assert await get("keyed", **{"x-api-key": ALICE}) == (200, "keyed")
+        # The replicas saw the accepted requests only (their request logs).
+        served = {name: "".join(p.read_text() for p in config.log_dir().glob(f"{name}-*.log"))
+                  .count("request GET /predict") for name in ("keyed", "tokened")}
+        assert served["tokened"] == 1
+        bob_tries = served["keyed"] - 2  # alice twice; bob once accepted, after the reload
+        assert bob_tries == 1, served
     finally:
         await runs.stop_all()

@@ -10,6 +10,7 @@ import datetime
 import re
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -107,6 +108,12 @@ async def test_the_gateway_speaks_tls_and_http2_and_takes_a_renewed_certificate(
                 f"https://127.0.0.1:{port}/healthz", ssl=context, server_hostname=HOST,
                 headers={"Host": HOST}) as r:
             assert (r.status, await r.text()) == (200, "ok")
+        # What a user types: curl --cacert, over HTTP/2 (curl is built with nghttp2 here).
+        curl = await asyncio.to_thread(subprocess.run, [
+            "curl", "--silent", "--show-error", "--http2", "--cacert", str(ca_path),
+            "--resolve", f"{HOST}:{port}:127.0.0.1", "--write-out", " %{http_version}",
+            f"https://{HOST}:{port}/healthz"], capture_output=True, text=True, timeout=30)
+        assert (curl.returncode, curl.stdout) == (0, "ok 2"), curl.stderr
         served, alpn = await asyncio.to_thread(served_certificate, port, HOST, ca_path)
         assert alpn == "h2"
         assert served.serial_number == x509.load_pem_x509_certificate(first.cert).serial_number
