@@ -48,7 +48,7 @@ from activator.answers import (
 from activator.holding import AfterWake, Holding, Lookup
 from torpor.errors import TorporError
 from torpor.logs import event
-from torpor.routes import SERVICE_HEADER
+from torpor.routes import SERVICE_HEADER, VERSION_HEADER
 
 log = logging.getLogger("torpor.activator")
 
@@ -245,16 +245,18 @@ class _Connection(asyncio.Protocol):
         # callback, which holds up every stream of the connection.
         task = asyncio.get_running_loop().create_task(
             self._serve(stream_id, authority, headers.get(":path", ""),
-                        headers.get("content-type", ""), headers.get(SERVICE_HEADER)),
+                        headers.get("content-type", ""), headers.get(SERVICE_HEADER),
+                        headers.get(VERSION_HEADER)),
             name=f"h2-stream-{stream_id}")
         self._streams[stream_id] = task
         self._holder._track(task)
 
     async def _serve(self, stream_id: int, authority: str, path: str,
-                     content_type: str, named: str | None = None) -> None:
+                     content_type: str, named: str | None = None,
+                     version: str | None = None) -> None:
         name = ""
         try:
-            service = await self._holder._lookup(authority, path or "/", named)
+            service = await self._holder._lookup(authority, path or "/", named, version)
             if service is None:
                 event(log, "activator.unknown_host", host=authority, path=path)
                 answer = unknown_host(authority)

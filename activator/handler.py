@@ -38,7 +38,7 @@ from torpor.async_calls import call_id_of, wants_async
 from torpor.lifecycle.ports import WakeProgress, Wakes
 from torpor.logs import event
 from torpor.model import Endpoint
-from torpor.routes import SERVICE_HEADER
+from torpor.routes import SERVICE_HEADER, VERSION_HEADER
 
 log = logging.getLogger("torpor.activator")
 
@@ -135,7 +135,8 @@ class ActivatorHandler:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         host = request.headers.get("Host", "")
-        service = await self._lookup(host, request.path, request.headers.get(SERVICE_HEADER))
+        service = await self._lookup(host, request.path, request.headers.get(SERVICE_HEADER),
+                                     request.headers.get(VERSION_HEADER))
         if service is None:
             event(log, "activator.unknown_host", host=host, path=request.path)
             return json_answer(unknown_host(host), host=host)

@@ -43,8 +43,8 @@ AfterWake = Callable[[str], Awaitable[None]]
 class Lookup(Protocol):
     """Request (Host, path, the service Envoy named if any) → its service."""
 
-    def __call__(self, host: str, path: str = ..., named: str | None = ...
-                 ) -> Awaitable[ServiceConfig | None]: ...
+    def __call__(self, host: str, path: str = ..., named: str | None = ...,
+                 version: str | None = ...) -> Awaitable[ServiceConfig | None]: ...
 #: What a held request was waiting for when it left: the wake, or the route confirmation.
 Phase = Literal["wake", "flip"]
 
@@ -115,8 +115,8 @@ class ServiceLookup:
     """Request → service for both fronts, refreshing the catalog once on a miss.
 
     By the service Envoy named (`x-torpor-service`, set on the routes of services whose
-    path Envoy rewrites, the only ones whose request no longer shows its route; Envoy
-    drops a client's own), else by Host and path (torpor/routes.py, Envoy's rule).
+    path Envoy rewrites and on each version of a service's split: their request no longer
+    shows which; Envoy drops a client's own), else by Host and path (torpor/routes.py).
     Async because the refresh is (a standalone activator asks the control plane): callers
     run it in the request's own task, never in a protocol callback.
     """
@@ -128,22 +128,37 @@ class ServiceLookup:
         self._by_name = by_name
         self._on_miss = on_miss
 
-    async def __call__(self, host: str, path: str = ROOT,
-                       named: str | None = None) -> ServiceConfig | None:
-        service = self._find(host, path, named)
+    async def __call__(self, host: str, path: str = ROOT, named: str | None = None,
+                       version: str | None = None) -> ServiceConfig | None:
+        service = self._find(host, path, named, version)
         if service is None and self._on_miss is not None:
             await self._on_miss()
-            service = self._find(host, path, named)
+            service = self._find(host, path, named, version)
         return service
 
-    def _find(self, host: str, path: str, named: str | None) -> ServiceConfig | None:
+    def _find(self, host: str, path: str, named: str | None,
+              version: str | None) -> ServiceConfig | None:
+        path = path.split("?", 1)[0]
+        routed: ServiceConfig | None = None
         if named and self._by_name is not None:
-            service = self._by_name(named)
+            routed = self._by_name(named)
             # Only the routes of a rewritten path name their service (and only then does
             # Envoy drop a client's own header): a name for any other is not trusted.
-            if service is not None and service.rewrite is not None:
-                return service
-        return self._by_host(host, path.split("?", 1)[0])
+            if routed is not None and routed.rewrite is None:
+                routed = None
+        # The service with versions Envoy named (its rewritten routes name it), or the one
+        # the request's route reaches.
+        unit = named if named and routed is None else None
+        routed = routed or self._by_host(host, path)
+        if routed is not None:
+            unit = routed.version_of or routed.name
+        if version and self._by_name is not None and unit is not None:
+            chosen = self._by_name(version)
+            # A version of that service: Envoy's choice (its header overwrites a
+            # client's); a name of any other service is not trusted.
+            if chosen is not None and chosen.version_of == unit:
+                return chosen
+        return routed
 
 
 # --- outcomes: how a held request left ----------------------------------------------------

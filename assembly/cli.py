@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torpor
 from torpor import admin_client
@@ -110,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
                        ("wake", "wake a sleeping service now")):
         p = verb(name, _hibernate if name == "hibernate" else _wake, text)
         p.add_argument("name", metavar="NAME", help="service name")
+    traffic = verb("traffic", _traffic,
+                   "split a service's traffic between its versions, e.g. v1=90 v2=10 "
+                   "(relative weights; a version not named gets 0), in one push")
+    traffic.add_argument("name", metavar="NAME", help="service name")
+    traffic.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT", type=_weight)
+    promote = verb("promote", _promote, "send all of a service's traffic to one version "
+                   "(blue/green), in one push")
+    promote.add_argument("name", metavar="NAME", help="service name")
+    promote.add_argument("version", metavar="VERSION", help="the version to promote")
+    rollback = verb("rollback", _rollback, "back to the split before the last change, in "
+                    "one push")
+    rollback.add_argument("name", metavar="NAME", help="service name")
     register = verb("register", _register,
                     "add a service at run time, kept in the store (the config file wins a "
                     "name clash; needs the operator token)")
@@ -339,6 +351,41 @@ def _wake_progress(target: AdminTarget, name: str, elapsed: float) -> str:
             f"{for_people(elapsed)}")
     problem = status.get("replica_problem")
     return f"{line}; {problem}" if problem else line
+
+
+def _weight(text: str) -> tuple[str, int]:
+    version, equals, weight = text.partition("=")
+    if not equals or not version or not weight.isdigit():
+        raise argparse.ArgumentTypeError(f"expected VERSION=WEIGHT (e.g. v2=10), got {text!r}")
+    return version, int(weight)
+
+
+def _traffic(args: argparse.Namespace, config: Config) -> int:
+    weights = dict(args.weights)
+    if len(weights) != len(args.weights):
+        raise TorporError("a version is named twice")
+    return _print_traffic(admin_client.set_traffic(admin_target(config), args.name, weights))
+
+
+def _promote(args: argparse.Namespace, config: Config) -> int:
+    return _print_traffic(admin_client.promote(admin_target(config), args.name, args.version))
+
+
+def _rollback(args: argparse.Namespace, config: Config) -> int:
+    return _print_traffic(admin_client.rollback(admin_target(config), args.name))
+
+
+def _print_traffic(change: dict[str, Any]) -> int:
+    """`NAME: v1=90 v2=10 (was v1=100 v2=0); applied by every Envoy in 12 ms`."""
+    def split(weights: dict[str, int] | None) -> str:
+        return " ".join(f"{v}={w}" for v, w in sorted((weights or {}).items()))
+
+    was = f" (was {split(change['previous'])})" if change["previous"] else ""
+    applied = "applied by every Envoy" if change["applied"] else \
+        "pushed; not every Envoy applied it in time"
+    print(f"{change['name']}: {split(change['weights'])}{was}; {applied} in "
+          f"{change['push_seconds'] * 1000:.0f} ms")
+    return 0 if change["applied"] else 1
 
 
 def register_spec(args: argparse.Namespace) -> dict[str, object]:

@@ -24,41 +24,63 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0ftorpor.admin.v1\"G\n\x16RegisterServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\"(\n\x18UnregisterServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19UnregisterServiceResponse\"\x15\n\x13ListServicesRequest\"Z\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.torpor.admin.v1.ServiceStatus\x12\x10\n\x08problems\x18\x02 \x03(\t\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10HibernateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11WaitRoutedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\nTransition\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x12\n\nfrom_state\x18\x02 \x01(\t\x12\x10\n\x08to_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xe6\x05\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\x05\x12\x19\n\x11recorded_replicas\x18\x06 \x01(\x05\x12\x17\n\x0fready_endpoints\x18\x07 \x03(\t\x12\x16\n\tlast_call\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12,\n\x07history\x18\x0b \x03(\x0b\x32\x1b.torpor.admin.v1.Transition\x12\x17\n\nkeep_alive\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tnext_call\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07problem\x18\x0e \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0freplica_problem\x18\x0f \x01(\tH\x04\x88\x01\x01\x12\x13\n\x06source\x18\x10 \x01(\tH\x05\x88\x01\x01\x12\x12\n\x05group\x18( \x01(\tH\x06\x88\x01\x01\x12\x19\n\x0cwake_timeout\x18) \x01(\x01H\x07\x88\x01\x01\x12\x15\n\x08max_held\x18* \x01(\x05H\x08\x88\x01\x01\x12 \n\x13\x61\x63tivation_replicas\x18+ \x01(\x05H\t\x88\x01\x01\x12\x16\n\tmin_awake\x18, \x01(\x01H\n\x88\x01\x01\x12\r\n\x05hosts\x18- \x03(\t\x12\r\n\x05paths\x18. \x03(\t\x12\x14\n\x07rewrite\x18/ \x01(\tH\x0b\x88\x01\x01\x42\x0c\n\n_last_callB\r\n\x0b_keep_aliveB\x0c\n\n_next_callB\n\n\x08_problemB\x12\n\x10_replica_problemB\t\n\x07_sourceB\x08\n\x06_groupB\x0f\n\r_wake_timeoutB\x0b\n\t_max_heldB\x16\n\x14_activation_replicasB\x0c\n\n_min_awakeB\n\n\x08_rewrite\"=\n\rReportRequest\x12\x1a\n\rsince_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_since_seconds\"\xb7\x01\n\x0eServiceSavings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15replica_seconds_saved\x18\x02 \x01(\x01\x12\x1c\n\x14replica_seconds_idle\x18\x03 \x01(\x01\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x03\x12\x1a\n\x12\x63old_start_seconds\x18\x05 \x01(\x01\x12\x10\n\x08prewakes\x18\x06 \x01(\x03\x12\x17\n\x0fprewakes_wasted\x18\x07 \x01(\x03\"\x89\x01\n\x0eReportResponse\x12\x31\n\x08services\x18\x01 \x03(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12.\n\x05total\x18\x02 \x01(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12\x14\n\x0cgenerated_at\x18\x03 \x01(\x01\x32\xb1\x05\n\x05\x41\x64min\x12[\n\x0cListServices\x12$.torpor.admin.v1.ListServicesRequest\x1a%.torpor.admin.v1.ListServicesResponse\x12P\n\nGetService\x12\".torpor.admin.v1.GetServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12N\n\tHibernate\x12!.torpor.admin.v1.HibernateRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12\x44\n\x04Wake\x12\x1c.torpor.admin.v1.WakeRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12P\n\nWaitRouted\x12\".torpor.admin.v1.WaitRoutedRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12I\n\x06Report\x12\x1e.torpor.admin.v1.ReportRequest\x1a\x1f.torpor.admin.v1.ReportResponse\x12Z\n\x0fRegisterService\x12\'.torpor.admin.v1.RegisterServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12j\n\x11UnregisterService\x12).torpor.admin.v1.UnregisterServiceRequest\x1a*.torpor.admin.v1.UnregisterServiceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0ftorpor.admin.v1\"\x93\x01\n\x11SetTrafficRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12@\n\x07weights\x18\x02 \x03(\x0b\x32/.torpor.admin.v1.SetTrafficRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"/\n\x0ePromoteRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1f\n\x0fRollbackRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa9\x02\n\x0fTrafficResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12>\n\x07weights\x18\x02 \x03(\x0b\x32-.torpor.admin.v1.TrafficResponse.WeightsEntry\x12@\n\x08previous\x18\x03 \x03(\x0b\x32..torpor.admin.v1.TrafficResponse.PreviousEntry\x12\x14\n\x0cpush_seconds\x18\x04 \x01(\x01\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a/\n\rPreviousEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"G\n\x16RegisterServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tspec_json\x18\x03 \x01(\t\"(\n\x18UnregisterServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19UnregisterServiceResponse\"\x15\n\x13ListServicesRequest\"Z\n\x14ListServicesResponse\x12\x30\n\x08services\x18\x01 \x03(\x0b\x32\x1e.torpor.admin.v1.ServiceStatus\x12\x10\n\x08problems\x18\x02 \x03(\t\"!\n\x11GetServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x10HibernateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x0bWakeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11WaitRoutedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\nTransition\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x12\n\nfrom_state\x18\x02 \x01(\t\x12\x10\n\x08to_state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x98\x06\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x18\n\x10\x64\x65sired_replicas\x18\x05 \x01(\x05\x12\x19\n\x11recorded_replicas\x18\x06 \x01(\x05\x12\x17\n\x0fready_endpoints\x18\x07 \x03(\t\x12\x16\n\tlast_call\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12,\n\x07history\x18\x0b \x03(\x0b\x32\x1b.torpor.admin.v1.Transition\x12\x17\n\nkeep_alive\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tnext_call\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07problem\x18\x0e \x01(\tH\x03\x88\x01\x01\x12\x1c\n\x0freplica_problem\x18\x0f \x01(\tH\x04\x88\x01\x01\x12\x13\n\x06source\x18\x10 \x01(\tH\x05\x88\x01\x01\x12\x12\n\x05group\x18( \x01(\tH\x06\x88\x01\x01\x12\x19\n\x0cwake_timeout\x18) \x01(\x01H\x07\x88\x01\x01\x12\x15\n\x08max_held\x18* \x01(\x05H\x08\x88\x01\x01\x12 \n\x13\x61\x63tivation_replicas\x18+ \x01(\x05H\t\x88\x01\x01\x12\x16\n\tmin_awake\x18, \x01(\x01H\n\x88\x01\x01\x12\r\n\x05hosts\x18- \x03(\t\x12\r\n\x05paths\x18. \x03(\t\x12\x14\n\x07rewrite\x18/ \x01(\tH\x0b\x88\x01\x01\x12\x30\n\x08versions\x18\x30 \x03(\x0b\x32\x1e.torpor.admin.v1.VersionStatusB\x0c\n\n_last_callB\r\n\x0b_keep_aliveB\x0c\n\n_next_callB\n\n\x08_problemB\x12\n\x10_replica_problemB\t\n\x07_sourceB\x08\n\x06_groupB\x0f\n\r_wake_timeoutB\x0b\n\t_max_heldB\x16\n\x14_activation_replicasB\x0c\n\n_min_awakeB\n\n\x08_rewrite\"i\n\rVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\x05\x12\x19\n\x11recorded_replicas\x18\x05 \x01(\x05\"=\n\rReportRequest\x12\x1a\n\rsince_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_since_seconds\"\xb7\x01\n\x0eServiceSavings\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15replica_seconds_saved\x18\x02 \x01(\x01\x12\x1c\n\x14replica_seconds_idle\x18\x03 \x01(\x01\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x03\x12\x1a\n\x12\x63old_start_seconds\x18\x05 \x01(\x01\x12\x10\n\x08prewakes\x18\x06 \x01(\x03\x12\x17\n\x0fprewakes_wasted\x18\x07 \x01(\x03\"\x89\x01\n\x0eReportResponse\x12\x31\n\x08services\x18\x01 \x03(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12.\n\x05total\x18\x02 \x01(\x0b\x32\x1f.torpor.admin.v1.ServiceSavings\x12\x14\n\x0cgenerated_at\x18\x03 \x01(\x01\x32\xa3\x07\n\x05\x41\x64min\x12[\n\x0cListServices\x12$.torpor.admin.v1.ListServicesRequest\x1a%.torpor.admin.v1.ListServicesResponse\x12P\n\nGetService\x12\".torpor.admin.v1.GetServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12N\n\tHibernate\x12!.torpor.admin.v1.HibernateRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12\x44\n\x04Wake\x12\x1c.torpor.admin.v1.WakeRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12P\n\nWaitRouted\x12\".torpor.admin.v1.WaitRoutedRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12I\n\x06Report\x12\x1e.torpor.admin.v1.ReportRequest\x1a\x1f.torpor.admin.v1.ReportResponse\x12Z\n\x0fRegisterService\x12\'.torpor.admin.v1.RegisterServiceRequest\x1a\x1e.torpor.admin.v1.ServiceStatus\x12j\n\x11UnregisterService\x12).torpor.admin.v1.UnregisterServiceRequest\x1a*.torpor.admin.v1.UnregisterServiceResponse\x12R\n\nSetTraffic\x12\".torpor.admin.v1.SetTrafficRequest\x1a .torpor.admin.v1.TrafficResponse\x12L\n\x07Promote\x12\x1f.torpor.admin.v1.PromoteRequest\x1a .torpor.admin.v1.TrafficResponse\x12N\n\x08Rollback\x12 .torpor.admin.v1.RollbackRequest\x1a .torpor.admin.v1.TrafficResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERSERVICEREQUEST']._serialized_start=39
-  _globals['_REGISTERSERVICEREQUEST']._serialized_end=110
-  _globals['_UNREGISTERSERVICEREQUEST']._serialized_start=112
-  _globals['_UNREGISTERSERVICEREQUEST']._serialized_end=152
-  _globals['_UNREGISTERSERVICERESPONSE']._serialized_start=154
-  _globals['_UNREGISTERSERVICERESPONSE']._serialized_end=181
-  _globals['_LISTSERVICESREQUEST']._serialized_start=183
-  _globals['_LISTSERVICESREQUEST']._serialized_end=204
-  _globals['_LISTSERVICESRESPONSE']._serialized_start=206
-  _globals['_LISTSERVICESRESPONSE']._serialized_end=296
-  _globals['_GETSERVICEREQUEST']._serialized_start=298
-  _globals['_GETSERVICEREQUEST']._serialized_end=331
-  _globals['_HIBERNATEREQUEST']._serialized_start=333
-  _globals['_HIBERNATEREQUEST']._serialized_end=365
-  _globals['_WAKEREQUEST']._serialized_start=367
-  _globals['_WAKEREQUEST']._serialized_end=394
-  _globals['_WAITROUTEDREQUEST']._serialized_start=396
-  _globals['_WAITROUTEDREQUEST']._serialized_end=429
-  _globals['_TRANSITION']._serialized_start=431
-  _globals['_TRANSITION']._serialized_end=509
-  _globals['_SERVICESTATUS']._serialized_start=512
-  _globals['_SERVICESTATUS']._serialized_end=1254
-  _globals['_REPORTREQUEST']._serialized_start=1256
-  _globals['_REPORTREQUEST']._serialized_end=1317
-  _globals['_SERVICESAVINGS']._serialized_start=1320
-  _globals['_SERVICESAVINGS']._serialized_end=1503
-  _globals['_REPORTRESPONSE']._serialized_start=1506
-  _globals['_REPORTRESPONSE']._serialized_end=1643
-  _globals['_ADMIN']._serialized_start=1646
-  _globals['_ADMIN']._serialized_end=2335
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._loaded_options = None
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_TRAFFICRESPONSE_WEIGHTSENTRY']._loaded_options = None
+  _globals['_TRAFFICRESPONSE_WEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_TRAFFICRESPONSE_PREVIOUSENTRY']._loaded_options = None
+  _globals['_TRAFFICRESPONSE_PREVIOUSENTRY']._serialized_options = b'8\001'
+  _globals['_SETTRAFFICREQUEST']._serialized_start=40
+  _globals['_SETTRAFFICREQUEST']._serialized_end=187
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._serialized_start=141
+  _globals['_SETTRAFFICREQUEST_WEIGHTSENTRY']._serialized_end=187
+  _globals['_PROMOTEREQUEST']._serialized_start=189
+  _globals['_PROMOTEREQUEST']._serialized_end=236
+  _globals['_ROLLBACKREQUEST']._serialized_start=238
+  _globals['_ROLLBACKREQUEST']._serialized_end=269
+  _globals['_TRAFFICRESPONSE']._serialized_start=272
+  _globals['_TRAFFICRESPONSE']._serialized_end=569
+  _globals['_TRAFFICRESPONSE_WEIGHTSENTRY']._serialized_start=141
+  _globals['_TRAFFICRESPONSE_WEIGHTSENTRY']._serialized_end=187
+  _globals['_TRAFFICRESPONSE_PREVIOUSENTRY']._serialized_start=522
+  _globals['_TRAFFICRESPONSE_PREVIOUSENTRY']._serialized_end=569
+  _globals['_REGISTERSERVICEREQUEST']._serialized_start=571
+  _globals['_REGISTERSERVICEREQUEST']._serialized_end=642
+  _globals['_UNREGISTERSERVICEREQUEST']._serialized_start=644
+  _globals['_UNREGISTERSERVICEREQUEST']._serialized_end=684
+  _globals['_UNREGISTERSERVICERESPONSE']._serialized_start=686
+  _globals['_UNREGISTERSERVICERESPONSE']._serialized_end=713
+  _globals['_LISTSERVICESREQUEST']._serialized_start=715
+  _globals['_LISTSERVICESREQUEST']._serialized_end=736
+  _globals['_LISTSERVICESRESPONSE']._serialized_start=738
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=828
+  _globals['_GETSERVICEREQUEST']._serialized_start=830
+  _globals['_GETSERVICEREQUEST']._serialized_end=863
+  _globals['_HIBERNATEREQUEST']._serialized_start=865
+  _globals['_HIBERNATEREQUEST']._serialized_end=897
+  _globals['_WAKEREQUEST']._serialized_start=899
+  _globals['_WAKEREQUEST']._serialized_end=926
+  _globals['_WAITROUTEDREQUEST']._serialized_start=928
+  _globals['_WAITROUTEDREQUEST']._serialized_end=961
+  _globals['_TRANSITION']._serialized_start=963
+  _globals['_TRANSITION']._serialized_end=1041
+  _globals['_SERVICESTATUS']._serialized_start=1044
+  _globals['_SERVICESTATUS']._serialized_end=1836
+  _globals['_VERSIONSTATUS']._serialized_start=1838
+  _globals['_VERSIONSTATUS']._serialized_end=1943
+  _globals['_REPORTREQUEST']._serialized_start=1945
+  _globals['_REPORTREQUEST']._serialized_end=2006
+  _globals['_SERVICESAVINGS']._serialized_start=2009
+  _globals['_SERVICESAVINGS']._serialized_end=2192
+  _globals['_REPORTRESPONSE']._serialized_start=2195
+  _globals['_REPORTRESPONSE']._serialized_end=2332
+  _globals['_ADMIN']._serialized_start=2335
+  _globals['_ADMIN']._serialized_end=3266
 # @@protoc_insertion_point(module_scope)

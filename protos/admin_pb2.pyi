@@ -6,6 +6,63 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SetTrafficRequest(_message.Message):
+    __slots__ = ("name", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weights: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class TrafficResponse(_message.Message):
+    __slots__ = ("name", "weights", "previous", "push_seconds", "applied")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class PreviousEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weights: _containers.ScalarMap[str, int]
+    previous: _containers.ScalarMap[str, int]
+    push_seconds: float
+    applied: bool
+    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Mapping[str, int]] = ..., previous: _Optional[_Mapping[str, int]] = ..., push_seconds: _Optional[float] = ..., applied: _Optional[bool] = ...) -> None: ...
+
 class RegisterServiceRequest(_message.Message):
     __slots__ = ("name", "host", "spec_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -75,7 +132,7 @@ class Transition(_message.Message):
     def __init__(self, at: _Optional[float] = ..., from_state: _Optional[str] = ..., to_state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history", "keep_alive", "next_call", "problem", "replica_problem", "source", "group", "wake_timeout", "max_held", "activation_replicas", "min_awake", "hosts", "paths", "rewrite")
+    __slots__ = ("name", "host", "state", "replicas", "desired_replicas", "recorded_replicas", "ready_endpoints", "last_call", "created_at", "updated_at", "history", "keep_alive", "next_call", "problem", "replica_problem", "source", "group", "wake_timeout", "max_held", "activation_replicas", "min_awake", "hosts", "paths", "rewrite", "versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +157,7 @@ class ServiceStatus(_message.Message):
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
     REWRITE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     host: str
     state: str
@@ -124,7 +182,22 @@ class ServiceStatus(_message.Message):
     hosts: _containers.RepeatedScalarFieldContainer[str]
     paths: _containers.RepeatedScalarFieldContainer[str]
     rewrite: str
-    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ..., problem: _Optional[str] = ..., replica_problem: _Optional[str] = ..., source: _Optional[str] = ..., group: _Optional[str] = ..., wake_timeout: _Optional[float] = ..., max_held: _Optional[int] = ..., activation_replicas: _Optional[int] = ..., min_awake: _Optional[float] = ..., hosts: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ..., rewrite: _Optional[str] = ...) -> None: ...
+    versions: _containers.RepeatedCompositeFieldContainer[VersionStatus]
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ..., ready_endpoints: _Optional[_Iterable[str]] = ..., last_call: _Optional[float] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., keep_alive: _Optional[float] = ..., next_call: _Optional[float] = ..., problem: _Optional[str] = ..., replica_problem: _Optional[str] = ..., source: _Optional[str] = ..., group: _Optional[str] = ..., wake_timeout: _Optional[float] = ..., max_held: _Optional[int] = ..., activation_replicas: _Optional[int] = ..., min_awake: _Optional[float] = ..., hosts: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[str]] = ..., rewrite: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ...) -> None: ...
+
+class VersionStatus(_message.Message):
+    __slots__ = ("name", "weight", "state", "replicas", "recorded_replicas")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: int
+    state: str
+    replicas: int
+    recorded_replicas: int
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[int] = ..., state: _Optional[str] = ..., replicas: _Optional[int] = ..., recorded_replicas: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("since_seconds",)

@@ -75,6 +75,21 @@ class AdminStub:
                 request_serializer=protos_dot_admin__pb2.UnregisterServiceRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.UnregisterServiceResponse.FromString,
                 _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/torpor.admin.v1.Admin/SetTraffic',
+                request_serializer=protos_dot_admin__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.TrafficResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/torpor.admin.v1.Admin/Promote',
+                request_serializer=protos_dot_admin__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.TrafficResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/torpor.admin.v1.Admin/Rollback',
+                request_serializer=protos_dot_admin__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.TrafficResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -145,6 +160,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTraffic(self, request, context):
+        """The traffic split of a service with versions (relative weights; a version not named
+        gets 0), in one push. NOT_FOUND: not a service with versions; INVALID_ARGUMENT: an
+        unknown version, or every weight 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """All traffic to one version (blue/green), in one push.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Back to the split before the last change, in one push.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +225,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UnregisterService,
                     request_deserializer=protos_dot_admin__pb2.UnregisterServiceRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.UnregisterServiceResponse.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=protos_dot_admin__pb2.SetTrafficRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.TrafficResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=protos_dot_admin__pb2.PromoteRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.TrafficResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_admin__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.TrafficResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +459,87 @@ class Admin:
             '/torpor.admin.v1.Admin/UnregisterService',
             protos_dot_admin__pb2.UnregisterServiceRequest.SerializeToString,
             protos_dot_admin__pb2.UnregisterServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.admin.v1.Admin/SetTraffic',
+            protos_dot_admin__pb2.SetTrafficRequest.SerializeToString,
+            protos_dot_admin__pb2.TrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.admin.v1.Admin/Promote',
+            protos_dot_admin__pb2.PromoteRequest.SerializeToString,
+            protos_dot_admin__pb2.TrafficResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torpor.admin.v1.Admin/Rollback',
+            protos_dot_admin__pb2.RollbackRequest.SerializeToString,
+            protos_dot_admin__pb2.TrafficResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from torpor.model import ServiceStatus
+from torpor.model import ServiceStatus, TrafficChange
 
 
 class ServiceAdmin(Protocol):
@@ -41,6 +41,21 @@ class ServiceAdmin(Protocol):
         """Return once every Envoy of the control plane sends `name`'s traffic to its
         replicas (a standalone activator's HTTP/2 holder waits for this before Envoy
         replays a held request); raises TorporError when that cannot be confirmed."""
+        ...
+
+
+class TrafficAdmin(Protocol):
+    """The split between a service's versions. Errors: UnknownServiceError (not a service
+    with versions), InvalidArgumentError (an unknown version, every weight 0, nothing to
+    roll back to)."""
+
+    async def set_traffic(self, name: str, weights: dict[str, int]) -> TrafficChange:
+        ...
+
+    async def promote(self, name: str, version: str) -> TrafficChange:
+        ...
+
+    async def rollback(self, name: str) -> TrafficChange:
         ...
 
 

@@ -19,7 +19,14 @@ import grpc
 from protos import admin_pb2, admin_pb2_grpc
 from torpor.credentials import AdminTarget
 from torpor.errors import TorporError
-from torpor.model import Endpoint, ServiceState, ServiceStatus, Transition
+from torpor.model import (
+    Endpoint,
+    ServiceState,
+    ServiceStatus,
+    TrafficChange,
+    Transition,
+    VersionStatus,
+)
 from torpor.wording import for_people
 
 #: Trailing-metadata key the server sets to the torpor error class behind a failed call.
@@ -95,6 +102,31 @@ def report(address: Target, since: float | None = None, timeout: float = 30.0) -
     return _invoke(address, "Report", request, timeout, None)
 
 
+def set_traffic(address: Target, name: str, weights: Mapping[str, int],
+                timeout: float = 60.0) -> dict[str, Any]:
+    """A new split of `name`'s versions, pushed; the TrafficChange as a dict."""
+    request = admin_pb2.SetTrafficRequest(name=name)
+    request.weights.update(weights)
+    return _traffic(_invoke(address, "SetTraffic", request, timeout, name))
+
+
+def promote(address: Target, name: str, version: str, timeout: float = 60.0
+            ) -> dict[str, Any]:
+    return _traffic(_invoke(address, "Promote",
+                            admin_pb2.PromoteRequest(name=name, version=version), timeout, name))
+
+
+def rollback(address: Target, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    return _traffic(_invoke(address, "Rollback", admin_pb2.RollbackRequest(name=name),
+                            timeout, name))
+
+
+def _traffic(message: Any) -> dict[str, Any]:
+    return TrafficChange(str(message.name), dict(message.weights),
+                         dict(message.previous) or None, float(message.push_seconds),
+                         bool(message.applied)).to_json()
+
+
 def register(address: Target, name: str, host: str, spec: Mapping[str, Any],
              timeout: float = 60.0) -> dict[str, Any]:
     """Register a service (`spec`: the rest of its `services:` entry); returns its status
@@ -147,6 +179,9 @@ def status_from_message(message: Any) -> dict[str, Any]:
                                  if message.HasField("activation_replicas") else None),
             min_awake=float(message.min_awake) if message.HasField("min_awake") else None,
             hosts=tuple(message.hosts), paths=tuple(message.paths),
+            versions=tuple(VersionStatus(v.name, int(v.weight), ServiceState(v.state),
+                                         int(v.replicas), int(v.recorded_replicas))
+                           for v in message.versions),
             rewrite=str(message.rewrite) if message.HasField("rewrite") else None,
         )
     except ValueError as exc:

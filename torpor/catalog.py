@@ -50,6 +50,7 @@ class ServiceCatalog:
         self._by_name: dict[str, ServiceConfig] = {}
         self._source: dict[str, str] = {}
         self._routes = RouteTable()
+        self._versions: dict[str, set[str]] = {}  # a service with versions -> their names
         self._listeners: Listeners[[CatalogChange]] = Listeners("catalog.listener_failed")
         for service in services:
             self._insert(service, CONFIG)
@@ -77,6 +78,8 @@ class ServiceCatalog:
         """The service a request with this Host header and path reaches (port, case and a
         trailing dot of the host ignored; torpor/routes.py)."""
         name = self._routes.find(host_header, path)
+        if name in self._versions:  # a service with versions: Envoy names the version
+            name = min(self._versions[name])
         return None if name is None else self._by_name[name]
 
     def route_name(self, host_header: str, path: str = ROOT) -> str | None:
@@ -90,6 +93,15 @@ class ServiceCatalog:
     def clashing(self, service: ServiceConfig) -> list[str]:
         """Other services that hold one of `service`'s hosts and paths."""
         return sorted({other for _, _, other in self._routes.clashes(service.routes())})
+
+    def versions(self, name: str) -> list[ServiceConfig]:
+        """The versions of service `name` (sorted by version), [] for a plain service."""
+        return sorted((self._by_name[n] for n in self._versions.get(name, ())),
+                      key=lambda s: s.version or "")
+
+    def parents(self) -> list[str]:
+        """The services that have versions."""
+        return sorted(self._versions)
 
     def shares_host(self, name: str) -> bool:
         """Whether another service is reached under one of `name`'s hosts."""
@@ -129,7 +141,7 @@ class ServiceCatalog:
             return False
         before = self._by_name.pop(name)
         del self._source[name]
-        self._routes.remove(name)
+        self._unroute(before)
         event(log, "catalog.service_removed", service=name, source=source)
         self._listeners.notify(CatalogChange(name, before, None))
         return True
@@ -147,4 +159,18 @@ class ServiceCatalog:
     def _insert(self, service: ServiceConfig, source: str) -> None:
         self._by_name[service.name] = service
         self._source[service.name] = source
+        if service.version_of is not None:
+            self._versions.setdefault(service.version_of, set()).add(service.name)
         self._routes.put(service.routes())
+
+    def _unroute(self, service: ServiceConfig) -> None:
+        """Its routes go, unless other versions of its service remain."""
+        parent = service.version_of
+        if parent is None:
+            self._routes.remove(service.name)
+            return
+        members = self._versions.get(parent, set())
+        members.discard(service.name)
+        if not members:
+            self._versions.pop(parent, None)
+            self._routes.remove(parent)

@@ -297,6 +297,18 @@ class ServicePolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VersionConfig:
+    """One version of a service: its own workload and replicas, and its share of the
+    service's traffic (weights are relative; `torpor traffic` changes them at run time)."""
+
+    name: str
+    replicas: int = 1
+    weight: int = 0
+    local: LocalServiceConfig | None = None
+    kubernetes: KubernetesServiceConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RateLimitConfig:
     """Requests per second one service takes through the gateway (Envoy's token bucket:
     `burst` tokens, refilled at `requests_per_second`); the rest are answered 429."""
@@ -383,6 +395,13 @@ class ServiceConfig:
     rewrite: str | None = None
     # Who may call it (None: as gateway.auth; NO_AUTH, `auth: none` in the file: anyone).
     auth: AuthConfig | None = None
+    # Versions (the file's `versions:`): each becomes a service of its own named
+    # `<service>--<version>` (`version_of`, `version`, its first `weight`), reached under
+    # this service's hosts and paths in proportion to the weights (torpor/traffic.py).
+    versions: tuple[VersionConfig, ...] = ()
+    version_of: str | None = None
+    version: str | None = None
+    weight: int = 0
     # Enforced by Envoy, answered 429 + Retry-After: requests per second (with a burst),
     # and requests in flight at once (to the replicas, or held while it sleeps).
     rate_limit: RateLimitConfig | None = None
@@ -401,8 +420,10 @@ class ServiceConfig:
     group: str | None = None
 
     def routes(self) -> Routes:
-        """Where it is reached: its host and `hosts`, under `paths` (every path if none)."""
-        return Routes(self.name, (self.host, *self.hosts), self.paths or (ROOT,))
+        """Where it is reached: its host and `hosts`, under `paths` (every path if none);
+        the versions of a service are reached where the service is."""
+        return Routes(self.version_of or self.name, (self.host, *self.hosts),
+                      self.paths or (ROOT,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1125,6 +1146,7 @@ _SERVICE = _Schema(
         "paths": _Field(_path_prefixes),
         "rewrite": _Field(_rewrite),
         "auth": _Field(lambda r, key, value: _auth(r, key, value)),
+        "versions": _Field(lambda r, key, value: _versions(r, key, value)),
         "rate_limit": _Field(_section(_RATE_LIMIT)),
         "max_concurrent": _Field(_integer(1, MAX_HELD_PER_SERVICE)),
         "wake_timeout": _Field(_duration(positive=True)),
@@ -1167,26 +1189,28 @@ def _services(r: _Reader, key: str, value: object, workloads: str) -> tuple[Serv
     services: list[ServiceConfig] = []
     first_by_name: dict[str, str] = {}
     table = RouteTable()
+    where: list[str] = []
     for index, item in enumerate(value):
         at = f"{key}[{index}]"
         service = _read(r, at, item, _SERVICE)
-        needed, other = ("local", "kubernetes") if workloads == "local" else ("kubernetes", "local")
-        if getattr(service, needed) is None:
-            r.fail(
-                _join(at, needed),
-                f"missing; workloads.kind is {workloads}, so each service needs a {needed}: block",
-            )
-        if getattr(service, other) is not None:
-            r.fail(_join(at, other), f"not used when workloads.kind is {workloads}; remove it")
-        if workloads == "local" and service.replicas > MAX_LOCAL_REPLICAS:
-            r.fail(_join(at, "replicas"), f"expected at most {MAX_LOCAL_REPLICAS} replicas of "
-                   f"one service on this machine (each is a process), got {service.replicas}")
-        if service.name in first_by_name:
-            r.fail(
-                _join(at, "name"),
-                f"duplicate service name {service.name!r}, already used by "
-                f"{first_by_name[service.name]}",
-            )
+        if service.versions:
+            for name in ("local", "kubernetes"):
+                if getattr(service, name) is not None:
+                    r.fail(_join(at, name), "a service with versions runs each version's "
+                           "workload: give it under versions[]")
+            members = [(f"{at}.versions[{i}]", _version_service(service, v))
+                       for i, v in enumerate(service.versions)]
+        else:
+            members = [(at, service)]
+        names = [(at, service.name)] if service.versions else []
+        for member_at, member in [*names, *((m_at, m.name) for m_at, m in members)]:
+            if member in first_by_name:
+                r.fail(_join(member_at, "name"),
+                       f"duplicate service name {member!r}, already used by "
+                       f"{first_by_name[member]}")
+            first_by_name[member] = member_at
+        for member_at, member_service in members:
+            _check_workload(r, member_at, member_service, workloads)
         clashes = table.clashes(service.routes())
         if clashes:
             host, path, owner = clashes[0]
@@ -1197,12 +1221,13 @@ def _services(r: _Reader, key: str, value: object, workloads: str) -> tuple[Serv
         if service.rewrite is not None and not service.paths:
             r.fail(_join(at, "rewrite"), "rewrites the path prefix given in `paths`; "
                    "give the service paths too")
-        first_by_name[service.name] = at
         table.put(service.routes())
-        services.append(service)
-    for index, service in enumerate(services):
-        if service.rate_limit is not None and table.shares_host(service.name):
-            r.fail(_join(f"{key}[{index}]", "rate_limit"),
+        services.extend(member for _, member in members)
+        where.extend(at for _ in members)
+    for at, service in zip(where, services, strict=True):
+        if service.rate_limit is not None and table.shares_host(service.version_of
+                                                                or service.name):
+            r.fail(_join(at, "rate_limit"),
                    f"service {service.name!r} shares a host with another service; a rate "
                    "limit needs a host of its own (it applies per host, to every path)")
     return tuple(services)
@@ -1369,6 +1394,61 @@ def _gateway_tls(r: _Reader, key: str, value: object) -> GatewayTlsConfig:
         except ValueError as exc:
             r.fail(at, str(exc))
     return tls
+
+
+_VERSION = _Schema(
+    VersionConfig,
+    {"name": _Field(lambda r, key, value: _version_name(r, key, value), _REQUIRED),
+     "replicas": _Field(_integer(0, MAX_REPLICAS)),
+     "weight": _Field(_integer(0, 1_000_000)),
+     "local": _Field(_section(_LOCAL)),
+     "kubernetes": _Field(_section(_KUBERNETES))},
+)
+#: Between a service's name and its version's in the version's own service name.
+VERSION_SEPARATOR = "--"
+
+
+def _version_name(r: _Reader, key: str, value: object) -> str:
+    name = _service_name(r, key, value)
+    if VERSION_SEPARATOR in name:
+        r.fail(key, f"a version name may not contain {VERSION_SEPARATOR!r}, got {name!r}")
+    return name
+
+
+def _versions(r: _Reader, key: str, value: object) -> tuple[VersionConfig, ...]:
+    """Versions: names unique, weights not all 0 (some version takes the traffic)."""
+    if not isinstance(value, list) or not value:
+        r.fail(key, f"expected a non-empty list of versions, got {_describe(value)}")
+    versions = [_read(r, f"{key}[{i}]", item, _VERSION) for i, item in enumerate(value)]
+    seen: set[str] = set()
+    for i, version in enumerate(versions):
+        if version.name in seen:
+            r.fail(f"{key}[{i}].name", f"version {version.name!r} is listed twice")
+        seen.add(version.name)
+    if not any(v.weight for v in versions):
+        r.fail(key, "every weight is 0: give at least one version a weight (its share of "
+               "the traffic)")
+    return tuple(versions)
+
+
+def _version_service(service: ServiceConfig, version: VersionConfig) -> ServiceConfig:
+    """A version as a service of its own: the service's settings, the version's workload."""
+    return dataclasses.replace(
+        service, name=f"{service.name}{VERSION_SEPARATOR}{version.name}",
+        replicas=version.replicas, local=version.local, kubernetes=version.kubernetes,
+        versions=(), version_of=service.name, version=version.name, weight=version.weight)
+
+
+def _check_workload(r: _Reader, at: str, service: ServiceConfig, workloads: str) -> None:
+    needed, other = ("local", "kubernetes") if workloads == "local" else ("kubernetes", "local")
+    if getattr(service, needed) is None:
+        r.fail(_join(at, needed),
+               f"missing; workloads.kind is {workloads}, so each service needs a {needed}: block")
+    if getattr(service, other) is not None:
+        r.fail(_join(at, other), f"not used when workloads.kind is {workloads}; remove it")
+    if workloads == "local" and service.replicas > MAX_LOCAL_REPLICAS:
+        r.fail(_join(at, "replicas"), f"expected at most {MAX_LOCAL_REPLICAS} replicas of "
+               f"one service on this machine (each is a process), got {service.replicas}")
 
 
 def _strings(r: _Reader, key: str, value: object) -> tuple[str, ...]:

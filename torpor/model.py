@@ -192,6 +192,9 @@ class ServiceStatus:
     hosts: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     rewrite: str | None = None
+    # A service with versions (torpor/traffic.py): each version's weight now, state and
+    # replicas; empty for a plain service.
+    versions: tuple[VersionStatus, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object: contract fields first, then extras."""
@@ -220,7 +223,38 @@ class ServiceStatus:
             "hosts": list(self.hosts or ((self.host,) if self.host else ())),
             "paths": list(self.paths or ("/",)),
             "rewrite": self.rewrite,
+            "versions": [v.to_json() for v in self.versions],
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class TrafficChange:
+    """A split as applied: the weights now and before, how long the push took until
+    every Envoy applied it, and whether every Envoy did in time."""
+
+    name: str
+    weights: dict[str, int]
+    previous: dict[str, int] | None
+    push_seconds: float
+    applied: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionStatus:
+    """One version of a service, as `status` shows it under the service."""
+
+    name: str
+    weight: int
+    state: ServiceState
+    replicas: int
+    recorded_replicas: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, "state": self.state.value,
+                "replicas": self.replicas, "recorded_replicas": self.recorded_replicas}
 
 
 def host_of(authority: str) -> str:

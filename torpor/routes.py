@@ -28,6 +28,10 @@ ROOT = "/"
 #: rewrote (the activator cannot tell it from the rewritten path); a client's own is
 #: dropped by Envoy before routing.
 SERVICE_HEADER = "x-torpor-service"
+#: The request header by which Envoy names the version its split chose (set on the chosen
+#: cluster, over any value a client sent; trusted for versions of the service the
+#: request's route reaches only).
+VERSION_HEADER = "x-torpor-version"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from protos import admin_pb2, admin_pb2_grpc
-from torpor.admin import ServiceAdmin, ServiceRegistry
+from torpor.admin import ServiceAdmin, ServiceRegistry, TrafficAdmin
 from torpor.errors import (
     AlreadyExistsError,
     ConfigError,
@@ -34,7 +34,7 @@ from torpor.errors import (
 )
 from torpor.ledger import Savings, total
 from torpor.logs import event
-from torpor.model import ServiceStatus
+from torpor.model import ServiceStatus, TrafficChange
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,17 @@ def status_to_message(status: ServiceStatus) -> Any:
             setattr(message, field, value)
     message.hosts.extend(status.hosts)
     message.paths.extend(status.paths)
+    message.versions.extend(admin_pb2.VersionStatus(
+        name=v.name, weight=v.weight, state=v.state.value, replicas=v.replicas,
+        recorded_replicas=v.recorded_replicas) for v in status.versions)
+    return message
+
+
+def traffic_to_message(change: TrafficChange) -> Any:
+    message = admin_pb2.TrafficResponse(name=change.name, push_seconds=change.push_seconds,
+                                        applied=change.applied)
+    message.weights.update(change.weights)
+    message.previous.update(change.previous or {})
     return message
 
 
@@ -138,10 +149,12 @@ class AdminServicer:
     """
 
     def __init__(self, admin: ServiceAdmin, report: SavingsReport | None = None,
-                 registry: ServiceRegistry | None = None) -> None:
+                 registry: ServiceRegistry | None = None,
+                 traffic: TrafficAdmin | None = None) -> None:
         self._admin = admin
         self._report = report
         self._registry = registry
+        self._traffic = traffic
 
     async def ListServices(self, request: Any, context: Any) -> Any:
         statuses = await self._call("ListServices", "", context, self._admin.statuses)
@@ -191,6 +204,31 @@ class AdminServicer:
         await self._call("UnregisterService", name, context,
                          lambda: self._registration().unregister(name))
         return admin_pb2.UnregisterServiceResponse()
+
+    async def SetTraffic(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        weights = {str(k): int(v) for k, v in request.weights.items()}
+        change = await self._call("SetTraffic", name, context,
+                                  lambda: self._traffic_admin().set_traffic(name, weights))
+        return traffic_to_message(change)
+
+    async def Promote(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        change = await self._call("Promote", name, context,
+                                  lambda: self._traffic_admin().promote(
+                                      name, str(request.version)))
+        return traffic_to_message(change)
+
+    async def Rollback(self, request: Any, context: Any) -> Any:
+        name = await self._required_name(request, context)
+        change = await self._call("Rollback", name, context,
+                                  lambda: self._traffic_admin().rollback(name))
+        return traffic_to_message(change)
+
+    def _traffic_admin(self) -> TrafficAdmin:
+        if self._traffic is None:
+            raise NotSupportedError("this admin API changes no traffic")
+        return self._traffic
 
     def _registration(self) -> ServiceRegistry:
         if self._registry is None:
@@ -257,6 +295,7 @@ async def start_admin_server(address: str, admin: ServiceAdmin,
                              interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                              credentials: grpc.ServerCredentials | None = None,
                              registry: ServiceRegistry | None = None,
+                             traffic: TrafficAdmin | None = None,
                              ) -> tuple[grpc.aio.Server, int]:
     """Serve `admin` (and `report`, for the Report RPC) on `address` ("host:port"; port 0
     picks a free one). `interceptors`: the token check (xds_server/admin_auth.py); the
@@ -270,7 +309,8 @@ async def start_admin_server(address: str, admin: ServiceAdmin,
     # SO_REUSEPORT off: a second torpor on the same port must fail, not share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                              interceptors=list(interceptors) or None)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(admin, report, registry), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(admin, report, registry, traffic), server)
     try:
         port = int(server.add_secure_port(address, credentials) if credentials is not None
                    else server.add_insecure_port(address))

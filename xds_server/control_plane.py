@@ -43,6 +43,7 @@ from torpor.registrations import Registrations
 from torpor.reload import ReloadPlan, ServiceChanges
 from torpor.service_table import ServiceTable
 from torpor.store.base import Store
+from torpor.traffic import TrafficBook
 from torpor.wake_settings import group_members, longest_wake_timeout, settings_lookup
 from torpor.workloads.base import Workloads
 from xds_server import types
@@ -60,6 +61,7 @@ from xds_server.savings import SavingsKeeper
 from xds_server.server import AdsServer, Rejection
 from xds_server.service_admin import ControlPlaneAdmin
 from xds_server.serving import start_xds_listener
+from xds_server.traffic_control import TrafficControl
 
 log = logging.getLogger("torpor.control_plane")
 
@@ -111,11 +113,14 @@ class ControlPlane:
         self.ads.add_listeners(self._on_rejected, self._on_applied)
         # The API keys and JWKS behind gateway.auth and services[].auth, kept current.
         self.credentials = Credentials(config.gateway)
+        # The split between the versions of services with versions (store-kept).
+        self.traffic = TrafficBook(self.catalog, store, self.clock)
         self.routing = EnvoyRouting(
             self.table, workloads, self.quarantine,
             self.cache, self.ads, Publisher(self.cache, self.ads, config.control_plane.ack_timeout),
             configured, confirm_timeout=config.control_plane.ack_timeout,
-            auth_of=self.credentials.route_auth)
+            auth_of=self.credentials.route_auth, weight_of=self.traffic.weight)
+        self.traffic_control = TrafficControl(self.traffic, self.catalog, self.routing)
         self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
                            flip_when=config.wake.flip_when, clock=self.clock,
                            settings=settings_lookup(config.activator, self.catalog.get),
@@ -140,7 +145,9 @@ class ControlPlane:
                                        registrations=self.registrations,
                                        register_timeout=config.control_plane.ack_timeout,
                                        settings=settings_lookup(config.activator,
-                                                                self.catalog.get))
+                                                                self.catalog.get),
+                                       weights=lambda name: (self.traffic.split(name),
+                                                             self.traffic.history(name)))
         self._run_policy = run_policy
         self.savings = SavingsKeeper(  # the leader's savings ledger (torpor report)
             store, lambda: self.table.records, self.collector.last_call, self.clock,
@@ -159,6 +166,7 @@ class ControlPlane:
         """Load the table, start replicas of services that should run, then serve."""
         await self.registrations.load()  # registered services are routed from the start
         await self.table.load()  # registers each service's statistics with the collector
+        await self.traffic.load()  # the splits set before a restart
         await self.collector.load(self.store)  # adds the stored counts to them
         if self.election is None:  # a fleet's leader repairs in its policy passes
             await self.hibernation.repair(self.table.records.values())
@@ -179,6 +187,9 @@ class ControlPlane:
         self.routing.load()  # the desired state, before the first stream arrives
         self._tasks.append(asyncio.create_task(self.credentials.run(
             self.config.control_plane.reload_poll or 2.0, self.routing.mark_dirty)))
+        if self.election is not None:  # a fleet: another control plane may set a split
+            self._tasks.append(asyncio.create_task(self.traffic.follow(
+                2.0, self.traffic_control.changed)))
         # The table's resources live as long as the process: out of the collector's
         # generations, a full collection no longer walks them (measured at 50k services:
         # a 27 ms pause in one flip out of 50 without this).
@@ -241,6 +252,7 @@ class ControlPlane:
         tokens = AdminTokens.from_config(self.config)  # creates admin-token if none is set
         admin_server, admin_port = await start_admin_server(
             str(cp.admin_api), self.admin, report=self.savings.report, registry=self.admin,
+            traffic=self.traffic_control,
             interceptors=[AdminAuthInterceptor(tokens)],
             credentials=server_tls(cp.admin_tls) if cp.admin_tls is not None else None)
         self._servers.append(admin_server)

@@ -186,7 +186,8 @@ class QuarantineBuilder(ResourceBuilder):
             shape = chosen[name]
             if shape is None:
                 continue
-            clashes = self._domains.claim(name, self._domains_of(shape), shape.prefixes())
+            clashes = self._domains.claim(name, self._domains_of(shape), shape.prefixes(),
+                                          owner=shape.version_of)
             if not clashes:
                 continue
             original = self._wanted[name]
@@ -194,7 +195,8 @@ class QuarantineBuilder(ResourceBuilder):
             quarantined.setdefault(name, problem)
             fallback = self._fallback(original, problem)
             chosen[name] = fallback if fallback is not None and not self._domains.claim(
-                name, self._domains_of(fallback), fallback.prefixes()) else None
+                name, self._domains_of(fallback), fallback.prefixes(),
+                owner=fallback.version_of) else None
         return chosen, quarantined
 
     def _domains_of(self, svc: RoutedService) -> list[str]:

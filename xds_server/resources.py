@@ -70,7 +70,7 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from torpor.async_calls import PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH
 from torpor.edge import EdgeLimits
 from torpor.model import Endpoint
-from torpor.routes import ROOT, SERVICE_HEADER
+from torpor.routes import ROOT, SERVICE_HEADER, VERSION_HEADER
 from xds_server import types
 from xds_server.cache import Desired, Resource
 
@@ -176,13 +176,13 @@ class GatewaySettings:
 
 
 RouteKey = tuple[str, tuple[str, ...], tuple[str, ...], "str | None", bool,
-                 "tuple[int, int] | None", "RouteAuth | None"]
+                 "tuple[int, int] | None", "RouteAuth | None", tuple[tuple[str, int], ...]]
 
 
 def route_key(service: RoutedService) -> RouteKey:
     """What of a service its routes are built from (an endpoint flip changes none)."""
     return (service.host, service.hosts, service.paths, service.rewrite,
-            service.retry_non_idempotent, service.rate_limit, service.auth)
+            service.retry_non_idempotent, service.rate_limit, service.auth, service.split)
 
 
 def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
@@ -211,6 +211,11 @@ class RoutedService:
     rewrite: str | None = None
     # Who may call it, checked by Envoy before routing (None: anyone).
     auth: RouteAuth | None = None
+    # A version of service `version_of` (its cluster; routed with its siblings), and its
+    # weight now; and, for the route of a service with versions, (cluster, weight) each.
+    version_of: str | None = None
+    weight: int = 0
+    split: tuple[tuple[str, int], ...] = ()
 
     def all_hosts(self) -> tuple[str, ...]:
         return (self.host, *self.hosts)
@@ -257,7 +262,11 @@ class ResourceBuilder:
         # Serialized virtual hosts by name: a service's own (its hosts that no other service
         # shares), and "@host" for a host several services share (each under its paths).
         self._vhost_fields: dict[str, tuple[object, bytes]] = {}
-        self._host_members: dict[str, set[str]] = {}  # host -> services reached under it
+        self._host_members: dict[str, set[str]] = {}  # host -> route units reached under it
+        # Route units: what a virtual host routes to, by name: a service, or a service
+        # with versions (one route, weighted over its versions' clusters).
+        self._units: dict[str, RoutedService] = {}
+        self._unit_members: dict[str, set[str]] = {}  # service with versions -> versions
         self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
         self._handed_out = False  # before the first hand-out nothing is known to Envoy
 
@@ -296,28 +305,69 @@ class ResourceBuilder:
         every other service's resources are kept as they are."""
         clusters: dict[str, Resource | None] = {}
         endpoints: dict[str, Resource | None] = {}
+        units: set[str] = set()  # route units (a service, or a service with versions) touched
         for name, svc in services.items():
             old = self._shapes.get(name)
+            for shape in (old, svc):
+                if shape is not None:
+                    units.add(shape.version_of or shape.name)
             if svc is None:
                 if old is not None:
                     del self._shapes[name]
-                    self._leave_hosts(old)
+                    self._leave_unit(old)
                     self._note_features(name, None)
                     self._forget(name)
                     clusters[name] = endpoints[name] = None
-                    self._routes_stale = True
                 continue
+            if old is not None and old.version_of != svc.version_of:
+                self._leave_unit(old)
             self._shapes[name] = svc
+            if svc.version_of is not None:
+                self._unit_members.setdefault(svc.version_of, set()).add(name)
             self._note_features(name, svc)
             clusters[name] = self._cluster(svc)
             endpoints[name] = self._load_assignment(name, svc.endpoints)
-            if old is None or route_key(old) != route_key(svc):
-                self._routes_stale = True
-                self._leave_hosts(old)
-                for host in svc.all_hosts():
-                    self._host_members.setdefault(host, set()).add(name)
+        for unit in units:
+            self._refresh_unit(unit)
         self._put(types.CLUSTER, clusters)
         self._put(types.ENDPOINT, endpoints)
+
+    def _leave_unit(self, service: RoutedService) -> None:
+        if service.version_of is not None:
+            members = self._unit_members.get(service.version_of, set())
+            members.discard(service.name)
+            if not members:
+                self._unit_members.pop(service.version_of, None)
+
+    def _refresh_unit(self, name: str) -> None:
+        """What Envoy routes as `name` now: the service, or for a service with versions
+        one route whose clusters are its versions', weighted (`split`)."""
+        old = self._units.get(name)
+        members = sorted(self._unit_members.get(name, ()))
+        if members:
+            versions = [self._shapes[m] for m in members]
+            split = tuple((v.name, v.weight) for v in versions)
+            if not any(w for _, w in split):
+                # The versions with traffic are not routed (evicted, quarantined): the
+                # routed ones share it rather than Envoy refusing a split of nothing.
+                split = tuple((v, 1) for v, _ in split)
+            unit: RoutedService | None = dataclasses.replace(
+                versions[0], name=name, endpoints=(), version_of=None, weight=0,
+                split=split)
+        else:
+            unit = self._shapes.get(name)
+        if unit is None:
+            if old is not None:
+                del self._units[name]
+                self._leave_hosts(old)
+                self._routes_stale = True
+            return
+        self._units[name] = unit
+        if old is None or route_key(old) != route_key(unit):
+            self._routes_stale = True
+            self._leave_hosts(old)
+            for host in unit.all_hosts():
+                self._host_members.setdefault(host, set()).add(name)
 
     def set_certificates(self, certificates: Mapping[str, tuple[bytes, bytes]]) -> None:
         """The listener's certificates by SDS secret name: (PEM chain, PEM key). Only a
@@ -394,7 +444,7 @@ class ResourceBuilder:
         then each virtual host), without building and serializing 10k protos again
         (measured at 10k services: ~95 ms a build before, a few ms now)."""
         units: list[tuple[str, bytes]] = []
-        for name, service in self._shapes.items():
+        for name, service in self._units.items():
             own = tuple(h for h in service.all_hosts() if len(self._host_members[h]) == 1)
             if own:
                 units.append((name, self._cached_vhost(
@@ -402,7 +452,7 @@ class ResourceBuilder:
                     functools.partial(self._service_vhost, service, own))))
         for host, members in self._host_members.items():
             if len(members) > 1:
-                shared = [self._shapes[m] for m in sorted(members)]
+                shared = [self._units[m] for m in sorted(members)]
                 units.append((_shared_name(host), self._cached_vhost(
                     _shared_name(host), tuple(route_key(s) for s in shared),
                     functools.partial(self._shared_vhost, host, shared))))
@@ -413,7 +463,7 @@ class ResourceBuilder:
         parts = [_length_delimited(_ROUTE_CONFIG_NAME_FIELD, ROUTE_CONFIG_NAME.encode()),
                  *(b for _, b in units),
                  _length_delimited(_VIRTUAL_HOSTS_FIELD, self._catch_all_bytes)]
-        if any(s.rewrite is not None for s in self._shapes.values()):
+        if any(s.rewrite is not None for s in self._units.values()):
             parts.append(_NAMING_HEADER_GUARD)
         return Resource.serialized(ROUTE_CONFIG_NAME, _ROUTE_TYPE_URL, b"".join(parts))
 
@@ -501,6 +551,9 @@ class ResourceBuilder:
             idempotent.match.headers.append(_IDEMPOTENT)
             routes = [submit, idempotent, self._route(name, service.name, SAFE_RETRY_ON,
                                                       prefix)]
+        if service.split:
+            for route in routes[1:]:
+                _weighted(route, service.split)
         if service.rewrite is not None:
             for route in routes:
                 _rewrite(route, service.name, prefix, service.rewrite)
@@ -739,6 +792,22 @@ def _rewrite(route: route_components_pb2.Route, service: str, prefix: str,
     route.request_headers_to_add.append(base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=SERVICE_HEADER, value=service),
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+
+
+def _weighted(route: route_components_pb2.Route, split: tuple[tuple[str, int], ...]) -> None:
+    """The route's traffic split over the versions' clusters by weight; each request names
+    its version in VERSION_HEADER, over any value a client sent (a sleeping version's
+    request reaches the activator, which then knows what to wake; Envoy applies a
+    cluster's headers before the route's, so the route configuration's removal of
+    SERVICE_HEADER would drop that one). One RDS push changes a split."""
+    route.route.ClearField("cluster")
+    route.route.weighted_clusters.CopyFrom(route_components_pb2.WeightedCluster(clusters=[
+        route_components_pb2.WeightedCluster.ClusterWeight(
+            name=cluster, weight=wrappers_pb2.UInt32Value(value=weight),
+            request_headers_to_add=[base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=VERSION_HEADER, value=cluster),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)])
+        for cluster, weight in split]))
 
 
 def _require(route: route_components_pb2.Route, auth: RouteAuth) -> None:

@@ -60,10 +60,12 @@ class EnvoyRouting:
                  cache: SnapshotCache, ads: AdsServer, publisher: Publisher,
                  configured_activator: tuple[Endpoint, Endpoint],
                  confirm_timeout: float,
-                 auth_of: Callable[[ServiceConfig], RouteAuth | None] = lambda s: None
-                 ) -> None:
-        """`auth_of(service)`: what Envoy asks of its callers (credentials.py)."""
+                 auth_of: Callable[[ServiceConfig], RouteAuth | None] = lambda s: None,
+                 weight_of: Callable[[ServiceConfig], int] = lambda s: s.weight) -> None:
+        """`auth_of(service)`: what Envoy asks of its callers (credentials.py);
+        `weight_of(version)`: its share of its service's traffic now (torpor/traffic.py)."""
         self._auth_of = auth_of
+        self._weight_of = weight_of
         self._table = table
         self._workloads = workloads
         self.builder = builder
@@ -120,7 +122,8 @@ class EnvoyRouting:
                                          (limit.requests_per_second, limit.bucket)),
                              max_concurrent=service.max_concurrent,
                              hosts=service.hosts, paths=service.paths,
-                             rewrite=service.rewrite, auth=self._auth_of(service))
+                             rewrite=service.rewrite, auth=self._auth_of(service),
+                             version_of=service.version_of, weight=self._weight_of(service))
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
         """Ready replicas of a service routed to them; otherwise the activator, which holds
@@ -147,7 +150,12 @@ class EnvoyRouting:
         (also when a concurrent push already carried the change)."""
         ok = await self._publisher.publish(self.desired)
         snapshot = self._cache.snapshot()
-        return ok and (snapshot is None or not self._ads.lagging(snapshot.version))
+        if snapshot is None:
+            return ok
+        # A concurrent push may carry the change (the sync loop took it first): wait for
+        # the newest snapshot to be applied, not only for this call's stages.
+        behind = await self._ads.wait_synced(snapshot.version, self._confirm_timeout)
+        return ok and not behind
 
     async def run(self) -> None:
         """Coalesce changes: one push carries every change made meanwhile."""

@@ -10,13 +10,14 @@ speak gRPC (admin_api.py) nor decide states (torpor.lifecycle).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from torpor.config import VERSION_SEPARATOR
 from torpor.errors import NotSupportedError, TorporError, UnknownServiceError, WorkloadError
 from torpor.lifecycle.hibernation import Hibernation
 from torpor.lifecycle.wake import Waker
-from torpor.model import ServiceState, ServiceStatus
+from torpor.model import ServiceState, ServiceStatus, Transition, VersionStatus
 from torpor.registrations import Registrations
 from torpor.service_table import ServiceTable
 from torpor.wake_settings import SettingsOf
@@ -45,7 +46,9 @@ class ControlPlaneAdmin:
                  left_out: Callable[[str], str | None] | None = None,
                  registrations: Registrations | None = None,
                  register_timeout: float = 10.0,
-                 settings: SettingsOf | None = None) -> None:
+                 settings: SettingsOf | None = None,
+                 weights: Callable[[str], tuple[dict[str, int], Sequence[dict[str, Any]]]]
+                 | None = None) -> None:
         """`outlook(name)`: the policy's keep-alive and next predicted call of a service
         (None: status shows neither). `quarantine(name)`: why Envoy's config leaves the
         service out (or at its last good config), None when it does not; `left_out(name)`:
@@ -55,6 +58,8 @@ class ControlPlaneAdmin:
         self._registrations = registrations
         self._register_timeout = register_timeout
         self._settings = settings
+        # A service with versions → (version → weight now, the traffic changes so far).
+        self._weights = weights
         self._quarantine = quarantine
         self._left_out = left_out
         self._outlook = outlook
@@ -66,15 +71,49 @@ class ControlPlaneAdmin:
         self._problems = problems
 
     async def statuses(self) -> list[ServiceStatus]:
-        return [self._status(name) for name in sorted(self._table.records)]
+        """Every service, and every service with versions (its versions are services of
+        their own too), sorted by name."""
+        out = [self._status(name) for name in self._table.records]
+        if self._weights is not None:
+            out += [self._versioned(parent) for parent in self._table.catalog.parents()]
+        return sorted(out, key=lambda s: s.name)
 
     def problems(self) -> list[str]:
         return self._problems()
 
     async def status(self, name: str) -> ServiceStatus:
         if name not in self._table.records:
+            if self._weights is not None and self._table.catalog.versions(name):
+                return self._versioned(name)
             raise UnknownServiceError(f"unknown service {name!r}")
         return self._status(name)
+
+    def _versioned(self, parent: str) -> ServiceStatus:
+        """A service with versions, from its versions: the most awake state of any, the
+        replicas of all, each version's weight now, and the traffic changes as history."""
+        assert self._weights is not None
+        weights, changes = self._weights(parent)
+        versions = [self._status(v.name) for v in self._table.catalog.versions(parent)
+                    if v.name in self._table.records]
+        if not versions:
+            raise UnknownServiceError(f"service {parent!r} has no versions in the table")
+        state = min((v.state for v in versions), key=_AWAKE_ORDER.index)
+        history = tuple(Transition(float(c["at"]), state, state, str(c["reason"]))
+                        for c in changes)
+        first = versions[0]
+        return dataclasses.replace(
+            first, name=parent, state=state, replicas=sum(v.replicas for v in versions),
+            desired_replicas=sum(v.desired_replicas for v in versions),
+            recorded_replicas=sum(v.recorded_replicas for v in versions),
+            ready_endpoints=tuple(e for v in versions for e in v.ready_endpoints),
+            last_call=max((v.last_call for v in versions if v.last_call), default=None),
+            created_at=min(v.created_at for v in versions),
+            updated_at=max(v.updated_at for v in versions), history=history,
+            problem=None, replica_problem=None, keep_alive=None, next_call=None,
+            versions=tuple(VersionStatus(str(v.name.split(VERSION_SEPARATOR, 1)[1]),
+                                         weights.get(v.name.split(VERSION_SEPARATOR, 1)[1], 0),
+                                         v.state, v.replicas, v.recorded_replicas)
+                           for v in versions))
 
     async def hibernate(self, name: str) -> ServiceStatus:
         """Raises WorkloadError when the hibernation was abandoned (the service is ACTIVE
@@ -135,3 +174,8 @@ class ControlPlaneAdmin:
         outlook = self._outlook(name)
         return dataclasses.replace(status, keep_alive=outlook.keep_alive,
                                    next_call=outlook.next_call)
+
+
+#: A service with versions shows the most awake state of its versions.
+_AWAKE_ORDER = [ServiceState.ACTIVE, ServiceState.WAKING, ServiceState.HIBERNATING,
+                ServiceState.HIBERNATED, ServiceState.EVICTED]

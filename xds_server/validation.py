@@ -580,45 +580,51 @@ def check_domains(vhosts: Iterable[tuple[str, Iterable[str]]]) -> dict[str, list
 class DomainIndex:
     """Which virtual host owns each domain table entry (Envoy's RouteMatcher rule of
     `check_domains`), kept across builds: a service claims and releases its domains one
-    at a time, so checking one changed service costs its own domains, not the table's."""
+    at a time, so checking one changed service costs its own domains, not the table's.
+    The versions of one service claim the same entries together (`owner`: the service)."""
 
     def __init__(self, reserved: Iterable[tuple[str, Iterable[str]]] = ()) -> None:
-        self._owners: dict[tuple[str, str, str], str] = {}  # (table, domain, path) -> owner
+        # (table, domain, path) -> (owner, the names holding it for the owner)
+        self._owners: dict[tuple[str, str, str], tuple[str, set[str]]] = {}
         self._claimed: dict[str, list[tuple[str, str, str]]] = {}
         for name, domains in reserved:
             if self.claim(name, domains):
                 raise ValueError(f"reserved virtual host {name!r} clashes with another")
 
-    def claim(self, name: str, domains: Iterable[str],
-              paths: Iterable[str] = ("/",)) -> list[str]:
-        """Give `name` these domains under these path prefixes (replacing what it held);
-        the problems instead if one is owned by another service (then `name` holds
-        nothing). Services may share a domain under different paths (torpor's virtual
-        host of a shared host holds each one's routes)."""
+    def claim(self, name: str, domains: Iterable[str], paths: Iterable[str] = ("/",),
+              owner: str | None = None) -> list[str]:
+        """Give `name` these domains under these path prefixes for `owner` (default:
+        itself), replacing what it held; the problems instead if one is another owner's
+        (then `name` holds nothing). Services may share a domain under different paths
+        (torpor's virtual host of a shared host holds each one's routes)."""
         self.release(name)
+        owner = owner or name
         keys = [(*domain_table(d), p) for d in domains for p in paths]
         problems = []
         for key in keys:
-            owner = self._owners.get(key)
-            if owner is not None and owner != name:
+            held = self._owners.get(key)
+            if held is not None and held[0] != owner:
                 where = "" if key[2] == "/" else f" under {key[2]!r}"
                 problems.append("a second '*' domain (one is allowed per route table)"
                                 if key[0] == "default" else
-                                f"domain {key[1]!r}{where} is already served by {owner!r}")
+                                f"domain {key[1]!r}{where} is already served by {held[0]!r}")
         if len(set(keys)) != len(keys):
             problems.append("a domain is listed twice")
         if problems:
             return problems
         for key in keys:
-            self._owners[key] = name
+            self._owners.setdefault(key, (owner, set()))[1].add(name)
         self._claimed[name] = keys
         return []
 
     def release(self, name: str) -> None:
-        """`name` serves no domain any more."""
+        """`name` serves no domain any more (its owner keeps those another name holds)."""
         for key in self._claimed.pop(name, ()):
-            if self._owners.get(key) == name:
-                del self._owners[key]
+            held = self._owners.get(key)
+            if held is not None:
+                held[1].discard(name)
+                if not held[1]:
+                    del self._owners[key]
 
 
 def check_endpoint_addresses(message: Message, name: str) -> list[str]:
