@@ -12,6 +12,7 @@ from torpor.config import load_config
 from torpor.errors import ConfigError, InvalidArgumentError, UnknownServiceError
 from torpor.store.sqlite import SqliteStore
 from torpor.traffic import TrafficBook, checked_split, promoted
+from torpor.workloads.annotations import AnnotationError, service_from_deployment
 
 VERSIONS = """services:
   - name: model
@@ -86,3 +87,29 @@ async def test_a_split_survives_a_restart_and_rolls_back(tmp_path: Path) -> None
             await again.set("nope", {"a": 1}, "x")
     finally:
         await store.close()
+
+
+def deployment(name: str, labels: dict[str, str], annotations: dict[str, str]
+               ) -> dict[str, object]:
+    return {"metadata": {"name": name, "namespace": "models",
+                         "labels": {"torpor.io/enabled": "true", **labels},
+                         "annotations": annotations},
+            "spec": {"template": {"spec": {"containers": [
+                {"name": "model", "ports": [{"name": "http", "containerPort": 8080}]}]}}}}
+
+
+def test_deployments_labelled_with_a_version_are_versions_of_one_service() -> None:
+    common = {"torpor.io/name": "sentiment", "torpor.io/host": "sentiment.test"}
+    v1 = service_from_deployment(deployment("sentiment-v1", {"torpor.io/version": "v1"},
+                                            {**common, "torpor.io/weight": "100"}))
+    v2 = service_from_deployment(deployment("sentiment-v2", {"torpor.io/version": "v2"},
+                                            common))
+    assert (v1.name, v1.version_of, v1.weight) == ("sentiment--v1", "sentiment", 100)
+    assert (v2.name, v2.weight, v2.kubernetes and v2.kubernetes.deployment) == (
+        "sentiment--v2", 0, "sentiment-v2")
+    catalog = ServiceCatalog()
+    catalog.put(v1, "deployment/models/sentiment-v1")
+    catalog.put(v2, "deployment/models/sentiment-v2")  # the same host: its versions
+    assert [v.version for v in catalog.versions("sentiment")] == ["v1", "v2"]
+    with pytest.raises(AnnotationError, match="is a version's weight"):
+        service_from_deployment(deployment("plain", {}, {"torpor.io/weight": "5"}))

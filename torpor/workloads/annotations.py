@@ -13,6 +13,7 @@ are config.py's own, so a service reads the same from YAML and from annotations.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from torpor.config import (
     MAX_HELD_PER_SERVICE,
     MAX_REPLICAS,
     POLICY_KINDS,
+    VERSION_SEPARATOR,
     KubernetesServiceConfig,
     RateLimitConfig,
     ServiceConfig,
@@ -38,11 +40,15 @@ from torpor.config import (
     _rewrite,
     _service_host,
     _service_name,
+    _version_name,
     parse_duration,
 )
 from torpor.errors import ConfigError, TorporError
 
 ENABLED_LABEL = "torpor.io/enabled"
+#: A Deployment that is one version of a service (`torpor.io/name` names the service; each
+#: version's Deployment carries the same name and its own version label).
+VERSION_LABEL = "torpor.io/version"
 PREFIX = "torpor.io/"
 
 NAME = PREFIX + "name"
@@ -70,6 +76,7 @@ REWRITE = PREFIX + "rewrite"
 RATE_LIMIT = PREFIX + "rate-limit"
 RATE_LIMIT_BURST = PREFIX + "rate-limit-burst"
 MAX_CONCURRENT = PREFIX + "max-concurrent"
+WEIGHT = PREFIX + "weight"
 
 #: Annotations torpor writes on a Deployment it hibernates; never read here, and left out of
 #: the fingerprint so that torpor's own writes do not look like a config change.
@@ -105,6 +112,7 @@ KNOWN_ANNOTATIONS = (
     RATE_LIMIT,
     RATE_LIMIT_BURST,
     MAX_CONCURRENT,
+    WEIGHT,
 )
 PROTOCOLS = ("http1", "http2")
 
@@ -262,6 +270,7 @@ def service_from_deployment(
     given = _strings(problems, _torpor_annotations(deployment))
     _check_unknown(problems, given)
     service = _build(problems, given, deployment, name, namespace, replicas_default)
+    service = _as_version(problems, service, _labels(deployment).get(VERSION_LABEL), given)
     if problems.items or service is None:
         raise AnnotationError(
             _shown_name(metadata.get("namespace")),
@@ -467,6 +476,24 @@ def _wake(problems: _Problems, given: Mapping[str, str]) -> dict[str, Any] | Non
             failed = True
         values[key.removeprefix(PREFIX).replace("-", "_")] = value
     return None if failed else values
+
+
+def _as_version(problems: _Problems, service: ServiceConfig | None, version: object,
+                given: Mapping[str, str]) -> ServiceConfig | None:
+    """A Deployment labelled torpor.io/version is that version of the service it names:
+    the service `NAME--VERSION`, reached where the service is, with the weight of
+    torpor.io/weight (default 0: no traffic until `torpor traffic` gives it some)."""
+    if version is None:
+        if WEIGHT in given:
+            problems.add(WEIGHT, f"is a version's weight; label the Deployment "
+                         f"{VERSION_LABEL} too")
+        return service
+    checked = problems.check(VERSION_LABEL, _version_name, version)
+    weight = problems.check(WEIGHT, _integer(0, 1_000_000), _number(given.get(WEIGHT, "0")))
+    if service is None or checked is None or weight is None:
+        return None
+    return dataclasses.replace(service, name=f"{service.name}{VERSION_SEPARATOR}{checked}",
+                               version_of=service.name, version=checked, weight=weight)
 
 
 def _routing(problems: _Problems, given: Mapping[str, str]) -> dict[str, Any] | None:
