@@ -16,6 +16,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from torpor import metrics
 from torpor.config import GatewayConfig, JwtConfig, ServiceConfig, service_auth
@@ -24,6 +25,7 @@ from torpor.logs import event
 from xds_server.resources import ApiKeys, JwtRule, RouteAuth
 
 log = logging.getLogger("torpor.auth")
+T = TypeVar("T")
 
 #: What a service whose key file was never readable gets: a key list no caller matches.
 NOBODY = ApiKeys(())
@@ -53,26 +55,9 @@ class Credentials:
 
     def check(self) -> bool:
         """Read every known file again; True when one changed (and was good)."""
-        changed = False
-        for path, before in list(self._keys.items()):
-            try:
-                now = _as_keys(read_api_keys(path))
-            except ValueError as exc:
-                _failed(path, exc)
-                continue
-            if now != before:
-                self._keys[path] = now
-                changed = _reloaded(path)
-        for path, text in list(self._jwks.items()):
-            try:
-                fresh = read_jwks(path)
-            except ValueError as exc:
-                _failed(path, exc)
-                continue
-            if fresh != text:
-                self._jwks[path] = fresh
-                changed = _reloaded(path)
-        return changed
+        keys = _reread(self._keys, lambda path: _as_keys(read_api_keys(path)))
+        jwks = _reread(self._jwks, read_jwks)
+        return keys or jwks
 
     async def run(self, every: float, on_change: Callable[[], None]) -> None:
         while True:
@@ -97,6 +82,22 @@ class Credentials:
                 _failed(path, exc)
                 return None
         return self._jwks[path]
+
+
+def _reread(cache: dict[Path, T], read: Callable[[Path], T]) -> bool:
+    """Each cached file read again: a good change replaces the cached value, a failure
+    keeps it (logged); True when something changed."""
+    changed = False
+    for path, before in list(cache.items()):
+        try:
+            now = read(path)
+        except ValueError as exc:
+            _failed(path, exc)
+            continue
+        if now != before:
+            cache[path] = now
+            changed = _reloaded(path)
+    return changed
 
 
 def _as_keys(keys: dict[str, str]) -> ApiKeys:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -47,6 +48,7 @@ class Load:
         self.url = f"http://{gateway}/predict?text=fine"
         self.answers: list[tuple[float, int, str]] = []  # (sent at, status, version)
         self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -63,8 +65,13 @@ class Load:
             except aiohttp.ClientError as exc:
                 self.answers.append((sent, 0, repr(exc)))
 
-    def stop(self) -> None:
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run())
+
+    async def close(self) -> None:
         self._stop.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def split_after(self, since: float) -> collections.Counter[str]:
         """The versions that answered the next PER_STEP requests sent after `since`."""
@@ -84,16 +91,26 @@ def share(counts: collections.Counter[str], version: str) -> float:
     return 100.0 * counts[version] / sum(counts.values())
 
 
-async def test_a_split_changes_under_load_with_no_failed_request(tmp_path: Path) -> None:
-    path = write_config(tmp_path, versioned())
+@contextlib.asynccontextmanager
+async def model_up(tmp_path: Path, load_seconds: float = 0.0
+                   ) -> AsyncIterator[tuple[Path, admin_client.Target, Load]]:
+    """`torpor up` with the versioned service, and a load (started by `load.start()`);
+    both stopped on the way out, whatever happened."""
+    path = write_config(tmp_path, versioned(load_seconds))
     config = load_config(path)
-    target = admin_target(config)
     runs = UpRuns()
     load = Load(str(config.gateway.listen))
-    running: asyncio.Task[Any] | None = None
     try:
         await runs.start(path)
-        running = asyncio.create_task(load.run())
+        yield path, admin_target(config), load
+    finally:
+        await load.close()
+        await runs.stop_all()
+
+
+async def test_a_split_changes_under_load_with_no_failed_request(tmp_path: Path) -> None:
+    async with model_up(tmp_path) as (path, target, load):
+        load.start()
         steps: list[tuple[str, dict[str, int]]] = [("start", {"v1": 90, "v2": 10})]
         counts = await load.split_after(time.monotonic())
         measured = [(steps[0][0], counts)]
@@ -123,33 +140,15 @@ async def test_a_split_changes_under_load_with_no_failed_request(tmp_path: Path)
                                                                           ("v2", 50)]
         assert [h["reason"] for h in model["history"]][-3:] == [
             "traffic v1=50 v2=50", "promote v2", "rollback to v1=50 v2=50"]
-    finally:
-        load.stop()
-        if running is not None:
-            await asyncio.gather(running, return_exceptions=True)
-        await runs.stop_all()
 
 
 async def test_a_shift_to_a_sleeping_version_holds_its_requests_until_it_wakes(
         tmp_path: Path) -> None:
-    path = write_config(tmp_path, versioned(load_seconds=1.5))
-    config = load_config(path)
-    target = admin_target(config)
-    runs = UpRuns()
-    load = Load(str(config.gateway.listen))
-    running: asyncio.Task[Any] | None = None
-    try:
-        await runs.start(path)
+    async with model_up(tmp_path, load_seconds=1.5) as (path, target, load):
         await asyncio.to_thread(admin_client.hibernate, target, "model--v2")
-        running = asyncio.create_task(load.run())
+        load.start()
         await asyncio.to_thread(admin_client.promote, target, "model", "v2")
-        shifted = time.monotonic()
-        counts = await load.split_after(shifted)  # asserts that none failed
+        counts = await load.split_after(time.monotonic())  # asserts that none failed
         assert counts["v2"] == sum(counts.values()), counts
         states = {s["name"]: s["state"] for s in status_json(path)}
         assert states["model--v2"] == "ACTIVE"
-    finally:
-        load.stop()
-        if running is not None:
-            await asyncio.gather(running, return_exceptions=True)
-        await runs.stop_all()
