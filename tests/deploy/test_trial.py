@@ -30,7 +30,6 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from assembly import cli
 from tests.deploy.test_manifests import (
@@ -257,7 +256,7 @@ class Kubelet:
                 mounts[mount["mountPath"]] = folder
         # The config each container reads, with its own mounts.
         dns = re.compile(rf"(?<![\w/.-])({'|'.join(map(re.escape, self.services))})(?![\w.-])")
-        for path, folder in mounts.items():
+        for folder in mounts.values():
             for file in folder.glob("*.yaml"):
                 text = dns.sub("127.0.0.1", file.read_text())
                 file.write_text(self.localize(text, mounts))
@@ -310,13 +309,13 @@ async def test_the_trial_pod_starts_against_the_test_double_with_sqlite_only(
         try:
             start(control_plane, cp_env)
             metrics = f"http://127.0.0.1:{config.control_plane.metrics.port}"
-            await wait_until(lambda: control_plane.alive and http_status(f"{metrics}/ready")
-                             == 200 or not control_plane.alive, 60, "control plane ready")
+            await wait_until(lambda: not control_plane.alive
+                             or http_status(f"{metrics}/ready") == 200, 60, "control plane ready")
             assert control_plane.alive, control_plane.text()[-3000:]
             start(activator, act_env)
             act_metrics = load_config(act_config).activator.metrics
-            await wait_until(lambda: http_status(f"http://127.0.0.1:{act_metrics.port}/metrics")
-                             == 200 or not activator.alive, 60, "activator metrics")
+            await wait_until(lambda: not activator.alive or http_status(
+                f"http://127.0.0.1:{act_metrics.port}/metrics") == 200, 60, "activator metrics")
             assert activator.alive, activator.text()[-3000:]
             # The control plane read the test double's API (discovery of Deployments).
             assert any("/deployments" in r.path for r in kube.requests), kube.requests[:5]
