@@ -195,17 +195,21 @@ def write_items(folder: Path, data: dict[str, bytes], items: list[dict[str, str]
 class Kubelet:
     """Turns the pod template's volumes and containers into folders and processes."""
 
-    def __init__(self, tmp: Path, trial: list[dict[str, Any]], kubeconfig: Path) -> None:
+    def __init__(self, tmp: Path, trial: list[dict[str, Any]], deployment: str,
+                 kubeconfig: Path) -> None:
         self.tmp = tmp
-        self.pod = template(trial)["spec"]
+        self.pod = named(trial, "Deployment", deployment)["spec"]["template"]["spec"]
         self.kubeconfig = kubeconfig
         self.secrets = make_secrets()
         self.configmaps = {d["metadata"]["name"]: {k: v.encode() for k, v in d["data"].items()}
                            for d in trial if d["kind"] == "ConfigMap"}
         self.ports: dict[int, int] = {}  # port in the config → reserved loopback port
         self.claims = tmp / "claims"
-        #: What the cluster's DNS resolves: every Service of the overlay, here loopback.
-        self.services = [d["metadata"]["name"] for d in trial if d["kind"] == "Service"]
+        #: What the cluster's DNS resolves torpor's own Services to (the config dials them),
+        #: here loopback. Not the workloads' Services: their names are also service names.
+        self.services = [d["metadata"]["name"] for d in trial if d["kind"] == "Service"
+                         and d["metadata"].get("labels", {}).get("app.kubernetes.io/name")
+                         == "torpor"]
 
     def volume(self, container: str, volume: dict[str, Any]) -> Path | None:
         """The folder a volume is in this container; None: the Kubernetes token."""
@@ -220,8 +224,9 @@ class Kubelet:
         elif "secret" in volume:
             write_items(folder, self.secrets[volume["secret"]["secretName"]],
                         volume["secret"].get("items"))
-        elif "emptyDir" in volume:
-            folder.mkdir(parents=True)
+        elif "emptyDir" in volume:  # one per pod, shared by the containers that mount it
+            folder = self.tmp / "pod" / volume["name"]
+            folder.mkdir(parents=True, exist_ok=True)
         else:
             assert "projected" in volume, volume
             return None
@@ -290,16 +295,53 @@ def http_status(url: str) -> int:
         return 0
 
 
-def containers_of(trial: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    yield from template(trial)["spec"]["containers"]
+def torpor_containers(docs: list[dict[str, Any]], deployment: str) -> Iterator[dict[str, Any]]:
+    """The pod's `torpor xds-server` container, then its `torpor activator` one."""
+    spec = named(docs, "Deployment", deployment)["spec"]["template"]["spec"]
+    for verb in ("xds-server", "activator"):
+        (container,) = [c for c in spec["containers"] if c.get("args", [""])[0] == verb]
+        yield container
 
 
-async def test_the_trial_pod_starts_against_the_test_double_with_sqlite_only(
-        trial: list[dict[str, Any]], tmp_path: Path) -> None:
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The overlay's own workloads (sidecar: the sample model), for the test double: the
+    image's `python` is this one, and a pod binds its own IP (the double's pods share a
+    host) rather than 0.0.0.0. Nothing else changes."""
+    out = []
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "Service") or \
+                doc["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "torpor":
+            continue
+        doc = json.loads(json.dumps(doc))
+        if doc["kind"] == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                c["command"] = [sys.executable if a == "python" else a for a in c["command"]]
+                c["args"] = ["$(POD_IP)" if a == "0.0.0.0" else a for a in c.get("args", [])]
+                c.setdefault("env", []).append(
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+        out.append(doc)
+    return out
+
+
+#: The one-pod layouts whose quick start needs no etcd: (overlay, the pod's Deployment).
+ONE_POD = {"trial": (TRIAL, "torpor-control-plane"),
+           "sidecar": (DEPLOY / "overlays" / "sidecar", "torpor")}
+
+
+@pytest.mark.parametrize("layout", ONE_POD)
+async def test_the_pod_starts_against_the_test_double_with_sqlite_only(
+        layout: str, tmp_path: Path) -> None:
+    """deploy/overlays/trial and deploy/overlays/sidecar: their control-plane and activator
+    containers (Envoy is not run here; test_manifests checks its bootstrap with Envoy)."""
+    folder, deployment = ONE_POD[layout]
+    docs = kustomize(tool("kubectl", "kubectl 1.21 or newer"), folder)
     with FakeKube() as kube:
-        kubelet = Kubelet(tmp_path, trial, kube.write_kubeconfig(tmp_path / "kubeconfig"))
-        (control_plane, cp_env), (activator, act_env) = (kubelet.process(c)
-                                                         for c in containers_of(trial))
+        for workload in workloads(docs):
+            kube.create(workload)
+        kubelet = Kubelet(tmp_path, docs, deployment,
+                          kube.write_kubeconfig(tmp_path / "kubeconfig"))
+        (control_plane, cp_env), (activator, act_env) = (
+            kubelet.process(c) for c in torpor_containers(docs, deployment))
         cp_config = Path(control_plane.argv[control_plane.argv.index("--config") + 1])
         act_config = Path(activator.argv[activator.argv.index("--config") + 1])
         config = load_config(cp_config)
@@ -317,7 +359,7 @@ async def test_the_trial_pod_starts_against_the_test_double_with_sqlite_only(
             await wait_until(lambda: not activator.alive or http_status(
                 f"http://127.0.0.1:{act_metrics.port}/metrics") == 200, 60, "activator metrics")
             assert activator.alive, activator.text()[-3000:]
-            # The control plane read the test double's API (discovery of Deployments).
+            # The control plane read the test double's API (Deployments: discovered or listed).
             assert any("/deployments" in r.path for r in kube.requests), kube.requests[:5]
             assert config.store.path.exists(), "no sqlite file on the claim's volume"
             # The activator's config reaches the admin API: TLS on 127.0.0.1, its tokens.
@@ -325,7 +367,8 @@ async def test_the_trial_pod_starts_against_the_test_double_with_sqlite_only(
                 subprocess.run, [*TORPOR, "status", "--json", "--config", str(act_config)],
                 capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
             assert status.returncode == 0, status.stderr
-            assert json.loads(status.stdout) == []
+            listed = {s["name"] for s in json.loads(status.stdout)}
+            assert listed == {s.name for s in config.services}
         finally:
             codes = [await activator.stop(), await control_plane.stop()]
         assert codes == [0, 0], (control_plane.text()[-2000:], activator.text()[-2000:])
