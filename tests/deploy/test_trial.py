@@ -1,4 +1,5 @@
-"""deploy/overlays/trial as it runs: rendered, validated strictly, and its pod started.
+"""deploy/overlays/trial (and sidecar mode, the other one-pod layout without etcd) as it runs:
+rendered, validated strictly, and its pod started.
 
 The trial needs no etcd: one pod runs `torpor xds-server` on sqlite (a PersistentVolumeClaim)
 and `torpor activator`, which wakes through the control plane's admin API on 127.0.0.1.
@@ -11,7 +12,10 @@ moved to reserved loopback ports, and mount paths to the test's folders; nothing
 the config is changed. Both processes must start, the control plane must read the API and
 write its sqlite file on the claim's volume, both must answer on their metrics ports, and
 the activator's own wiring (admin API over TLS on 127.0.0.1 with its tokens) must reach the
-control plane. Then both are stopped with SIGTERM, as the kubelet does.
+control plane. Then a service is put to sleep (`torpor hibernate`, as an operator would in
+the pod) and a request to the activator wakes it: the activator asks the control plane over
+the admin API, which scales the Deployment in the test double back up. Then both are
+stopped with SIGTERM, as the kubelet does, and must exit 0.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from tests.deploy.test_manifests import (
 )
 from tests.support.fake_kube import FakeKube
 from tests.support.fleet import Proc
+from tests.support.kube_objects import model_deployment, model_service
 from tests.support.net import free_port, wait_until
 from torpor.certs import make_certs
 from torpor.config import load_config
@@ -323,9 +328,44 @@ def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-#: The one-pod layouts whose quick start needs no etcd: (overlay, the pod's Deployment).
-ONE_POD = {"trial": (TRIAL, "torpor-control-plane"),
-           "sidecar": (DEPLOY / "overlays" / "sidecar", "torpor")}
+#: The one-pod layouts whose quick start needs no etcd: (overlay, the pod's Deployment, the
+#: service woken through the activator and its Host: the trial discovers one the test
+#: labels, sidecar mode lists its sample model).
+ONE_POD = {"trial": (TRIAL, "torpor-control-plane", ("found", "found.localhost")),
+           "sidecar": (DEPLOY / "overlays" / "sidecar", "torpor",
+                       ("model", "model.example.com"))}
+WAKE_NS = "models"
+
+
+def discoverable() -> list[dict[str, Any]]:
+    """A Deployment labelled for discovery (the trial discovers cluster-wide) + its Service."""
+    name, host = ONE_POD["trial"][2]
+    return [model_deployment(name, WAKE_NS, 1, labels={"torpor.io/enabled": "true"},
+                             annotations={"torpor.io/host": host}),
+            model_service(name, WAKE_NS)]
+
+
+def replicas(kube: FakeKube, name: str) -> int:
+    """The service's Deployment's spec.replicas in the test double (any namespace)."""
+    for namespace in (WAKE_NS, "torpor"):
+        found = kube.get("apps/v1", "Deployment", namespace, name)
+        if found is not None:
+            return int(found["spec"].get("replicas", 1))
+    raise AssertionError(f"no Deployment {name}")
+
+
+def get(url: str, host: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return int(answer.status), answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def torpor_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, [*TORPOR, *args], capture_output=True,
+                                   text=True, timeout=60, cwd=ROOT, check=False)
 
 
 @pytest.mark.parametrize("layout", ONE_POD)
@@ -333,10 +373,10 @@ async def test_the_pod_starts_against_the_test_double_with_sqlite_only(
         layout: str, tmp_path: Path) -> None:
     """deploy/overlays/trial and deploy/overlays/sidecar: their control-plane and activator
     containers (Envoy is not run here; test_manifests checks its bootstrap with Envoy)."""
-    folder, deployment = ONE_POD[layout]
+    folder, deployment, (service, host) = ONE_POD[layout]
     docs = kustomize(tool("kubectl", "kubectl 1.21 or newer"), folder)
     with FakeKube() as kube:
-        for workload in workloads(docs):
+        for workload in workloads(docs) if layout == "sidecar" else discoverable():
             kube.create(workload)
         kubelet = Kubelet(tmp_path, docs, deployment,
                           kube.write_kubeconfig(tmp_path / "kubeconfig"))
@@ -363,12 +403,20 @@ async def test_the_pod_starts_against_the_test_double_with_sqlite_only(
             assert any("/deployments" in r.path for r in kube.requests), kube.requests[:5]
             assert config.store.path.exists(), "no sqlite file on the claim's volume"
             # The activator's config reaches the admin API: TLS on 127.0.0.1, its tokens.
-            status = await asyncio.to_thread(
-                subprocess.run, [*TORPOR, "status", "--json", "--config", str(act_config)],
-                capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+            status = await torpor_cli("status", "--json", "--config", str(act_config))
             assert status.returncode == 0, status.stderr
             listed = {s["name"] for s in json.loads(status.stdout)}
-            assert listed == {s.name for s in config.services}
+            assert listed == {service}
+            # Put the service to sleep (the operator's `kubectl exec ... torpor hibernate`),
+            # then a request to the activator wakes it through the admin API.
+            slept = await torpor_cli("hibernate", service, "--config", str(cp_config))
+            assert slept.returncode == 0, slept.stderr
+            await asyncio.to_thread(kube.wait_for, lambda: replicas(kube, service) == 0, 30)
+            listen = load_config(act_config).activator.listen
+            code, body = await asyncio.to_thread(
+                get, f"http://127.0.0.1:{listen.port}/predict?text=great", host)
+            assert code == 200, (body, activator.text()[-3000:])
+            assert replicas(kube, service) == 1
         finally:
             codes = [await activator.stop(), await control_plane.stop()]
         assert codes == [0, 0], (control_plane.text()[-2000:], activator.text()[-2000:])
