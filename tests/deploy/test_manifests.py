@@ -1010,7 +1010,15 @@ def test_the_image_runs_torpor_as_the_manifests_uid() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert re.search(r"^USER 10001(:10001)?$", dockerfile, re.M)
     assert re.search(r'^ENTRYPOINT \["torpor"\]$', dockerfile, re.M)
-    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
+    # Every stage on an exact Python and Debian release (or a digest): a rebuild gets the
+    # interpreter that was tested, not whatever 3.11 is newest.
+    bases = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert bases, "no FROM"
+    for base in bases:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), base
+    # The build runs `torpor --version` as the non-root user, after it is set.
+    user = dockerfile.index("\nUSER 10001")
+    assert dockerfile.index("\nRUN torpor --version") > user
 
 
 def test_the_docker_context_holds_every_package() -> None:
