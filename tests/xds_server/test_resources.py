@@ -24,12 +24,14 @@ from xds_server import types
 from xds_server.cache import Resource
 from xds_server.resources import (
     ACTIVATOR_CLUSTER,
+    CATCH_ALL_MARKER,
     CATCH_ALL_VHOST,
     CONTROL_PLANE_CLUSTER,
     LISTENER_NAME,
     MAX_UPSTREAM_CONNECTIONS,
     RETRY_HEADER,
     ROUTE_CONFIG_NAME,
+    STREAM_IDLE_TIMEOUT,
     GatewaySettings,
     ResourceBuilder,
     RoutedService,
@@ -108,7 +110,11 @@ def test_one_listener_whose_hcm_uses_rds_over_ads_and_logs_to_the_control_plane(
     # The edge (torpor/edge.py): Envoy's limits are the activator's, WebSocket passes.
     assert manager.max_request_headers_kb.value == 60
     assert manager.common_http_protocol_options.max_headers_count.value == 100
-    assert manager.request_headers_timeout.seconds == 10
+    # The header timeout is the stream idle timeout (one timer per stream): nothing resets
+    # it before the headers are in; every route then sets Envoy's default idle timeout.
+    assert not manager.HasField("request_headers_timeout")
+    assert manager.stream_idle_timeout.seconds == 10
+    assert manager.HasField("generate_request_id") and not manager.generate_request_id.value
     assert manager.use_remote_address.value and manager.xff_num_trusted_hops == 0
     assert manager.normalize_path.value and manager.merge_slashes
     assert [u.upgrade_type for u in manager.upgrade_configs] == ["websocket"]
@@ -120,6 +126,10 @@ def test_one_listener_whose_hcm_uses_rds_over_ads_and_logs_to_the_control_plane(
     common = als.common_config
     assert common.grpc_service.envoy_grpc.cluster_name == CONTROL_PLANE_CLUSTER
     assert common.transport_api_version == config_source_pb2.V3
+    # Only the catch-all's requests are logged: those carrying the marker it adds.
+    assert access_log.filter.WhichOneof("filter_specifier") == "header_filter"
+    marker = access_log.filter.header_filter.header
+    assert (marker.name, marker.present_match) == (CATCH_ALL_MARKER, True)
 
 
 def test_one_vhost_per_service_sorted_then_the_catch_all_last(
@@ -182,6 +192,19 @@ def test_asynchronous_calls_and_their_status_go_to_the_activator_first(
             assert set(effective_policy(vhost, route).retry_on.split(",")) == SAFE
 
 
+def test_only_the_catch_all_marks_its_requests_for_the_access_log(
+    built: dict[str, dict[str, Resource]],
+) -> None:
+    vhosts = {v.name: v for v in route_config(built).virtual_hosts}
+    (marked,) = vhosts[CATCH_ALL_VHOST].request_headers_to_add
+    assert marked.header.key == CATCH_ALL_MARKER
+    # A client's own value (Envoy strips it from external requests anyway) never stays.
+    assert marked.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    for name, vhost in vhosts.items():
+        if name != CATCH_ALL_VHOST:
+            assert not vhost.request_headers_to_add, name
+
+
 def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
     built: dict[str, dict[str, Resource]],
 ) -> None:
@@ -189,6 +212,7 @@ def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
         retry_on = []
         for route in main_routes(vhost):
             action: route_components_pb2.RouteAction = route.route
+            assert action.idle_timeout.ToSeconds() == STREAM_IDLE_TIMEOUT
             assert action.HasField("timeout")
             assert action.timeout.ToNanoseconds() == int(SETTINGS.route_timeout * 1e9)
             assert action.timeout.ToSeconds() > 15  # Envoy's default would cut cold starts
@@ -249,6 +273,11 @@ def test_edge_limits_come_from_the_settings() -> None:
     manager = hcm_pb2.HttpConnectionManager()
     assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     assert manager.max_request_headers_kb.value == 16
+    timeout = GatewaySettings(listen=LISTEN, edge=EdgeLimits(request_headers_timeout=2.5))
+    built = ResourceBuilder(timeout).build([ECHO])
+    listener = unpack(built[types.LISTENER][LISTENER_NAME], listener_pb2.Listener())
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert manager.stream_idle_timeout.ToMilliseconds() == 2500
 
 
 def test_one_eds_cluster_per_service_over_ads_with_raised_circuit_breakers(
