@@ -157,6 +157,7 @@ def test_one_vhost_per_service_sorted_then_the_catch_all_last(
 
 
 SAFE = {"connect-failure", "refused-stream", "reset-before-request", "retriable-headers"}
+HTTP1_SAFE = SAFE - {"retriable-headers"}
 
 
 def effective_policy(vhost: route_components_pb2.VirtualHost,
@@ -189,7 +190,7 @@ def test_asynchronous_calls_and_their_status_go_to_the_activator_first(
         assert prefer.string_match.ignore_case
         for route in (status, submit):
             assert route.route.cluster == ACTIVATOR_CLUSTER
-            assert set(effective_policy(vhost, route).retry_on.split(",")) == SAFE
+            assert set(effective_policy(vhost, route).retry_on.split(",")) == HTTP1_SAFE
 
 
 def test_only_the_catch_all_marks_its_requests_for_the_access_log(
@@ -218,9 +219,9 @@ def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
             assert action.timeout.ToSeconds() > 15  # Envoy's default would cut cold starts
             policy = effective_policy(vhost, route)
             retry_on.append(set(policy.retry_on.split(",")))
-            # Only the activator's marker header is retriable, never a service's own answer.
-            assert [(h.name, h.present_match) for h in policy.retriable_headers] == [
-                (RETRY_HEADER, True)]
+            # No HTTP/1 service (the activator's marker is for HTTP/2 ones: see below)
+            # retries on a response header: never on a service's own answer.
+            assert not policy.retriable_headers
             assert policy.num_retries.value == SETTINGS.retries
             # A replay goes to another host: never back to the activator replica that died.
             assert [p.name for p in policy.retry_host_predicate] == [
@@ -229,7 +230,23 @@ def test_routes_outlast_a_cold_start_and_retry_only_safe_failures(
             assert policy.host_selection_retry_max_attempts == 3
         # "reset" (an upstream that died after the request was sent, before answering)
         # replays idempotent methods only: a POST may have run.
-        assert retry_on == [SAFE | {"reset"}, SAFE]
+        assert retry_on == [HTTP1_SAFE | {"reset"}, HTTP1_SAFE]
+
+
+def test_only_http2_services_retry_on_the_activators_replay_marker() -> None:
+    """The activator's HTTP/2 holder answers "replay me" (x-torpor-retry) once the
+    service is awake; its HTTP/1 holder proxies itself: only HTTP/2 services look for the
+    marker (matching it costs every request)."""
+    h2 = RoutedService("grpc", "grpc.localhost", ECHO.endpoints, http2=True)
+    vhosts = {v.name: v for v in route_config(
+        ResourceBuilder(SETTINGS).build([h2, ECHO])).virtual_hosts}
+    for route in main_routes(vhosts["grpc"]):
+        policy = effective_policy(vhosts["grpc"], route)
+        assert "retriable-headers" in policy.retry_on.split(",")
+        assert [(h.name, h.present_match) for h in policy.retriable_headers] == [
+            (RETRY_HEADER, True)]
+    for route in main_routes(vhosts["echo"]):
+        assert "retriable-headers" not in effective_policy(vhosts["echo"], route).retry_on
 
 
 def test_a_service_that_opts_in_replays_every_method_after_a_reset() -> None:
@@ -238,7 +255,7 @@ def test_a_service_that_opts_in_replays_every_method_after_a_reset() -> None:
     vhosts = {v.name: v for v in route_config(built).virtual_hosts}
     (route,) = main_routes(vhosts["opted"])
     assert not route.match.headers
-    assert set(route.route.retry_policy.retry_on.split(",")) == SAFE | {"reset"}
+    assert set(route.route.retry_policy.retry_on.split(",")) == HTTP1_SAFE | {"reset"}
     assert len(main_routes(vhosts["echo"])) == 2
     # Opting out again rebuilds the virtual host (it is cached per service).
     builder = ResourceBuilder(SETTINGS)
