@@ -79,11 +79,12 @@ class ActivatorServer:
                           self._clock, self._on_held,
                           settings_lookup(self._config.activator, self._catalog.get))
         activator = self._config.activator
-        self._calls = AsyncCalls(
-            ResultSpool(activator.async_spool or self._config.log_dir() / "async",
-                        activator.async_result_ttl, activator.async_max_calls),
-            holding, activator.async_max_bytes)
-        await self._calls.start()
+        if activator.async_calls:
+            self._calls = AsyncCalls(
+                ResultSpool(activator.async_spool or self._config.log_dir() / "async",
+                            activator.async_result_ttl, activator.async_max_calls),
+                holding, activator.async_max_bytes)
+            await self._calls.start()
         handler = ActivatorHandler(lookup, holding, self._proxy, self._wakings(), self._calls)
         self._handler, self._holding = handler, holding
         # Parser limits from the edge limits Envoy's listener has too (torpor/edge.py).

@@ -175,6 +175,9 @@ class GatewaySettings:
     edge: EdgeLimits = dataclasses.field(default_factory=EdgeLimits)
     # TLS on the listener: None for plain HTTP.
     tls: ListenerTls | None = None
+    # Asynchronous calls (Prefer: respond-async) on: every virtual host routes their status
+    # path and the preference to the activator.
+    async_calls: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activators", _endpoint_set(self.activators))
@@ -508,7 +511,7 @@ class ResourceBuilder:
         """One service's virtual host over `hosts` (its own): the status route of
         asynchronous calls, then its routes, longest path first."""
         vhost = self._vhost_proto(service.name, _domains(hosts), [
-            self._status_route(service.name, service.auth),
+            *self._status_route(service.name, service.auth),
             *(route for prefix in _longest_first(service.prefixes())
               for route in self._routes_to(service, prefix))], replay_marker=service.http2)
         if service.rate_limit is not None:
@@ -523,7 +526,7 @@ class ResourceBuilder:
         pairs = sorted(((p, s) for s in services for p in s.prefixes()),
                        key=lambda ps: (-len(ps[0]), ps[0], ps[1].name))
         return self._vhost_proto(_shared_name(host), _domains((host,)), [
-            self._status_route(_shared_name(host)),
+            *self._status_route(_shared_name(host)),
             *(route for prefix, service in pairs for route in self._routes_to(service, prefix))],
             replay_marker=any(s.http2 for s in services))
 
@@ -555,22 +558,23 @@ class ResourceBuilder:
         opted in), or two: idempotent methods with it, the others (POST, PATCH, ...)
         without it. A rewrite of the prefix, and the header naming the service, on each."""
         name = _route_name(service.name, prefix)
-        submit = self._route(f"{name}/async", ACTIVATOR_CLUSTER, SAFE_RETRY_ON, prefix)
-        submit.match.headers.append(route_components_pb2.HeaderMatcher(
-            name=PREFER_HEADER, string_match=string_pb2.StringMatcher(
-                contains=RESPOND_ASYNC, ignore_case=True)))
         marker = service.http2
         if service.retry_non_idempotent:
-            routes = [submit, self._route(name, service.name, RESET_RETRY_ON, prefix, marker)]
+            routes = [self._route(name, service.name, RESET_RETRY_ON, prefix, marker)]
         else:
             idempotent = self._route(f"{name}/idempotent", service.name, RESET_RETRY_ON,
                                      prefix, marker)
             idempotent.match.headers.append(_IDEMPOTENT)
-            routes = [submit, idempotent, self._route(name, service.name, SAFE_RETRY_ON,
-                                                      prefix)]
+            routes = [idempotent, self._route(name, service.name, SAFE_RETRY_ON, prefix)]
         if service.split:
-            for route in routes[1:]:
+            for route in routes:
                 _weighted(route, service.split)
+        if self.settings.async_calls:
+            submit = self._route(f"{name}/async", ACTIVATOR_CLUSTER, SAFE_RETRY_ON, prefix)
+            submit.match.headers.append(route_components_pb2.HeaderMatcher(
+                name=PREFER_HEADER, string_match=string_pb2.StringMatcher(
+                    contains=RESPOND_ASYNC, ignore_case=True)))
+            routes.insert(0, submit)
         if service.rewrite is not None:
             for route in routes:
                 _rewrite(route, service.name, prefix, service.rewrite)
@@ -580,15 +584,18 @@ class ResourceBuilder:
         return routes
 
     def _status_route(self, vhost: str, auth: RouteAuth | None = None
-                      ) -> route_components_pb2.Route:
+                      ) -> list[route_components_pb2.Route]:
         """The status of asynchronous calls, to the activator (once per virtual host;
-        asking for the credentials of the host's service, if it is alone on it). Only
-        the connection-level retries: a call accepted is never made twice."""
+        asking for the credentials of the host's service, if it is alone on it), when
+        they are on. Only the connection-level retries: a call accepted is never made
+        twice."""
+        if not self.settings.async_calls:
+            return []
         status = self._route(f"{vhost}/async-status", ACTIVATOR_CLUSTER, SAFE_RETRY_ON)
         status.match.prefix = STATUS_PATH
         if auth is not None:
             _require(status, auth)
-        return status
+        return [status]
 
     def _route(self, route_name: str, cluster: str, retry_on: str,
                prefix: str = ROOT, replay_marker: bool = False) -> route_components_pb2.Route:

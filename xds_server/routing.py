@@ -49,6 +49,7 @@ def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> Ga
         retry_buffer_bytes=config.gateway.retry_buffer_bytes,
         edge=config.gateway.edge,
         tls=listener_tls(config.gateway.tls),
+        async_calls=config.activator.async_calls,
     )
 
 

@@ -529,3 +529,13 @@ def test_the_route_table_joined_from_cached_virtual_hosts_is_its_own_serializati
         assert resource.body.value == config.SerializeToString(deterministic=True)
         assert [v.name for v in config.virtual_hosts] == [
             *sorted(s.name for s in table), CATCH_ALL_VHOST]
+
+
+def test_without_asynchronous_calls_no_route_looks_for_them() -> None:
+    """activator.async_calls: false: no virtual host routes the status path or the
+    preference to the activator (that header check is work on every request)."""
+    settings = dataclasses.replace(SETTINGS, async_calls=False)
+    config = route_config(ResourceBuilder(settings).build([ECHO, SENTIMENT]))
+    for vhost in config.virtual_hosts:
+        assert vhost.routes == main_routes(vhost), vhost.name
+        assert all(not h.name == "prefer" for r in vhost.routes for h in r.match.headers)
