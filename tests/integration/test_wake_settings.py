@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import wait_until
-from tests.support.up import UpRuns, status_json
+from tests.support.up import UpRuns, status, status_json, wait_state
 from torpor import admin_client
 from torpor.config import Config, load_config
 from torpor.credentials import admin_target
@@ -49,22 +49,6 @@ def with_keys(entry: str, **keys: str) -> str:
     return entry + "".join(f"    {key}: {value}\n" for key, value in keys.items())
 
 
-def status(config: Config, name: str) -> dict[str, Any]:
-    return admin_client.get_status(admin_target(config), name)
-
-
-async def wait_state(config: Config, name: str, state: str, timeout: float) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    async def reached() -> bool:
-        seen.update(await asyncio.to_thread(status, config, name))
-        return bool(seen["state"] == state)
-
-    try:
-        await wait_until(reached, timeout, f"{name} to be {state}", interval=0.1)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; last status: {seen}") from None
-    return seen
 
 
 async def hibernate(config: Config, *names: str) -> None:

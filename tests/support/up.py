@@ -10,8 +10,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.support.net import wait_until
+from torpor import admin_client
+from torpor.config import Config
+from torpor.credentials import admin_target
 
 
 class Up:
@@ -110,3 +114,23 @@ def processes_mentioning(needle: str) -> list[str]:
         if needle in cmdline and ours in cmdline and state != "Z":
             found.append(f"{pid}: {cmdline}")
     return found
+
+
+def status(config: Config, name: str) -> dict[str, Any]:
+    """One service's status through the admin API (the config's token)."""
+    return admin_client.get_status(admin_target(config), name)
+
+
+async def wait_state(config: Config, name: str, state: str, timeout: float) -> dict[str, Any]:
+    """Wait until `name` is in `state`; its last status (the failure says what it was)."""
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        seen.update(await asyncio.to_thread(status, config, name))
+        return bool(seen["state"] == state)
+
+    try:
+        await wait_until(reached, timeout, f"{name} to be {state}", interval=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last status: {seen}") from None
+    return seen
