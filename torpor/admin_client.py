@@ -382,6 +382,10 @@ def format_status_table(statuses: Sequence[Mapping[str, Any]], now: float | None
             out.append(f"  PROBLEM (quarantined): {status['problem']}")
         if status.get("replica_problem"):
             out.append(f"  PROBLEM (replicas): {status['replica_problem']}")
+        if status.get("versions"):
+            out.append("  VERSIONS: " + ", ".join(
+                f"{v['name']} weight {v['weight']} {v['state']} {v['replicas']}/"
+                f"{v['recorded_replicas']}" for v in status["versions"]))
         history = status.get("history") or []
         out.extend(format_transition(t, current) for t in history[-TABLE_HISTORY:])
     return "\n".join(out)

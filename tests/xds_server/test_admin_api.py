@@ -23,7 +23,7 @@ from torpor.errors import (
     TorporError,
     UnknownServiceError,
 )
-from torpor.model import Endpoint, ServiceState, ServiceStatus, Transition
+from torpor.model import Endpoint, ServiceState, ServiceStatus, Transition, VersionStatus
 from xds_server import admin_api
 from xds_server.admin_api import start_admin_server, status_to_message
 
@@ -290,6 +290,18 @@ def test_the_table_names_a_replica_problem_under_its_service() -> None:
     assert back["replica_problem"] == "exit code 3"
     assert admin_client.status_from_message(status_to_message(make_status("ok")))[
         "replica_problem"] is None
+
+
+def test_a_service_with_versions_shows_them_in_the_table_and_round_trips() -> None:
+    versions = (VersionStatus("v1", 90, ServiceState.ACTIVE, 2, 2),
+                VersionStatus("v2", 10, ServiceState.HIBERNATED, 0, 1))
+    status = dataclasses.replace(make_status("model"), versions=versions,
+                                 hosts=("model.test", "*.model.test"), paths=("/v1",))
+    back = admin_client.status_from_message(status_to_message(status))
+    assert back["versions"] == [v.to_json() for v in versions]
+    assert (back["hosts"], back["paths"]) == (["model.test", "*.model.test"], ["/v1"])
+    lines = format_status_table([back], now=time.time()).splitlines()
+    assert "  VERSIONS: v1 weight 90 ACTIVE 2/2, v2 weight 10 HIBERNATED 0/1" in lines
 
 
 def test_keep_alive_and_next_call_round_trip() -> None:
