@@ -30,7 +30,6 @@ from envoy.service.discovery.v3.discovery_pb2 import (
 from envoy.service.discovery.v3.discovery_pb2 import Resource as ResourceMessage
 
 from torpor import metrics
-from torpor.logs import event
 from xds_server import delta_protocol, types
 from xds_server.cache import NO_CHANGES, Snapshot, SnapshotCache
 from xds_server.delta_protocol import DeltaKind, DeltaUpdate, Subscription
@@ -73,11 +72,8 @@ class DeltaAds:
     # --- requests -----------------------------------------------------------------------
 
     def _on_request(self, stream: EnvoyStream, request: DeltaDiscoveryRequest) -> None:
-        self._ads.note_node(stream, request.node.id)
         type_url = request.type_url
-        if type_url not in types.SHORT_NAMES:
-            event(log, "xds.unknown_type", level=logging.WARNING, node=stream.node_id,
-                  type_url=type_url)
+        if not self._ads.known_type(stream, request.node.id, type_url):
             return
         ts = stream.types.get(type_url)
         if not isinstance(ts, DeltaTypeState):

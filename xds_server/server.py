@@ -223,12 +223,19 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     # --- requests -----------------------------------------------------------------------
 
+    def known_type(self, stream: EnvoyStream, node: str, type_url: str) -> bool:
+        """Note the stream's node; False (logged) for a type torpor does not serve (both
+        ADS variants ignore such a request)."""
+        self.note_node(stream, node)
+        if type_url in types.SHORT_NAMES:
+            return True
+        event(log, "xds.unknown_type", level=logging.WARNING, node=stream.node_id,
+              type_url=type_url)
+        return False
+
     def _on_request(self, stream: EnvoyStream, request: DiscoveryRequest) -> None:
-        self.note_node(stream, request.node.id)
         type_url = request.type_url
-        if type_url not in types.SHORT_NAMES:
-            event(log, "xds.unknown_type", level=logging.WARNING, node=stream.node_id,
-                  type_url=type_url)
+        if not self.known_type(stream, request.node.id, type_url):
             return
         ts = stream.types.get(type_url)
         kind = classify(

@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from torpor.config import VERSION_SEPARATOR
 from torpor.errors import NotSupportedError, TorporError, UnknownServiceError, WorkloadError
 from torpor.lifecycle.hibernation import Hibernation
 from torpor.lifecycle.wake import Waker
@@ -93,8 +92,9 @@ class ControlPlaneAdmin:
         replicas of all, each version's weight now, and the traffic changes as history."""
         assert self._weights is not None
         weights, changes = self._weights(parent)
-        versions = [self._status(v.name) for v in self._table.catalog.versions(parent)
-                    if v.name in self._table.records]
+        members = [v for v in self._table.catalog.versions(parent)
+                   if v.name in self._table.records]
+        versions = [self._status(v.name) for v in members]
         if not versions:
             raise UnknownServiceError(f"service {parent!r} has no versions in the table")
         state = min((v.state for v in versions), key=_AWAKE_ORDER.index)
@@ -110,10 +110,9 @@ class ControlPlaneAdmin:
             created_at=min(v.created_at for v in versions),
             updated_at=max(v.updated_at for v in versions), history=history,
             problem=None, replica_problem=None, keep_alive=None, next_call=None,
-            versions=tuple(VersionStatus(str(v.name.split(VERSION_SEPARATOR, 1)[1]),
-                                         weights.get(v.name.split(VERSION_SEPARATOR, 1)[1], 0),
+            versions=tuple(VersionStatus(str(m.version), weights.get(str(m.version), 0),
                                          v.state, v.replicas, v.recorded_replicas)
-                           for v in versions))
+                           for m, v in zip(members, versions, strict=True)))
 
     async def hibernate(self, name: str) -> ServiceStatus:
         """Raises WorkloadError when the hibernation was abandoned (the service is ACTIVE
