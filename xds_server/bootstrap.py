@@ -54,6 +54,11 @@ def bootstrap(node_id: str, admin: Address, xds: Address,
         "static_resources": {"clusters": [_control_plane_cluster(xds, xds_tls)]},
         "overload_manager": _overload_manager(),
         "memory_allocator_manager": _memory_release(),
+        # Each worker makes its copy of a cluster (load balancer, host sets) on the
+        # cluster's first request there, not when the cluster arrives: most services are
+        # idle, and at 10,000 clusters the copies cost ~4 KB each (measured: Envoy's heap
+        # 410 -> 367 MB); the first request a worker routes to a service makes it inline.
+        "cluster_manager": {"enable_deferred_cluster_creation": True},
         **stats_sink.envoy_stats(stats_flush),
     }
 
