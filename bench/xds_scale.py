@@ -83,6 +83,14 @@ def free_port() -> int:
     return reserved_port()
 
 
+def load_average() -> str:
+    """The 1-minute load average: wall-clock figures move with the machine's other load."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def rss_kb(pid: int | str = "self") -> int:
     """VmRSS of a process in kB, from /proc/<pid>/status (0 if it is gone)."""
     try:
@@ -236,6 +244,13 @@ class Envoys:
                 out.append(f"--- {e.log_path.name}\n{text[-chars:]}")
         return "\n".join(out)
 
+    @staticmethod
+    async def allocated_kb(session: aiohttp.ClientSession, envoy: EnvoyProcess) -> int:
+        """What Envoy's heap has allocated now (admin /memory `allocated`): unlike VmRSS it
+        does not count freed pages the allocator has not yet given back."""
+        async with session.get(f"http://{envoy.admin.host}:{envoy.admin.port}/memory") as r:
+            return int((await r.json())["allocated"]) // 1024
+
     async def all_ready(self, session: aiohttp.ClientSession) -> bool:
         """True when every Envoy's admin /ready answers 200 (LIVE); raises if one exited."""
         for e in self.processes:
@@ -283,6 +298,9 @@ class Result:
     cp_rss_kb: int = 0
     cp_baseline_kb: int = 0
     envoy_rss_kb: list[int] = dataclasses.field(default_factory=list)
+    envoy_allocated_kb: list[int] = dataclasses.field(default_factory=list)  # admin /memory
+    envoy_rss_later_kb: list[int] = dataclasses.field(default_factory=list)  # after the flips
+    load_average: str = ""  # /proc/loadavg (1 min) when the sync began
     rds_bytes: int = 0
     cds_bytes: int = 0
     eds_bytes: int = 0
@@ -338,6 +356,7 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 # (a) full sync ---------------------------------------------------------
                 monitor.take()
+                res.load_average = load_average()
                 started = time.perf_counter()
                 first = builder.build(table)
                 res.build_s = time.perf_counter() - started
@@ -380,6 +399,8 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
                 gc.collect()
                 res.cp_rss_kb = rss_kb()
                 res.envoy_rss_kb = [rss_kb(pid) for pid in envoys.pids()]
+                res.envoy_allocated_kb = [await envoys.allocated_kb(session, e)
+                                          for e in envoys.processes]
                 res.rds_bytes = len(first[types.ROUTE][ROUTE_CONFIG_NAME].body.value)
                 res.cds_bytes = sum(len(r.body.value) for r in first[types.CLUSTER].values())
                 res.eds_bytes = sum(len(r.body.value) for r in first[types.ENDPOINT].values())
@@ -394,6 +415,7 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
                 # (b) endpoint flips ----------------------------------------------------
                 await flips(res, session, url, target, table, builder, publisher, ads, a, b)
                 res.stall_flip = monitor.take()
+                res.envoy_rss_later_kb = [rss_kb(pid) for pid in envoys.pids()]
 
                 # (c) add one service, staged -------------------------------------------
                 await adds(res, session, url, table, builder, publisher, ads, a, push_log)
@@ -646,6 +668,10 @@ def report(results: list[Result]) -> None:
               f", all CLAs {r.eds_bytes / 1024:.0f} KB; control plane RSS "
               f"{mb(r.cp_baseline_kb)} -> {mb(r.cp_rss_kb)} MB; Envoy RSS MB "
               f"{[round(k / 1024) for k in r.envoy_rss_kb]}")
+        print(f"  Envoy memory: heap allocated after sync (admin /memory) MB "
+              f"{[round(k / 1024) for k in r.envoy_allocated_kb]}; RSS after the flips MB "
+              f"{[round(k / 1024) for k in r.envoy_rss_later_kb]}; load average (1 min) at "
+              f"the sync {r.load_average}")
         for note in r.notes:
             print(f"  NOTE: {note}")
 
