@@ -776,8 +776,8 @@ class ResourceBuilder:
         nothing in torpor reads them, and a gateway need not tell clients about its
         upstreams; measured: -2.7k instructions per request); and Envoy's "dynamic
         statistics" (per upstream cluster `upstream_rq_[1-5]xx`, `upstream_rq_<code>`,
-        `upstream_rq_completed`, the `upstream_rq_time` histogram; of a service's
-        cluster the stats matcher keeps only the answer classes) only when
+        the `upstream_rq_time` histogram and their `external.` copies, checked with Envoy
+        1.40; of a service's cluster the stats matcher keeps only the classes) only when
         `upstream_code_stats` asks for them (-7.8k, ~5 % of a request, when off). The
         counters torpor counts calls by (stats_sink.py: `upstream_rq_total`,
         `upstream_rq_retry`, the overflows) and the listener's `downstream_rq_[1-5]xx`
