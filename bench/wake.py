@@ -1446,7 +1446,7 @@ async def run(args: argparse.Namespace) -> int:
             instructions = await instructions_per_request(tmp, args.instructions)
             t, p = instructions["torpor"], instructions["static"]
             print(f"  ratio torpor/plain Envoy: x{t / p:.3f} instructions per request "
-                  f"(+{t - p:,.0f})", flush=True)
+                  f"({t - p:+,.0f})", flush=True)
     load_after = os.getloadavg()
     info += (f"; load average (1 min) {load_before[0]:.2f} at the start, "
              f"{load_after[0]:.2f} at the end")
