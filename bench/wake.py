@@ -900,13 +900,17 @@ async def load_once(tool: str, port: int, host: str, connections: int, duration:
 
 
 @contextlib.asynccontextmanager
-async def plain_envoy(workdir: Path, backend_port: int) -> AsyncIterator[tuple[int, int]]:
-    """A plain static Envoy (static_envoy) in front of `backend_port`, with as many workers
-    as torpor's (2); yields (its port, its pid); stopped however the block ends."""
+async def plain_envoy(workdir: Path, backend_port: int, kind: str = "static"
+                      ) -> AsyncIterator[tuple[int, int]]:
+    """A plain static Envoy (static_envoy; `kind` "torpor-static": torpor's own config
+    made static, torpor_static_envoy) in front of `backend_port`, with as many workers as
+    torpor's (2); yields (its port, its pid); stopped however the block ends."""
     port = free_port()
-    path = workdir / "static-envoy.json"
-    path.write_text(json.dumps(static_envoy(port, backend_port)))
-    log = (workdir / "static-envoy.log").open("wb")
+    path = workdir / f"{kind}-envoy.json"
+    config = (static_envoy(port, backend_port) if kind == "static"
+              else torpor_static_envoy(port, backend_port, free_port(), free_port()))
+    path.write_text(json.dumps(config))
+    log = (workdir / f"{kind}-envoy.log").open("wb")
     proc = _start_envoy(path, log)
     try:
         deadline = time.monotonic() + STATE_TIMEOUT
@@ -916,7 +920,7 @@ async def plain_envoy(workdir: Path, backend_port: int) -> AsyncIterator[tuple[i
             with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
                 conn = await HttpConn.open(LOOPBACK, port)
                 try:
-                    status, _, _ = await conn.exchange(get_request("/work", "static"))
+                    status, _, _ = await conn.exchange(get_request("/work", "warm.localhost"))
                 finally:
                     conn.close()
                 if status == 200:
@@ -943,15 +947,22 @@ def _start_envoy(path: Path, log: Any) -> subprocess.Popen[bytes]:
 
 
 async def warm_path(up: TorporUp, name: str, tool: str, connections: int, duration: float,
-                    rounds: int, workdir: Path) -> list[Load]:
+                    rounds: int, workdir: Path, torpor_static: bool = False) -> list[Load]:
     """Alternate direct, through-torpor and through-a-plain-Envoy runs, `rounds` of each,
-    after a short warm-up."""
+    after a short warm-up; `torpor_static`: also through torpor's config made static
+    (part 4's), which tells what being dynamic (ADS, EDS, the stats sink) costs."""
     status = await up.wait_state(name, "ACTIVE", ready=1)
     replica_port = one_port(status)
-    async with plain_envoy(workdir, replica_port) as (static_port, static_pid):
+    async with contextlib.AsyncExitStack() as stack:
+        static_port, static_pid = await stack.enter_async_context(
+            plain_envoy(workdir, replica_port))
         pids = {"torpor": up.pid, "envoy": up.envoy_pid(),
                 "backend": up.replica_pid(replica_port), "static envoy": static_pid}
         targets = {"direct": replica_port, "torpor": up.gateway[1], "static": static_port}
+        if torpor_static:
+            targets["torpor-static"], pids["torpor-static envoy"] = \
+                await stack.enter_async_context(
+                    plain_envoy(workdir, replica_port, "torpor-static"))
         return await _alternate(targets, pids, f"{name}.localhost", tool, connections,
                                 duration, rounds)
 
@@ -1240,9 +1251,9 @@ class Warm:
 
 
 #: Warm-path targets: straight to the replica, through torpor's Envoy, through a plain one.
-TARGETS = ("direct", "torpor", "static")
+TARGETS = ("direct", "torpor", "static", "torpor-static")
 _WHERE = {"direct": "straight to the replica", "torpor": "through torpor's Envoy",
-          "static": "through a plain Envoy"}
+          "static": "through a plain Envoy", "torpor-static": "torpor's config, static"}
 
 
 def summarize_loads(loads: list[Load]) -> dict[str, Warm]:
@@ -1285,6 +1296,13 @@ def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
         if mine and plain:
             print(f"  Envoy CPU per request, torpor's / the plain one's: x{mine / plain:.2f} "
                   "(less sensitive than req/s to other load on the machine)")
+        if "torpor-static" in summary:
+            q = summary["torpor-static"]
+            fixed = q.cpu_ms_per_1k.get("torpor-static envoy", 0.0)
+            print(f"  ratio torpor's config static/plain Envoy: req/s x{q.rps / p.rps:.2f}, "
+                  f"p50 x{q.p50 / p.p50:.2f}, p99 x{q.p99 / p.p99:.2f}"
+                  + (f", Envoy CPU per request x{fixed / plain:.2f}" if fixed and plain
+                     else ""))
     print("  (no Python on the warm path: torpor learns of these calls from Envoy's request "
           "counters, flushed every gateway.stats_flush_interval, not from a log entry per "
           "request)")
@@ -1337,6 +1355,12 @@ def print_summary(wakes: list[Wake], wake_load: float, wake_jitter: float,
             print(f"| through a plain static Envoy | {p.rps:.0f} | {ms(p.p50)} | {ms(p.p99)} |")
             print(f"| ratio torpor/plain Envoy | x{t.rps / p.rps:.2f} | x{t.p50 / p.p50:.2f} "
                   f"| x{t.p99 / p.p99:.2f} |")
+            if "torpor-static" in warm:
+                q = warm["torpor-static"]
+                print(f"| through torpor's config made static | {q.rps:.0f} | {ms(q.p50)} "
+                      f"| {ms(q.p99)} |")
+                print(f"| ratio torpor's static/plain Envoy | x{q.rps / p.rps:.2f} "
+                      f"| x{q.p50 / p.p50:.2f} | x{q.p99 / p.p99:.2f} |")
         print(f"| ratio torpor/direct | x{t.rps / d.rps:.2f} | x{t.p50 / d.p50:.2f} "
               f"| x{t.p99 / d.p99:.2f} |")
 
@@ -1401,7 +1425,8 @@ async def run(args: argparse.Namespace) -> int:
                     print(f"\n  3. warm path, {tool_text}, {args.rounds} round(s) each:",
                           flush=True)
                     loads = await warm_path(up, warm_svc.name, tool, args.connections,
-                                            args.duration, args.rounds, tmp)
+                                            args.duration, args.rounds, tmp,
+                                            args.torpor_static)
                     warm = print_warm(loads, tool_text)
         for n in args.steps:
             print(f"\n[2] torpor up with service 'hold' (max_held_per_service "
@@ -1421,7 +1446,7 @@ async def run(args: argparse.Namespace) -> int:
             instructions = await instructions_per_request(tmp, args.instructions)
             t, p = instructions["torpor"], instructions["static"]
             print(f"  ratio torpor/plain Envoy: x{t / p:.3f} instructions per request "
-                  f"(+{t - p:,.0f})", flush=True)
+                  f"({t - p:+,.0f})", flush=True)
     load_after = os.getloadavg()
     info += (f"; load average (1 min) {load_before[0]:.2f} at the start, "
              f"{load_after[0]:.2f} at the end")
@@ -1460,6 +1485,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--instructions", type=float, default=0,
                         help="seconds of load per Envoy for part 4, instructions per request "
                              "under callgrind (needs valgrind and wrk; default 0: skip)")
+    parser.add_argument("--torpor-static", action="store_true",
+                        help="part 3 also through torpor's config made static (part 4's "
+                             "torpor_static_envoy, --concurrency 2): what being dynamic costs")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (configs, torpor and replica logs)")
     args = parser.parse_args(argv)

@@ -3,7 +3,8 @@
 Owns: node identity, the admin listener, the static cluster to the control plane (HTTP/2:
 it carries ADS, the access log and the request counters of stats_sink.py; over a Unix
 socket, or TCP with this Envoy's client certificate when the control plane requires mTLS),
-ADS as the source of listeners and clusters, and the stats flush, sink and matcher.
+ADS as the source of listeners and clusters, the stats flush, sink and matcher, and the
+headers torpor's routes look up, registered with Envoy (INLINE_HEADERS).
 `torpor envoy-bootstrap` prints it; `torpor up` writes it to a file and starts Envoy on it.
 An admin on a Unix socket is owner-only (mode 0600): no local user can POST /quitquitquit
 to it.
@@ -16,9 +17,12 @@ import ipaddress
 import json
 from typing import Any
 
+from torpor.async_calls import PREFER_HEADER
 from torpor.config import DEFAULT_STATS_FLUSH, Address, ClientTlsConfig, Config
 from torpor.errors import ConfigError
+from torpor.routes import SERVICE_HEADER, VERSION_HEADER
 from xds_server import stats_sink
+from xds_server.resources import RETRY_HEADER
 
 #: Mode of Envoy's admin socket: the user running Envoy only.
 ADMIN_SOCKET_MODE = 0o600
@@ -59,8 +63,29 @@ def bootstrap(node_id: str, admin: Address, xds: Address,
         # idle, and at 10,000 clusters the copies cost ~4 KB each (measured: Envoy's heap
         # 410 -> 367 MB); the first request a worker routes to a service makes it inline.
         "cluster_manager": {"enable_deferred_cluster_creation": True},
+        "inline_headers": inline_headers(),
         **stats_sink.envoy_stats(stats_flush),
     }
+
+
+#: Headers torpor's routes look up that Envoy does not keep in its O(1) table of its own:
+#: (name, where). Looking up any other header walks the request's header list (measured:
+#: `prefer`, which the route of asynchronous calls matches on every request, cost 3.1k
+#: instructions, ~2 %, before it was registered). `prefer` is a list header (RFC 9110
+#: 5.6.1), so that Envoy joining a client's repeated `Prefer` lines with a comma, as it
+#: does for its inline headers, changes nothing; torpor's own headers are single-valued.
+INLINE_HEADERS = (
+    (PREFER_HEADER, "REQUEST_HEADER"),   # the async-calls route's match (every request)
+    (SERVICE_HEADER, "REQUEST_HEADER"),  # removed from every request once a route rewrites
+    (VERSION_HEADER, "REQUEST_HEADER"),  # set by the routes of services with versions
+    (RETRY_HEADER, "RESPONSE_HEADER"),   # an HTTP/2 service's retriable_headers
+)
+
+
+def inline_headers() -> list[dict[str, str]]:
+    """Bootstrap `inline_headers`: INLINE_HEADERS registered with Envoy at start."""
+    return [{"inline_header_name": name, "inline_header_type": where}
+            for name, where in INLINE_HEADERS]
 
 
 #: Downstream connections Envoy keeps open at once, over all listeners: held requests are

@@ -50,6 +50,7 @@ def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> Ga
         edge=config.gateway.edge,
         tls=listener_tls(config.gateway.tls),
         async_calls=config.activator.async_calls,
+        upstream_code_stats=config.gateway.upstream_code_stats,
     )
 
 

@@ -36,6 +36,19 @@ FLUSH_LAG = 1.0
 
 
 @pytest.fixture
+def code_stats() -> bool:
+    """gateway.upstream_code_stats (GatewaySettings.upstream_code_stats): off by default."""
+    return False
+
+
+@pytest.fixture
+async def harness(activator_backend: Backend, code_stats: bool) -> AsyncIterator[XdsHarness]:
+    h = XdsHarness(activator_backend.endpoint, upstream_code_stats=code_stats)
+    yield h
+    await h.stop()
+
+
+@pytest.fixture
 async def envoy(tmp_path: Path, harness: XdsHarness) -> AsyncIterator[Envoy]:
     backend, = await start_backends("awake")
     await harness.start([svc("awake", backend.endpoint), svc("marker", backend.endpoint),
@@ -110,15 +123,30 @@ async def test_counts_from_envoys_counters_agree_with_the_requests_sent(
     assert marker is not None and marker.total == 1
 
 
+@pytest.mark.parametrize("code_stats", [False, True], ids=["code-stats-off", "code-stats-on"])
 async def test_envoy_keeps_only_the_statistics_torpor_and_users_read(
-    harness: XdsHarness, envoy: Envoy
+    harness: XdsHarness, envoy: Envoy, code_stats: bool
 ) -> None:
     async with aiohttp.ClientSession() as session:
         await call(session, harness.listen_port, "awake.test", 1)
+        async with session.get(f"http://127.0.0.1:{harness.listen_port}/v1/predict",
+                               headers={"Host": "awake.test"}) as r:
+            await r.read()
+            # the router adds no x-envoy-* header of its own (suppress_envoy_headers)
+            assert r.status == 200 and r.headers["x-backend"] == "awake"
+            assert not [h for h in r.headers if h.lower().startswith("x-envoy-")], r.headers
     _, text = await envoy.admin_get("/stats")
-    names = {line.partition(":")[0] for line in text.splitlines()}
-    assert "cluster.awake.upstream_rq_total" in names
-    assert "cluster.awake.upstream_rq_2xx" in names
+    counters = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    names = set(counters)
+    # what torpor counts calls by is there either way
+    assert counters["cluster.awake.upstream_rq_total"] == "2"
+    assert "cluster.awake.upstream_rq_retry" in names
+    assert "cluster.awake.upstream_rq_pending_overflow" in names
+    assert counters["http.torpor.downstream_rq_2xx"] == "2"
+    # each service's answer classes only when gateway.upstream_code_stats asks for them
+    assert ("cluster.awake.upstream_rq_2xx" in names) is code_stats
+    if code_stats:
+        assert counters["cluster.awake.upstream_rq_2xx"] == "2"
     assert not {n for n in names if n.startswith("cluster.awake.")
                 and n.removeprefix("cluster.awake.") in ("upstream_cx_total", "upstream_rq_200",
                                                          "membership_total", "upstream_rq_time",
@@ -212,3 +240,27 @@ def test_the_flush_interval_is_configured_and_bounded(tmp_path: Path) -> None:
             load_config(path)
         assert "gateway.stats_flush_interval" in str(info.value)
         assert "from 1s to 60s" in str(info.value)
+
+
+def test_upstream_code_stats_is_a_gateway_setting_off_by_default(tmp_path: Path) -> None:
+    """gateway.upstream_code_stats reaches the router's dynamic_stats; a non-boolean is a
+    config error."""
+    from torpor.model import Endpoint
+    from xds_server.routing import gateway_settings
+
+    path = tmp_path / "torpor.yaml"
+    base = """
+        services:
+          - name: echo
+            host: echo.localhost
+            local: {command: [python, -m, torpor.examples.model_server, --port, "{port}"]}
+        """
+    activator = (Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2))
+    path.write_text(textwrap.dedent(base))
+    assert gateway_settings(load_config(path), activator).upstream_code_stats is False
+    path.write_text(textwrap.dedent(base + "gateway: {upstream_code_stats: true}\n"))
+    assert gateway_settings(load_config(path), activator).upstream_code_stats is True
+    path.write_text(textwrap.dedent(base + "gateway: {upstream_code_stats: sometimes}\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "gateway.upstream_code_stats" in str(info.value)

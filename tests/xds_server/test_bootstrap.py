@@ -219,3 +219,47 @@ def test_mtls_on_the_control_plane_needs_envoys_certificate(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as info:
         bootstrap_json(load_config(config_path))
     assert "gateway.xds_tls" in str(info.value) and "torpor certs" in str(info.value)
+
+
+# --- headers Envoy looks up in O(1) ------------------------------------------------------
+
+#: Headers Envoy keeps in its own O(1) table (what torpor's routes also look up).
+ENVOY_INLINE = {":method", ":path", ":authority", "x-envoy-ip-tags"}
+
+
+def test_every_header_torpors_routes_look_up_is_registered_inline(config: Config) -> None:
+    """A header a route matches, adds or removes that Envoy does not keep inline costs a
+    walk of the request's headers on every request (measured: `prefer`, 3.1k instructions,
+    ~2 %): every one of them is in the bootstrap's inline_headers, of the right kind."""
+    from envoy.config.route.v3 import route_pb2
+
+    from torpor.model import Endpoint
+    from xds_server import types
+    from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
+
+    at = (Endpoint("127.0.0.1", 9001),)
+    builder = ResourceBuilder(GatewaySettings(listen=Endpoint("127.0.0.1", 10000),
+                                              activators=at))
+    built = builder.build([
+        RoutedService("plain", "plain.localhost", at),
+        RoutedService("h2", "h2.localhost", at, http2=True, paths=("/v1/m",), rewrite="/"),
+        RoutedService("v1", "versioned.localhost", at, version_of="versioned", weight=1),
+        RoutedService("v2", "versioned.localhost", at, version_of="versioned", weight=1)])
+    config_ = route_pb2.RouteConfiguration()
+    assert built[types.ROUTE]["torpor_routes"].body.Unpack(config_)
+    request, response = set(config_.request_headers_to_remove), set()
+    for vhost in config_.virtual_hosts:
+        policies = [vhost.retry_policy, *(r.route.retry_policy for r in vhost.routes)]
+        response |= {h.name for p in policies for h in p.retriable_headers}
+        for route in vhost.routes:
+            request |= {h.name for h in route.match.headers}
+            request |= {h.header.key for h in route.request_headers_to_add}
+            request |= {h.header.key for w in route.route.weighted_clusters.clusters
+                        for h in w.request_headers_to_add}
+    assert {"prefer", "x-torpor-service", "x-torpor-version"} <= request  # all were built
+    assert "x-torpor-retry" in response
+    boot = bootstrap("n", config.gateway.admin, config.control_plane.xds)
+    inline = {(h["inline_header_name"], h["inline_header_type"])
+              for h in boot["inline_headers"]}
+    assert {(n, "REQUEST_HEADER") for n in request - ENVOY_INLINE} <= inline
+    assert {(n, "RESPONSE_HEADER") for n in response - ENVOY_INLINE} <= inline
