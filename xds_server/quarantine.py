@@ -31,15 +31,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import immutables
-from google.protobuf.message import Message
 
 from torpor import metrics
 from torpor.logs import event
-from torpor.model import Endpoint
 from xds_server import types, validation
 from xds_server.cache import Desired, ResourceMap, Snapshot
 from xds_server.resources import (
@@ -47,7 +45,6 @@ from xds_server.resources import (
     GatewaySettings,
     ResourceBuilder,
     RoutedService,
-    _cluster_key,
     route_key,
 )
 from xds_server.server import Rejection
@@ -109,10 +106,6 @@ class QuarantineBuilder(ResourceBuilder):
         self._domains = validation.DomainIndex(reserved=[(CATCH_ALL_VHOST, ["*"])])
         self.unresolved: str | None = None  # a rejection no service could be blamed for
         self._groups = 0  # suspects blamed together share a group number
-        # Shapes of resources by what they are built from besides names (`_shape_of`),
-        # for the settings they were built with; None: a resource that has no Shape.
-        self._shapes_seen: dict[Hashable, validation.Shape | None] = {}
-        self._shape_settings = settings
 
     # --- what status, metrics and readiness read ----------------------------------------
 
@@ -251,34 +244,9 @@ class QuarantineBuilder(ResourceBuilder):
         """True when `svc`'s resource of `part` (its `serialized` bytes) is its shape's
         with its own names and passes every check (validation.Shape): the same verdict
         as walking it, at a fraction of the cost. False: walk it (for the words)."""
-        key, values = _shape_of(part, svc)
-        if self._shape_settings is not self.settings:  # the builder's inputs moved
-            self._shapes_seen.clear()
-            self._shape_settings = self.settings
-        if key in self._shapes_seen:
-            shape = self._shapes_seen[key]
-        else:
-            if len(self._shapes_seen) >= MAX_SHAPES:
-                self._shapes_seen.clear()  # a bounded memo: start over rather than grow
-            shape = self._shapes_seen[key] = validation.Shape.of(
-                self._placeholder_resource(part, svc))
+        shape, values = self.shape(part, svc)
         return (shape is not None and shape.clean
                 and shape.render(values) == serialized and shape.passes(values))
-
-    def _placeholder_resource(self, part: str, svc: RoutedService) -> Message:
-        """`svc`'s resource of `part` built with placeholders for its names (`_shape_of`)."""
-        ph = validation.placeholder
-        built: Message
-        if part == "cds":
-            built = self._cluster_proto(dataclasses.replace(svc, name=ph(0)))
-        elif part == "eds":
-            built = self._load_assignment_proto(ph(0), tuple(
-                Endpoint(ph(1 + i), e.port) for i, e in enumerate(svc.endpoints)))
-        else:
-            hosts = [_wildcard(h) + ph(1 + i) for i, h in enumerate(svc.all_hosts())]
-            shaped = dataclasses.replace(svc, name=ph(0), host=hosts[0], hosts=tuple(hosts[1:]))
-            built = self._service_vhost(shaped, shaped.all_hosts())
-        return built
 
     def _note_changes(self, decided: Iterable[str], quarantined: dict[str, Problem]) -> None:
         """Log and count each of the `decided` services entering or leaving quarantine,
@@ -358,31 +326,6 @@ class QuarantineBuilder(ResourceBuilder):
                 message, "envoy", frozenset({part}) if part in PARTS else frozenset(PARTS),
                 svc, confirmed=confirmed, group=self._groups)
         return True
-
-
-#: Shapes of resources kept at most (each is one message's walk).
-MAX_SHAPES = 4096
-
-
-def _wildcard(host: str) -> str:
-    """The part of a host that shapes its virtual host (`*.suffix` has no `:*` twin)."""
-    return "*" if host.startswith("*") else ""
-
-
-def _shape_of(part: str, svc: RoutedService) -> tuple[Hashable, tuple[str, ...]]:
-    """What `svc`'s resource of `part` is built from besides its names, and its names in
-    placeholder order: the service name, then its hosts (without a leading `*`) or its
-    endpoints' addresses. Services with the same key build the same resource but for
-    those strings (if not, the Shape's render differs and the resource is walked)."""
-    if part == "cds":
-        return ("cds", _cluster_key(svc)), (svc.name,)
-    if part == "eds":
-        return (("eds", tuple(e.port for e in svc.endpoints)),
-                (svc.name, *(e.host for e in svc.endpoints)))
-    hosts = svc.all_hosts()
-    shaped = dataclasses.replace(svc, name="", host="", hosts=(), endpoints=())
-    return (("rds", tuple(_wildcard(h) for h in hosts), route_key(shaped)),
-            (svc.name, *(h.removeprefix(_wildcard(h)) for h in hosts)))
 
 
 _PART_NAMES = {"cds": "cluster", "eds": "endpoints", "rds": "route", "lds": "listener"}

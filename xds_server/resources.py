@@ -32,7 +32,7 @@ import collections
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 import immutables
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -65,12 +65,13 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
 
 from torpor.async_calls import PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH
 from torpor.edge import EdgeLimits
 from torpor.model import Endpoint
 from torpor.routes import ROOT, SERVICE_HEADER, VERSION_HEADER
-from xds_server import types
+from xds_server import types, validation
 from xds_server.cache import Desired, Resource
 
 LISTENER_NAME = "torpor_http"
@@ -247,8 +248,11 @@ class ResourceBuilder:
         self.settings = settings
         self._shapes: dict[str, RoutedService] = {}  # what is built now, by name
         # name -> (host and retry choice it was built for, its VirtualHost)
-        self._vhosts: dict[str, tuple[RouteKey, route_components_pb2.VirtualHost]] = {}
         self._vhost_serialized: dict[str, tuple[RouteKey, bytes]] = {}
+        # Resources by shape (`shape_of`): a service's resource is rendered from the
+        # Shape of its kind with its names, not built (None: a shape that renders wrong).
+        self._shapes_by_key: dict[Hashable, validation.Shape | None] = {}
+        self._shapes_settings = settings
         self._clusters: dict[str, tuple[tuple[bool, int | None], Resource]] = {}
         # What services need of the listener's filters (`_note_features`).
         self._feature_of: dict[str, tuple[Feature, ...]] = {}
@@ -503,7 +507,6 @@ class ResourceBuilder:
 
     def _forget(self, name: str) -> None:
         """Drop the cached protos of a service that left the table (memory at 10k churn)."""
-        self._vhosts.pop(name, None)
         self._vhost_serialized.pop(name, None)
         self._vhost_fields.pop(name, None)
         self._clusters.pop(name, None)
@@ -513,24 +516,67 @@ class ResourceBuilder:
 
     def _vhost(self, service: RoutedService) -> route_components_pb2.VirtualHost:
         """The service's virtual host over all its hosts (what the quarantine checks, and
-        what Envoy gets while no other service shares one of its hosts)."""
-        key = route_key(service)
-        cached = self._vhosts.get(service.name)
-        if cached is None or cached[0] != key:
-            cached = self._vhosts[service.name] = (
-                key, self._service_vhost(service, service.all_hosts()))
-        return cached[1]
+        what Envoy gets while no other service shares one of its hosts), read back from
+        `_vhost_bytes` (~3 µs; no proto kept per service)."""
+        return route_components_pb2.VirtualHost.FromString(self._vhost_bytes(service))
 
     def _vhost_bytes(self, service: RoutedService) -> bytes:
         """`_vhost`'s deterministic serialization, kept: the quarantine compares it and the
-        RouteConfiguration is joined from it, so each virtual host is built and serialized
-        once (measured at 10k services: building them twice was ~0.4 s of a first build)."""
+        RouteConfiguration is joined from it, so each virtual host is made once (measured
+        at 10k services: building them twice was ~0.4 s of a first build)."""
         key = route_key(service)
         cached = self._vhost_serialized.get(service.name)
         if cached is None or cached[0] != key:
-            cached = self._vhost_serialized[service.name] = (
-                key, self._vhost(service).SerializeToString(deterministic=True))
+            cached = self._vhost_serialized[service.name] = (key, self._made("rds", service))
         return cached[1]
+
+    # --- by shape ---------------------------------------------------------------------
+
+    def shape(self, part: str, service: RoutedService
+              ) -> tuple[validation.Shape | None, tuple[str, ...]]:
+        """The Shape `service`'s resource of `part` ("cds", "eds", "rds") is rendered
+        from (None: none is known now), and its names in placeholder order."""
+        key, values = shape_of(part, service)
+        return self._shapes_by_key.get(key), values
+
+    def _made(self, part: str, service: RoutedService) -> bytes:
+        """The serialization of `service`'s resource of `part`: rendered from the Shape of
+        the services built from the same inputs but names (`shape_of`), or built.
+
+        At 10k services building every cluster, endpoints and virtual host proto was
+        most of a first build (~85 µs a virtual host); a render costs a few µs. A shape
+        is made from the resource built with placeholders for the names, and kept only if
+        it renders the first service of that shape as building it does: the builders
+        above use a service's names only as parts of strings; whatever else of them
+        shapes a resource (a wildcard host) is in `shape_of`'s key."""
+        if self._shapes_settings is not self.settings:  # what every shape holds moved
+            self._shapes_by_key.clear()
+            self._shapes_settings = self.settings
+        key, values = shape_of(part, service)
+        if key in self._shapes_by_key:
+            shape = self._shapes_by_key[key]
+            return self._direct(part, service) if shape is None else shape.render(values)
+        if len(self._shapes_by_key) >= MAX_SHAPES:
+            self._shapes_by_key.clear()  # a bounded memo: start over rather than grow
+        direct = self._direct(part, service)
+        shape = validation.Shape.of(self._direct_proto(part, _placeholders(part, service)))
+        self._shapes_by_key[key] = shape if shape is not None and \
+            shape.render(values) == direct else None
+        return direct
+
+    def _direct(self, part: str, service: RoutedService) -> bytes:
+        data: bytes = self._direct_proto(part, service).SerializeToString(deterministic=True)
+        return data
+
+    def _direct_proto(self, part: str, service: RoutedService) -> Message:
+        built: Message
+        if part == "cds":
+            built = self._cluster_proto(service)
+        elif part == "eds":
+            built = self._load_assignment_proto(service.name, service.endpoints)
+        else:
+            built = self._service_vhost(service, service.all_hosts())
+        return built
 
     def _service_vhost(self, service: RoutedService,
                        hosts: tuple[str, ...]) -> route_components_pb2.VirtualHost:
@@ -673,7 +719,8 @@ class ResourceBuilder:
         name, key = service.name, _cluster_key(service)
         cached = self._clusters.get(name)
         if cached is None or cached[0] != key:
-            cached = self._clusters[name] = (key, Resource.pack(name, self._cluster_proto(service)))
+            cached = self._clusters[name] = (key, Resource.serialized(
+                name, types.CLUSTER, self._made("cds", service)))
         return cached[1]
 
     def _cluster_proto(self, service: RoutedService) -> cluster_pb2.Cluster:
@@ -697,8 +744,9 @@ class ResourceBuilder:
     def _load_assignment(self, name: str, endpoints: tuple[Endpoint, ...]) -> Resource:
         cached = self._endpoints.get(name)
         if cached is None or cached[0] != endpoints:
+            made = self._made("eds", RoutedService(name, "", endpoints))
             cached = self._endpoints[name] = (
-                endpoints, Resource.pack(name, self._load_assignment_proto(name, endpoints)))
+                endpoints, Resource.serialized(name, types.ENDPOINT, made))
         return cached[1]
 
     def _load_assignment_proto(self, name: str, endpoints: tuple[Endpoint, ...]
@@ -951,6 +999,43 @@ def _shared_name(host: str) -> str:
 
 def _route_name(service: str, prefix: str) -> str:
     return service if prefix == ROOT else f"{service}@{prefix}"
+
+
+#: Shapes of resources kept at most (`ResourceBuilder._made`).
+MAX_SHAPES = 4096
+
+
+def _wildcard(host: str) -> str:
+    """What of a host shapes its virtual host besides the host (`*.suffix`: no `:*` twin)."""
+    return "*" if host.startswith("*") else ""
+
+
+def shape_of(part: str, service: RoutedService) -> tuple[Hashable, tuple[str, ...]]:
+    """What `service`'s resource of `part` ("cds", "eds", "rds") is built from besides
+    names (services with equal keys build resources equal but for them), and its names
+    in placeholder order: the service's name, then its hosts (without a leading `*`) or
+    its endpoints' addresses."""
+    if part == "cds":
+        return ("cds", _cluster_key(service)), (service.name,)
+    if part == "eds":
+        return (("eds", tuple(e.port for e in service.endpoints)),
+                (service.name, *(e.host for e in service.endpoints)))
+    hosts = service.all_hosts()
+    rest = dataclasses.replace(service, name="", host="", hosts=(), endpoints=())
+    return (("rds", tuple(_wildcard(h) for h in hosts), route_key(rest)),
+            (service.name, *(h.removeprefix(_wildcard(h)) for h in hosts)))
+
+
+def _placeholders(part: str, service: RoutedService) -> RoutedService:
+    """`service` with placeholders for the names `shape_of` lists, in its order."""
+    ph = validation.placeholder
+    if part == "cds":
+        return dataclasses.replace(service, name=ph(0))
+    if part == "eds":
+        return dataclasses.replace(service, name=ph(0), endpoints=tuple(
+            Endpoint(ph(1 + i), e.port) for i, e in enumerate(service.endpoints)))
+    hosts = [_wildcard(h) + ph(1 + i) for i, h in enumerate(service.all_hosts())]
+    return dataclasses.replace(service, name=ph(0), host=hosts[0], hosts=tuple(hosts[1:]))
 
 
 _ROUTE_TYPE_URL = "type.googleapis.com/" + route_pb2.RouteConfiguration.DESCRIPTOR.full_name

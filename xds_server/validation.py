@@ -598,58 +598,66 @@ class _Field:
     """A length-delimited field of a Shape's serialization that holds placeholders: a
     string (`parts`) or a message (`pieces`). `tag`: its key's bytes."""
 
-    __slots__ = ("parts", "pieces", "tag")
+    __slots__ = ("implicit", "parts", "pieces", "tag")
 
     def __init__(self, tag: bytes, parts: Parts | None = None,
-                 pieces: list[bytes | _Field] | None = None) -> None:
+                 pieces: list[bytes | _Field] | None = None, implicit: bool = False) -> None:
         self.tag, self.parts, self.pieces = tag, parts, pieces
+        # A string without presence: not serialized at all when empty.
+        self.implicit = implicit
 
 
 class Shape:
     """One message built with placeholders (`placeholder(i)`) in place of its identifying
-    strings, judged once for every message that differs from it only there.
+    strings, standing for every message that differs from it only there.
 
     `render(values)` is the deterministic serialization of this message with `values[i]`
-    in place of placeholder i. A message whose own serialization equals it *is* this
-    message with those strings (a serialization is read back one way only), so its walk
-    meets the same fields, the same presence and the same other values, and breaks a rule
-    only where this one does (`clean` is False) or in a check that reads one of those
-    strings: those checks are kept (`_Deferral`) and run on `values` (`passes`). So
+    in place of placeholder i (what a builder may send instead of building the same
+    message again). A message whose own serialization equals it *is* this message with
+    those strings (a serialization is read back one way only), so its walk meets the same
+    fields, the same presence and the same other values, and breaks a rule only where
+    this one does (`clean` is False) or in a check that reads one of those strings: those
+    checks are kept (`_Deferral`) and run on `values` (`passes`). So
     `clean and render(values) == bytes and passes(values)` says exactly what
     `check_message(...) == []` says, without the walk; anything else is judged by the
-    walk, for its words."""
+    walk, for its words. The walk of the shape itself is done once, when first asked."""
 
-    def __init__(self, pieces: list[bytes | _Field], clean: bool,
-                 checks: list[tuple[Callable[[Any], Iterator[str]], Any]]) -> None:
+    def __init__(self, message: Message, pieces: list[bytes | _Field]) -> None:
+        self._message = message
         self._pieces = pieces
-        self.clean = clean
-        self._checks = checks
+        self._verdict: tuple[bool, list[tuple[Callable[[Any], Iterator[str]], Any]]] | None \
+            = None
+        self._last: tuple[tuple[str, ...], bytes] | None = None
 
     @classmethod
     def of(cls, message: Message) -> Shape | None:
         """The Shape of `message` (built with placeholders); None when one cannot be made
         (a placeholder where the walk cannot defer it, e.g. in a type URL)."""
-        global _deferring
         try:
             pieces = _pieces(message.SerializeToString(deterministic=True),
                              message.DESCRIPTOR)
         except ValueError:
             return None
-        deferral = _Deferral()
-        _deferring = deferral
-        try:
-            problems = list(_walk(message, message.DESCRIPTOR.name))
-        finally:
-            _deferring = None
-        return cls(pieces, not problems, deferral.checks)
+        return cls(message, pieces)
 
     def render(self, values: tuple[str, ...]) -> bytes:
-        """The serialization of the message with `values` in place of the placeholders."""
-        return _render(self._pieces, values)
+        """The serialization of the message with `values` in place of the placeholders
+        (the last one kept: a builder renders, then the quarantine compares)."""
+        last = self._last
+        if last is not None and last[0] == values:
+            return last[1]
+        data = _render(self._pieces, values)
+        self._last = (values, data)
+        return data
+
+    @property
+    def clean(self) -> bool:
+        """True when the message breaks no rule but maybe those on placeholders."""
+        return self._judged()[0]
 
     def passes(self, values: tuple[str, ...]) -> bool:
         """True when no rule that reads a placeholder is broken by `values`."""
-        for check, parts in self._checks:
+        for check, parts in self._judged()[1]:
             value: Any
             if parts and type(parts[0]) is tuple:
                 value = tuple(_fill(p, values) for p in parts)
@@ -658,6 +666,18 @@ class Shape:
             for _ in check(value):
                 return False
         return True
+
+    def _judged(self) -> tuple[bool, list[tuple[Callable[[Any], Iterator[str]], Any]]]:
+        global _deferring
+        if self._verdict is None:
+            deferral = _Deferral()
+            _deferring = deferral
+            try:
+                problems = list(_walk(self._message, self._message.DESCRIPTOR.name))
+            finally:
+                _deferring = None
+            self._verdict = (not problems, deferral.checks)
+        return self._verdict
 
 
 def _render(pieces: list[bytes | _Field], values: tuple[str, ...]) -> bytes:
@@ -669,6 +689,8 @@ def _render(pieces: list[bytes | _Field], values: tuple[str, ...]) -> bytes:
         assert isinstance(piece, _Field)
         if piece.parts is not None:
             body = _fill(piece.parts, values).encode()
+            if not body and piece.implicit:
+                continue
         else:
             assert piece.pieces is not None
             body = _render(piece.pieces, values)
@@ -737,7 +759,8 @@ def _pieces(data: bytes, descriptor: Any) -> list[bytes | _Field]:
             elif field is not None and field.type == FieldDescriptor.TYPE_STRING:
                 parts = _parts(body.decode())
                 if parts is not None:
-                    out.append(_Field(tag, parts=parts))
+                    out.append(_Field(tag, parts=parts, implicit=not (
+                        field.has_presence or field.is_repeated)))
                     continue
             if inner is not None:
                 pieces = _pieces(body, inner)

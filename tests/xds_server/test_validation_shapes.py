@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from torpor.model import Endpoint
 from xds_server.quarantine import QuarantineBuilder
-from xds_server.resources import GatewaySettings, RoutedService
+from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
 from xds_server.validation import Shape, check_message, placeholder
 
 SETTINGS = GatewaySettings(listen=Endpoint("127.0.0.1", 8080),
@@ -157,11 +157,34 @@ def test_a_broken_host_in_a_shape_seen_clean_is_quarantined(host: str) -> None:
 
 
 def test_the_shape_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import xds_server.quarantine as quarantine
+    import xds_server.resources as resources
 
-    monkeypatch.setattr(quarantine, "MAX_SHAPES", 3)
+    monkeypatch.setattr(resources, "MAX_SHAPES", 3)
     builder = QuarantineBuilder(SETTINGS)
     builder.build([RoutedService(f"s{i}", f"s{i}.test", (Endpoint("10.0.0.1", 80 + i),))
                    for i in range(10)])
-    assert len(builder._shapes_seen) <= 3
+    assert len(builder._shapes_by_key) <= 3
     assert builder.quarantined() == {}
+
+
+@PROPERTY
+@given(st.lists(services(), min_size=1, max_size=8))
+def test_a_resource_rendered_from_its_shape_is_the_one_built(table: list[RoutedService]) -> None:
+    """The builder renders each service's cluster, endpoints and virtual host from the
+    shape of an earlier one: the bytes are those that building it gives (the first of a
+    shape is built and checked against the render; the others must match too)."""
+    builder = ResourceBuilder(SETTINGS)
+    for svc in table:
+        for part in ("cds", "eds", "rds"):
+            assert builder._made(part, svc) == builder._direct(part, svc), (part, svc)
+
+
+@PROPERTY
+@given(st.lists(services(), min_size=1, max_size=8))
+def test_a_table_built_by_shape_is_the_table_built(table: list[RoutedService]) -> None:
+    table = list({s.name: s for s in table}.values())
+    by_shape, built = ResourceBuilder(SETTINGS), ResourceBuilder(SETTINGS)
+    built._made = built._direct  # type: ignore[method-assign]
+    assert {t: {n: r.body for n, r in rs.items()}
+            for t, rs in by_shape.build([*table, *table[:1]]).items()} == \
+        {t: {n: r.body for n, r in rs.items()} for t, rs in built.build(table).items()}
