@@ -1021,8 +1021,15 @@ def shape_of(part: str, service: RoutedService) -> tuple[Hashable, tuple[str, ..
         return (("eds", tuple(e.port for e in service.endpoints)),
                 (service.name, *(e.host for e in service.endpoints)))
     hosts = service.all_hosts()
-    rest = dataclasses.replace(service, name="", host="", hosts=(), endpoints=())
-    return (("rds", tuple(_wildcard(h) for h in hosts), route_key(rest)),
+    built_from = route_key(service)
+    if built_from[:2] == (service.host, service.hosts):
+        rest: tuple[object, ...] = built_from[2:]  # (a dataclasses.replace costs more)
+    else:
+        rest = route_key(dataclasses.replace(service, host="", hosts=()))
+    if len(hosts) == 1:
+        wild = _wildcard(service.host)
+        return ("rds", (wild,), rest), (service.name, service.host.removeprefix(wild))
+    return (("rds", tuple(_wildcard(h) for h in hosts), rest),
             (service.name, *(h.removeprefix(_wildcard(h)) for h in hosts)))
 
 

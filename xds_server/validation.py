@@ -292,7 +292,8 @@ def _check_repeated(field: FieldDescriptor, values: Any, rules: Any,
     items = list(values)
     if _deferring is not None and field.type != FieldDescriptor.TYPE_MESSAGE and \
             _deferring.defer(tuple(items), functools.partial(_check_repeated, field,
-                                                             rules=rules, path=path)):
+                                                             rules=rules, path=path),
+                             _strings_pass(rules)):
         return
     if rules.ignore_empty and not items:
         return
@@ -322,6 +323,29 @@ def _check_repeated(field: FieldDescriptor, values: Any, rules: Any,
                 yield from _check_value(item, kind, getattr(rules.items, kind), sub)
 
 
+def _strings_pass(rules: Any) -> Callable[[Any], bool] | None:
+    """For repeated strings, True when `_check_repeated` finds nothing (None for other
+    items: the check itself is run)."""
+    kind = rules.items.WhichOneof("type") if rules.HasField("items") else None
+    if kind not in (None, "string"):
+        return None
+    item_passes = _string_passes(rules.items.string) if kind == "string" else None
+    least = rules.min_items if rules.HasField("min_items") else None
+    most = rules.max_items if rules.HasField("max_items") else None
+    ignore_empty, unique = rules.ignore_empty, rules.unique
+
+    def passes(items: Any) -> bool:
+        if ignore_empty and not items:
+            return True
+        if (least is not None and len(items) < least) or (most is not None and len(items) > most):
+            return False
+        if unique and len(set(items)) != len(items):
+            return False
+        return item_passes is None or all(item_passes(item) for item in items)
+
+    return passes
+
+
 def _check_map(values: Any, rules: Any, path: str) -> Iterator[str]:
     if rules.ignore_empty and not values:
         return
@@ -338,7 +362,8 @@ def _check_map(values: Any, rules: Any, path: str) -> Iterator[str]:
 
 def _check_value(value: Any, kind: str, rules: Any, path: str) -> Iterator[str]:
     if _deferring is not None and _deferring.defer(
-            value, functools.partial(_check_value, kind=kind, rules=rules, path=path)):
+            value, functools.partial(_check_value, kind=kind, rules=rules, path=path),
+            _string_passes(rules) if kind == "string" else None):
         return
     if kind in _NUMERIC_RULES:
         yield from _check_number(value, rules, path)
@@ -415,6 +440,25 @@ def _check_string(value: str, rules: Any, path: str) -> Iterator[str]:
         yield f"{path}: must be a valid {what}, got {shown}"
 
 
+def _string_passes(rules: Any) -> Callable[[Any], bool]:
+    """True when `_check_string(value, rules, ...)` finds nothing, with the rules read
+    once (a Shape runs them on every service's names)."""
+    ignore_empty = rules.ignore_empty
+    tests = [(_STRING_RULES[rule.name], setting) for rule, setting in rules.ListFields()
+             if rule.name in _STRING_RULES]
+    known = rules.WhichOneof("well_known")
+
+    def passes(value: Any) -> bool:
+        if ignore_empty and not value:
+            return True
+        for test, setting in tests:
+            if test(value, setting):
+                return False
+        return known is None or _well_known(known, rules, value)
+
+    return passes
+
+
 def _no_problem(value: str, setting: Any) -> str:
     return ""
 
@@ -465,7 +509,15 @@ def _is_hostname(value: str) -> bool:
         len(label) <= 63 and _HOST_LABEL.match(label) for label in host.split("."))
 
 
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+#: Dotted-quad IPv4 as Python's ipaddress reads it (no leading zeros): the common case, at
+#: a tenth of ipaddress's cost.
+_IPV4 = re.compile(rf"{_OCTET}(\.{_OCTET}){{3}}")
+
+
 def _is_ip(value: str, kind: str) -> bool:
+    if kind != "ipv6" and _IPV4.fullmatch(value):
+        return True
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
@@ -573,20 +625,25 @@ def _fill(parts: Parts, values: tuple[str, ...]) -> str:
 
 class _Deferral:
     """While a Shape is judged: the checks that read a placeholder are not run on it but
-    kept, to be run on the real values (`Shape.passes`)."""
+    kept, to be run on the real values (`Shape.passes`): a check (a generator of
+    problems taking the value) and the value's parts."""
 
     def __init__(self) -> None:
-        self.checks: list[tuple[Callable[[Any], Iterator[str]], Parts | tuple[Parts, ...]]] = []
+        self.checks: list[tuple[Callable[[Any], bool], Parts | tuple[Parts, ...]]] = []
 
-    def defer(self, value: Any, check: Callable[[Any], Iterator[str]]) -> bool:
+    def defer(self, value: Any, check: Callable[[Any], Iterator[str]],
+              passes: Callable[[Any], bool] | None = None) -> bool:
+        """Keep `check` of `value` if it holds a placeholder (True). `passes`: the same
+        verdict as `check` yielding nothing, faster."""
+        ok = passes or (lambda v: next(iter(check(v)), None) is None)
         if isinstance(value, str):
             parts = _parts(value)
             if parts is None:
                 return False
-            self.checks.append((check, parts))
+            self.checks.append((ok, parts))
             return True
         if isinstance(value, tuple) and any(isinstance(v, str) and _parts(v) for v in value):
-            self.checks.append((check, tuple(_parts(v) or (v,) for v in value)))
+            self.checks.append((ok, tuple(_parts(v) or (v,) for v in value)))
             return True
         return False
 
@@ -625,9 +682,9 @@ class Shape:
     def __init__(self, message: Message, pieces: list[bytes | _Field]) -> None:
         self._message = message
         self._pieces = pieces
-        self._verdict: tuple[bool, list[tuple[Callable[[Any], Iterator[str]], Any]]] | None \
-            = None
+        self._verdict: tuple[bool, list[tuple[Callable[[Any], bool], Any]]] | None = None
         self._last: tuple[tuple[str, ...], bytes] | None = None
+        self._frames: dict[tuple[int, ...], list[bytes | int]] = {}
 
     @classmethod
     def of(cls, message: Message) -> Shape | None:
@@ -642,11 +699,23 @@ class Shape:
 
     def render(self, values: tuple[str, ...]) -> bytes:
         """The serialization of the message with `values` in place of the placeholders
-        (the last one kept: a builder renders, then the quarantine compares)."""
+        (the last one kept: a builder renders, then the quarantine compares).
+
+        Every length prefix depends only on the values' lengths: per tuple of lengths the
+        serialization is fixed bytes with the values between them (a frame), so a render
+        is one join (~1 µs; walking the pieces each time was ~20 µs a virtual host)."""
         last = self._last
         if last is not None and last[0] == values:
             return last[1]
-        data = _render(self._pieces, values)
+        encoded = [v.encode() for v in values]
+        lengths = tuple(map(len, encoded))
+        frame = self._frames.get(lengths)
+        if frame is None:
+            if len(self._frames) >= MAX_FRAMES:
+                self._frames.clear()
+            frame = self._frames[lengths] = _frame(self._pieces, lengths)
+        data = b"".join([x if x.__class__ is bytes else encoded[x]  # type: ignore[index]
+                         for x in frame])
         self._last = (values, data)
         return data
 
@@ -657,17 +726,15 @@ class Shape:
 
     def passes(self, values: tuple[str, ...]) -> bool:
         """True when no rule that reads a placeholder is broken by `values`."""
-        for check, parts in self._judged()[1]:
-            value: Any
+        for ok, parts in self._judged()[1]:
             if parts and type(parts[0]) is tuple:
-                value = tuple(_fill(p, values) for p in parts)
-            else:
-                value = _fill(parts, values)
-            for _ in check(value):
+                if not ok(tuple(_fill(p, values) for p in parts)):
+                    return False
+            elif not ok(_fill(parts, values)):
                 return False
         return True
 
-    def _judged(self) -> tuple[bool, list[tuple[Callable[[Any], Iterator[str]], Any]]]:
+    def _judged(self) -> tuple[bool, list[tuple[Callable[[Any], bool], Any]]]:
         global _deferring
         if self._verdict is None:
             deferral = _Deferral()
@@ -680,24 +747,46 @@ class Shape:
         return self._verdict
 
 
-def _render(pieces: list[bytes | _Field], values: tuple[str, ...]) -> bytes:
-    out = []
+#: Frames kept per Shape at most (one per tuple of value lengths).
+MAX_FRAMES = 256
+
+
+def _frame(pieces: list[bytes | _Field], lengths: tuple[int, ...]) -> list[bytes | int]:
+    """The serialization of `pieces` with values of these byte lengths: fixed bytes, and
+    the indexes of the values that go between them."""
+    flat, _ = _symbolic(pieces, lengths)
+    out: list[bytes | int] = []
+    for item in flat:
+        if item.__class__ is bytes and out and out[-1].__class__ is bytes:
+            out[-1] = out[-1] + item
+        else:
+            out.append(item)
+    return out
+
+
+def _symbolic(pieces: list[bytes | _Field], lengths: tuple[int, ...]
+              ) -> tuple[list[bytes | int], int]:
+    out: list[bytes | int] = []
+    total = 0
     for piece in pieces:
-        if type(piece) is bytes:
+        if isinstance(piece, bytes):
             out.append(piece)
+            total += len(piece)
             continue
-        assert isinstance(piece, _Field)
         if piece.parts is not None:
-            body = _fill(piece.parts, values).encode()
-            if not body and piece.implicit:
-                continue
+            inner: list[bytes | int] = [p if isinstance(p, int) else p.encode()
+                                        for p in piece.parts]
+            size = sum(lengths[p] if isinstance(p, int) else len(p) for p in inner)
+            if not size and piece.implicit:
+                continue  # an empty string without presence is not serialized
         else:
             assert piece.pieces is not None
-            body = _render(piece.pieces, values)
-        out.append(piece.tag)
-        out.append(_varint(len(body)))
-        out.append(body)
-    return b"".join(out)
+            inner, size = _symbolic(piece.pieces, lengths)
+        prefix = piece.tag + _varint(size)
+        out.append(prefix)
+        out.extend(inner)
+        total += len(prefix) + size
+    return out, total
 
 
 @functools.lru_cache(maxsize=4096)
