@@ -253,6 +253,8 @@ class ResourceBuilder:
         # Shape of its kind with its names, not built (None: a shape that renders wrong).
         self._shapes_by_key: dict[Hashable, validation.Shape | None] = {}
         self._shapes_settings = settings
+        self._last_shape_of: tuple[str, RoutedService,
+                                   tuple[Hashable, tuple[str, ...]]] | None = None
         self._clusters: dict[str, tuple[tuple[bool, int | None], Resource]] = {}
         # What services need of the listener's filters (`_note_features`).
         self._feature_of: dict[str, tuple[Feature, ...]] = {}
@@ -536,8 +538,18 @@ class ResourceBuilder:
               ) -> tuple[validation.Shape | None, tuple[str, ...]]:
         """The Shape `service`'s resource of `part` ("cds", "eds", "rds") is rendered
         from (None: none is known now), and its names in placeholder order."""
-        key, values = shape_of(part, service)
+        key, values = self._shape_of(part, service)
         return self._shapes_by_key.get(key), values
+
+    def _shape_of(self, part: str, service: RoutedService
+                  ) -> tuple[Hashable, tuple[str, ...]]:
+        """`shape_of`, the last one kept (the quarantine asks right after a build)."""
+        last = self._last_shape_of
+        if last is not None and last[0] == part and last[1] is service:
+            return last[2]
+        found = shape_of(part, service)
+        self._last_shape_of = (part, service, found)
+        return found
 
     def _made(self, part: str, service: RoutedService) -> bytes:
         """The serialization of `service`'s resource of `part`: rendered from the Shape of
@@ -552,7 +564,7 @@ class ResourceBuilder:
         if self._shapes_settings is not self.settings:  # what every shape holds moved
             self._shapes_by_key.clear()
             self._shapes_settings = self.settings
-        key, values = shape_of(part, service)
+        key, values = self._shape_of(part, service)
         if key in self._shapes_by_key:
             shape = self._shapes_by_key[key]
             return self._direct(part, service) if shape is None else shape.render(values)
@@ -1065,6 +1077,7 @@ def _length_delimited(field_number: int, value: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(value)) + value
 
 
+@functools.lru_cache(maxsize=4096)
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:

@@ -442,7 +442,17 @@ def _check_string(value: str, rules: Any, path: str) -> Iterator[str]:
 
 def _string_passes(rules: Any) -> Callable[[Any], bool]:
     """True when `_check_string(value, rules, ...)` finds nothing, with the rules read
-    once (a Shape runs them on every service's names)."""
+    once (a Shape runs them on every service's names); one per rules."""
+    found = _STRING_PASSES.get(id(rules))
+    if found is None or found[0] is not rules:
+        found = _STRING_PASSES[id(rules)] = (rules, _read_string_rules(rules))
+    return found[1]
+
+
+_STRING_PASSES: dict[int, tuple[Any, Callable[[Any], bool]]] = {}
+
+
+def _read_string_rules(rules: Any) -> Callable[[Any], bool]:
     ignore_empty = rules.ignore_empty
     tests = [(_STRING_RULES[rule.name], setting) for rule, setting in rules.ListFields()
              if rule.name in _STRING_RULES]
@@ -636,16 +646,19 @@ class _Deferral:
         """Keep `check` of `value` if it holds a placeholder (True). `passes`: the same
         verdict as `check` yielding nothing, faster."""
         ok = passes or (lambda v: next(iter(check(v)), None) is None)
+        kept: Parts | tuple[Parts, ...]
         if isinstance(value, str):
             parts = _parts(value)
             if parts is None:
                 return False
-            self.checks.append((ok, parts))
-            return True
-        if isinstance(value, tuple) and any(isinstance(v, str) and _parts(v) for v in value):
-            self.checks.append((ok, tuple(_parts(v) or (v,) for v in value)))
-            return True
-        return False
+            kept = parts
+        elif isinstance(value, tuple) and any(isinstance(v, str) and _parts(v) for v in value):
+            kept = tuple(_parts(v) or (v,) for v in value)
+        else:
+            return False
+        if (ok, kept) not in self.checks:  # the same rules on the same name: once
+            self.checks.append((ok, kept))
+        return True
 
 
 _deferring: _Deferral | None = None
