@@ -45,6 +45,7 @@ from xds_server.resources import (
     GatewaySettings,
     ResourceBuilder,
     RoutedService,
+    pausing_gc,
     route_key,
 )
 from xds_server.server import Rejection
@@ -127,6 +128,7 @@ class QuarantineBuilder(ResourceBuilder):
 
     # --- building -----------------------------------------------------------------------
 
+    @pausing_gc
     def update(self, services: Mapping[str, RoutedService | None]) -> None:
         """Admit these services (None: gone) and re-decide the quarantined and suspected
         ones (a domain freed, a verdict given or lifted); build what is admitted."""
