@@ -85,7 +85,8 @@ class Problem:
 class QuarantineBuilder(ResourceBuilder):
     """A ResourceBuilder that publishes only the services Envoy will accept.
 
-    `update(services)` checks each changed service (cached by its resources' digests),
+    `update(services)` checks each changed service (cached by its resources' digests;
+    by shape where the builder rendered them, `_passes_by_shape`, else walked),
     leaves the quarantined ones out or at their last good shape, and remembers what it
     admitted so that a NACK can be pinned on a service (`rejected`) and a config every
     Envoy applied becomes the last good one (`applied`). Work in proportion to the

@@ -2,7 +2,11 @@
 
 Owns: what torpor's Envoy config looks like. Must not know about streams or versions.
 Built resources are cached per service and rebuilt only when that service's inputs change
-(measured: rebuilding 10k services' protos blocks the loop ~200 ms).
+(measured: rebuilding 10k services' protos blocks the loop ~200 ms). A service's cluster,
+ClusterLoadAssignment and virtual host are rendered from the shape of the first service
+built from the same inputs but its names (`shape_of`, validation.Shape): the builders
+below must use a service's name, hosts and endpoint addresses only inside strings, and
+put whatever else of them shapes a resource in `shape_of`'s key (a wildcard host).
 
 Shape: one listener whose HTTP connection manager takes its routes from RDS and sends its
 catch-all log to the control plane; one RouteConfiguration with a virtual host per routed

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from torpor.model import Endpoint
 from xds_server.quarantine import QuarantineBuilder
-from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
+from xds_server.resources import (
+    ApiKeys,
+    GatewaySettings,
+    JwtRule,
+    ResourceBuilder,
+    RoutedService,
+)
 from xds_server.validation import Shape, check_message, placeholder
 
 SETTINGS = GatewaySettings(listen=Endpoint("127.0.0.1", 8080),
@@ -45,7 +51,12 @@ def services(draw: st.DrawFn, name: str | None = None) -> RoutedService:
         max_concurrent=draw(st.sampled_from([None, 1, 100])),
         hosts=tuple(draw(st.lists(HOSTS, max_size=2))),
         paths=tuple(draw(st.sampled_from([(), ("/v1",), ("/a", "/b/c")]))),
-        rewrite=draw(st.sampled_from([None, "/", "/api"])))
+        rewrite=draw(st.sampled_from([None, "/", "/api"])),
+        auth=draw(st.sampled_from([None, ApiKeys((("client", "key"),)),
+                                   JwtRule("p", "https://issuer", ("aud",), '{"keys": []}')])),
+        version_of=draw(st.sampled_from([None, None, "parent"])),
+        weight=draw(st.sampled_from([0, 50])),
+        split=draw(st.sampled_from([(), (("v1", 90), ("v2", 10))])))
 
 
 def walked(builder: QuarantineBuilder, part: str, svc: RoutedService) -> list[str]:
