@@ -230,9 +230,9 @@ class QuarantineBuilder(ResourceBuilder):
             found = {
                 "cds": [] if self._passes_by_shape("cds", svc, cluster.body.value) else
                 validation.check_message(cluster.body, f"cluster {svc.name}"),
-                "eds": ([] if self._passes_by_shape("eds", svc, cla.body.value) else
-                        validation.check_message(cla.body, f"endpoints of {svc.name}"))
-                or validation.check_endpoint_addresses(cla.body, svc.name),
+                "eds": [] if self._passes_by_shape("eds", svc, cla.body.value) else
+                (validation.check_message(cla.body, f"endpoints of {svc.name}")
+                 or validation.check_endpoint_addresses(cla.body, svc.name)),
                 "rds": [] if self._passes_by_shape("rds", svc, self._vhost_bytes(svc)) else
                 validation.check_message(self._vhost(svc), f"virtual host {svc.name}"),
             }
@@ -245,11 +245,13 @@ class QuarantineBuilder(ResourceBuilder):
 
     def _passes_by_shape(self, part: str, svc: RoutedService, serialized: bytes) -> bool:
         """True when `svc`'s resource of `part` (its `serialized` bytes) is its shape's
-        with its own names and passes every check (validation.Shape): the same verdict
-        as walking it, at a fraction of the cost. False: walk it (for the words)."""
+        with its own names and passes every check (validation.Shape; for endpoints, the
+        EDS address rule too): the same verdict as walking it, at a fraction of the
+        cost. False: walk it (for the words)."""
         shape, values = self.shape(part, svc)
         return (shape is not None and shape.clean
-                and shape.render(values) == serialized and shape.passes(values))
+                and shape.render(values) == serialized and shape.passes(values)
+                and (part != "eds" or shape.addresses_pass(values)))
 
     def _note_changes(self, decided: Iterable[str], quarantined: dict[str, Problem]) -> None:
         """Log and count each of the `decided` services entering or leaving quarantine,

@@ -294,8 +294,8 @@ class ResourceBuilder:
         # Shape of its kind with its names, not built (None: a shape that renders wrong).
         self._shapes_by_key: dict[Hashable, validation.Shape | None] = {}
         self._shapes_settings = settings
-        self._last_shape_of: tuple[str, RoutedService,
-                                   tuple[Hashable, tuple[str, ...]]] | None = None
+        self._last_shape_of: dict[str, tuple[RoutedService,
+                                             tuple[Hashable, tuple[str, ...]]]] = {}
         self._clusters: dict[str, tuple[tuple[bool, int | None], Resource]] = {}
         # What services need of the listener's filters (`_note_features`).
         self._feature_of: dict[str, tuple[Feature, ...]] = {}
@@ -588,12 +588,14 @@ class ResourceBuilder:
 
     def _shape_of(self, part: str, service: RoutedService
                   ) -> tuple[Hashable, tuple[str, ...]]:
-        """`shape_of`, the last one kept (the quarantine asks right after a build)."""
-        last = self._last_shape_of
-        if last is not None and last[0] == part and last[1] is service:
-            return last[2]
+        """`shape_of`, the last one of each part kept (the quarantine asks right after a
+        build; endpoints are built for their name and endpoints alone)."""
+        last = self._last_shape_of.get(part)
+        if last is not None and (last[0] is service or (part == "eds" and (
+                last[0].name == service.name and last[0].endpoints is service.endpoints))):
+            return last[1]
         found = shape_of(part, service)
-        self._last_shape_of = (part, service, found)
+        self._last_shape_of[part] = (service, found)
         return found
 
     def _made(self, part: str, service: RoutedService) -> bytes:

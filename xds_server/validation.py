@@ -703,7 +703,9 @@ class Shape:
     def __init__(self, message: Message, pieces: list[bytes | _Field]) -> None:
         self._message = message
         self._pieces = pieces
-        self._verdict: tuple[bool, list[tuple[Callable[[Any], bool], Any]]] | None = None
+        self._verdict: tuple[bool, list[tuple[Callable[[Any], bool], int]],
+                             list[tuple[Callable[[Any], bool], Any]]] | None = None
+        self._addresses: list[Parts] | None = None
         self._last: tuple[tuple[str, ...], bytes] | None = None
         self._frames: dict[tuple[int, ...], list[bytes | int]] = {}
 
@@ -747,7 +749,11 @@ class Shape:
 
     def passes(self, values: tuple[str, ...]) -> bool:
         """True when no rule that reads a placeholder is broken by `values`."""
-        for ok, parts in self._judged()[1]:
+        _, whole, other = self._judged()
+        for ok, index in whole:  # a check of one name as it is (most)
+            if not ok(values[index]):
+                return False
+        for ok, parts in other:
             if parts and type(parts[0]) is tuple:
                 if not ok(tuple(_fill(p, values) for p in parts)):
                     return False
@@ -755,7 +761,15 @@ class Shape:
                 return False
         return True
 
-    def _judged(self) -> tuple[bool, list[tuple[Callable[[Any], bool], Any]]]:
+    def addresses_pass(self, values: tuple[str, ...]) -> bool:
+        """For a ClusterLoadAssignment: True when `check_endpoint_addresses` finds nothing
+        in the message rendered with `values` (its addresses are this one's, filled)."""
+        if self._addresses is None:
+            self._addresses = [_parts(a) or (a,) for a in _endpoint_addresses(self._message)]
+        return all(_is_ip(_fill(p, values), "ip") for p in self._addresses)
+
+    def _judged(self) -> tuple[bool, list[tuple[Callable[[Any], bool], int]],
+                               list[tuple[Callable[[Any], bool], Any]]]:
         global _deferring
         if self._verdict is None:
             deferral = _Deferral()
@@ -764,7 +778,11 @@ class Shape:
                 problems = list(_walk(self._message, self._message.DESCRIPTOR.name))
             finally:
                 _deferring = None
-            self._verdict = (not problems, deferral.checks)
+            whole = [(ok, p[0]) for ok, p in deferral.checks
+                     if len(p) == 1 and type(p[0]) is int]
+            other = [(ok, p) for ok, p in deferral.checks
+                     if not (len(p) == 1 and type(p[0]) is int)]
+            self._verdict = (not problems, whole, other)
         return self._verdict
 
 
@@ -1009,11 +1027,13 @@ def check_endpoint_addresses(message: Message, name: str) -> list[str]:
         inner = cls()
         message.Unpack(inner)
         message = inner
-    problems = []
-    for locality in getattr(message, "endpoints", ()):
-        for lb_endpoint in locality.lb_endpoints:
-            socket = lb_endpoint.endpoint.address.socket_address
-            if not _is_ip(socket.address, "ip"):
-                problems.append(f"endpoints of {name}: {socket.address!r} is not an IP "
-                                "address (EDS endpoints must be)")
+    problems = [f"endpoints of {name}: {address!r} is not an IP address (EDS endpoints "
+                "must be)" for address in _endpoint_addresses(message)
+                if not _is_ip(address, "ip")]
     return problems[:MAX_PROBLEMS]
+
+
+def _endpoint_addresses(message: Message) -> list[str]:
+    return [lb_endpoint.endpoint.address.socket_address.address
+            for locality in getattr(message, "endpoints", ())
+            for lb_endpoint in locality.lb_endpoints]

@@ -23,7 +23,7 @@ from xds_server.resources import (
     ResourceBuilder,
     RoutedService,
 )
-from xds_server.validation import Shape, check_message, placeholder
+from xds_server.validation import Shape, check_endpoint_addresses, check_message, placeholder
 
 SETTINGS = GatewaySettings(listen=Endpoint("127.0.0.1", 8080),
                            activators=(Endpoint("127.0.0.1", 9),))
@@ -62,8 +62,9 @@ def services(draw: st.DrawFn, name: str | None = None) -> RoutedService:
 def walked(builder: QuarantineBuilder, part: str, svc: RoutedService) -> list[str]:
     if part == "cds":
         return check_message(builder._cluster(svc).body)
-    if part == "eds":
-        return check_message(builder._load_assignment(svc.name, svc.endpoints).body)
+    if part == "eds":  # and the EDS address rule
+        body = builder._load_assignment(svc.name, svc.endpoints).body
+        return check_message(body) or check_endpoint_addresses(body, svc.name)
     return check_message(builder._vhost(svc))
 
 
