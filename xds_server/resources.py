@@ -293,6 +293,7 @@ class ResourceBuilder:
         # Resources by shape (`shape_of`): a service's resource is rendered from the
         # Shape of its kind with its names, not built (None: a shape that renders wrong).
         self._shapes_by_key: dict[Hashable, validation.Shape | None] = {}
+        self._seen_once: set[Hashable] = set()  # shape keys of one service so far
         self._shapes_settings = settings
         self._last_shape_of: dict[str, tuple[RoutedService,
                                              tuple[Hashable, tuple[str, ...]]]] = {}
@@ -605,19 +606,28 @@ class ResourceBuilder:
         At 10k services building every cluster, endpoints and virtual host proto was
         most of a first build (~85 µs a virtual host); a render costs a few µs. A shape
         is made from the resource built with placeholders for the names, and kept only if
-        it renders the first service of that shape as building it does: the builders
-        above use a service's names only as parts of strings; whatever else of them
-        shapes a resource (a wildcard host) is in `shape_of`'s key."""
+        it renders a service of that shape as building it does: the builders above use a
+        service's names only as parts of strings; whatever else of them shapes a resource
+        (a wildcard host) is in `shape_of`'s key. A shape is made for the second service
+        that has it: a resource of its own (endpoints on a port no other service uses)
+        costs one build, as before, not a shape that serves nobody else."""
         if self._shapes_settings is not self.settings:  # what every shape holds moved
             self._shapes_by_key.clear()
+            self._seen_once.clear()
             self._shapes_settings = self.settings
         key, values = self._shape_of(part, service)
         if key in self._shapes_by_key:
             shape = self._shapes_by_key[key]
             return self._direct(part, service) if shape is None else shape.render(values)
+        direct = self._direct(part, service)
+        if key not in self._seen_once:
+            if len(self._seen_once) >= 4 * MAX_SHAPES:
+                self._seen_once.clear()
+            self._seen_once.add(key)
+            return direct
+        self._seen_once.discard(key)
         if len(self._shapes_by_key) >= MAX_SHAPES:
             self._shapes_by_key.clear()  # a bounded memo: start over rather than grow
-        direct = self._direct(part, service)
         shape = validation.Shape.of(self._direct_proto(part, _placeholders(part, service)))
         self._shapes_by_key[key] = shape if shape is not None and \
             shape.render(values) == direct else None

@@ -200,3 +200,14 @@ def test_a_table_built_by_shape_is_the_table_built(table: list[RoutedService]) -
     assert {t: {n: r.body for n, r in rs.items()}
             for t, rs in by_shape.build([*table, *table[:1]]).items()} == \
         {t: {n: r.body for n, r in rs.items()} for t, rs in built.build(table).items()}
+
+
+def test_a_resource_no_other_service_shares_gets_no_shape() -> None:
+    """Endpoints on a port of their own (local replicas) are built and walked, as before
+    shapes: a shape is made for the second service that has it."""
+    builder = QuarantineBuilder(SETTINGS)
+    builder.build([RoutedService(f"s{i}", f"s{i}.test", (Endpoint("10.0.0.1", 8000 + i),))
+                   for i in range(5)])
+    kinds = [key[0] for key in builder._shapes_by_key]  # type: ignore[index]
+    assert "eds" not in kinds and "cds" in kinds and "rds" in kinds
+    assert builder.quarantined() == {}
