@@ -288,7 +288,7 @@ class ResourceBuilder:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self._shapes: dict[str, RoutedService] = {}  # what is built now, by name
-        # name -> (host and retry choice it was built for, its VirtualHost)
+        # name -> (host and retry choice it was built for, its VirtualHost serialized)
         self._vhost_serialized: dict[str, tuple[RouteKey, bytes]] = {}
         # Resources by shape (`shape_of`): a service's resource is rendered from the
         # Shape of its kind with its names, not built (None: a shape that renders wrong).
