@@ -129,6 +129,8 @@ def test_validation_is_cached_by_digest(monkeypatch: pytest.MonkeyPatch) -> None
         return real(message, label)  # type: ignore[arg-type]
 
     monkeypatch.setattr(validation, "check_message", counting)
+    # Every resource walked (no verdict by shape), so that each check is counted.
+    monkeypatch.setattr(QuarantineBuilder, "_passes_by_shape", lambda *_: False)
     builder.build([svc("a"), svc("b")])
     assert len(calls) == 6  # cluster, endpoints, virtual host of each
     builder.build([svc("a"), svc("b", None, IP2)])
