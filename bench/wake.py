@@ -768,6 +768,7 @@ class Load:
     non_2xx: int
     errors: int
     cpu: dict[str, float] = dataclasses.field(default_factory=dict)  # process -> CPU s
+    round: int = 0  # which round of part 3 (its pair in the same round: `paired`)
 
     @property
     def rps(self) -> float:
@@ -982,6 +983,7 @@ async def _alternate(targets: dict[str, int], pids: dict[str, int], host: str, t
             cpu_before = {k: cpu_seconds(pid) for k, pid in pids.items()}
             load = await load_once(tool, port, host, connections, duration, target)
             load.cpu = {k: cpu_seconds(pid) - cpu_before[k] for k, pid in pids.items()}
+            load.round = r
             loads.append(load)
             print(f"    round {r + 1}/{rounds} {target:>6}: {load.rps:8.0f} req/s, p50 "
                   f"{ms(load.p50)} ms, p99 {ms(load.p99)} ms, non-2xx {load.non_2xx}, "
@@ -1275,6 +1277,32 @@ def summarize_loads(loads: list[Load]) -> dict[str, Warm]:
     return out
 
 
+@dataclasses.dataclass
+class Paired:
+    """torpor ÷ the plain Envoy within each round, then the median over rounds. Each round
+    runs both, so the ratio of one round is untouched by what the machine did in another;
+    and the two swap places from round to round, so with an even count of rounds each goes
+    right after the direct run as often as the other (a run in that place measured up to
+    ~7 % faster, whichever Envoy it was)."""
+
+    rps: float
+    p99: float
+    rounds: int
+    each_rps: list[float]
+
+
+def paired(loads: list[Load], target: str = "torpor", base: str = "static") -> Paired | None:
+    by_round: dict[int, dict[str, Load]] = collections.defaultdict(dict)
+    for x in loads:
+        by_round[x.round][x.target] = x
+    pairs = [(r[target], r[base]) for r in by_round.values() if target in r and base in r]
+    if not pairs:
+        return None
+    each = [t.rps / b.rps for t, b in pairs]
+    return Paired(statistics.median(each), statistics.median(t.p99 / b.p99 for t, b in pairs),
+                  len(pairs), each)
+
+
 def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
     summary = summarize_loads(loads)
     d, t = summary["direct"], summary["torpor"]
@@ -1290,8 +1318,15 @@ def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
     if "static" in summary:
         p = summary["static"]
         print(f"  ratio torpor/plain Envoy: req/s x{t.rps / p.rps:.2f}, p50 "
-              f"x{t.p50 / p.p50:.2f}, p99 x{t.p99 / p.p99:.2f} (target: req/s >= x0.98, "
-              "p99 <= x1.05)")
+              f"x{t.p50 / p.p50:.2f}, p99 x{t.p99 / p.p99:.2f} (ratio of the medians)")
+        pair = paired(loads)
+        if pair is not None:
+            print(f"  ratio torpor/plain Envoy, paired (median over rounds of each round's "
+                  f"ratio): req/s x{pair.rps:.2f}, p99 x{pair.p99:.2f} (target: req/s >= "
+                  f"x0.98, p99 <= x1.05); rounds' req/s ratios "
+                  + " ".join(f"{r:.2f}" for r in pair.each_rps)
+                  + ("" if pair.rounds % 2 == 0 else
+                     " (an odd count of rounds: one Envoy went first once more often)"))
         mine, plain = t.cpu_ms_per_1k.get("envoy", 0.0), p.cpu_ms_per_1k.get("static envoy", 0.0)
         if mine and plain:
             print(f"  Envoy CPU per request, torpor's / the plain one's: x{mine / plain:.2f} "
@@ -1311,7 +1346,8 @@ def print_warm(loads: list[Load], tool_text: str) -> dict[str, Warm]:
 
 def print_summary(wakes: list[Wake], wake_load: float, wake_jitter: float,
                   holds: list[Hold], hold_load: float,
-                  warm: dict[str, Warm] | None, tool_text: str, info: str) -> None:
+                  warm: dict[str, Warm] | None, tool_text: str, info: str,
+                  pair: Paired | None = None) -> None:
     print("\n=== summary (markdown) ===\n")
     print(f"Machine: {info}.\n")
     if wakes:
@@ -1353,8 +1389,11 @@ def print_summary(wakes: list[Wake], wake_load: float, wake_jitter: float,
         if "static" in warm:
             p = warm["static"]
             print(f"| through a plain static Envoy | {p.rps:.0f} | {ms(p.p50)} | {ms(p.p99)} |")
-            print(f"| ratio torpor/plain Envoy | x{t.rps / p.rps:.2f} | x{t.p50 / p.p50:.2f} "
-                  f"| x{t.p99 / p.p99:.2f} |")
+            print(f"| ratio torpor/plain Envoy (of the medians) | x{t.rps / p.rps:.2f} "
+                  f"| x{t.p50 / p.p50:.2f} | x{t.p99 / p.p99:.2f} |")
+            if pair is not None:
+                print(f"| ratio torpor/plain Envoy, paired (median of {pair.rounds} rounds' "
+                      f"ratios) | x{pair.rps:.2f} | | x{pair.p99:.2f} |")
             if "torpor-static" in warm:
                 q = warm["torpor-static"]
                 print(f"| through torpor's config made static | {q.rps:.0f} | {ms(q.p50)} "
@@ -1408,6 +1447,7 @@ async def run(args: argparse.Namespace) -> int:
     wakes: list[Wake] = []
     holds: list[Hold] = []
     warm: dict[str, Warm] | None = None
+    pair: Paired | None = None
     instructions: dict[str, float] = {}
     wake_svc = Service("wake", args.wake_load, args.wake_jitter)
     warm_svc = Service("warm", 0.0, backend="envoy")
@@ -1428,6 +1468,7 @@ async def run(args: argparse.Namespace) -> int:
                                             args.duration, args.rounds, tmp,
                                             args.torpor_static)
                     warm = print_warm(loads, tool_text)
+                    pair = paired(loads)
         for n in args.steps:
             print(f"\n[2] torpor up with service 'hold' (max_held_per_service "
                   f"{max(args.steps)}), {n} held requests ...", flush=True)
@@ -1451,7 +1492,7 @@ async def run(args: argparse.Namespace) -> int:
     info += (f"; load average (1 min) {load_before[0]:.2f} at the start, "
              f"{load_after[0]:.2f} at the end")
     print_summary(wakes, args.wake_load, args.wake_jitter, holds, args.hold_load, warm,
-                  tool_text, info)
+                  tool_text, info, pair)
     if instructions:
         t, p = instructions["torpor"], instructions["static"]
         print(f"\n| instructions per request (callgrind, wrk -c1 -d{args.instructions:g}s) "
@@ -1481,7 +1522,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per warm-path run, 0 to skip (default 8)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="warm-path runs per target, alternating (default 3)")
+                        help="warm-path runs per target, alternating (default 4: an even count, "
+                        "so that each Envoy runs first as often)")
     parser.add_argument("--instructions", type=float, default=0,
                         help="seconds of load per Envoy for part 4, instructions per request "
                              "under callgrind (needs valgrind and wrk; default 0: skip)")
@@ -1496,7 +1538,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     steps = args.steps if args.steps is not None else ("50,100" if quick else "250,500,1000")
     args.steps = [int(s) for s in steps.split(",") if s.strip()]
     args.duration = args.duration if args.duration is not None else (2.0 if quick else 8.0)
-    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 4)
     if args.wakes < 0 or any(n < 1 for n in args.steps) or args.rounds < 1 \
             or args.connections < 1 or args.duration < 0 or args.instructions < 0:
         parser.error("counts must be positive (--wakes and --duration may be 0 to skip)")
