@@ -80,6 +80,7 @@ from torpor.model import Endpoint
 from torpor.routes import ROOT, SERVICE_HEADER, VERSION_HEADER
 from xds_server import types, validation
 from xds_server.cache import Desired, Resource
+from xds_server.wire import length_delimited
 
 LISTENER_NAME = "torpor_http"
 ROUTE_CONFIG_NAME = "torpor_routes"
@@ -532,9 +533,9 @@ class ResourceBuilder:
         live = {name for name, _ in units}
         for gone in [n for n in self._vhost_fields if n not in live]:
             del self._vhost_fields[gone]
-        parts = [_length_delimited(_ROUTE_CONFIG_NAME_FIELD, ROUTE_CONFIG_NAME.encode()),
+        parts = [length_delimited(_ROUTE_CONFIG_NAME_FIELD, ROUTE_CONFIG_NAME.encode()),
                  *(b for _, b in units),
-                 _length_delimited(_VIRTUAL_HOSTS_FIELD, self._catch_all_bytes)]
+                 length_delimited(_VIRTUAL_HOSTS_FIELD, self._catch_all_bytes)]
         if any(s.rewrite is not None for s in self._units.values()):
             parts.append(_NAMING_HEADER_GUARD)
         return Resource.serialized(ROUTE_CONFIG_NAME, _ROUTE_TYPE_URL, b"".join(parts))
@@ -544,7 +545,7 @@ class ResourceBuilder:
         field, rebuilt when `key` moved."""
         cached = self._vhost_fields.get(name)
         if cached is None or cached[0] != key:
-            cached = self._vhost_fields[name] = (key, _length_delimited(
+            cached = self._vhost_fields[name] = (key, length_delimited(
                 _VIRTUAL_HOSTS_FIELD, build()))
         return cached[1]
 
@@ -1148,19 +1149,6 @@ _NAMING_HEADER_GUARD = route_pb2.RouteConfiguration(
     most_specific_header_mutations_wins=True).SerializeToString(deterministic=True)
 
 
-def _length_delimited(field_number: int, value: bytes) -> bytes:
-    """One length-delimited field (a string or a message) in protobuf's wire format."""
-    return _varint(field_number << 3 | 2) + _varint(len(value)) + value
-
-
-@functools.lru_cache(maxsize=4096)
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _cla(name: str, endpoints: Iterable[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:

@@ -46,6 +46,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, OneofDescrip
 from google.protobuf.message import Message
 from validate import validate_pb2
 
+from xds_server.wire import read_varint, varint
+
 #: Envoy's `DurationUtil::durationToMilliseconds` limit: int64 nanoseconds, ~292 years.
 MAX_DURATION_SECONDS = (2**63 - 1) // 1_000_000_000
 #: Problems reported per resource at most (the first ones say enough).
@@ -821,34 +823,13 @@ def _symbolic(pieces: list[bytes | _Field], lengths: tuple[int, ...]
         else:
             assert piece.pieces is not None
             inner, size = _symbolic(piece.pieces, lengths)
-        prefix = piece.tag + _varint(size)
+        prefix = piece.tag + varint(size)
         out.append(prefix)
         out.extend(inner)
         total += len(prefix) + size
     return out, total
 
 
-@functools.lru_cache(maxsize=4096)
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
 
 
 _ANY = any_pb2.Any.DESCRIPTOR.full_name
@@ -861,16 +842,16 @@ def _pieces(data: bytes, descriptor: Any) -> list[bytes | _Field]:
     pos, any_type = 0, None
     while pos < len(data):
         start = pos
-        key, pos = _read_varint(data, pos)
+        key, pos = read_varint(data, pos)
         number, wire, tag = key >> 3, key & 7, data[start:pos]
         if wire == 0:
-            pos = _read_varint(data, pos)[1]
+            pos = read_varint(data, pos)[1]
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
         elif wire == 2:
-            length, begin = _read_varint(data, pos)
+            length, begin = read_varint(data, pos)
             pos = begin + length
             body = data[begin:pos]
             field = descriptor.fields_by_number.get(number)

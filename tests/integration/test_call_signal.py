@@ -220,14 +220,17 @@ def test_the_matcher_keeps_everything_not_per_cluster() -> None:
         assert not kept(name), name
 
 
+#: The smallest config with one service, for the tests of settings below.
+ECHO_CONFIG = """
+    services:
+      - name: echo
+        host: echo.localhost
+        local: {command: [python, -m, torpor.examples.model_server, --port, "{port}"]}
+    """
+
 def test_the_flush_interval_is_configured_and_bounded(tmp_path: Path) -> None:
     path = tmp_path / "torpor.yaml"
-    base = """
-        services:
-          - name: echo
-            host: echo.localhost
-            local: {command: [python, -m, torpor.examples.model_server, --port, "{port}"]}
-        """
+    base = ECHO_CONFIG
     path.write_text(textwrap.dedent(base + "gateway: {stats_flush_interval: 2s}\n"))
     config = load_config(path)
     assert config.gateway.stats_flush_interval == 2.0
@@ -249,12 +252,7 @@ def test_upstream_code_stats_is_a_gateway_setting_off_by_default(tmp_path: Path)
     from xds_server.routing import gateway_settings
 
     path = tmp_path / "torpor.yaml"
-    base = """
-        services:
-          - name: echo
-            host: echo.localhost
-            local: {command: [python, -m, torpor.examples.model_server, --port, "{port}"]}
-        """
+    base = ECHO_CONFIG
     activator = (Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2))
     path.write_text(textwrap.dedent(base))
     assert gateway_settings(load_config(path), activator).upstream_code_stats is False
