@@ -286,6 +286,12 @@ class AsyncCalls:
 
     # --- status -------------------------------------------------------------------------
 
+    def service_of(self, call_id: str) -> str | None:
+        """The service a kept call was made to (a version's name, for a service with
+        versions), or None."""
+        state = self._spool.get(call_id)
+        return state.service if state is not None else None
+
     def status(self, call_id: str, service: str) -> web.Response:
         """202 while the call runs; then its own status, headers and body. A call is
         fetched under the host it was made to (another service's host does not find it)."""

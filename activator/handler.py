@@ -35,6 +35,7 @@ from activator.proxy import Proxy, ProxyError
 from activator.waking_page import WAKING_HEADER, WakeView, render, wants_waking_page
 from torpor import metrics
 from torpor.async_calls import call_id_of, wants_async
+from torpor.config import ServiceConfig
 from torpor.lifecycle.ports import WakeProgress, Wakes
 from torpor.logs import event
 from torpor.model import Endpoint
@@ -144,7 +145,8 @@ class ActivatorHandler:
         if self._calls is not None:
             call_id = call_id_of(request.path)
             if call_id is not None and request.method in ("GET", "HEAD"):
-                return self._calls.status(call_id, name)
+                return self._calls.status(call_id, await self._call_owner(request, call_id,
+                                                                          service))
             if wants_async(request.headers) and not self._holding.draining:
                 return await self._calls.submit(request, name)
         if (self._wakings is not None and service.waking_page and not self._holding.draining
@@ -159,6 +161,18 @@ class ActivatorHandler:
             return await self._forward(request, name, outcome.endpoints,
                                        round(outcome.waited * 1000))
         return json_answer(answer_for(outcome), service=name)
+
+    async def _call_owner(self, request: web.Request, call_id: str,
+                          service: ServiceConfig) -> str:
+        """Whose status a GET of a call's location may see: the call's own service when it
+        is a version of the service this request's host reaches (the split picked it when
+        the call was made), else the service the host reaches."""
+        owner = self._calls.service_of(call_id) if self._calls is not None else None
+        if owner is None or owner == service.name:
+            return service.name
+        sibling = await self._lookup(request.headers.get("Host", ""), request.path,
+                                     request.headers.get(SERVICE_HEADER), owner)
+        return owner if sibling is not None and sibling.name == owner else service.name
 
     async def _waking_page(self, name: str) -> web.Response | None:
         """The waking page, unless the wake is over at once (the service was awake, or the

@@ -719,6 +719,8 @@ class ResourceBuilder:
             submit.match.headers.append(route_components_pb2.HeaderMatcher(
                 name=PREFER_HEADER, string_match=string_pb2.StringMatcher(
                     contains=RESPOND_ASYNC, ignore_case=True)))
+            if service.split:  # the activator runs the call on the version the split picks
+                _weighted(submit, service.split, via=ACTIVATOR_CLUSTER)
             routes.insert(0, submit)
         if service.rewrite is not None:
             for route in routes:
@@ -1019,16 +1021,18 @@ def _rewrite(route: route_components_pb2.Route, service: str, prefix: str,
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
 
 
-def _weighted(route: route_components_pb2.Route, split: tuple[tuple[str, int], ...]) -> None:
+def _weighted(route: route_components_pb2.Route, split: tuple[tuple[str, int], ...],
+              via: str | None = None) -> None:
     """The route's traffic split over the versions' clusters by weight; each request names
     its version in VERSION_HEADER, over any value a client sent (a sleeping version's
     request reaches the activator, which then knows what to wake; Envoy applies a
     cluster's headers before the route's, so the route configuration's removal of
-    SERVICE_HEADER would drop that one). One RDS push changes a split."""
+    SERVICE_HEADER would drop that one). One RDS push changes a split. `via`: every share
+    goes to that cluster instead (an asynchronous call: the activator, told the version)."""
     route.route.ClearField("cluster")
     route.route.weighted_clusters.CopyFrom(route_components_pb2.WeightedCluster(clusters=[
         route_components_pb2.WeightedCluster.ClusterWeight(
-            name=cluster, weight=wrappers_pb2.UInt32Value(value=weight),
+            name=via or cluster, weight=wrappers_pb2.UInt32Value(value=weight),
             request_headers_to_add=[base_pb2.HeaderValueOption(
                 header=base_pb2.HeaderValue(key=VERSION_HEADER, value=cluster),
                 append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)])

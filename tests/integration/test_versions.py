@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from tests.support.configs import write_config
+from tests.support.net import wait_until
 from tests.support.up import UpRuns, status_json
 from torpor import admin_client
 from torpor.config import load_config
@@ -152,3 +153,42 @@ async def test_a_shift_to_a_sleeping_version_holds_its_requests_until_it_wakes(
         assert counts["v2"] == sum(counts.values()), counts
         states = {s["name"]: s["state"] for s in status_json(path)}
         assert states["model--v2"] == "ACTIVE"
+
+
+async def test_asynchronous_calls_follow_the_split_and_are_fetched_under_the_host(
+        tmp_path: Path) -> None:
+    """`Prefer: respond-async` goes to the activator through the same split as the other
+    routes: each call runs on the version Envoy picked (named in the 202), and its result
+    is fetched under the service's host whichever version ran it."""
+    calls = 40
+    async with model_up(tmp_path) as (_path, target, load):
+        result = await asyncio.to_thread(admin_client.set_traffic, target, "model",
+                                         {"v1": 50, "v2": 50})
+        assert result["applied"], result
+        url = load.url.removesuffix("/predict?text=fine")
+        host = {"Host": "model.localhost"}
+        bodies = [f"call {i}".encode() for i in range(calls)]
+        async with aiohttp.ClientSession() as session:
+            accepted = []
+            for body in bodies:
+                async with session.post(f"{url}/echo", data=body,
+                                        headers={**host, "Prefer": "respond-async"}) as r:
+                    assert r.status == 202, await r.text()
+                    accepted.append((r.headers["Location"], (await r.json())["service"]))
+            ran_on = collections.Counter(service for _, service in accepted)
+            print(f"\n{calls} asynchronous calls at 50/50 ran on {dict(ran_on)}")
+            assert set(ran_on) == {"model--v1", "model--v2"}, ran_on
+
+            results: dict[str, tuple[int, bytes]] = {}
+
+            async def all_done() -> bool:
+                for location, _ in accepted:
+                    if location not in results:
+                        async with session.get(f"{url}{location}", headers=host) as r:
+                            if r.status != 202:
+                                results[location] = (r.status, await r.read())
+                return len(results) == calls
+
+            await wait_until(all_done, 60, "every call done", interval=0.2)
+            assert [results[location] for location, _ in accepted] == [
+                (200, body) for body in bodies]
