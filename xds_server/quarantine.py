@@ -56,7 +56,8 @@ log = logging.getLogger("torpor.xds")
 #: can be blamed on, and what must change to leave quarantine).
 PARTS: Mapping[str, tuple[str, ...]] = {
     "cds": ("http2", "max_concurrent"), "eds": ("endpoints",),
-    "rds": ("host", "hosts", "paths", "rewrite", "retry_non_idempotent", "rate_limit")}
+    "rds": ("host", "hosts", "paths", "rewrite", "retry_non_idempotent", "rate_limit",
+            "route_timeout")}
 _TOKEN = re.compile(r"[A-Za-z0-9_.*:\-]+")
 
 

@@ -198,14 +198,14 @@ class GatewaySettings:
 
 RouteKey = tuple[str, tuple[str, ...], tuple[str, ...], "str | None", bool,
                  "tuple[int, int] | None", "RouteAuth | None", tuple[tuple[str, int], ...],
-                 bool]
+                 bool, "float | None"]
 
 
 def route_key(service: RoutedService) -> RouteKey:
     """What of a service its routes are built from (an endpoint flip changes none)."""
     return (service.host, service.hosts, service.paths, service.rewrite,
             service.retry_non_idempotent, service.rate_limit, service.auth, service.split,
-            service.http2)
+            service.http2, service.route_timeout)
 
 
 def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
@@ -239,6 +239,8 @@ class RoutedService:
     version_of: str | None = None
     weight: int = 0
     split: tuple[tuple[str, int], ...] = ()
+    # Its routes' timeout when its wake outlasts the gateway's route_timeout (None: that).
+    route_timeout: float | None = None
 
     def all_hosts(self) -> tuple[str, ...]:
         return (self.host, *self.hosts)
@@ -331,8 +333,18 @@ class ResourceBuilder:
         # with versions (one route, weighted over its versions' clusters).
         self._units: dict[str, RoutedService] = {}
         self._unit_members: dict[str, set[str]] = {}  # service with versions -> versions
+        self._catch_all_timeout: float | None = None  # None: settings.route_timeout
         self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
         self._handed_out = False  # before the first hand-out nothing is known to Envoy
+
+    def set_catch_all_timeout(self, timeout: float | None) -> None:
+        """The catch-all's route timeout: the longest wake of a service that outlasts the
+        gateway's route_timeout (it may be evicted: then the catch-all reaches it), or
+        None for the gateway's."""
+        if timeout != self._catch_all_timeout:
+            self._catch_all_timeout = timeout
+            self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
+            self._routes_stale = True
 
     def set_activators(self, http1: tuple[Endpoint, ...], h2: tuple[Endpoint, ...]) -> bool:
         """Replace the activator replicas (fleet mode: they come and go). True if the set
@@ -418,7 +430,9 @@ class ResourceBuilder:
                 split = tuple((v, 1) for v, _ in split)
             unit: RoutedService | None = dataclasses.replace(
                 versions[0], name=name, endpoints=(), version_of=None, weight=0,
-                split=split)
+                split=split, route_timeout=max(
+                    (v.route_timeout for v in versions if v.route_timeout is not None),
+                    default=None))
         else:
             unit = self._shapes.get(name)
         if unit is None:
@@ -728,6 +742,9 @@ class ResourceBuilder:
         if service.auth is not None:
             for route in routes:
                 _require(route, service.auth)
+        if service.route_timeout is not None:
+            for route in routes:
+                route.route.timeout.CopyFrom(_duration(service.route_timeout))
         return routes
 
     def _status_route(self, vhost: str, auth: RouteAuth | None = None
@@ -837,8 +854,11 @@ class ResourceBuilder:
         idempotent = self._route(f"{CATCH_ALL_VHOST}/idempotent", ACTIVATOR_CLUSTER,
                                  RESET_RETRY_ON)
         idempotent.match.headers.append(_IDEMPOTENT)
-        return self._vhost_proto(CATCH_ALL_VHOST, ["*"], [
-            idempotent, self._route(CATCH_ALL_VHOST, ACTIVATOR_CLUSTER, SAFE_RETRY_ON)])
+        routes = [idempotent, self._route(CATCH_ALL_VHOST, ACTIVATOR_CLUSTER, SAFE_RETRY_ON)]
+        if self._catch_all_timeout is not None:
+            for route in routes:
+                route.route.timeout.CopyFrom(_duration(self._catch_all_timeout))
+        return self._vhost_proto(CATCH_ALL_VHOST, ["*"], routes)
 
     def _activator_cluster(self) -> cluster_pb2.Cluster:
         """EDS, not STATIC: activator replicas come and go without a cluster change (which

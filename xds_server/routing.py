@@ -33,6 +33,10 @@ from xds_server.server import AdsServer
 
 log = logging.getLogger("torpor.control_plane")
 
+#: How much longer than a wake Envoy's route waits: the activator answers a wake that ran
+#: out of time itself (504 naming the service), before Envoy's own timeout would.
+ROUTE_TIMEOUT_MARGIN = 30.0
+
 
 def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> GatewaySettings:
     """Envoy settings from the config: route timeouts and circuit breakers that allow for
@@ -44,7 +48,8 @@ def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> Ga
         listen=Endpoint(config.gateway.listen.host, config.gateway.listen.port),
         activators=(activator[0],),
         activators_h2=(activator[1],),
-        route_timeout=longest_wake_timeout(config.activator, config.services) + 30.0,
+        route_timeout=longest_wake_timeout(config.activator, config.services)
+        + ROUTE_TIMEOUT_MARGIN,
         max_requests=max(1024, 4 * largest_max_held(config.activator, config.services)),
         retry_buffer_bytes=config.gateway.retry_buffer_bytes,
         edge=config.gateway.edge,
@@ -81,6 +86,9 @@ class EnvoyRouting:
         self._dirty_names: set[str] = set()
         self._all_dirty = True
         self._routed: dict[str, RoutedService] = {}  # what the builder was given last
+        # Services (routed or not) whose wake outlasts the gateway's route timeout: the
+        # catch-all, which reaches an evicted one, must wait as long as the longest.
+        self._long_waits: dict[str, float] = {}
         # Every held HTTP/2 stream of a service waits for the same confirmation: one wait
         # and one push per service, not one build of the whole config per stream.
         self._confirming: SingleFlight[None] = SingleFlight()
@@ -95,6 +103,7 @@ class EnvoyRouting:
         self._all_dirty, self._dirty_names = False, set()
         changed: dict[str, RoutedService | None] = {}
         for name in names:
+            self._note_long_wait(name)
             shape = self._routed_service(name)
             if shape != self._routed.get(name):
                 changed[name] = shape
@@ -103,7 +112,16 @@ class EnvoyRouting:
                 else:
                     self._routed[name] = shape
         self.builder.update(changed)
+        self.builder.set_catch_all_timeout(max(self._long_waits.values(), default=None))
         return self.builder.desired()
+
+    def _note_long_wait(self, name: str) -> None:
+        service = self._table.catalog.get(name)
+        timeout = self._route_timeout(service) if service is not None else None
+        if timeout is None:
+            self._long_waits.pop(name, None)
+        else:
+            self._long_waits[name] = timeout
 
     def load(self) -> None:
         """Put the table's config in the cache before any Envoy connects (a stream must
@@ -125,7 +143,17 @@ class EnvoyRouting:
                              max_concurrent=service.max_concurrent,
                              hosts=service.hosts, paths=service.paths,
                              rewrite=service.rewrite, auth=self._auth_of(service),
-                             version_of=service.version_of, weight=self._weight_of(service))
+                             version_of=service.version_of, weight=self._weight_of(service),
+                             route_timeout=self._route_timeout(service))
+
+    def _route_timeout(self, service: ServiceConfig) -> float | None:
+        """Its routes' own timeout when its wake_timeout outlasts the gateway's route
+        timeout (a service discovered after the start, e.g. with a `torpor.io/wake-timeout`
+        annotation, can wait longer than any service of the config); else None."""
+        if service.wake_timeout is None:
+            return None
+        wanted = service.wake_timeout + ROUTE_TIMEOUT_MARGIN
+        return wanted if wanted > self.builder.settings.route_timeout else None
 
     def _target(self, service: ServiceConfig, record: ServiceRecord) -> tuple[Endpoint, ...]:
         """Ready replicas of a service routed to them; otherwise the activator, which holds

@@ -80,3 +80,53 @@ async def test_no_confirmation_for_a_service_that_stays_asleep() -> None:
     assert publisher.pushes == 0
     with pytest.raises(UnknownServiceError):
         await envoy.wait_routed("ghost")
+
+
+def test_a_wake_longer_than_the_gateways_gets_routes_that_wait_for_it() -> None:
+    """A service whose wake_timeout outlasts the gateway's route timeout (e.g. one found
+    later with a `torpor.io/wake-timeout` annotation) gets routes that wait that long
+    (plus the margin); so does the catch-all, which reaches it once it is evicted. The
+    other services keep the gateway's."""
+    from xds_server import types
+    from xds_server.resources import (
+        CATCH_ALL_VHOST,
+        ROUTE_CONFIG_NAME,
+        GatewaySettings,
+        ResourceBuilder,
+    )
+    from xds_server.routing import ROUTE_TIMEOUT_MARGIN
+
+    def service(name: str, wake_timeout: float | None) -> ServiceConfig:
+        return ServiceConfig(name=name, host=f"{name}.localhost", wake_timeout=wake_timeout,
+                             local=LocalServiceConfig(command=("x",)))
+
+    services = [service("big", 570.0), service("small", None)]
+    workloads = FixedWorkloads({"big": (REPLICA,), "small": (REPLICA,)})
+    table = ServiceTable(ServiceCatalog(services), store=None,  # type: ignore[arg-type]
+                         workloads=workloads, clock=ManualClock())
+    for s in services:
+        table.records[s.name] = dataclasses.replace(ServiceRecord.new(s.name, 1, 0.0),
+                                                    state=ServiceState.ACTIVE, revision=1)
+    cache = SnapshotCache()
+    builder = ResourceBuilder(GatewaySettings(listen=Endpoint("127.0.0.1", 8080),
+                                              activators=(ACTIVATOR[0],), route_timeout=150.0))
+    envoy = EnvoyRouting(table, workloads, builder=builder, cache=cache,
+                         ads=AdsServer(cache), publisher=CountingPublisher(),  # type: ignore[arg-type]
+                         configured_activator=ACTIVATOR, confirm_timeout=2.0)
+
+    def timeouts() -> dict[str, set[float]]:
+        from envoy.config.route.v3 import route_pb2
+
+        config = route_pb2.RouteConfiguration()
+        envoy.desired().resources[types.ROUTE][ROUTE_CONFIG_NAME].body.Unpack(config)
+        # (The status route of asynchronous calls answers at once: the gateway's timeout.)
+        return {v.name: {r.route.timeout.ToTimedelta().total_seconds() for r in v.routes
+                         if not r.name.endswith("/async-status")}
+                for v in config.virtual_hosts}
+
+    longest = 570.0 + ROUTE_TIMEOUT_MARGIN
+    assert timeouts() == {"big": {longest}, "small": {150.0}, CATCH_ALL_VHOST: {longest}}
+    table.records["big"] = dataclasses.replace(table.records["big"],
+                                               state=ServiceState.EVICTED, revision=2)
+    envoy.mark_dirty("big")
+    assert timeouts() == {"small": {150.0}, CATCH_ALL_VHOST: {longest}}
