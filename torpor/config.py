@@ -10,13 +10,14 @@ import dataclasses
 import difflib
 import math
 import re
+import urllib.parse
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any, Generic, NoReturn, TypeVar
 
 import yaml
 
-from torpor.credentials_files import read_api_keys, read_jwks
+from torpor.credentials_files import jwks_ca_file, read_api_keys, read_ca_bundle, read_jwks
 from torpor.edge import DEFAULT_MAX_REQUEST_HEADERS_KB, MAX_REQUEST_HEADERS_KB_LIMIT, EdgeLimits
 from torpor.errors import ConfigError
 from torpor.routes import ROOT, Routes, RouteTable, describe_clash
@@ -85,12 +86,19 @@ class GatewayTlsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class JwtConfig:
-    """Tokens Envoy accepts: signed by a key of `jwks` (a JWKS file, re-read on change),
-    from `issuer`, for one of `audiences` (any when empty), not expired."""
+    """Tokens Envoy accepts: signed by a key of the JWKS, from `issuer`, for one of
+    `audiences` (any when empty), not expired. The JWKS is `jwks` (a file the control
+    plane reads, re-read on change) or `jwks_url` (fetched by Envoy itself: at the
+    listener's start, then every `jwks_cache`, each try within `jwks_timeout`; an https
+    host's certificate checked against `jwks_ca`, else the system's trust store)."""
 
     issuer: str
-    jwks: Path
+    jwks: Path | None = None
     audiences: tuple[str, ...] = ()
+    jwks_url: str | None = None
+    jwks_cache: float = 300.0
+    jwks_timeout: float = 5.0
+    jwks_ca: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1466,11 +1474,40 @@ def _strings(r: _Reader, key: str, value: object) -> tuple[str, ...]:
     return tuple(_string(r, f"{key}[{index}]", item) for index, item in enumerate(value))
 
 
+#: jwt.jwks_cache bounds: Envoy keeps a fetched JWKS for whole seconds; beyond a day a
+#: rotated key waits longer than anyone expects. jwt.jwks_timeout: one fetch's try.
+JWKS_CACHE_BOUNDS, JWKS_TIMEOUT_BOUNDS = (1.0, 86400.0), (0.1, 60.0)
+#: The keys of a JWKS fetched from a URL, refused beside a JWKS file.
+_JWKS_URL_KEYS = ("jwks_cache", "jwks_timeout", "jwks_ca")
+
+
+def _jwks_url(r: _Reader, key: str, value: object) -> str:
+    """An http or https URL with a host (and no user or fragment): where Envoy fetches the
+    JWKS."""
+    text = _string(r, key, value)
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError as exc:
+        r.fail(key, f"expected an http or https URL, got {text!r}: {exc}")
+    if (url.scheme not in ("http", "https") or not url.hostname or url.username is not None
+            or url.fragment or any(c.isspace() for c in text)):
+        r.fail(key, "expected an http or https URL with a host, without user or fragment "
+               f"(e.g. https://login.example.com/.well-known/jwks.json), got {text!r}")
+    if port == 0:
+        r.fail(key, f"expected a port from 1 to 65535 in {text!r}")
+    return text
+
+
 _JWT = _Schema(
     JwtConfig,
     {"issuer": _Field(_string, _REQUIRED, "the `iss` the tokens carry"),
-     "jwks": _Field(_path, _REQUIRED, "a JWKS file with the keys that sign the tokens"),
-     "audiences": _Field(_strings)},
+     "jwks": _Field(_path),
+     "audiences": _Field(_strings),
+     "jwks_url": _Field(_jwks_url),
+     "jwks_cache": _Field(_duration_within(*JWKS_CACHE_BOUNDS)),
+     "jwks_timeout": _Field(_duration_within(*JWKS_TIMEOUT_BOUNDS)),
+     "jwks_ca": _Field(_path)},
 )
 _AUTH = _Schema(AuthConfig, {"api_keys": _Field(_path), "jwt": _Field(_section(_JWT))})
 #: `auth: none` on a service: not asked, even when gateway.auth is set.
@@ -1490,15 +1527,43 @@ def _auth(r: _Reader, key: str, value: object) -> AuthConfig:
     auth = _read(r, key, value, _AUTH)
     if (auth.api_keys is None) == (auth.jwt is None):
         r.fail(key, "give one of api_keys (a file of `client: key` lines) or jwt "
-               "({issuer, jwks, audiences}); `none` turns a gateway-wide one off")
+               "({issuer, jwks or jwks_url, audiences}); `none` turns a gateway-wide one off")
     try:
         if auth.api_keys is not None:
             read_api_keys(auth.api_keys)
-        if auth.jwt is not None:
-            read_jwks(auth.jwt.jwks)
     except ValueError as exc:
-        r.fail(_join(key, "api_keys" if auth.api_keys is not None else "jwt.jwks"), str(exc))
+        r.fail(_join(key, "api_keys"), str(exc))
+    if auth.jwt is not None:
+        raw = _mapping(r, key, value).get("jwt")
+        _check_jwks(r, _join(key, "jwt"), auth.jwt, raw if isinstance(raw, dict) else {})
     return auth
+
+
+def _check_jwks(r: _Reader, key: str, jwt: JwtConfig, raw: dict[str, Any]) -> None:
+    """One JWKS, a file or a URL, and its files read now (a missing or bad one is a config
+    error); the URL's own keys only beside a URL."""
+    if (jwt.jwks is None) == (jwt.jwks_url is None):
+        r.fail(key, "give one of jwks (a JWKS file) or jwks_url (an http or https URL "
+               "Envoy fetches the JWKS from), not both")
+    if jwt.jwks is not None:
+        given = [name for name in _JWKS_URL_KEYS if name in raw]
+        if given:
+            r.fail(_join(key, given[0]), "only with jwks_url (a JWKS file is re-read when it "
+                   "changes)")
+        try:
+            read_jwks(jwt.jwks)
+        except ValueError as exc:
+            r.fail(_join(key, "jwks"), str(exc))
+        return
+    assert jwt.jwks_url is not None
+    https = jwt.jwks_url.startswith("https:")
+    if jwt.jwks_ca is not None and not https:
+        r.fail(_join(key, "jwks_ca"), "only with an https jwks_url")
+    if https:
+        try:
+            read_ca_bundle(jwks_ca_file(jwt.jwks_ca))
+        except ValueError as exc:
+            r.fail(_join(key, "jwks_ca"), str(exc))
 
 
 def load_service(raw: object, source: str, config: Config) -> ServiceConfig:

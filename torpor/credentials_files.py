@@ -1,4 +1,5 @@
-"""The files that say who may call a service: API keys and a JWKS.
+"""The files that say who may call a service: API keys, a JWKS, and the CA certificates an
+https JWKS host is checked against.
 
 Owns reading and checking them, for the config (at start: a bad file is a config error)
 and the control plane (again when a file changes: a bad edit keeps what Envoy has).
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
+import warnings
 from pathlib import Path
+
+from cryptography import x509
 
 _CLIENT = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 
@@ -55,4 +60,44 @@ def read_jwks(path: Path) -> str:
             from None
     if not isinstance(keys, list) or not keys:
         raise ValueError(f"{path} holds no keys (a JWKS: {{\"keys\": [...]}})")
+    return text
+
+
+#: Where Linux distributions keep the system's CA bundle, after what Python's ssl module
+#: reports (which honours SSL_CERT_FILE): Debian/Ubuntu, Fedora/RHEL, Alpine.
+_SYSTEM_BUNDLES = (Path("/etc/ssl/certs/ca-certificates.crt"),
+                   Path("/etc/pki/tls/certs/ca-bundle.crt"), Path("/etc/ssl/cert.pem"))
+
+
+def jwks_ca_file(ca: Path | None) -> Path:
+    """The CA bundle an https JWKS host's certificate is checked against: `ca` when given,
+    else the system's trust store as one file (Envoy has no trust store of its own: the
+    control plane sends it the certificates). Raises ValueError when there is none."""
+    if ca is not None:
+        return ca
+    found = ssl.get_default_verify_paths().cafile
+    candidates = ([Path(found)] if found else []) + list(_SYSTEM_BUNDLES)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ValueError("no system CA bundle found (looked at "
+                     f"{', '.join(str(p) for p in candidates)}); give jwks_ca: a PEM file "
+                     "of the CA certificates that sign the JWKS host's certificate")
+
+
+def read_ca_bundle(path: Path) -> str:
+    """The PEM text of a CA bundle, checked to hold at least one certificate that parses.
+    Raises ValueError naming the file."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the CA certificates in {path}: {exc}") from None
+    try:
+        with warnings.catch_warnings():
+            # A system bundle may hold an old root that cryptography warns about (a
+            # negative serial number); Envoy's TLS library takes it.
+            warnings.simplefilter("ignore")
+            x509.load_pem_x509_certificates(text.encode())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a PEM file of CA certificates: {exc}") from None
     return text

@@ -37,6 +37,8 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import hashlib
+import ipaddress
 import re
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TypeVar
@@ -46,9 +48,11 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import (
     address_pb2,
+    backoff_pb2,
     base_pb2,
     config_source_pb2,
     grpc_service_pb2,
+    http_uri_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
 )
@@ -115,14 +119,49 @@ class ApiKeys:
 
 
 @dataclasses.dataclass(frozen=True)
+class JwksHost:
+    """A host Envoy fetches JWKS from: one cluster of torpor's own per host (`cluster`),
+    shared by every provider whose URL names it, there while one is."""
+
+    host: str  # a DNS name (STRICT_DNS) or an IP address (STATIC)
+    port: int
+    # https: the PEM CA certificates its certificate is checked against, and which file
+    # they came from ("" for the system's); None: plain http.
+    ca: str | None = None
+    ca_file: str = ""
+
+    @property
+    def cluster(self) -> str:
+        """`torpor_jwks_<host>_<port>_<digest>`: a service name has no `_`, so it never
+        clashes with a service's cluster; the digest tells apart hosts that only differ in
+        a character the name cannot keep, and http from https or another CA file."""
+        seed = "\0".join((self.host, str(self.port), str(self.ca is not None), self.ca_file))
+        digest = hashlib.sha256(seed.encode()).hexdigest()[:8]
+        return f"{JWKS_CLUSTER_PREFIX}{_NOT_IN_NAME.sub('_', self.host)}_{self.port}_{digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteJwks:
+    """A JWKS Envoy fetches from `url` on `host` itself: before the listener serves (so no
+    request waits for it), again every `cache` seconds, each try within `timeout`."""
+
+    url: str
+    host: JwksHost
+    cache: float
+    timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
 class JwtRule:
     """Callers of a service show a JWT of `issuer` (for one of `audiences`, any when
-    empty) signed by a key of the JWKS `jwks` (its text), as `Authorization: Bearer`."""
+    empty) signed by a key of the JWKS `jwks` (its text) or, when `remote` is set, of the
+    JWKS Envoy fetches; as `Authorization: Bearer`."""
 
     provider: str
     issuer: str
     audiences: tuple[str, ...]
     jwks: str
+    remote: RemoteJwks | None = None
 
 
 RouteAuth = ApiKeys | JwtRule
@@ -132,6 +171,12 @@ Feature = str | JwtRule
 API_KEY_HEADER = "x-api-key"
 API_KEY_FILTER = "envoy.filters.http.api_key_auth"
 JWT_FILTER = "envoy.filters.http.jwt_authn"
+#: The clusters to JWKS hosts (JwksHost.cluster).
+JWKS_CLUSTER_PREFIX = "torpor_jwks_"
+_NOT_IN_NAME = re.compile(r"[^a-z0-9-]")
+#: A JWKS fetch that failed is tried again this often (Envoy's route retry policy, on
+#: 5xx, a reset or a failed connection), backing off from 0.5 s to 5 s.
+JWKS_FETCH_RETRIES = 2
 
 
 def _features_of(service: RoutedService) -> tuple[Feature, ...]:
@@ -308,6 +353,7 @@ class ResourceBuilder:
         self._feature_of: dict[str, tuple[Feature, ...]] = {}
         self._features: collections.Counter[Feature] = collections.Counter()
         self._listener_features: frozenset[Feature] = frozenset()
+        self._jwks_hosts: dict[str, JwksHost] = {}  # by cluster name (`_note_jwks_hosts`)
         # name -> (endpoints it was built for, its ClusterLoadAssignment)
         self._endpoints: dict[str, tuple[tuple[Endpoint, ...], Resource]] = {}
         self._static = {
@@ -485,6 +531,21 @@ class ResourceBuilder:
             self._listener_features = used
             self._put(types.LISTENER, {LISTENER_NAME: Resource.pack(
                 LISTENER_NAME, self._listener(used))})
+            self._note_jwks_hosts(used)
+
+    def _note_jwks_hosts(self, used: frozenset[Feature]) -> None:
+        """One cluster per host the JWT providers in use fetch their JWKS from: added with
+        the first provider that names the host, changed with its CA certificates, removed
+        with the last (the publisher sends clusters before the listener that needs them,
+        and removes them after)."""
+        wanted = {r.remote.host.cluster: r.remote.host for r in used
+                  if isinstance(r, JwtRule) and r.remote is not None}
+        changes: dict[str, Resource | None] = {
+            name: Resource.pack(name, _jwks_cluster(host, self.settings.connect_timeout))
+            for name, host in wanted.items() if self._jwks_hosts.get(name) != host}
+        changes.update({name: None for name in self._jwks_hosts if name not in wanted})
+        self._jwks_hosts = wanted
+        self._put(types.CLUSTER, changes)
 
     def desired(self) -> Desired:
         """The whole config now, and the names touched since the last hand-out (None on
@@ -1087,13 +1148,68 @@ def _auth_filters(features: frozenset[Feature]) -> list[hcm_pb2.HttpFilter]:
     if rules:
         filters.append(hcm_pb2.HttpFilter(name=JWT_FILTER, typed_config=_any(
             jwt_authn_pb2.JwtAuthentication(
-                providers={r.provider: jwt_authn_pb2.JwtProvider(
-                    issuer=r.issuer, audiences=list(r.audiences),
-                    local_jwks=base_pb2.DataSource(inline_string=r.jwks))
-                    for r in rules},
+                providers={r.provider: _jwt_provider(r) for r in rules},
                 requirement_map={r.provider: jwt_authn_pb2.JwtRequirement(
                     provider_name=r.provider) for r in rules}))))
     return filters
+
+
+def _jwt_provider(rule: JwtRule) -> jwt_authn_pb2.JwtProvider:
+    """The JWKS inline, or fetched by Envoy: in the main thread before the listener serves
+    (`async_fetch` without `fast_listener`: a listener change warms until the fetch is done
+    or failed, the old listener serving meanwhile; no request waits for a fetch), and
+    again a few seconds before `cache` runs out."""
+    provider = jwt_authn_pb2.JwtProvider(issuer=rule.issuer, audiences=list(rule.audiences))
+    remote = rule.remote
+    if remote is None:
+        provider.local_jwks.inline_string = rule.jwks
+        return provider
+    provider.remote_jwks.CopyFrom(jwt_authn_pb2.RemoteJwks(
+        http_uri=http_uri_pb2.HttpUri(uri=remote.url, cluster=remote.host.cluster,
+                                      timeout=_duration(remote.timeout)),
+        cache_duration=_duration(remote.cache),
+        async_fetch=jwt_authn_pb2.JwksAsyncFetch(fast_listener=False),
+        retry_policy=base_pb2.RetryPolicy(
+            num_retries=wrappers_pb2.UInt32Value(value=JWKS_FETCH_RETRIES),
+            retry_back_off=backoff_pb2.BackoffStrategy(
+                base_interval=_duration(0.5), max_interval=_duration(5.0)))))
+    return provider
+
+
+def _jwks_cluster(host: JwksHost, connect_timeout: float) -> cluster_pb2.Cluster:
+    """The cluster to a JWKS host: STATIC for an IP address, STRICT_DNS for a name
+    (resolved again every 5 s, IPv4 first); over https, TLS with the host's name as SNI,
+    its certificate checked against the CA certificates and for the host's name."""
+    ip = _is_ip(host.host)
+    cluster = cluster_pb2.Cluster(
+        name=host.cluster,
+        type=cluster_pb2.Cluster.STATIC if ip else cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=_duration(connect_timeout),
+        load_assignment=_cla(host.cluster, [Endpoint(host.host, host.port)]))
+    if not ip:
+        cluster.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
+    if host.ca is not None:
+        san = common_pb2.SubjectAltNameMatcher(
+            san_type=common_pb2.SubjectAltNameMatcher.IP_ADDRESS if ip
+            else common_pb2.SubjectAltNameMatcher.DNS,
+            matcher=string_pb2.StringMatcher(exact=host.host))
+        context = tls_pb2.UpstreamTlsContext(
+            sni="" if ip else host.host,
+            common_tls_context=tls_pb2.CommonTlsContext(
+                validation_context=common_pb2.CertificateValidationContext(
+                    trusted_ca=base_pb2.DataSource(inline_string=host.ca),
+                    match_typed_subject_alt_names=[san])))
+        cluster.transport_socket.CopyFrom(base_pb2.TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=_any(context)))
+    return cluster
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _domains(hosts: Iterable[str]) -> list[str]:
