@@ -1543,8 +1543,8 @@ def _check_jwks(r: _Reader, key: str, jwt: JwtConfig, raw: dict[str, Any]) -> No
     """One JWKS, a file or a URL, and its files read now (a missing or bad one is a config
     error); the URL's own keys only beside a URL."""
     if (jwt.jwks is None) == (jwt.jwks_url is None):
-        r.fail(key, "give one of jwks (a JWKS file) or jwks_url (an http or https URL "
-               "Envoy fetches the JWKS from), not both")
+        r.fail(key, "give exactly one of jwks (a JWKS file) or jwks_url (an http or https "
+               "URL Envoy fetches the JWKS from)")
     if jwt.jwks is not None:
         given = [name for name in _JWKS_URL_KEYS if name in raw]
         if given:

@@ -1,4 +1,5 @@
-"""API key and JWKS files: what they may hold, and the config errors that name them."""
+"""API key and JWKS files (or a JWKS URL): what they may hold, and the config errors that
+name them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from assembly import cli
+from torpor import credentials_files
 from torpor.config import NO_AUTH, load_config, service_auth
-from torpor.credentials_files import read_api_keys, read_jwks
+from torpor.credentials_files import jwks_ca_file, read_api_keys, read_ca_bundle, read_jwks
 from torpor.errors import ConfigError
 
 KEY = "k" * 20
@@ -67,3 +70,83 @@ def test_auth_sections(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.key == "services[0].auth.api_keys"
+
+
+# --- a JWKS fetched from a URL ---------------------------------------------------------
+
+
+def jwt_config(tmp_path: Path, jwt: str) -> Path:
+    path = tmp_path / "torpor.yaml"
+    path.write_text(f"gateway: {{auth: {{jwt: {{issuer: 'https://issuer.test', {jwt}}}}}}}\n"
+                    "services:\n  - {name: a, host: a.test, local: {command: [x]}}\n")
+    return path
+
+
+def test_a_jwks_url_with_its_defaults_and_settings(tmp_path: Path) -> None:
+    config = load_config(jwt_config(tmp_path, "jwks_url: 'http://127.0.0.1:8000/jwks'"))
+    assert config.gateway.auth is not None and config.gateway.auth.jwt is not None
+    jwt = config.gateway.auth.jwt
+    assert (jwt.jwks, jwt.jwks_url) == (None, "http://127.0.0.1:8000/jwks")
+    assert (jwt.jwks_cache, jwt.jwks_timeout, jwt.jwks_ca) == (300.0, 5.0, None)
+    ca = tmp_path / "ca.pem"
+    ca.write_text(read_ca_bundle(jwks_ca_file(None)))
+    config = load_config(jwt_config(
+        tmp_path, "jwks_url: 'https://login.example.com/keys', jwks_cache: 1h, "
+                  "jwks_timeout: 2s, jwks_ca: ca.pem"))
+    assert config.gateway.auth is not None and config.gateway.auth.jwt is not None
+    jwt = config.gateway.auth.jwt
+    assert (jwt.jwks_cache, jwt.jwks_timeout, jwt.jwks_ca) == (3600.0, 2.0, ca)
+
+
+@pytest.mark.parametrize(("jwt", "key", "words"), [
+    ("audiences: [x]", "gateway.auth.jwt", "give exactly one of jwks (a JWKS file) or jwks_url"),
+    ("jwks: jwks.json, jwks_url: 'http://h.test/k'", "gateway.auth.jwt",
+     "give exactly one of jwks (a JWKS file) or jwks_url"),
+    ("jwks: jwks.json, jwks_cache: 1m", "gateway.auth.jwt.jwks_cache", "only with jwks_url"),
+    ("jwks: jwks.json, jwks_ca: ca.pem", "gateway.auth.jwt.jwks_ca", "only with jwks_url"),
+    ("jwks_url: 'ftp://h.test/k'", "gateway.auth.jwt.jwks_url", "an http or https URL"),
+    ("jwks_url: 'https:///k'", "gateway.auth.jwt.jwks_url", "an http or https URL"),
+    ("jwks_url: 'https://u:p@h.test/k'", "gateway.auth.jwt.jwks_url", "without user"),
+    ("jwks_url: 'https://h.test:99999/k'", "gateway.auth.jwt.jwks_url", "an http or https URL"),
+    ("jwks_url: 'https://h.test:0/k'", "gateway.auth.jwt.jwks_url", "a port from 1"),
+    ("jwks_url: 'http://h.test/k', jwks_cache: 0s", "gateway.auth.jwt.jwks_cache",
+     "from 1s to 86400s"),
+    ("jwks_url: 'http://h.test/k', jwks_cache: 2d", "gateway.auth.jwt.jwks_cache",
+     "from 1s to 86400s"),
+    ("jwks_url: 'http://h.test/k', jwks_timeout: 5m", "gateway.auth.jwt.jwks_timeout",
+     "from 0.1s to 60s"),
+    ("jwks_url: 'http://h.test/k', jwks_ca: ca.pem", "gateway.auth.jwt.jwks_ca",
+     "only with an https jwks_url"),
+    ("jwks_url: 'https://h.test/k', jwks_ca: missing.pem", "gateway.auth.jwt.jwks_ca",
+     "cannot read the CA certificates"),
+    ("jwks_url: 'https://h.test/k', jwks_ca: jwks.json", "gateway.auth.jwt.jwks_ca",
+     "is not a PEM file of CA certificates"),
+    ("jwks_urls: 'https://h.test/k'", "gateway.auth.jwt.jwks_urls", "did you mean 'jwks_url'"),
+])
+def test_bad_jwks_settings_name_the_key(tmp_path: Path, jwt: str, key: str,
+                                        words: str) -> None:
+    (tmp_path / "jwks.json").write_text('{"keys": [{"kty": "EC"}]}')
+    (tmp_path / "ca.pem").write_text(read_ca_bundle(jwks_ca_file(None)))
+    path = jwt_config(tmp_path, jwt)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == key, str(caught.value)
+    assert words in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_bad_jwks_url_is_a_config_error_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = jwt_config(tmp_path, "jwks_url: 'ftp://h.test/k'")
+    assert cli.main(["envoy-bootstrap", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "gateway.auth.jwt.jwks_url" in err and "Traceback" not in err
+
+
+def test_without_a_system_ca_bundle_https_needs_jwks_ca(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(credentials_files, "_SYSTEM_BUNDLES", ())
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(jwt_config(tmp_path, "jwks_url: 'https://h.test/k'"))
+    assert caught.value.key == "gateway.auth.jwt.jwks_ca"
+    assert "no system CA bundle found" in str(caught.value)
