@@ -4,7 +4,9 @@ https (the name `localhost`: STRICT_DNS, the server's certificate checked agains
 `jwks_ca`). The JWKS is fetched before the gateway serves; a good token passes, a missing,
 expired or other issuer's one, or one of a key the JWKS does not hold, gets 401 JSON; a
 key rotated on the server is taken after `jwks_cache` (the old key then refused); a JWKS
-host that cannot be reached lets nobody in while a service without auth still answers."""
+host that cannot be reached lets nobody in while a service without auth still answers.
+A provider added by a config reload brings its JWKS host's cluster into Envoy, and the
+cluster leaves with the last provider that names it."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from tests.support.configs import model_service, write_config
 from tests.support.net import free_port, wait_until
 from tests.support.up import UpRuns
 from torpor.config import load_config
+from torpor.gateway import admin_session, admin_url
 
 pytestmark = pytest.mark.envoy
 
@@ -188,5 +191,68 @@ async def test_envoy_fetches_the_jwks_and_follows_a_rotated_key(
         await wait_until(rotated_accepted, 30, "the rotated key accepted", interval=0.25)
         assert plain.fetches > fetches
         assert (await get("plain", good))[0] == 401
+    finally:
+        await runs.stop_all()
+
+
+async def test_the_jwks_cluster_comes_and_goes_with_the_provider(
+        tmp_path: Path, servers: list[JwksServer]) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwks = JwksServer({"keys": [jwk(key, "k1")]})
+    servers.append(jwks)
+    await jwks.start()
+    open_entry = model_service("svc", 1)
+    auth = (f"    auth: {{jwt: {{issuer: '{ISSUER}', "
+            f"jwks_url: 'http://127.0.0.1:{jwks.port}/jwks.json'}}}}\n")
+    path = write_config(tmp_path, open_entry)
+    path.write_text(path.read_text().replace("control_plane: {",
+                                             "control_plane: {reload_poll: 0.5s, ", 1))
+    config = load_config(path)
+    gateway = f"http://{config.gateway.listen}/predict?text=good"
+    runs = UpRuns()
+
+    async def status(bearer: str | None = None) -> int:
+        headers = {"Host": "svc.localhost"}
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
+        async with aiohttp.ClientSession() as session, \
+                session.get(gateway, headers=headers) as r:
+            await r.read()
+            return r.status
+
+    async def jwks_clusters() -> list[str]:
+        url = admin_url(config.gateway.admin, "/clusters")
+        async with admin_session(config.gateway.admin, 10) as admin, admin.get(url) as r:
+            text = await r.text()
+        return sorted({line.split("::")[0] for line in text.splitlines()
+                       if line.startswith("torpor_jwks_")})
+
+    def edit(entry: str) -> None:
+        text = path.read_text()
+        path.write_text(text[:text.index("services:")] + "services:\n" + entry)
+
+    try:
+        await runs.start(path)
+        assert await status() == 200 and await jwks_clusters() == []
+        edit(open_entry + auth)
+
+        async def asked() -> bool:
+            return await status() == 401
+
+        await wait_until(asked, 30, "svc asks for a JWT")
+        assert await status(token(key, "k1")) == 200
+        (cluster,) = await jwks_clusters()
+        assert cluster.startswith("torpor_jwks_127_0_0_1_")
+        edit(open_entry)
+
+        async def not_asked() -> bool:
+            return await status() == 200
+
+        await wait_until(not_asked, 30, "svc open again")
+
+        async def cluster_gone() -> bool:
+            return await jwks_clusters() == []
+
+        await wait_until(cluster_gone, 30, "the JWKS cluster removed")
     finally:
         await runs.stop_all()
