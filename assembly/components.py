@@ -217,7 +217,7 @@ class Assembly:
         status request of an asynchronous call another replica took is fetched from it).
         Raises TorporError for a member name that cannot be part of a call's id."""
         fleet = self.coordination
-        if fleet is None or fleet.registry is None:
+        if fleet is None or fleet.registry is None or not self.config.activator.async_calls:
             return None
         try:
             return Replicas(fleet.member, fleet.registry.http_address)
