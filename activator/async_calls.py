@@ -7,7 +7,8 @@ Owns: the spool of calls (one JSON file of metadata and one file of body per cal
 `async_result_ttl`; count: `async_max_calls`), and the answers to a status request. A
 call never disappears silently: a result too large, a wake that failed, an activator that
 stopped or restarted while the call ran, each leaves a failed call whose status says why.
-Holding, waking and the answers of a failed hold are holding.py's and answers.py's.
+Holding, waking and the answers of a failed hold are holding.py's and answers.py's; which
+replica of a fleet keeps a call, and fetching a status from it, async_owners.py's.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,13 @@ import aiohttp
 from aiohttp import web
 
 from activator.answers import Answer, answer_for
+from activator.async_owners import (
+    FORWARDED_HEADER,
+    Replicas,
+    StatusForwarder,
+    new_call_id,
+    where_answered,
+)
 from activator.holding import Holding, Ready
 from activator.proxy import HOP_BY_HOP
 from torpor import metrics
@@ -61,11 +68,13 @@ class CallState:
 
 class ResultSpool:
     """Calls on disk: survives an activator restart (a call that was running is then
-    marked failed, not lost); bounded in size per call, in age and in count."""
+    marked failed, not lost); bounded in size per call, in age and in count. `owner`: the
+    replica's name in a fleet, which every id it makes starts with (None: one process)."""
 
     def __init__(self, directory: Path, ttl: float, max_calls: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, owner: str | None = None) -> None:
         self._dir = directory
+        self._owner = owner
         self._ttl = ttl
         self._max_calls = max_calls
         self._clock = clock
@@ -87,7 +96,7 @@ class ResultSpool:
         if sum(1 for _ in self._dir.glob("*.json")) >= self._max_calls:
             raise OverflowError(f"{self._max_calls} asynchronous calls are kept already "
                                 "(activator.async_max_calls); fetch or wait for some")
-        state = CallState(secrets.token_urlsafe(18), service, RUNNING, self._clock())
+        state = CallState(new_call_id(self._owner), service, RUNNING, self._clock())
         self._write(state)
         return state
 
@@ -176,11 +185,15 @@ class CallRequest:
 
 
 class AsyncCalls:
-    """Accepts calls (202), runs them in the background, answers status requests."""
+    """Accepts calls (202), runs them in the background, answers status requests (in a
+    fleet, `replicas`: fetching those of calls another replica keeps from it)."""
 
     def __init__(self, spool: ResultSpool, holding: Holding, max_bytes: int,
-                 proxy_timeout: float | None = None) -> None:
+                 proxy_timeout: float | None = None, replicas: Replicas | None = None
+                 ) -> None:
         self._spool = spool
+        self._me = replicas.me if replicas is not None else None
+        self._forwarder = StatusForwarder(replicas, max_bytes) if replicas else None
         self._holding = holding
         self._max_bytes = max_bytes
         self._tasks: set[asyncio.Task[None]] = set()
@@ -190,6 +203,8 @@ class AsyncCalls:
 
     async def start(self) -> None:
         self._spool.open()
+        if self._forwarder is not None:
+            await self._forwarder.start()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(), timeout=self._timeout)
@@ -202,6 +217,8 @@ class AsyncCalls:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._forwarder is not None:
+            await self._forwarder.stop()
 
     # --- accepting ----------------------------------------------------------------------
 
@@ -291,6 +308,18 @@ class AsyncCalls:
         versions), or None."""
         state = self._spool.get(call_id)
         return state.service if state is not None else None
+
+    def kept_elsewhere(self, call_id: str, headers: Mapping[str, str]) -> str | None:
+        """The replica that keeps `call_id` when it is not this one and the status request
+        (its `headers`) may be forwarded there; None: answer it here (`status`)."""
+        return where_answered(call_id, kept_here=self._spool.get(call_id) is not None,
+                              me=self._me, forwarded=FORWARDED_HEADER in headers)
+
+    async def fetch_status(self, request: web.Request, owner: str, service: str
+                           ) -> web.Response:
+        """The answer of the replica `owner` to this status request (`kept_elsewhere`)."""
+        assert self._forwarder is not None
+        return await self._forwarder.fetch(request, owner, service)
 
     def status(self, call_id: str, service: str) -> web.Response:
         """202 while the call runs; then its own status, headers and body. A call is

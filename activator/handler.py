@@ -145,6 +145,9 @@ class ActivatorHandler:
         if self._calls is not None:
             call_id = call_id_of(request.path)
             if call_id is not None and request.method in ("GET", "HEAD"):
+                keeper = self._calls.kept_elsewhere(call_id, request.headers)
+                if keeper is not None:  # another replica of the fleet took the call
+                    return await self._calls.fetch_status(request, keeper, name)
                 return self._calls.status(call_id, await self._call_owner(request, call_id,
                                                                           service))
             if wants_async(request.headers) and not self._holding.draining:

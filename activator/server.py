@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from activator.async_calls import AsyncCalls, ResultSpool
+from activator.async_owners import Replicas
 from activator.edge_server import EdgeAppRunner
 from activator.h2_holder import H2Holder
 from activator.handler import ActivatorHandler, Wakings, make_app
@@ -43,11 +44,14 @@ class ActivatorServer:
                  on_held: Callable[[str], None] | None = None,
                  after_wake: Callable[[str], Awaitable[None]] | None = None,
                  catalog: ServiceCatalog | None = None,
-                 on_miss: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_miss: Callable[[], Awaitable[None]] | None = None,
+                 replicas: Replicas | None = None) -> None:
         """`after_wake(name)` returns once every Envoy sends `name`'s traffic to its
         replicas: the HTTP/2 holder asks Envoy to replay a held request only then.
         `catalog` maps hosts to services (default: the config's); `on_miss` refreshes it
-        when a host is not found."""
+        when a host is not found. `replicas`: this activator's name in a fleet and where
+        the other activators are (asynchronous calls are fetched from the one that took
+        them); None: one activator."""
         self._config = config
         self._catalog = catalog if catalog is not None else ServiceCatalog(config.services)
         self._on_miss = on_miss
@@ -55,6 +59,7 @@ class ActivatorServer:
         self._clock = clock
         self._on_held = on_held
         self._after_wake = after_wake
+        self._replicas = replicas
         self._h2: H2Holder | None = None
         self._handler: ActivatorHandler | None = None
         self._site: web.TCPSite | None = None
@@ -82,8 +87,9 @@ class ActivatorServer:
         if activator.async_calls:
             self._calls = AsyncCalls(
                 ResultSpool(activator.async_spool or self._config.log_dir() / "async",
-                            activator.async_result_ttl, activator.async_max_calls),
-                holding, activator.async_max_bytes)
+                            activator.async_result_ttl, activator.async_max_calls,
+                            owner=self._replicas.me if self._replicas else None),
+                holding, activator.async_max_bytes, replicas=self._replicas)
             await self._calls.start()
         handler = ActivatorHandler(lookup, holding, self._proxy, self._wakings(), self._calls)
         self._handler, self._holding = handler, holding

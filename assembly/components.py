@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from activator.admin_waker import AdminRouteConfirmation, AdminWaker
+from activator.async_owners import Replicas
 from activator.catalog_mirror import CatalogMirror
 from activator.server import ActivatorServer
 from assembly.envoy_process import SupervisedEnvoy
@@ -205,10 +206,23 @@ class Assembly:
         cp = self.control_plane
         self.activator = ActivatorServer(
             self.config, waker, catalog=self.catalog, after_wake=confirm, on_miss=on_miss,
-            on_held=cp.collector.note_held if cp is not None else None)
+            on_held=cp.collector.note_held if cp is not None else None,
+            replicas=self._replicas())
         self._stack.push_async_callback(self.activator.stop)
         await self.activator.start()
         await self._register()
+
+    def _replicas(self) -> Replicas | None:
+        """In a fleet: this activator's name and the registry's lookup of the others (a
+        status request of an asynchronous call another replica took is fetched from it).
+        Raises TorporError for a member name that cannot be part of a call's id."""
+        fleet = self.coordination
+        if fleet is None or fleet.registry is None or not self.config.activator.async_calls:
+            return None
+        try:
+            return Replicas(fleet.member, fleet.registry.http_address)
+        except ValueError as exc:
+            raise TorporError(str(exc)) from exc
 
     async def _activator_parts(self) -> tuple[Wakes, Callable[[str], Awaitable[None]],
                                               Callable[[], Awaitable[None]] | None]:

@@ -238,6 +238,13 @@ ASYNC_CALLS = Counter(
     "Asynchronous calls (Prefer: respond-async) by outcome: accepted, done, failed",
     ["service", "outcome"],
 )
+ASYNC_STATUS_FORWARDS = Counter(
+    "torpor_activator_async_status_forwards",
+    "Status requests of asynchronous calls kept by another activator replica, by outcome: "
+    "relayed (the owner answered), owner_gone, owner_unreachable, registry_unavailable, "
+    "too_large",
+    ["outcome"],
+)
 PROXY_ERRORS = Counter(
     "torpor_activator_proxy_errors", "Held requests the activator could not proxy", ["service"]
 )

@@ -1,7 +1,8 @@
 """A fleet on one machine, for fleet-mode tests: a real etcd, the fake Kubernetes API,
 N `torpor xds-server` and M `torpor activator` processes (each with its own config file:
-its own ports, the same etcd and services), and one real Envoy whose xDS cluster lists
-every control plane. Every process is stopped by `stop()`, even after a failed test.
+its own ports and folder of asynchronous calls, the same etcd and services), and one real
+Envoy whose xDS cluster lists every control plane. Every process is stopped by `stop()`,
+even after a failed test.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ gateway: {{listen: 127.0.0.1:{self.listen}, admin: 127.0.0.1:{self.envoy_admin}}
 control_plane: {{xds: 127.0.0.1:{p['xds']}, admin_api: 127.0.0.1:{p['api']},
                 metrics: 127.0.0.1:{p['metrics']}, ack_timeout: 5s, stats_flush_every: 1s}}
 activator: {{listen: 127.0.0.1:{p['act']}, metrics: 127.0.0.1:{p['actm']},
-            listen_h2: 127.0.0.1:{p['acth2']}, wake_timeout: {c['wake_timeout']}}}
+            listen_h2: 127.0.0.1:{p['acth2']}, wake_timeout: {c['wake_timeout']},
+            async_spool: ./{member}-async}}
 store: {{kind: etcd, endpoints: ["{self.etcd.endpoint}"], lease_ttl: {c['lease_ttl']},
         timeout: 2s, member: {member}}}
 workloads: {{kind: kubernetes, kubeconfig: ./kubeconfig, poll_every: 1s, discover: false,

@@ -193,6 +193,24 @@ async def test_a_registration_is_followed_and_goes_with_its_lease(etcd: EtcdServ
         assert await etcd.keys(PREFIX + "activators/") == {}
 
 
+async def test_an_activator_finds_another_by_name(etcd: EtcdServer) -> None:
+    """The look-up behind a status request of an asynchronous call kept by another replica
+    (activator/async_owners.py): the registered HTTP/1 address, None once it is gone, and
+    None for a value that is not a registration."""
+    async with session_on(etcd.endpoint, "act-0", ttl=2, timeout=1.0) as s0:
+        finder = ActivatorRegistry(s0)
+        assert await finder.http_address("act-1") is None
+        async with session_on(etcd.endpoint, "act-1", ttl=2, timeout=1.0) as s1:
+            registry = ActivatorRegistry(s1)
+            await registry.register(HTTP1, H2)
+            assert await finder.http_address("act-1") == HTTP1
+            await registry.stop()  # deregistered: gone at once
+            assert await finder.http_address("act-1") is None
+            await s1.conn.call("put", s1.conn.kv.Put, rpc.PutRequest(
+                key=s1.conn.key("activators", "act-2"), value=b"not json"))
+            assert await finder.http_address("act-2") is None
+
+
 async def test_a_killed_activator_drops_out_after_its_lease_ttl(
         etcd: EtcdServer, tmp_path: Path) -> None:
     ttl = 2.0

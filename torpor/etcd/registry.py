@@ -3,7 +3,9 @@
 Owns two sides of `<prefix>activators/<member>`: an activator puts its addresses there on
 its session lease (so a dead replica drops out when its lease expires, a stopped one at
 once), and a control plane watches the range and hands every change to a callback, which
-puts the set into Envoy's activator cluster. Must not know about Envoy.
+puts the set into Envoy's activator cluster. An activator also looks one replica up by
+name (`http_address`: where a call another replica took is kept). Must not know about
+Envoy.
 """
 
 from __future__ import annotations
@@ -101,6 +103,16 @@ class ActivatorRegistry:
                                       rpc.DeleteRangeRequest(
                                           key=self._prefix + self._session.member.encode()))
             self._own = None
+
+    # --- an activator finds another --------------------------------------------------------
+
+    async def http_address(self, member: str) -> Endpoint | None:
+        """The HTTP/1 address the replica `member` registered, or None when it is not
+        registered (stopped, or its lease expired). One get of its key, within the store's
+        call timeout; raises StoreError when etcd does not answer."""
+        kv = await self._conn.get(self._prefix + member.encode())
+        parsed = None if kv is None else self._parse(kv.key, kv.value)
+        return None if parsed is None else parsed[1][0]
 
     # --- a control plane follows the set ------------------------------------------------
 
