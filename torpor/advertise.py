@@ -8,11 +8,11 @@ activator (what it registers in a fleet).
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
 from torpor.config import ActivatorConfig
 from torpor.errors import TorporError
+from torpor.model import is_ip_literal
 
 
 def advertised_activator_host(activator: ActivatorConfig) -> str:
@@ -22,11 +22,8 @@ def advertised_activator_host(activator: ActivatorConfig) -> str:
     host = activator.advertise or activator.listen.host
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
-    try:
-        ipaddress.ip_address(host)
+    if is_ip_literal(host):
         return host
-    except ValueError:
-        pass
     try:
         infos = socket.getaddrinfo(host, activator.listen.port, socket.AF_INET,
                                    socket.SOCK_STREAM)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,16 @@ ALLOWED_TRANSITIONS: Mapping[ServiceState, frozenset[ServiceState]] = {
 #: How many transitions a record keeps; older ones are dropped (status shows the recent ones).
 HISTORY_LIMIT = 50
 
+
+
+def is_ip_literal(host: str) -> bool:
+    """True for an IPv4 or IPv6 address, False for a name: Envoy takes a literal as a
+    STATIC endpoint and needs STRICT_DNS for a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Endpoint:

@@ -13,13 +13,13 @@ to it.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 from typing import Any
 
 from torpor.async_calls import PREFER_HEADER
 from torpor.config import DEFAULT_STATS_FLUSH, Address, ClientTlsConfig, Config
 from torpor.errors import ConfigError
+from torpor.model import is_ip_literal
 from torpor.routes import SERVICE_HEADER, VERSION_HEADER
 from xds_server import stats_sink
 from xds_server.resources import RETRY_HEADER
@@ -159,7 +159,7 @@ _HTTP_OPTIONS_TYPE = "type.googleapis.com/envoy.extensions.upstreams.http.v3.Htt
 def _control_plane_cluster(xds: Address, tls: ClientTlsConfig | None) -> dict[str, Any]:
     cluster = {
         "name": "torpor_xds",
-        "type": "STATIC" if xds.is_unix or _is_ip(xds.host) else "STRICT_DNS",
+        "type": "STATIC" if xds.is_unix or is_ip_literal(xds.host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": "torpor_xds",
@@ -191,7 +191,7 @@ def _tls_socket(xds: Address, tls: ClientTlsConfig) -> dict[str, Any]:
     if tls.ca is not None:
         common["validation_context"] = {"trusted_ca": {"filename": str(tls.ca)}}
     context: dict[str, Any] = {"@type": _TLS_CONTEXT_TYPE, "common_tls_context": common}
-    if not xds.is_unix and not _is_ip(xds.host):
+    if not xds.is_unix and not is_ip_literal(xds.host):
         context["sni"] = xds.host
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
@@ -206,14 +206,6 @@ def _socket(address: Address, mode: int | None = None) -> dict[str, Any]:
     return {"socket_address": {"address": address.host, "port_value": address.port}}
 
 
-
-def _is_ip(host: str) -> bool:
-    """STATIC clusters need an IP literal; a name needs STRICT_DNS."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 # --- Envoy's statistics for Prometheus ------------------------------------------------------
@@ -237,7 +229,7 @@ def add_stats_listener(boot: dict[str, Any], listen: Address | None, admin: Addr
     endpoint = {"endpoint": {"address": _socket(admin)}}
     boot["static_resources"]["clusters"].append({
         "name": ADMIN_CLUSTER,
-        "type": "STATIC" if admin.is_unix or _is_ip(admin.host) else "STRICT_DNS",
+        "type": "STATIC" if admin.is_unix or is_ip_literal(admin.host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": ADMIN_CLUSTER,
                             "endpoints": [{"lb_endpoints": [endpoint]}]},

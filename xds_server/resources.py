@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import gc
 import hashlib
-import ipaddress
 import re
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TypeVar
@@ -80,7 +79,7 @@ from google.protobuf.message import Message
 
 from torpor.async_calls import PREFER_HEADER, RESPOND_ASYNC, STATUS_PATH
 from torpor.edge import EdgeLimits
-from torpor.model import Endpoint
+from torpor.model import Endpoint, is_ip_literal
 from torpor.routes import ROOT, SERVICE_HEADER, VERSION_HEADER
 from xds_server import types, validation
 from xds_server.cache import Desired, Resource
@@ -1180,7 +1179,7 @@ def _jwks_cluster(host: JwksHost, connect_timeout: float) -> cluster_pb2.Cluster
     """The cluster to a JWKS host: STATIC for an IP address, STRICT_DNS for a name
     (resolved again every 5 s, IPv4 first); over https, TLS with the host's name as SNI,
     its certificate checked against the CA certificates and for the host's name."""
-    ip = _is_ip(host.host)
+    ip = is_ip_literal(host.host)
     cluster = cluster_pb2.Cluster(
         name=host.cluster,
         type=cluster_pb2.Cluster.STATIC if ip else cluster_pb2.Cluster.STRICT_DNS,
@@ -1203,13 +1202,6 @@ def _jwks_cluster(host: JwksHost, connect_timeout: float) -> cluster_pb2.Cluster
             name="envoy.transport_sockets.tls", typed_config=_any(context)))
     return cluster
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _domains(hosts: Iterable[str]) -> list[str]:
