@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from torpor import admin_client
@@ -30,6 +30,36 @@ SOURCE = "control-plane"
 MISS_REFRESH_MIN_INTERVAL = 0.5
 
 
+class MissRefresh:
+    """A catalog refresh run when a request names a host the catalog does not know, so
+    that a service added a moment ago is found on its first request: at most once per
+    MISS_REFRESH_MIN_INTERVAL (a burst of unknown hosts costs one), concurrent callers
+    sharing the one in flight."""
+
+    def __init__(self, refresh: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._refresh = refresh
+        self._refreshing: asyncio.Task[None] | None = None
+        self._last = 0.0
+
+    def ran(self) -> None:
+        """A refresh ran just now by other means (the periodic one)."""
+        self._last = time.monotonic()
+
+    async def __call__(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            if time.monotonic() - self._last < MISS_REFRESH_MIN_INTERVAL:
+                return
+            self._last = time.monotonic()
+            self._refreshing = asyncio.create_task(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def stop(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
+
+
 class CatalogMirror:
     """Keeps `catalog` equal to the control plane's service list (besides config ones)."""
 
@@ -39,32 +69,23 @@ class CatalogMirror:
         self._catalog = catalog
         self._every = every
         self._task: asyncio.Task[None] | None = None
-        self._refreshing: asyncio.Task[None] | None = None
-        self._last_refresh = 0.0
+        self.refresh_on_miss = MissRefresh(self.refresh)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        for task in (self._task, self._refreshing):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.refresh_on_miss.stop()
         self._task = None
-
-    async def refresh_on_miss(self) -> None:
-        """Refresh now unless one ran very recently; concurrent callers share one call."""
-        if self._refreshing is None or self._refreshing.done():
-            if time.monotonic() - self._last_refresh < MISS_REFRESH_MIN_INTERVAL:
-                return
-            self._refreshing = asyncio.create_task(self.refresh())
-        await asyncio.shield(self._refreshing)
 
     async def refresh(self) -> None:
         """Copy the control plane's list once; on failure keep the last copy (a host that
         was known stays served while the control plane restarts)."""
-        self._last_refresh = time.monotonic()
+        self.refresh_on_miss.ran()
         try:
             statuses = await asyncio.to_thread(admin_client.list_statuses, self._address)
         except admin_client.AdminError as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from activator.admin_waker import AdminRouteConfirmation, AdminWaker
 from activator.async_owners import Replicas
-from activator.catalog_mirror import CatalogMirror
+from activator.catalog_mirror import CatalogMirror, MissRefresh
 from activator.server import ActivatorServer
 from assembly.envoy_process import SupervisedEnvoy
 from torpor import metrics
@@ -236,24 +236,27 @@ class Assembly:
         settings = settings_lookup(config.activator, self.catalog.get)
         if wakes_itself(config):
             assert self.coordination is not None and self.workloads is not None
-            await self._follow_registrations(self.coordination, self.workloads)
+            on_miss = await self._follow_registrations(self.coordination, self.workloads)
             catalog = self.catalog
             waker = Waker(self.coordination.store, self.workloads, self.coordination.locks,
                           wake_timeout=config.activator.wake_timeout,
                           flip_when=config.wake.flip_when, settings=settings,
                           members=lambda name: group_members(catalog.services(), name))
             self._stack.push_async_callback(waker.close)
-            return waker, confirm, None
+            return waker, confirm, on_miss
         mirror = CatalogMirror(admin, self.catalog)
         await mirror.start()
         self._stack.push_async_callback(mirror.stop)
         return (AdminWaker(admin, config.activator.wake_timeout, settings), confirm,
                 mirror.refresh_on_miss)
 
-    async def _follow_registrations(self, fleet: Coordination, workloads: Workloads) -> None:
+    async def _follow_registrations(self, fleet: Coordination, workloads: Workloads
+                                    ) -> MissRefresh:
         """An activator that wakes services itself has its own catalog (config and
         discovery): services registered through the admin API join it from the store, at
-        start and within 2 s of a registration. It pushes nothing: no Envoy is its own."""
+        start, within 2 s of a registration, and at once when a request names a host it
+        does not know (what this returns: a service registered and put to sleep within
+        those 2 s is still found). It pushes nothing: no Envoy is its own."""
 
         async def no_push() -> None:
             return None
@@ -264,6 +267,16 @@ class Assembly:
         await registrations.load()
         following = asyncio.create_task(registrations.follow())
         self._stack.push_async_callback(_cancelled, following)
+
+        async def sync() -> None:
+            try:
+                await registrations.sync()
+            except TorporError as exc:
+                event(log, "registrations.sync_failed", level=logging.WARNING, error=str(exc))
+
+        on_miss = MissRefresh(sync)
+        self._stack.push_async_callback(on_miss.stop)
+        return on_miss
 
     async def _register(self) -> None:
         """In a fleet, put this activator in every control plane's activator cluster; the
