@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -40,25 +38,25 @@ from typing import Any
 
 import aiohttp
 import grpc
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.on_demand.v3 import on_demand_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from xds_scale import Backend, free_port, load_average, rss_kb  # noqa: E402
+from xds_scale import Backend, free_port, load_average, rss_kb
 
-from torpor.config import Address  # noqa: E402
-from torpor.gateway import envoy_binary  # noqa: E402
-from torpor.model import Endpoint  # noqa: E402
-from xds_server import types  # noqa: E402
-from xds_server.bootstrap import bootstrap  # noqa: E402
-from xds_server.resources import ROUTE_CONFIG_NAME, GatewaySettings, ResourceBuilder, RoutedService  # noqa: E402,E501
+from torpor.config import Address
+from torpor.gateway import envoy_binary
+from torpor.model import Endpoint
+from xds_server import types
+from xds_server.bootstrap import bootstrap
+from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
 
 LOOPBACK = "127.0.0.1"
 VHOST = types.PREFIX + "envoy.config.route.v3.VirtualHost"
@@ -261,7 +259,7 @@ class Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore
     def __init__(self, plane: Plane) -> None:
         self.plane = plane
 
-    async def DeltaAggregatedResources(  # noqa: N802
+    async def DeltaAggregatedResources(
             self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
             context: grpc.aio.ServicerContext) -> AsyncIterator[
                 discovery_pb2.DeltaDiscoveryResponse]:
@@ -371,7 +369,7 @@ def ms(x: float) -> str:
 
 
 async def run(n: int, mode: str, catch_all: bool, not_found: str, remove: str,
-              fetch_timeout_ms: int) -> None:
+              fetch_timeout_ms: int, load_upto: int, remove_by: str) -> None:
     print(f"# on-demand probe: {n} services, clusters by {mode}, catch-all * in base: "
           f"{catch_all}; load {load_average()}")
     backend = await Backend("backend").start()
@@ -397,7 +395,8 @@ async def run(n: int, mode: str, catch_all: bool, not_found: str, remove: str,
             timeout = aiohttp.ClientTimeout(total=REQ_TIMEOUT)
             async with aiohttp.ClientSession(timeout=timeout) as s:
                 try:
-                    await probe(envoy, plane, s, listen, table, n, activator, remove)
+                    await probe(envoy, plane, s, listen, table, n, activator, remove, load_upto,
+                                remove_by)
                 finally:
                     nacks = [x for st in plane.streams for x in st.nacks]
                     print(f"NACKs: {len(nacks)} {nacks[:3]}")
@@ -414,7 +413,8 @@ async def run(n: int, mode: str, catch_all: bool, not_found: str, remove: str,
 
 
 async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: int,
-                table: list[RoutedService], n: int, activator: Backend, remove: str) -> None:
+                table: list[RoutedService], n: int, activator: Backend, remove: str,
+                load_upto: int, remove_by: str) -> None:
     # 1. base sync
     t0 = time.perf_counter()
     await envoy.start()
@@ -439,7 +439,7 @@ async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: in
         (first if st == 200 and body == "backend" else bad).append(dt)
         if st != 200 or body != "backend":
             bad[-1] = (host, st, body)  # type: ignore[call-overload]
-        st2, body2, dt2 = await get(s, listen, host)
+        st2, _, dt2 = await get(s, listen, host)
         if st2 == 200:
             second.append(dt2)
     print(f"2. first request (on-demand) p50 {ms(pct(first, .5))} p99 {ms(pct(first, .99))} "
@@ -511,7 +511,8 @@ async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: in
     print(f"   HTTP/2 (h2c) loaded   {table[5].host}: {await curl_h2(listen, table[5].host)}")
     print(f"   HTTP/2 (h2c) unknown host: {await curl_h2(listen, 'nobody2.example')}")
     asked = plane.requested.get("VirtualHost", [])
-    print(f"   VHDS names asked for (samples): {[a for a in asked if ':' in a or 'SVC' in a or 'nobody' in a][:6]}")
+    odd = [a for a in asked if ":" in a or "SVC" in a or "nobody" in a]
+    print(f"   VHDS names asked for (port, capitals, unknown): {odd[:6]}")
     # 4. RSS after 1,000 and all services requested once
     sem = asyncio.Semaphore(8)
 
@@ -519,7 +520,7 @@ async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: in
         async with sem:
             return (await get(s, listen, h))[0]
 
-    for upto in sorted({min(1000, n), n}):
+    for upto in sorted({min(1000, n), min(load_upto, n)}):
         t1 = time.perf_counter()
         codes = await asyncio.gather(*(one(x.host) for x in table[:upto] if x.host not in spare))
         ok = sum(c == 200 for c in codes)
@@ -530,7 +531,9 @@ async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: in
     # remove on-demand vhosts and clusters of all but 100 services with removed_resources
     keep = {x.host for x in table[:100]} | spare
     drop_hosts = [x.host for x in table if x.host not in keep]
-    vnames = [f"{plane.route_name}/{h}" for h in drop_hosts]
+    # Envoy drops a VHDS virtual host by its VirtualHost.name, not by the Resource name
+    vnames = ([plane.vhosts[h].name for h in drop_hosts] if remove_by == "vhost-name"
+              else [f"{plane.route_name}/{h}" for h in drop_hosts])
     t1 = time.perf_counter()
     acks = [await asyncio.wait_for(st.send(VHOST, [], vnames), 60)]
     if plane.mode == "odcds" and remove == "both":
@@ -554,6 +557,7 @@ async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: in
 
 
 def main() -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--mode", choices=("odcds", "cds"), default="odcds")
@@ -562,11 +566,16 @@ def main() -> int:
                     help="answer an unknown host with a body-less Resource or removed_resources")
     ap.add_argument("--remove", choices=("vhosts", "both"), default="both",
                     help="what the control plane removes of idle services (odcds mode)")
+    ap.add_argument("--remove-by", choices=("resource-name", "vhost-name"),
+                    default="vhost-name", help="names sent in removed_resources for vhosts")
+    ap.add_argument("--load-upto", type=int, default=1000,
+                    help="services requested once in step 4 (each VHDS load rebuilds the "
+                         "whole route table: 10,000 takes tens of minutes)")
     ap.add_argument("--vhds-fetch-timeout-ms", type=int, default=1,
                     help="vhds config_source initial_fetch_timeout (0: Envoy's 15 s default)")
     a = ap.parse_args()
     asyncio.run(run(a.services, a.mode, a.catch_all, a.not_found, a.remove,
-                    a.vhds_fetch_timeout_ms))
+                    a.vhds_fetch_timeout_ms, a.load_upto, a.remove_by))
     return 0
 
 
