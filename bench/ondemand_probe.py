@@ -457,6 +457,33 @@ async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: in
           "records it; its first request pays the round trip of 2.")
 
     spare = {x.host for x in table[-12:]}  # kept unloaded for the edge cases
+    if plane.mode == "cds":  # adding a service is one new cluster (+ its CLA on request)
+        from envoy.config.cluster.v3 import cluster_pb2
+        cl = cluster_pb2.Cluster()
+        plane.clusters[plane.service_cluster[table[0].host]].Unpack(cl)
+        cl.name = "svc-added"
+        if cl.eds_cluster_config.service_name:
+            cl.eds_cluster_config.service_name = cl.name
+        body = any_pb2.Any()
+        body.Pack(cl)
+        plane.clusters[cl.name] = body
+        plane.clas[cl.name] = plane.clas[plane.service_cluster[table[0].host]]
+
+        async def active() -> int:
+            line = await envoy.stat(s, "cluster_manager.active_clusters")
+            return int(line.rsplit(":", 1)[1])
+        before = await active()
+        t1 = time.perf_counter()
+        ack = await asyncio.wait_for(st.send(types.CLUSTER, [discovery_pb2.Resource(
+            name=cl.name, version="1", resource=body)]), 10)
+        acked = time.perf_counter() - t1
+
+        async def warmed() -> bool:
+            return await active() > before
+        await wait_for(warmed, 10, "added cluster")
+        print(f"   add one cluster by CDS at {before} clusters: {ack} {ms(acked)}, active "
+              f"{ms(time.perf_counter() - t1)} (load {load_average()})")
+
     # 5. endpoint flip and route change of a loaded service
     host = table[1].host
     cname = plane.service_cluster[host]
