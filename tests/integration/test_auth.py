@@ -11,8 +11,8 @@ import base64
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import wait_until
-from tests.support.up import UpRuns, status_json
+from tests.support.up import UpRuns, served_by, status_json
 from torpor import admin_client
 from torpor.config import load_config
 from torpor.credentials import admin_target
@@ -76,14 +76,8 @@ async def test_envoy_refuses_bad_credentials_before_anything_else_sees_them(
     gateway = f"http://{config.gateway.listen}/predict?text=good"
     runs = UpRuns()
 
-    async def get(host: str, **headers: str) -> tuple[int, dict[str, str] | str]:
-        async with aiohttp.ClientSession() as session, session.get(
-                gateway, headers={"Host": f"{host}.localhost", **headers}) as r:
-            body = await r.text()
-            if r.status == 200:
-                return 200, r.headers["x-served-by"].split(":")[0]
-            return r.status, json.loads(body) if r.content_type == "application/json" \
-                else body
+    async def get(host: str, **headers: str) -> tuple[int, dict[str, Any] | str]:
+        return await served_by(gateway, host, **headers)
 
     try:
         await runs.start(path)

@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -30,7 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.support.configs import model_service, write_config
 from tests.support.net import free_port, wait_until
-from tests.support.up import UpRuns
+from tests.support.up import UpRuns, served_by
 from torpor.config import load_config
 from torpor.gateway import admin_session, admin_url
 
@@ -148,17 +149,9 @@ async def test_envoy_fetches_the_jwks_and_follows_a_rotated_key(
     gateway = f"http://{config.gateway.listen}/predict?text=good"
     runs = UpRuns()
 
-    async def get(host: str, bearer: str | None = None) -> tuple[int, dict[str, str] | str]:
-        headers = {"Host": f"{host}.localhost"}
-        if bearer is not None:
-            headers["Authorization"] = f"Bearer {bearer}"
-        async with aiohttp.ClientSession() as session, \
-                session.get(gateway, headers=headers) as r:
-            body = await r.text()
-            if r.status == 200:
-                return 200, r.headers["x-served-by"].split(":")[0]
-            return r.status, json.loads(body) if r.content_type == "application/json" \
-                else body
+    async def get(host: str, bearer: str | None = None) -> tuple[int, dict[str, Any] | str]:
+        headers = {} if bearer is None else {"Authorization": f"Bearer {bearer}"}
+        return await served_by(gateway, host, **headers)
 
     try:
         await runs.start(path)

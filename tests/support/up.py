@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from tests.support.net import wait_until
 from torpor import admin_client
 from torpor.config import Config
@@ -134,3 +136,14 @@ async def wait_state(config: Config, name: str, state: str, timeout: float) -> d
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last status: {seen}") from None
     return seen
+
+
+async def served_by(url: str, host: str, **headers: str) -> tuple[int, dict[str, Any] | str]:
+    """GET `url` with Host `host.localhost`: (200, the name of the replica that answered),
+    else (status, the JSON body or the text): what an auth test asserts on."""
+    async with aiohttp.ClientSession() as session, session.get(
+            url, headers={"Host": f"{host}.localhost", **headers}) as r:
+        body = await r.text()
+        if r.status == 200:
+            return 200, r.headers["x-served-by"].split(":")[0]
+        return r.status, json.loads(body) if r.content_type == "application/json" else body
