@@ -174,6 +174,10 @@ class GatewayConfig:
     # Envoy's answer classes per service (`cluster.<service>.upstream_rq_[1-5]xx`, the
     # router's dynamic statistics): they cost ~5 % of Envoy's work per warm request.
     upstream_code_stats: bool = False
+    # How Envoy finds a service: "virtual_hosts" (one per service in the route table) or
+    # "host_header" (a service with nothing of its own on its routes is the cluster named
+    # by the request's Host: adding one changes no route table; xds_server/resources.py).
+    routing: str = "virtual_hosts"
 
     @property
     def edge(self) -> EdgeLimits:
@@ -745,6 +749,8 @@ def _boolean(r: _Reader, key: str, value: object) -> bool:
     return value
 
 
+#: How Envoy finds a service (gateway.routing).
+ROUTING_MODES = ("virtual_hosts", "host_header")
 #: ADS variants an Envoy may be bootstrapped with (control_plane.xds_protocol).
 XDS_PROTOCOLS = ("delta", "sotw")
 
@@ -960,7 +966,8 @@ _GATEWAY = _Schema(
      "stats_listen": _Field(_address),
      "tls": _Field(lambda r, key, value: _gateway_tls(r, key, value)),
      "auth": _Field(lambda r, key, value: _auth(r, key, value)),
-     "upstream_code_stats": _Field(_boolean)},
+     "upstream_code_stats": _Field(_boolean),
+     "routing": _Field(_choice(*ROUTING_MODES))},
 )
 _SERVER_TLS = _Schema(
     ServerTlsConfig,

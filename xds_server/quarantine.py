@@ -224,14 +224,16 @@ class QuarantineBuilder(ResourceBuilder):
         """The validator's verdict on one service's cluster, endpoints and virtual host
         (cached by their digests: a 10k-service rebuild checks only what changed)."""
         cluster = self._cluster(svc)
-        cla = self._load_assignment(svc.name, svc.endpoints)
+        named = self.cluster_name(svc)
+        cla = self._load_assignment(named, svc.endpoints)
         key = (cluster.digest, cla.digest, route_key(svc))
         cached = self._checked.get(svc.name)
         if cached is None or cached[0] != key:
             found = {
                 "cds": [] if self._passes_by_shape("cds", svc, cluster.body.value) else
                 validation.check_message(cluster.body, f"cluster {svc.name}"),
-                "eds": [] if self._passes_by_shape("eds", svc, cla.body.value) else
+                "eds": [] if self._passes_by_shape(
+                    "eds", RoutedService(named, "", svc.endpoints), cla.body.value) else
                 (validation.check_message(cla.body, f"endpoints of {svc.name}")
                  or validation.check_endpoint_addresses(cla.body, svc.name)),
                 "rds": [] if self._passes_by_shape("rds", svc, self._vhost_bytes(svc)) else

@@ -91,6 +91,8 @@ ACTIVATOR_CLUSTER = "torpor_activator"
 #: The bootstrap's static cluster to the control plane; it carries ADS and access logs.
 CONTROL_PLANE_CLUSTER = "torpor_xds"
 CATCH_ALL_VHOST = "torpor_catch_all"
+#: With `routing: host_header`, the `*` virtual host that routes by the request's Host.
+HOST_VHOST = "torpor_by_host"
 #: Response header by which the activator's HTTP/2 holder asks Envoy to replay a held
 #: request (retry_on: retriable-headers) once the service's endpoints are back.
 RETRY_HEADER = "x-torpor-retry"
@@ -234,6 +236,9 @@ class GatewaySettings:
     # Envoy's per-service answer classes (the router's dynamic statistics, `_router`):
     # off by default, they cost ~5 % of a warm request.
     upstream_code_stats: bool = False
+    # How Envoy finds a service (config gateway.routing): "virtual_hosts", or
+    # "host_header": a service `host_routed` is the cluster its request's Host names.
+    routing: str = "virtual_hosts"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activators", _endpoint_set(self.activators))
@@ -255,6 +260,19 @@ def route_key(service: RoutedService) -> RouteKey:
 def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
     """What of a service its cluster is built from."""
     return service.http2, service.max_concurrent
+
+
+def host_routed(service: RoutedService) -> bool:
+    """Whether, with `routing: host_header`, Envoy reaches `service` as the cluster named
+    by the request's Host (no virtual host of its own): a service whose routes are the
+    gateway's defaults, on one exact lower-case host. A host with a dot: a service name
+    has none, so a host-named cluster never takes another service's cluster name."""
+    return (not service.hosts and not service.paths and service.rewrite is None
+            and service.rate_limit is None and service.auth is None and not service.split
+            and service.version_of is None and service.route_timeout is None
+            and not service.retry_non_idempotent and not service.http2
+            and "." in service.host and not service.host.startswith("*")
+            and service.host == service.host.lower())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +365,9 @@ class ResourceBuilder:
         self._shapes_settings = settings
         self._last_shape_of: dict[str, tuple[RoutedService,
                                              tuple[Hashable, tuple[str, ...]]]] = {}
-        self._clusters: dict[str, tuple[tuple[bool, int | None], Resource]] = {}
+        self._clusters: dict[str, tuple[tuple[tuple[bool, int | None], str], Resource]] = {}
+        # service -> its cluster's name, where that is not the service's (`cluster_name`)
+        self._cluster_names: dict[str, str] = {}
         # What services need of the listener's filters (`_note_features`).
         self._feature_of: dict[str, tuple[Feature, ...]] = {}
         self._features: collections.Counter[Feature] = collections.Counter()
@@ -438,8 +458,9 @@ class ResourceBuilder:
                     del self._shapes[name]
                     self._leave_unit(old)
                     self._note_features(name, None)
-                    self._forget(name)
-                    clusters[name] = endpoints[name] = None
+                    gone = self._cluster_names.pop(name, name)
+                    self._forget(name, gone)
+                    clusters[gone] = endpoints[gone] = None
                 continue
             if old is not None and old.version_of != svc.version_of:
                 self._leave_unit(old)
@@ -447,8 +468,15 @@ class ResourceBuilder:
             if svc.version_of is not None:
                 self._unit_members.setdefault(svc.version_of, set()).add(name)
             self._note_features(name, svc)
-            clusters[name] = self._cluster(svc)
-            endpoints[name] = self._load_assignment(name, svc.endpoints)
+            cluster = self.cluster_name(svc)
+            before = self._cluster_names.pop(name, name)
+            if cluster != name:
+                self._cluster_names[name] = cluster
+            if before != cluster and old is not None:  # renamed (its routes changed)
+                clusters[before] = endpoints[before] = None
+                self._endpoints.pop(before, None)
+            clusters[cluster] = self._cluster(svc)
+            endpoints[cluster] = self._load_assignment(cluster, svc.endpoints)
         for unit in units:
             self._refresh_unit(unit)
         self._put(types.CLUSTER, clusters)
@@ -586,8 +614,11 @@ class ResourceBuilder:
         then each virtual host), without building and serializing 10k protos again
         (measured at 10k services: ~95 ms a build before, a few ms now)."""
         units: list[tuple[str, bytes]] = []
+        by_host = self.settings.routing == "host_header"
         for name, service in self._units.items():
             own = tuple(h for h in service.all_hosts() if len(self._host_members[h]) == 1)
+            if by_host and own and host_routed(service):
+                continue  # the `*` virtual host reaches it by its Host (`_host_vhost`)
             if own == service.all_hosts() and self._shapes.get(name) is service:
                 # A service alone on its hosts: the virtual host the quarantine checked.
                 units.append((name, self._cached_vhost(
@@ -631,12 +662,21 @@ class ResourceBuilder:
         data: bytes = self._shared_vhost(host, services).SerializeToString(deterministic=True)
         return data
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, cluster: str) -> None:
         """Drop the cached protos of a service that left the table (memory at 10k churn)."""
         self._vhost_serialized.pop(name, None)
         self._vhost_fields.pop(name, None)
         self._clusters.pop(name, None)
-        self._endpoints.pop(name, None)
+        self._endpoints.pop(cluster, None)
+
+    def cluster_name(self, service: RoutedService) -> str:
+        """The name of `service`'s cluster (and of its ClusterLoadAssignment): its host
+        when Envoy finds it by Host (`routing: host_header`, `host_routed`), else its
+        name. Its statistics carry its name either way (the cluster's alt_stat_name)."""
+        return service.host if self._by_host(service) else service.name
+
+    def _by_host(self, service: RoutedService) -> bool:
+        return self.settings.routing == "host_header" and host_routed(service)
 
     # --- per service ----------------------------------------------------------------
 
@@ -673,7 +713,7 @@ class ResourceBuilder:
         if last is not None and (last[0] is service or (part == "eds" and (
                 last[0].name == service.name and last[0].endpoints is service.endpoints))):
             return last[1]
-        found = shape_of(part, service)
+        found = shape_of(part, service, part == "cds" and self._by_host(service))
         self._last_shape_of[part] = (service, found)
         return found
 
@@ -706,19 +746,26 @@ class ResourceBuilder:
         self._seen_once.discard(key)
         if len(self._shapes_by_key) >= MAX_SHAPES:
             self._shapes_by_key.clear()  # a bounded memo: start over rather than grow
-        shape = validation.Shape.of(self._direct_proto(part, _placeholders(part, service)))
+        by_host = part == "cds" and self._by_host(service)
+        shape = validation.Shape.of(self._direct_proto(
+            part, _placeholders(part, service, by_host), by_host))
         self._shapes_by_key[key] = shape if shape is not None and \
             shape.render(values) == direct else None
         return direct
 
     def _direct(self, part: str, service: RoutedService) -> bytes:
-        data: bytes = self._direct_proto(part, service).SerializeToString(deterministic=True)
+        data: bytes = self._direct_proto(
+            part, service, part == "cds" and self._by_host(service)).SerializeToString(
+                deterministic=True)
         return data
 
-    def _direct_proto(self, part: str, service: RoutedService) -> Message:
+    def _direct_proto(self, part: str, service: RoutedService, by_host: bool = False
+                      ) -> Message:
+        """`by_host`: the cluster is named by the host (decided on the real service: a
+        placeholder host has no dot)."""
         built: Message
         if part == "cds":
-            built = self._cluster_proto(service)
+            built = self._cluster_proto(service, by_host)
         elif part == "eds":
             built = self._load_assignment_proto(service.name, service.endpoints)
         else:
@@ -778,13 +825,14 @@ class ResourceBuilder:
         without it. A rewrite of the prefix, and the header naming the service, on each."""
         name = _route_name(service.name, prefix)
         marker = service.http2
+        cluster = self.cluster_name(service)
         if service.retry_non_idempotent:
-            routes = [self._route(name, service.name, RESET_RETRY_ON, prefix, marker)]
+            routes = [self._route(name, cluster, RESET_RETRY_ON, prefix, marker)]
         else:
-            idempotent = self._route(f"{name}/idempotent", service.name, RESET_RETRY_ON,
+            idempotent = self._route(f"{name}/idempotent", cluster, RESET_RETRY_ON,
                                      prefix, marker)
             idempotent.match.headers.append(_IDEMPOTENT)
-            routes = [idempotent, self._route(name, service.name, SAFE_RETRY_ON, prefix)]
+            routes = [idempotent, self._route(name, cluster, SAFE_RETRY_ON, prefix)]
         if service.split:
             for route in routes:
                 _weighted(route, service.split)
@@ -868,18 +916,22 @@ class ResourceBuilder:
         )
 
     def _cluster(self, service: RoutedService) -> Resource:
-        name, key = service.name, _cluster_key(service)
-        cached = self._clusters.get(name)
+        name = self.cluster_name(service)
+        key = (_cluster_key(service), name)
+        cached = self._clusters.get(service.name)
         if cached is None or cached[0] != key:
-            cached = self._clusters[name] = (key, Resource.serialized(
+            cached = self._clusters[service.name] = (key, Resource.serialized(
                 name, types.CLUSTER, self._made("cds", service)))
         return cached[1]
 
-    def _cluster_proto(self, service: RoutedService) -> cluster_pb2.Cluster:
-        """A service's cluster, built anew (`_cluster` caches it, packed)."""
-        name, s = service.name, self.settings
+    def _cluster_proto(self, service: RoutedService, by_host: bool = False
+                       ) -> cluster_pb2.Cluster:
+        """A service's cluster, built anew (`_cluster` caches it, packed). `by_host`: named
+        by its host (`cluster_name`), its statistics still by the service's name."""
+        name, s = (service.host if by_host else service.name), self.settings
         cluster = cluster_pb2.Cluster(
             name=name,
+            alt_stat_name=service.name if by_host else "",
             type=cluster_pb2.Cluster.EDS,
             eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(service_name=name,
                                                                     eds_config=_ads()),
@@ -894,6 +946,7 @@ class ResourceBuilder:
         return cluster
 
     def _load_assignment(self, name: str, endpoints: tuple[Endpoint, ...]) -> Resource:
+        """The ClusterLoadAssignment of the cluster `name` (`cluster_name`)."""
         cached = self._endpoints.get(name)
         if cached is None or cached[0] != endpoints:
             made = self._made("eds", RoutedService(name, "", endpoints))
@@ -910,7 +963,10 @@ class ResourceBuilder:
 
     def _catch_all(self) -> route_components_pb2.VirtualHost:
         """Unknown (or evicted) hosts go to the activator, which knows the service table
-        (it sees every request: no routes of asynchronous calls needed)."""
+        (it sees every request: no routes of asynchronous calls needed). With `routing:
+        host_header`, `_host_vhost` instead."""
+        if self.settings.routing == "host_header":
+            return self._host_vhost()
         idempotent = self._route(f"{CATCH_ALL_VHOST}/idempotent", ACTIVATOR_CLUSTER,
                                  RESET_RETRY_ON)
         idempotent.match.headers.append(_IDEMPOTENT)
@@ -919,6 +975,28 @@ class ResourceBuilder:
             for route in routes:
                 route.route.timeout.CopyFrom(_duration(self._catch_all_timeout))
         return self._vhost_proto(CATCH_ALL_VHOST, ["*"], routes)
+
+    def _host_vhost(self) -> route_components_pb2.VirtualHost:
+        """`routing: host_header`: every host without a virtual host of its own. The routes
+        of a service with the gateway's defaults (`host_routed`), whose cluster is the one
+        named by the request's Host (`cluster_header: :authority`; the connection manager
+        strips any port first). Adding such a service adds its cluster and endpoints and
+        changes no route. A Host no cluster has is answered 404 by Envoy (`unknown_host`,
+        logged to the control plane like the catch-all's requests): evicted services stay
+        routed to the activator in this mode (routing.py), so no known service is one."""
+        placeholder = RoutedService(HOST_VHOST, "*", ())
+        routes = [*self._status_route(HOST_VHOST),
+                  *self._routes_to(placeholder, ROOT)]
+        for route in routes:
+            if route.route.cluster == HOST_VHOST:
+                route.route.ClearField("cluster")
+                route.route.cluster_header = ":authority"
+                route.route.cluster_not_found_response_code = \
+                    route_components_pb2.RouteAction.NOT_FOUND
+        if self._catch_all_timeout is not None:
+            for route in routes:
+                route.route.timeout.CopyFrom(_duration(self._catch_all_timeout))
+        return self._vhost_proto(HOST_VHOST, ["*"], routes)
 
     def _activator_cluster(self) -> cluster_pb2.Cluster:
         """EDS, not STATIC: activator replicas come and go without a cluster change (which
@@ -980,7 +1058,9 @@ class ResourceBuilder:
                                    typed_config=_any(self._router())),
             ],
             local_reply_config=_local_replies(),
-            access_log=[_access_log()],
+            access_log=[_access_log(self.settings.routing == "host_header")],
+            # host_header: a Host with a port still names its cluster.
+            strip_any_host_port=self.settings.routing == "host_header",
         )
         filters = [listener_components_pb2.Filter(
             name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))]
@@ -1054,9 +1134,10 @@ def _secret(name: str, chain: bytes, key: bytes) -> secret_pb2.Secret:
         private_key=base_pb2.DataSource(inline_bytes=key)))
 
 
-def _access_log() -> accesslog_pb2.AccessLog:
+def _access_log(by_host: bool = False) -> accesslog_pb2.AccessLog:
     """Catch-all requests (CATCH_ALL_MARKER) are streamed to the control plane's
-    access-log receiver."""
+    access-log receiver; with `routing: host_header` (`by_host`) also those whose Host
+    names no cluster (response flag NC: unknown hosts, counted as the catch-all's are)."""
     config = als_pb2.HttpGrpcAccessLogConfig(
         common_config=als_pb2.CommonGrpcAccessLogConfig(
             log_name="torpor",
@@ -1070,6 +1151,10 @@ def _access_log() -> accesslog_pb2.AccessLog:
     )
     only = accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(
         header=route_components_pb2.HeaderMatcher(name=CATCH_ALL_MARKER, present_match=True)))
+    if by_host:
+        only = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=[
+            only, accesslog_pb2.AccessLogFilter(response_flag_filter=(
+                accesslog_pb2.ResponseFlagFilter(flags=["NC"])))]))
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", filter=only,
                                    typed_config=_any(config))
 
@@ -1231,12 +1316,15 @@ def _wildcard(host: str) -> str:
     return "*" if host.startswith("*") else ""
 
 
-def shape_of(part: str, service: RoutedService) -> tuple[Hashable, tuple[str, ...]]:
+def shape_of(part: str, service: RoutedService, by_host: bool = False
+             ) -> tuple[Hashable, tuple[str, ...]]:
     """What `service`'s resource of `part` ("cds", "eds", "rds") is built from besides
     names (services with equal keys build resources equal but for them), and its names
     in placeholder order: the service's name, then its hosts (without a leading `*`) or
-    its endpoints' addresses."""
+    its endpoints' addresses. `by_host`: its cluster is named by its host."""
     if part == "cds":
+        if by_host:
+            return ("cds", _cluster_key(service), "host"), (service.name, service.host)
         return ("cds", _cluster_key(service)), (service.name,)
     if part == "eds":
         return (("eds", tuple(e.port for e in service.endpoints)),
@@ -1254,10 +1342,13 @@ def shape_of(part: str, service: RoutedService) -> tuple[Hashable, tuple[str, ..
             (service.name, *(h.removeprefix(_wildcard(h)) for h in hosts)))
 
 
-def _placeholders(part: str, service: RoutedService) -> RoutedService:
+def _placeholders(part: str, service: RoutedService, by_host: bool = False
+                  ) -> RoutedService:
     """`service` with placeholders for the names `shape_of` lists, in its order."""
     ph = validation.placeholder
     if part == "cds":
+        if by_host:
+            return dataclasses.replace(service, name=ph(0), host=ph(1))
         return dataclasses.replace(service, name=ph(0))
     if part == "eds":
         return dataclasses.replace(service, name=ph(0), endpoints=tuple(
@@ -1408,8 +1499,16 @@ def _local_replies() -> hcm_pb2.LocalReplyConfig:
             response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UO"])),
         status_code=wrappers_pb2.UInt32Value(value=429),
         headers_to_add=[_header_value(RETRY_AFTER, str(_RETRY_AFTER_SECONDS))])
+    unknown = hcm_pb2.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(
+            response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NC"])),
+        body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=_json_struct({
+                "error": "unknown_host",
+                "message": "no torpor service is configured for host %REQ(:AUTHORITY)%"}),
+            content_type="application/json"))
     return hcm_pb2.LocalReplyConfig(mappers=[
-        overloaded, _json_reply(401, "unauthorized"), _json_reply(403, "forbidden")])
+        overloaded, unknown, _json_reply(401, "unauthorized"), _json_reply(403, "forbidden")])
 
 
 def _json_reply(code: int, error: str) -> hcm_pb2.ResponseMapper:

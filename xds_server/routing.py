@@ -56,6 +56,7 @@ def gateway_settings(config: Config, activator: tuple[Endpoint, Endpoint]) -> Ga
         tls=listener_tls(config.gateway.tls),
         async_calls=config.activator.async_calls,
         upstream_code_stats=config.gateway.upstream_code_stats,
+        routing=config.gateway.routing,
     )
 
 
@@ -129,10 +130,15 @@ class EnvoyRouting:
         self._publisher.load(self.desired())
 
     def _routed_service(self, name: str) -> RoutedService | None:
-        """How Envoy must see `name` now; None when it is not routed (evicted, gone)."""
+        """How Envoy must see `name` now; None when it is not routed (evicted, gone).
+        With `routing: host_header` an evicted service stays routed, to the activator: a
+        Host no virtual host or cluster takes is answered 404 by Envoy there, and no
+        catch-all reaches the activator (resources.py `_host_vhost`)."""
         service = self._table.catalog.get(name)
         record = self._table.records.get(name)
-        if service is None or record is None or not routed(record.state):
+        if service is None or record is None:
+            return None
+        if not routed(record.state) and self.builder.settings.routing != "host_header":
             return None
         limit = service.rate_limit
         return RoutedService(service.name, service.host, self._target(service, record),
