@@ -47,7 +47,7 @@ from aiohttp import web
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryResponse
 from envoy.service.discovery.v3.discovery_pb2 import Resource as ResourceMessage
 
-from torpor.config import XDS_PROTOCOLS, Address
+from torpor.config import ROUTING_MODES, XDS_PROTOCOLS, Address
 from torpor.gateway import envoy_binary
 from torpor.model import Endpoint
 from xds_server import types
@@ -276,11 +276,16 @@ def service(name: str, endpoint: Endpoint) -> RoutedService:
 # --- one size ---------------------------------------------------------------------------
 
 
+#: gateway.routing as the table prints it.
+ROUTING_SHORT = {"virtual_hosts": "vhosts", "host_header": "host"}
+
+
 @dataclasses.dataclass
 class Result:
     size: int
     envoys: int
     protocol: str
+    routing: str = "virtual_hosts"  # gateway.routing
     build_s: float = 0.0  # first ResourceBuilder.build of N services (blocks the loop)
     acked_s: float = 0.0  # start -> every Envoy ACKed every type at the first version
     sync_s: float = 0.0  # start -> ACKed and every Envoy /ready
@@ -335,8 +340,8 @@ def sent(ads: AdsServer) -> tuple[int, int]:
 
 
 async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backend,
-                   monitor: LoopMonitor) -> Result:
-    res = Result(size=n, envoys=envoy_count, protocol=protocol)
+                   monitor: LoopMonitor, routing: str = "virtual_hosts") -> Result:
+    res = Result(size=n, envoys=envoy_count, protocol=protocol, routing=routing)
     deadline_sync = 30.0 + n * 0.004  # generous: Envoy takes ~4-5 s to load 10k
     gc.collect()
     res.cp_baseline_kb = rss_kb()
@@ -345,7 +350,8 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
     envoys: Envoys | None = None
     with tempfile.TemporaryDirectory(prefix="xds-scale-") as tmp, push_log.installed():
         listen_port = free_port()
-        settings = GatewaySettings(listen=Endpoint(LOOPBACK, listen_port), activators=(a.endpoint,))
+        settings = GatewaySettings(listen=Endpoint(LOOPBACK, listen_port),
+                                   activators=(a.endpoint,), routing=routing)
         builder = QuarantineBuilder(settings)  # the control plane's: checks each service
         cache = SnapshotCache()
         ads = AdsServer(cache)
@@ -635,7 +641,7 @@ def per_push(sent_list: list[tuple[int, int]]) -> str:
 
 
 def report(results: list[Result]) -> None:
-    header = (f"{'services':>8} {'ADS':>5} {'sync s':>7} {'flip ack ms':>15} "
+    header = (f"{'services':>8} {'routing':>7} {'ADS':>5} {'sync s':>7} {'flip ack ms':>15} "
               f"{'flip seen ms':>15} {'sent per flip':>18} {'add ack ms':>11} "
               f"{'sent per add':>20} {'envoy MB':>9} {'RDS KB':>7}")
     print()
@@ -646,7 +652,8 @@ def report(results: list[Result]) -> None:
         flip_seen = (f"{ms(med(r.flip_seen))}/{ms(p99(r.flip_seen))}"
                      if r.flip_seen else "never")
         envoy = mb(max(r.envoy_rss_kb)) if r.envoy_rss_kb else "?"
-        print(f"{r.size:>8} {r.protocol:>5} {r.sync_s:>7.2f} {flip_ack:>15} {flip_seen:>15} "
+        print(f"{r.size:>8} {ROUTING_SHORT[r.routing]:>7} {r.protocol:>5} {r.sync_s:>7.2f} "
+              f"{flip_ack:>15} {flip_seen:>15} "
               f"{per_push(r.flip_sent):>18} {ms(med(r.add_ack)):>11} "
               f"{per_push(r.add_sent):>20} {envoy:>9} {r.rds_bytes / 1024:>7.0f}")
     print(f"(flip columns: median/p99 over {FLIPS} flips; add: median over {ADDS} adds; sent: "
@@ -654,7 +661,7 @@ def report(results: list[Result]) -> None:
           "envoy MB: the largest Envoy's VmRSS after the full sync)")
     for r in results:
         stages = [[round(s * 1000) for s in st] for st in r.add_stages]
-        print(f"\n{r.size} services, {r.envoys} Envoy(s), {r.protocol}:")
+        print(f"\n{r.size} services, {r.envoys} Envoy(s), {r.protocol}, routing {r.routing}:")
         print(f"  sync: all ACKed {r.acked_s:.2f} s, ACKed+ready {r.sync_s:.2f} s = first build "
               f"{r.build_s:.2f} s + Envoy spawned -> synced {r.envoy_sync_s:.2f} s; "
               f"{r.sync_bytes / 1024 / 1024:.1f} MB sent; worst loop stall "
@@ -678,12 +685,13 @@ def report(results: list[Result]) -> None:
     def ratio(x: float, y: float) -> str:
         return f"x{y / x:.1f}" if x > 0 else "n/a"
 
-    by_key = {(r.size, r.protocol): r for r in results}
-    for size in sorted({r.size for r in results}):
-        delta, sotw = by_key.get((size, "delta")), by_key.get((size, "sotw"))
+    by_key = {(r.size, r.protocol, r.routing): r for r in results}
+    for size, routing in sorted({(r.size, r.routing) for r in results}):
+        delta = by_key.get((size, "delta", routing))
+        sotw = by_key.get((size, "sotw", routing))
         if delta is None or sotw is None:
             continue
-        print(f"\nsotw vs delta at {size} services (sotw / delta): "
+        print(f"\nsotw vs delta at {size} services, {routing} (sotw / delta): "
               f"flip ack {ratio(med(delta.flip_ack), med(sotw.flip_ack))}, "
               f"flip seen {ratio(med(delta.flip_seen), med(sotw.flip_seen))}, "
               f"bytes per flip {ratio(sent_bytes(delta.flip_sent), sent_bytes(sotw.flip_sent))}, "
@@ -692,8 +700,10 @@ def report(results: list[Result]) -> None:
               f"sync {ratio(delta.sync_s, sotw.sync_s)}")
 
 
-async def main(sizes: list[int], envoy_count: int, protocols: list[str]) -> int:
-    print(f"xds_scale: sizes {sizes}, protocols {protocols}, {envoy_count} Envoy(s) "
+async def main(sizes: list[int], envoy_count: int, protocols: list[str],
+               routings: list[str]) -> int:
+    print(f"xds_scale: sizes {sizes}, protocols {protocols}, routing {routings}, "
+          f"{envoy_count} Envoy(s) "
           f"--concurrency 2, {os.cpu_count()} CPUs, pid {os.getpid()}", flush=True)
     monitor = LoopMonitor()
     monitor.start()
@@ -703,11 +713,13 @@ async def main(sizes: list[int], envoy_count: int, protocols: list[str]) -> int:
         await a.start()
         await b.start()
         for n in sizes:
-            for protocol in protocols:
-                began = time.perf_counter()
-                print(f"  {n} services, {protocol} ...", end="", flush=True)
-                results.append(await run_size(n, envoy_count, protocol, a, b, monitor))
-                print(f" done in {time.perf_counter() - began:.1f} s", flush=True)
+            for routing in routings:
+                for protocol in protocols:
+                    began = time.perf_counter()
+                    print(f"  {n} services, {routing}, {protocol} ...", end="", flush=True)
+                    results.append(await run_size(n, envoy_count, protocol, a, b, monitor,
+                                                  routing))
+                    print(f" done in {time.perf_counter() - began:.1f} s", flush=True)
     finally:
         await a.stop()
         await b.stop()
@@ -723,6 +735,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--envoys", type=int, default=1, help="Envoys per size (default 1)")
     parser.add_argument("--protocols", default="delta,sotw",
                         help="comma-separated ADS variants (default delta,sotw)")
+    parser.add_argument("--routing", default=",".join(ROUTING_MODES),
+                        help="comma-separated gateway.routing modes (default: both)")
     parser.add_argument("--control-plane-only", action="store_true",
                         help="no Envoy: the control plane's build, memory and per-flip work "
                              "at each size (e.g. --sizes 10000,50000)")
@@ -733,6 +747,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not args.protocols or not set(args.protocols) <= set(XDS_PROTOCOLS):
         parser.error(f"protocols are among {', '.join(XDS_PROTOCOLS)}")
+    args.routing = [r.strip() for r in args.routing.split(",") if r.strip()]
+    if not args.routing or not set(args.routing) <= set(ROUTING_MODES):
+        parser.error(f"routing modes are among {', '.join(ROUTING_MODES)}")
     return args
 
 
@@ -740,4 +757,5 @@ if __name__ == "__main__":
     options = parse_args(sys.argv[1:])
     if options.control_plane_only:
         sys.exit(asyncio.run(main_control_plane_only(options.sizes)))
-    sys.exit(asyncio.run(main(options.sizes, options.envoys, options.protocols)))
+    sys.exit(asyncio.run(main(options.sizes, options.envoys, options.protocols,
+                              options.routing)))

@@ -141,6 +141,26 @@ def updates_from_changes(change: Changes, resources: Mapping[str, Resource],
     return DeltaUpdate(changed=changed, removed=removed)
 
 
+def updates_for(names: Collection[str], resources: Mapping[str, Resource],
+                sent: Mapping[str, bytes]) -> DeltaUpdate | None:
+    """What a stream that holds exactly its subscribed part of `resources` needs once it
+    subscribed to `names` too: those of them it does not hold as they are (in proportion
+    to `names`; a name no resource has is not reported, as in `delta_updates`)."""
+    changed = [resources[name] for name in sorted(names)
+               if name in resources and sent.get(name) != resources[name].digest]
+    return DeltaUpdate(changed=changed, removed=[]) if changed else None
+
+
+def merged(first: DeltaUpdate | None, second: DeltaUpdate | None) -> DeltaUpdate | None:
+    """Both updates as one response (a resource in both is sent once)."""
+    if first is None or second is None:
+        return first or second
+    names = {r.name for r in first.changed}
+    return DeltaUpdate(changed=[*first.changed, *(r for r in second.changed
+                                                  if r.name not in names)],
+                       removed=sorted({*first.removed, *second.removed}))
+
+
 Held = immutables.Map[str, bytes]  # what a stream holds: name -> digest
 
 
