@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -49,6 +50,7 @@ from xds_server import types
 from xds_server.resources import GatewaySettings, ResourceBuilder, RoutedService
 
 LOOPBACK = "127.0.0.1"
+VARIANTS: set[str] = set()
 
 
 def packed(msg: object) -> any_pb2.Any:
@@ -76,10 +78,20 @@ class HostPlane(Plane):
             host = by_name.get(name)
             if host is not None:
                 cl.name = host
+                cl.alt_stat_name = name  # statistics by the service's name, as torpor does
                 if cl.eds_cluster_config.service_name:
                     cl.eds_cluster_config.service_name = host
                 if lb:
                     cl.lb_policy = cluster_pb2.Cluster.LbPolicy.Value(lb)
+                if "nocb" in VARIANTS:
+                    cl.ClearField("circuit_breakers")
+                if "static" in VARIANTS:
+                    cl.type = cluster_pb2.Cluster.STATIC
+                    cl.ClearField("eds_cluster_config")
+                    src = endpoint_pb2.ClusterLoadAssignment()
+                    built[types.ENDPOINT][name].body.Unpack(src)
+                    src.cluster_name = host
+                    cl.load_assignment.CopyFrom(src)
             self.clusters[cl.name] = packed(cl)
         for name, r in built[types.ENDPOINT].items():
             cla = endpoint_pb2.ClusterLoadAssignment()
@@ -124,6 +136,7 @@ class HostPlane(Plane):
         self.vhost_version = {}
         self.requested = {}
         self.service_cluster = {s.host: s.host for s in table}
+        self.admin_port = 0
 
     @staticmethod
     def _strip_port(lst: listener_pb2.Listener) -> None:
@@ -156,6 +169,7 @@ async def run(n: int, evicted: int, settle: float, lb: str) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="hostroute-") as tmp:
             envoy = Envoy(Path(tmp), xds_port)
+            plane.admin_port = envoy.admin
             timeout = aiohttp.ClientTimeout(total=10)
             async with aiohttp.ClientSession(timeout=timeout) as s:
                 try:
@@ -191,7 +205,10 @@ async def probe(envoy: Envoy, plane: HostPlane, s: aiohttp.ClientSession, listen
     print(f"   {settle:.0f} s later: RSS {envoy.rss_mb():.0f} MB, heap "
           f"{await envoy.heap_mb(s):.0f} MB")
     async with s.get(f"http://{LOOPBACK}:{envoy.admin}/memory") as r:
-        print(f"   /memory {await r.text()}")
+        print(f"   /memory {' '.join((await r.text()).split())}")
+    if "tcmalloc" in VARIANTS:
+        async with s.get(f"http://{LOOPBACK}:{envoy.admin}/memory/tcmalloc") as r:
+            print((await r.text())[:6000])
 
     print("2. requests by host:")
     cases = [("host", table[1].host), ("host with port", f"{table[2].host}:{listen}"),
@@ -235,14 +252,23 @@ async def probe(envoy: Envoy, plane: HostPlane, s: aiohttp.ClientSession, listen
         cla.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value = \
             activator.port
         t1 = time.perf_counter()
-        await asyncio.wait_for(st.send(types.ENDPOINT, [discovery_pb2.Resource(
-            name=host, version="2", resource=packed(cla))]), 10)
+        if "static" in VARIANTS:  # the endpoints are in the cluster: a flip is a CDS update
+            cl = cluster_pb2.Cluster()
+            plane.clusters[host].Unpack(cl)
+            cl.load_assignment.CopyFrom(cla)
+            await asyncio.wait_for(st.send(types.CLUSTER, [discovery_pb2.Resource(
+                name=host, version="2", resource=packed(cl))]), 10)
+        else:
+            await asyncio.wait_for(st.send(types.ENDPOINT, [discovery_pb2.Resource(
+                name=host, version="2", resource=packed(cla))]), 10)
         flips.append(time.perf_counter() - t1)
 
         async def flipped(h: str = host) -> bool:
             return (await get(s, listen, h))[1] == "activator"
         await wait_for(flipped, 10, "flip")
     print(f"4. endpoint flip ACK p50 {ms(pct(flips, .5))} max {ms(max(flips))}")
+    if "static" in VARIANTS:
+        await in_flight_across_update(s, st, plane, table[40].host, listen, activator)
 
     if plane.evicted:
         firsts, seconds, bad = [], [], []
@@ -262,6 +288,62 @@ async def probe(envoy: Envoy, plane: HostPlane, s: aiohttp.ClientSession, listen
     print(f"   RSS at the end {envoy.rss_mb():.0f} MB, heap {await envoy.heap_mb(s):.0f} MB")
 
 
+async def in_flight_across_update(s: aiohttp.ClientSession, st: Any, plane: HostPlane,
+                                  host: str, listen: int, activator: Backend) -> None:
+    """A request in flight on a STATIC cluster when the cluster is replaced by CDS (a flip):
+    is it answered?"""
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-backend: slow\r\n\r\nslow")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for target in (port, activator.port):
+            cl = cluster_pb2.Cluster()
+            plane.clusters[host].Unpack(cl)
+            sock = cl.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+            sock.socket_address.port_value = target
+            await asyncio.wait_for(st.send(types.CLUSTER, [discovery_pb2.Resource(
+                name=host, version=f"v{target}", resource=packed(cl))]), 10)
+            if target == port:
+                held = asyncio.create_task(get(s, listen, host))
+                await asyncio.sleep(0.3)  # the request reaches the slow backend
+        await asyncio.sleep(0.3)  # the flip applied while the request is in flight
+        release.set()
+        code, body, _ = await held
+        print(f"   a request in flight across the cluster's replacement: {code} {body!r}")
+        other = "svc-00050.bench"
+        for _ in range(5):
+            await get(s, listen, other)
+        before = await admin_stat(s, plane, other)
+        cl = cluster_pb2.Cluster()
+        plane.clusters[other].Unpack(cl)
+        cl.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address \
+            .port_value = activator.port
+        await asyncio.wait_for(st.send(types.CLUSTER, [discovery_pb2.Resource(
+            name=other, version="flip", resource=packed(cl))]), 10)
+        await asyncio.sleep(0.2)
+        after = await admin_stat(s, plane, other)
+        await get(s, listen, other)
+        print(f"   upstream_rq_total of a cluster before / after its replacement / after one "
+              f"more request: {before} / {after} / {await admin_stat(s, plane, other)}")
+    finally:
+        server.close()
+
+
+async def admin_stat(s: aiohttp.ClientSession, plane: HostPlane, host: str) -> str:
+    envoy_admin = plane.admin_port
+    async with s.get(f"http://{LOOPBACK}:{envoy_admin}/stats?filter="
+                     f"cluster.{host.removesuffix('.bench')}.upstream_rq_total") as r:
+        return (await r.text()).strip().rsplit(": ", 1)[-1] or "absent"
+
+
 def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -271,7 +353,9 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=3.0,
                     help="seconds before RSS is read again (the allocator gives pages back)")
     ap.add_argument("--lb", default="", help="lb_policy of the services' clusters")
+    ap.add_argument("--variant", default="", help="comma-separated: nocb, static, tcmalloc")
     a = ap.parse_args()
+    VARIANTS.update(v for v in a.variant.split(",") if v)
     asyncio.run(run(a.services, a.evicted, a.settle, a.lb))
     return 0
 
