@@ -369,6 +369,7 @@ class ResourceBuilder:
                                               tuple[Endpoint, ...]], Resource]] = {}
         # service -> its cluster's name, where that is not the service's (`cluster_name`)
         self._cluster_names: dict[str, str] = {}
+        self._last_by_host: tuple[RoutedService, bool] | None = None
         # What services need of the listener's filters (`_note_features`).
         self._feature_of: dict[str, tuple[Feature, ...]] = {}
         self._features: collections.Counter[Feature] = collections.Counter()
@@ -689,7 +690,16 @@ class ResourceBuilder:
         return service.host if self._by_host(service) else service.name
 
     def _by_host(self, service: RoutedService) -> bool:
-        return self.settings.routing == "host_header" and host_routed(service)
+        """`host_routed` under `routing: host_header`; the last answer is kept (a build asks
+        ~9 times per service in a row)."""
+        if self.settings.routing != "host_header":
+            return False
+        last = self._last_by_host
+        if last is not None and last[0] is service:
+            return last[1]
+        found = host_routed(service)
+        self._last_by_host = (service, found)
+        return found
 
     # --- per service ----------------------------------------------------------------
 
@@ -1017,9 +1027,8 @@ class ResourceBuilder:
                 route.route.cluster_header = ":authority"
                 route.route.cluster_not_found_response_code = \
                     route_components_pb2.RouteAction.NOT_FOUND
-        if self._catch_all_timeout is not None:
-            for route in routes:
-                route.route.timeout.CopyFrom(_duration(self._catch_all_timeout))
+        # No catch-all timeout: a service whose wake outlasts the gateway's route timeout
+        # has a route timeout of its own, so a virtual host of its own.
         return self._vhost_proto(HOST_VHOST, ["*"], routes)
 
     def _activator_cluster(self) -> cluster_pb2.Cluster:
