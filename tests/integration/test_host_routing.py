@@ -6,6 +6,7 @@ unknown host; calls are counted under the service's name."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,10 +16,13 @@ import aiohttp
 import pytest
 
 from tests.support.backends import Backend, start_backends
+from tests.support.configs import model_service, write_config
 from tests.support.envoy import Envoy, stop_envoy
 from tests.support.net import free_port, wait_until
+from tests.support.up import Up, UpRuns, wait_state
 from tests.support.xds import XdsHarness, hibernated, svc
-from torpor.config import XDS_PROTOCOLS
+from torpor.config import XDS_PROTOCOLS, Config, load_config
+from torpor.gateway import admin_session, admin_url
 from torpor.model import Endpoint
 from xds_server.resources import RoutedService
 
@@ -157,3 +161,75 @@ async def test_calls_are_counted_by_service_and_unknown_hosts_by_host(
     _, text = await e.admin_get("/stats?filter=upstream_rq_total")
     assert "cluster.awake.upstream_rq_total: 4" in text
     assert "awake.test" not in text
+
+
+# --- the whole loop through `torpor up` ---------------------------------------------------
+
+
+@pytest.fixture
+async def up_by_host(tmp_path: Path) -> AsyncIterator[tuple[Up, Config]]:
+    path = write_config(tmp_path, model_service("sleepy", 2, load_seconds=1.0),
+                        "policy: {kind: fixed, idle_after: 4s, evict_after: 8s, "
+                        "creation_grace: 0s, check_every: 250ms}")
+    text = path.read_text()
+    assert "gateway: {listen:" in text
+    path.write_text(text.replace("gateway: {listen:", "gateway: {routing: host_header, listen:"))
+    runs = UpRuns()
+    try:
+        yield await runs.start(path), load_config(path)
+    finally:
+        await runs.stop_all()
+
+
+async def envoy_names(config: Config, resource: str, key: str) -> set[str]:
+    """Names in Envoy's config dump: virtual hosts (`dynamic_route_configs`) or clusters
+    (`dynamic_active_clusters`)."""
+    url = admin_url(config.gateway.admin, f"/config_dump?resource={resource}")
+    async with admin_session(config.gateway.admin, 10) as session, session.get(url) as r:
+        dump = await r.json()
+    if key == "vhosts":
+        return {v["name"] for c in dump.get("configs", [])
+                for v in c.get("route_config", {}).get("virtual_hosts", [])}
+    return {c["cluster"]["name"] for c in dump.get("configs", []) if "cluster" in c}
+
+
+async def test_whole_loop_by_host_hibernate_wake_evict_wake(
+        up_by_host: tuple[Up, Config]) -> None:
+    _, config = up_by_host
+    url = f"http://{config.gateway.listen}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/predict?text=good",
+                               headers={"Host": "sleepy.localhost"}) as r:
+            assert r.status == 200, await r.text()
+        # no virtual host of its own; its cluster is named by its host
+        assert await envoy_names(config, "dynamic_route_configs", "vhosts") == {
+            "torpor_by_host"}
+        assert "sleepy.localhost" in await envoy_names(
+            config, "dynamic_active_clusters", "clusters")
+
+        hibernated = await wait_state(config, "sleepy", "HIBERNATED", 30)
+        assert hibernated["replicas"] == 0 and hibernated["recorded_replicas"] == 2
+
+        async def one(i: int) -> tuple[int, str]:
+            async with session.post(f"{url}/echo", data=f"held {i}".encode(),
+                                    headers={"Host": f"sleepy.localhost:{i}"}) as r:
+                return r.status, await r.text()
+
+        results = await asyncio.gather(*(one(i) for i in range(1, 21)))
+        assert results == [(200, f"held {i}") for i in range(1, 21)]
+        awake = await wait_state(config, "sleepy", "ACTIVE", 10)
+        assert awake["recorded_replicas"] == 2
+
+        # evicted: the cluster stays, pointed at the activator (no catch-all in this mode)
+        await wait_state(config, "sleepy", "EVICTED", 45)
+        assert "sleepy.localhost" in await envoy_names(
+            config, "dynamic_active_clusters", "clusters")
+        async with session.post(f"{url}/echo", data=b"again",
+                                headers={"Host": "sleepy.localhost"}) as r:
+            assert (r.status, await r.read()) == (200, b"again")
+            assert "x-torpor-cold-start-ms" in r.headers
+        await wait_state(config, "sleepy", "ACTIVE", 10)
+
+        async with session.get(f"{url}/predict", headers={"Host": "nobody.localhost"}) as r:
+            assert r.status == 404
+            assert (await r.json())["error"] == "unknown_host"
