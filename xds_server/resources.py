@@ -458,9 +458,8 @@ class ResourceBuilder:
                     del self._shapes[name]
                     self._leave_unit(old)
                     self._note_features(name, None)
-                    gone = self._cluster_names.pop(name, name)
-                    self._forget(name, gone)
-                    clusters[gone] = endpoints[gone] = None
+                    self._forget(name)
+                    self._release(self._cluster_names.pop(name, name), clusters, endpoints)
                 continue
             if old is not None and old.version_of != svc.version_of:
                 self._leave_unit(old)
@@ -473,14 +472,22 @@ class ResourceBuilder:
             if cluster != name:
                 self._cluster_names[name] = cluster
             if before != cluster and old is not None:  # renamed (its routes changed)
-                clusters[before] = endpoints[before] = None
-                self._endpoints.pop(before, None)
+                self._release(before, clusters, endpoints)
             clusters[cluster] = self._cluster(svc)
             endpoints[cluster] = self._load_assignment(cluster, svc.endpoints)
         for unit in units:
             self._refresh_unit(unit)
         self._put(types.CLUSTER, clusters)
         self._put(types.ENDPOINT, endpoints)
+
+    def _release(self, cluster: str, clusters: dict[str, Resource | None],
+                 endpoints: dict[str, Resource | None]) -> None:
+        """Remove the cluster (and endpoints) `cluster` a service no longer has, unless a
+        service earlier in the same update took that name (a host-named one: a service
+        renamed on its host, hosts moved between services; `cluster_name`)."""
+        if clusters.get(cluster) is None:
+            clusters[cluster] = endpoints[cluster] = None
+            self._endpoints.pop(cluster, None)
 
     def _leave_unit(self, service: RoutedService) -> None:
         if service.version_of is not None:
@@ -511,15 +518,24 @@ class ResourceBuilder:
         if unit is None:
             if old is not None:
                 del self._units[name]
+                hidden = self._hidden(old)
                 self._leave_hosts(old)
-                self._routes_stale = True
+                self._routes_stale |= not hidden
             return
         self._units[name] = unit
         if old is None or route_key(old) != route_key(unit):
-            self._routes_stale = True
+            hidden = old is None or self._hidden(old)
             self._leave_hosts(old)
             for host in unit.all_hosts():
                 self._host_members.setdefault(host, set()).add(name)
+            self._routes_stale |= not (hidden and self._hidden(unit))
+
+    def _hidden(self, unit: RoutedService) -> bool:
+        """Whether `unit` is in no virtual host (`routing: host_header`: `host_routed`,
+        alone on its host): its coming, going or changing between such shapes leaves the
+        route table as it is (no rebuild of it, nothing touched)."""
+        return (self.settings.routing == "host_header" and host_routed(unit)
+                and self._host_members.get(unit.host) == {unit.name})
 
     def set_certificates(self, certificates: Mapping[str, tuple[bytes, bytes]]) -> None:
         """The listener's certificates by SDS secret name: (PEM chain, PEM key). Only a
@@ -662,12 +678,12 @@ class ResourceBuilder:
         data: bytes = self._shared_vhost(host, services).SerializeToString(deterministic=True)
         return data
 
-    def _forget(self, name: str, cluster: str) -> None:
-        """Drop the cached protos of a service that left the table (memory at 10k churn)."""
+    def _forget(self, name: str) -> None:
+        """Drop the cached protos of a service that left the table (memory at 10k churn;
+        its endpoints' go with its cluster name, `_release`)."""
         self._vhost_serialized.pop(name, None)
         self._vhost_fields.pop(name, None)
         self._clusters.pop(name, None)
-        self._endpoints.pop(cluster, None)
 
     def cluster_name(self, service: RoutedService) -> str:
         """The name of `service`'s cluster (and of its ClusterLoadAssignment): its host
@@ -713,7 +729,7 @@ class ResourceBuilder:
         if last is not None and (last[0] is service or (part == "eds" and (
                 last[0].name == service.name and last[0].endpoints is service.endpoints))):
             return last[1]
-        found = shape_of(part, service, part == "cds" and self._by_host(service))
+        found = shape_of(part, service, part != "eds" and self._by_host(service))
         self._last_shape_of[part] = (service, found)
         return found
 
@@ -746,7 +762,7 @@ class ResourceBuilder:
         self._seen_once.discard(key)
         if len(self._shapes_by_key) >= MAX_SHAPES:
             self._shapes_by_key.clear()  # a bounded memo: start over rather than grow
-        by_host = part == "cds" and self._by_host(service)
+        by_host = part != "eds" and self._by_host(service)
         shape = validation.Shape.of(self._direct_proto(
             part, _placeholders(part, service, by_host), by_host))
         self._shapes_by_key[key] = shape if shape is not None and \
@@ -755,31 +771,34 @@ class ResourceBuilder:
 
     def _direct(self, part: str, service: RoutedService) -> bytes:
         data: bytes = self._direct_proto(
-            part, service, part == "cds" and self._by_host(service)).SerializeToString(
+            part, service, part != "eds" and self._by_host(service)).SerializeToString(
                 deterministic=True)
         return data
 
     def _direct_proto(self, part: str, service: RoutedService, by_host: bool = False
                       ) -> Message:
-        """`by_host`: the cluster is named by the host (decided on the real service: a
-        placeholder host has no dot)."""
+        """`by_host`: the cluster is named by the host, and the routes go to it (decided on
+        the real service: a placeholder host has no dot)."""
         built: Message
         if part == "cds":
             built = self._cluster_proto(service, by_host)
         elif part == "eds":
             built = self._load_assignment_proto(service.name, service.endpoints)
         else:
-            built = self._service_vhost(service, service.all_hosts())
+            built = self._service_vhost(service, service.all_hosts(),
+                                        service.host if by_host else None)
         return built
 
-    def _service_vhost(self, service: RoutedService,
-                       hosts: tuple[str, ...]) -> route_components_pb2.VirtualHost:
+    def _service_vhost(self, service: RoutedService, hosts: tuple[str, ...],
+                       cluster: str | None = None) -> route_components_pb2.VirtualHost:
         """One service's virtual host over `hosts` (its own): the status route of
-        asynchronous calls, then its routes, longest path first."""
+        asynchronous calls, then its routes, longest path first (to `cluster`; None: its
+        `cluster_name`)."""
         vhost = self._vhost_proto(service.name, _domains(hosts), [
             *self._status_route(service.name, service.auth),
             *(route for prefix in _longest_first(service.prefixes())
-              for route in self._routes_to(service, prefix))], replay_marker=service.http2)
+              for route in self._routes_to(service, prefix, cluster))],
+            replay_marker=service.http2)
         if service.rate_limit is not None:
             vhost.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(
                 _any(_rate_limit(service.name, *service.rate_limit)))
@@ -817,7 +836,7 @@ class ResourceBuilder:
                 append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
         return vhost
 
-    def _routes_to(self, service: RoutedService, prefix: str
+    def _routes_to(self, service: RoutedService, prefix: str, cluster: str | None = None
                    ) -> list[route_components_pb2.Route]:
         """A service's routes under one path prefix: asynchronous calls first (to the
         activator); then one route replaying after a reset for every method (the service
@@ -825,7 +844,7 @@ class ResourceBuilder:
         without it. A rewrite of the prefix, and the header naming the service, on each."""
         name = _route_name(service.name, prefix)
         marker = service.http2
-        cluster = self.cluster_name(service)
+        cluster = cluster or self.cluster_name(service)
         if service.retry_non_idempotent:
             routes = [self._route(name, cluster, RESET_RETRY_ON, prefix, marker)]
         else:
@@ -1057,11 +1076,14 @@ class ResourceBuilder:
                 hcm_pb2.HttpFilter(name="envoy.filters.http.router",
                                    typed_config=_any(self._router())),
             ],
-            local_reply_config=_local_replies(),
+            local_reply_config=_local_replies(self.settings.routing == "host_header"),
             access_log=[_access_log(self.settings.routing == "host_header")],
-            # host_header: a Host with a port still names its cluster.
-            strip_any_host_port=self.settings.routing == "host_header",
         )
+        if self.settings.routing == "host_header":
+            # A Host with a port still names its cluster. Only then: the field is in a
+            # oneof, set even to false it is serialized (the default mode's listener
+            # would change).
+            manager.strip_any_host_port = True
         filters = [listener_components_pb2.Filter(
             name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))]
         tls = self.settings.tls
@@ -1321,7 +1343,8 @@ def shape_of(part: str, service: RoutedService, by_host: bool = False
     """What `service`'s resource of `part` ("cds", "eds", "rds") is built from besides
     names (services with equal keys build resources equal but for them), and its names
     in placeholder order: the service's name, then its hosts (without a leading `*`) or
-    its endpoints' addresses. `by_host`: its cluster is named by its host."""
+    its endpoints' addresses. `by_host`: its cluster is named by its host (and its
+    virtual host's routes go to that)."""
     if part == "cds":
         if by_host:
             return ("cds", _cluster_key(service), "host"), (service.name, service.host)
@@ -1335,6 +1358,8 @@ def shape_of(part: str, service: RoutedService, by_host: bool = False
         rest: tuple[object, ...] = built_from[2:]  # (a dataclasses.replace costs more)
     else:
         rest = route_key(dataclasses.replace(service, host="", hosts=()))
+    if by_host:  # one exact host (`host_routed`), its routes to the cluster it names
+        return ("rds", ("",), rest, "host"), (service.name, service.host)
     if len(hosts) == 1:
         wild = _wildcard(service.host)
         return ("rds", (wild,), rest), (service.name, service.host.removeprefix(wild))
@@ -1489,11 +1514,13 @@ def _header_value(key: str, value: str) -> base_pb2.HeaderValueOption:
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
-def _local_replies() -> hcm_pb2.LocalReplyConfig:
+def _local_replies(by_host: bool = False) -> hcm_pb2.LocalReplyConfig:
     """A request over a service's `max_concurrent` (Envoy's circuit breaker: response
     flag UO, 503 by default) is answered 429 + Retry-After, as a rate-limited one; a
     refused credential (401, 403) gets a JSON body as the activator's answers have:
-    {"error", "message"} with Envoy's reason ("Jwt is expired")."""
+    {"error", "message"} with Envoy's reason ("Jwt is expired"). `by_host` (`routing:
+    host_header`): a Host no cluster has (response flag NC) gets {"error": "unknown_host"};
+    without it the listener is as before that mode (no change pushed on an upgrade)."""
     overloaded = hcm_pb2.ResponseMapper(
         filter=accesslog_pb2.AccessLogFilter(
             response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UO"])),
@@ -1508,7 +1535,8 @@ def _local_replies() -> hcm_pb2.LocalReplyConfig:
                 "message": "no torpor service is configured for host %REQ(:AUTHORITY)%"}),
             content_type="application/json"))
     return hcm_pb2.LocalReplyConfig(mappers=[
-        overloaded, unknown, _json_reply(401, "unauthorized"), _json_reply(403, "forbidden")])
+        overloaded, *([unknown] if by_host else []), _json_reply(401, "unauthorized"),
+        _json_reply(403, "forbidden")])
 
 
 def _json_reply(code: int, error: str) -> hcm_pb2.ResponseMapper:
