@@ -8,6 +8,8 @@ in that mode, each against the default mode."""
 from __future__ import annotations
 
 import dataclasses
+import random
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -408,6 +410,19 @@ def test_the_virtual_host_a_plain_service_is_checked_by_routes_to_its_host_clust
     assert builder._passes_by_shape("rds", table[3], builder._vhost_bytes(table[3]))
 
 
+@pytest.mark.parametrize("host", ["bad\nhost.test", "ok.test\x00"])
+def test_a_plain_service_with_a_broken_host_is_quarantined_not_published(host: str) -> None:
+    """Its host names its cluster, not a domain Envoy would publish: the quarantine still
+    judges its virtual host (the domains' rule) and keeps the cluster out."""
+    builder = QuarantineBuilder(BY_HOST)
+    bad = RoutedService("bad", host, (Endpoint("10.0.0.5", 80),))
+    built = builder.build([plain(0), plain(1), bad, plain(2)])
+    assert "HTTP_HEADER_VALUE" in (builder.problem("bad") or "")
+    assert set(builder.quarantined()) == {"bad"}
+    assert set(built[types.CLUSTER]) == {ACTIVATOR_CLUSTER, *(plain(i).host for i in range(3))}
+    assert set(built[types.ENDPOINT]) == set(built[types.CLUSTER])
+
+
 @st.composite
 def maybe_plain(draw: st.DrawFn) -> RoutedService:
     """Services most of which are plain, with names and hosts good and bad."""
@@ -453,6 +468,63 @@ def test_in_host_mode_a_quarantine_by_shape_is_the_quarantine_by_walk(
     assert by_shape.quarantined() == by_walk.quarantined()
     assert {t: {n: r.digest for n, r in rs.items()} for t, rs in built[0].items()} == \
         {t: {n: r.digest for n, r in rs.items()} for t, rs in built[1].items()}
+
+
+_POOL_HOSTS = ("h1.test", "h2.test", "h3.test", "nodot", "Up.test")
+_KINDS = ("plain", "plain", "pathed", "http2")
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> dict[str, RoutedService]:
+    """A table of up to five services on a few hosts, plain or not, that the builder
+    takes as it is (no two services under one path of one host: the quarantine's)."""
+    chosen = draw(st.dictionaries(st.sampled_from("abcde"), st.tuples(
+        st.sampled_from(_POOL_HOSTS), st.sampled_from(_KINDS), st.integers(0, 1)),
+        max_size=5))
+    rooted: set[str] = set()
+    table: dict[str, RoutedService] = {}
+    for name, (host, kind, port) in sorted(chosen.items()):
+        if kind != "pathed" and host in rooted:
+            kind = "pathed"
+        if kind != "pathed":
+            rooted.add(host)
+        table[name] = RoutedService(
+            name, host, (Endpoint("10.0.0.1", 8000 + port),), http2=kind == "http2",
+            paths=(f"/{name}",) if kind == "pathed" else ())
+    return table
+
+
+@PROPERTY
+@given(st.lists(st.tuples(tables(), st.randoms(use_true_random=False)), min_size=1,
+                max_size=5))
+def test_in_host_mode_updates_in_any_order_give_the_table_built_afresh(
+        steps: list[tuple[dict[str, RoutedService], random.Random]]) -> None:
+    """Whatever order an update's changes come in (services renamed, moved between hosts,
+    plain or not): the resources are those of the table built afresh, and every name whose
+    resource came, changed or went is among the touched ones (what the publisher sends)."""
+    builder = ResourceBuilder(BY_HOST)
+    current: dict[str, RoutedService] = {}
+    before = digests(builder.build([]))
+    for table, rnd in steps:
+        changes: dict[str, RoutedService | None] = {
+            **{n: None for n in current if n not in table},
+            **{n: s for n, s in table.items() if current.get(n) != s}}
+        order = list(changes)
+        rnd.shuffle(order)
+        builder.update({n: changes[n] for n in order})
+        desired = builder.desired()
+        now = digests(desired.resources)
+        assert now == digests(ResourceBuilder(BY_HOST).build(list(table.values()))), order
+        assert desired.touched is not None
+        for type_url in now:
+            moved = {n for n in now[type_url].keys() | before.get(type_url, {}).keys()
+                     if now[type_url].get(n) != before.get(type_url, {}).get(n)}
+            assert moved <= desired.touched[type_url], (types.short(type_url), order)
+        current, before = table, now
+
+
+def digests(built: Mapping[str, Mapping[str, Resource]]) -> dict[str, dict[str, bytes]]:
+    return {t: {n: r.digest for n, r in rs.items()} for t, rs in built.items()}
 
 
 # --- the listener ---------------------------------------------------------------------------
