@@ -460,9 +460,8 @@ class ResourceBuilder:
                     del self._shapes[name]
                     self._leave_unit(old)
                     self._note_features(name, None)
-                    gone = self._cluster_names.pop(name, name)
-                    self._forget(name, gone)
-                    clusters[gone] = endpoints[gone] = None
+                    self._forget(name)
+                    self._release(self._cluster_names.pop(name, name), clusters, endpoints)
                 continue
             if old is not None and old.version_of != svc.version_of:
                 self._leave_unit(old)
@@ -475,8 +474,7 @@ class ResourceBuilder:
             if cluster != name:
                 self._cluster_names[name] = cluster
             if before != cluster and old is not None:  # renamed (its routes changed)
-                clusters[before] = endpoints[before] = None
-                self._endpoints.pop(before, None)
+                self._release(before, clusters, endpoints)
             clusters[cluster] = self._cluster(svc)
             # A cluster found by Host holds its endpoints (STATIC, `_cluster_proto`).
             endpoints[cluster] = None if self._by_host(svc) else self._load_assignment(
@@ -485,6 +483,15 @@ class ResourceBuilder:
             self._refresh_unit(unit)
         self._put(types.CLUSTER, clusters)
         self._put(types.ENDPOINT, endpoints)
+
+    def _release(self, cluster: str, clusters: dict[str, Resource | None],
+                 endpoints: dict[str, Resource | None]) -> None:
+        """Remove the cluster (and endpoints) `cluster` a service no longer has, unless a
+        service earlier in the same update took that name (a host-named one: a service
+        renamed on its host, hosts moved between services; `cluster_name`)."""
+        if clusters.get(cluster) is None:
+            clusters[cluster] = endpoints[cluster] = None
+            self._endpoints.pop(cluster, None)
 
     def _leave_unit(self, service: RoutedService) -> None:
         if service.version_of is not None:
@@ -515,25 +522,24 @@ class ResourceBuilder:
         if unit is None:
             if old is not None:
                 del self._units[name]
+                hidden = self._hidden(old)
                 self._leave_hosts(old)
-                self._routes_stale |= self._in_route_table(name, old)
+                self._routes_stale |= not hidden
             return
         self._units[name] = unit
         if old is None or route_key(old) != route_key(unit):
+            hidden = old is None or self._hidden(old)
             self._leave_hosts(old)
             for host in unit.all_hosts():
                 self._host_members.setdefault(host, set()).add(name)
-            self._routes_stale |= (self._in_route_table(name, old)
-                                   or self._in_route_table(name, unit))
+            self._routes_stale |= not (hidden and self._hidden(unit))
 
-    def _in_route_table(self, name: str, unit: RoutedService | None) -> bool:
-        """Whether route unit `name` as `unit` has a part in the RouteConfiguration: not a
-        service Envoy finds by its Host (`routing: host_header`) alone on that host, so
-        that adding, changing or removing one costs no route rebuild (a walk of every
-        unit at 10k services: ~15 ms)."""
-        if unit is None:
-            return False
-        return not (self._by_host(unit) and self._host_members.get(unit.host, set()) <= {name})
+    def _hidden(self, unit: RoutedService) -> bool:
+        """Whether `unit` is in no virtual host (`routing: host_header`: `host_routed`,
+        alone on its host): its coming, going or changing between such shapes leaves the
+        route table as it is (no rebuild of it, nothing touched)."""
+        return (self.settings.routing == "host_header" and host_routed(unit)
+                and self._host_members.get(unit.host) == {unit.name})
 
     def set_certificates(self, certificates: Mapping[str, tuple[bytes, bytes]]) -> None:
         """The listener's certificates by SDS secret name: (PEM chain, PEM key). Only a
@@ -611,8 +617,9 @@ class ResourceBuilder:
         m = self._maps[type_url].mutate()
         for name, resource in resources.items():
             if resource is None:
-                if name in m:
-                    del m[name]
+                if name not in m:
+                    continue  # nothing to remove (the endpoints of a STATIC cluster)
+                del m[name]
             elif m.get(name) is not resource:
                 m[name] = resource
             else:
@@ -676,12 +683,12 @@ class ResourceBuilder:
         data: bytes = self._shared_vhost(host, services).SerializeToString(deterministic=True)
         return data
 
-    def _forget(self, name: str, cluster: str) -> None:
-        """Drop the cached protos of a service that left the table (memory at 10k churn)."""
+    def _forget(self, name: str) -> None:
+        """Drop the cached protos of a service that left the table (memory at 10k churn;
+        its endpoints' go with its cluster name, `_release`)."""
         self._vhost_serialized.pop(name, None)
         self._vhost_fields.pop(name, None)
         self._clusters.pop(name, None)
-        self._endpoints.pop(cluster, None)
 
     def cluster_name(self, service: RoutedService) -> str:
         """The name of `service`'s cluster (and of its ClusterLoadAssignment): its host
@@ -784,8 +791,8 @@ class ResourceBuilder:
 
     def _direct_proto(self, part: str, service: RoutedService, by_host: bool = False
                       ) -> Message:
-        """`by_host`: the cluster is named by the host (decided on the real service: a
-        placeholder host has no dot)."""
+        """`by_host`: the cluster is named by the host, and the routes go to it (decided on
+        the real service: a placeholder host has no dot)."""
         built: Message
         if part == "cds":
             built = self._cluster_proto(service, by_host)
@@ -1090,11 +1097,14 @@ class ResourceBuilder:
                 hcm_pb2.HttpFilter(name="envoy.filters.http.router",
                                    typed_config=_any(self._router())),
             ],
-            local_reply_config=_local_replies(),
+            local_reply_config=_local_replies(self.settings.routing == "host_header"),
             access_log=[_access_log(self.settings.routing == "host_header")],
-            # host_header: a Host with a port still names its cluster.
-            strip_any_host_port=self.settings.routing == "host_header",
         )
+        if self.settings.routing == "host_header":
+            # A Host with a port still names its cluster. Only then: the field is in a
+            # oneof, set even to false it is serialized (the default mode's listener
+            # would change).
+            manager.strip_any_host_port = True
         filters = [listener_components_pb2.Filter(
             name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))]
         tls = self.settings.tls
@@ -1371,6 +1381,8 @@ def shape_of(part: str, service: RoutedService, by_host: bool = False
         rest: tuple[object, ...] = built_from[2:]  # (a dataclasses.replace costs more)
     else:
         rest = route_key(dataclasses.replace(service, host="", hosts=()))
+    if by_host:  # one exact host (`host_routed`), its routes to the cluster it names
+        return ("rds", ("",), rest, "host"), (service.name, service.host)
     if len(hosts) == 1:
         wild = _wildcard(service.host)
         return (("rds", (wild,), rest, by_host),
@@ -1527,11 +1539,13 @@ def _header_value(key: str, value: str) -> base_pb2.HeaderValueOption:
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
-def _local_replies() -> hcm_pb2.LocalReplyConfig:
+def _local_replies(by_host: bool = False) -> hcm_pb2.LocalReplyConfig:
     """A request over a service's `max_concurrent` (Envoy's circuit breaker: response
     flag UO, 503 by default) is answered 429 + Retry-After, as a rate-limited one; a
     refused credential (401, 403) gets a JSON body as the activator's answers have:
-    {"error", "message"} with Envoy's reason ("Jwt is expired")."""
+    {"error", "message"} with Envoy's reason ("Jwt is expired"). `by_host` (`routing:
+    host_header`): a Host no cluster has (response flag NC) gets {"error": "unknown_host"};
+    without it the listener is as before that mode (no change pushed on an upgrade)."""
     overloaded = hcm_pb2.ResponseMapper(
         filter=accesslog_pb2.AccessLogFilter(
             response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["UO"])),
@@ -1546,7 +1560,8 @@ def _local_replies() -> hcm_pb2.LocalReplyConfig:
                 "message": "no torpor service is configured for host %REQ(:AUTHORITY)%"}),
             content_type="application/json"))
     return hcm_pb2.LocalReplyConfig(mappers=[
-        overloaded, unknown, _json_reply(401, "unauthorized"), _json_reply(403, "forbidden")])
+        overloaded, *([unknown] if by_host else []), _json_reply(401, "unauthorized"),
+        _json_reply(403, "forbidden")])
 
 
 def _json_reply(code: int, error: str) -> hcm_pb2.ResponseMapper:
