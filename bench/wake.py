@@ -64,7 +64,7 @@ from typing import Any
 import aiohttp
 
 from torpor import admin_client
-from torpor.config import load_config
+from torpor.config import ROUTING_MODES, load_config
 from torpor.credentials import AdminTarget, admin_target
 from torpor.gateway import envoy_binary
 from xds_server.resources import MAX_UPSTREAM_CONNECTIONS
@@ -258,6 +258,10 @@ def service_command(s: Service) -> str:
             f'--load-jitter, "{s.load_jitter}"]')
 
 
+#: gateway.routing of the torpor under test (--routing).
+ROUTING = ["virtual_hosts"]
+
+
 def write_config(workdir: Path, services: Sequence[Service], max_held: int) -> Path:
     """A torpor config on free loopback ports. The policy never acts on its own
     (never_sleep, and idle_after far away): the bench hibernates through the admin API."""
@@ -275,7 +279,8 @@ def write_config(workdir: Path, services: Sequence[Service], max_held: int) -> P
 """ for s in services)
     path = workdir / "torpor.yaml"
     path.write_text(f"""
-gateway: {{listen: {LOOPBACK}:{p['listen']}, admin: {LOOPBACK}:{p['admin']}}}
+gateway: {{listen: {LOOPBACK}:{p['listen']}, admin: {LOOPBACK}:{p['admin']},
+          routing: {ROUTING[0]}}}
 control_plane: {{xds: {LOOPBACK}:{p['xds']}, admin_api: {LOOPBACK}:{p['api']},
                 metrics: {LOOPBACK}:{p['metrics']}}}
 activator: {{listen: {LOOPBACK}:{p['act']}, metrics: {LOOPBACK}:{p['actm']},
@@ -1527,6 +1532,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--instructions", type=float, default=0,
                         help="seconds of load per Envoy for part 4, instructions per request "
                              "under callgrind (needs valgrind and wrk; default 0: skip)")
+    parser.add_argument("--routing", choices=ROUTING_MODES, default="virtual_hosts",
+                        help="gateway.routing of the torpor under test")
     parser.add_argument("--torpor-static", action="store_true",
                         help="part 3 also through torpor's config made static (part 4's "
                              "torpor_static_envoy, --concurrency 2): what being dynamic costs")
@@ -1534,6 +1541,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="keep the work dir (configs, torpor and replica logs)")
     args = parser.parse_args(argv)
     quick = args.quick
+    ROUTING[0] = args.routing
     args.wakes = args.wakes if args.wakes is not None else (5 if quick else 20)
     steps = args.steps if args.steps is not None else ("50,100" if quick else "250,500,1000")
     args.steps = [int(s) for s in steps.split(",") if s.strip()]
