@@ -519,6 +519,8 @@ class ResourceBuilder:
                     default=None))
         else:
             unit = self._shapes.get(name)
+            if unit is not None and unit.version_of is not None:
+                unit = None  # a version is routed by its service's unit, not as its own
         if unit is None:
             if old is not None:
                 del self._units[name]

@@ -641,3 +641,24 @@ def test_an_unknown_gateway_routing_names_the_key(tmp_path: Path, value: str) ->
     message = str(info.value)
     assert str(path) in message and ": gateway.routing: " in message
     assert "virtual_hosts" in message and "host_header" in message
+
+
+@pytest.mark.parametrize("settings", [BY_HOST, BY_NAME], ids=["host_header", "virtual_hosts"])
+def test_a_service_that_becomes_a_version_in_place_leaves_no_route_of_its_own(
+        settings: GatewaySettings) -> None:
+    """A routed service turned into a version of another (version_of set, same name): it is
+    routed by its service's unit only, as in a table built afresh."""
+    v1 = RoutedService("p-v1", "p.test", (Endpoint("10.0.0.1", 80),), version_of="p",
+                       weight=100)
+    before = RoutedService("a", "a.test", (Endpoint("10.0.0.2", 80),))
+    after = RoutedService("a", "p.test", (Endpoint("10.0.0.2", 80),), version_of="p",
+                          weight=0)
+    builder = ResourceBuilder(settings)
+    builder.build([before, v1])
+    builder.update({"a": after})
+    now = builder.desired().resources
+    fresh = ResourceBuilder(settings).build([after, v1])
+    assert {t: {n: r.digest for n, r in rs.items()} for t, rs in now.items()} == \
+        {t: {n: r.digest for n, r in rs.items()} for t, rs in fresh.items()}
+    assert set(vhosts({t: dict(rs) for t, rs in now.items()})) == {
+        "p", HOST_VHOST if settings is BY_HOST else "torpor_catch_all"}
