@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -38,11 +36,11 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ondemand_probe import Envoy, Plane, Servicer, get, ms, pct, wait_for
+from ondemand_probe import Envoy, Plane, get, ms, pct, serve_to_envoy, wait_for
 from xds_scale import Backend, free_port, load_average
 
 from torpor.model import Endpoint
@@ -161,30 +159,10 @@ async def run(n: int, evicted: int, settle: float, lb: str) -> None:
     plane = HostPlane(table, activator.endpoint, listen, evicted, lb)
     print(f"build {time.perf_counter() - t0:.2f} s; route config "
           f"{plane.base_route.ByteSize()} B; {len(plane.base_clusters)} clusters up front")
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Servicer(plane), server)
-    xds_port = server.add_insecure_port(f"{LOOPBACK}:0")
-    await server.start()
-    envoy: Envoy | None = None
     try:
-        with tempfile.TemporaryDirectory(prefix="hostroute-") as tmp:
-            envoy = Envoy(Path(tmp), xds_port)
-            plane.admin_port = envoy.admin
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with aiohttp.ClientSession(timeout=timeout) as s:
-                try:
-                    await probe(envoy, plane, s, listen, table, activator, settle)
-                finally:
-                    nacks = [x for st in plane.streams for x in st.nacks]
-                    print(f"NACKs: {len(nacks)} {nacks[:3]}")
-                    tail = envoy.log.read_text(errors="replace")[-1500:] \
-                        if envoy.log.exists() else ""
-                    if tail.strip():
-                        print("envoy log tail:\n" + tail)
+        await serve_to_envoy(plane, "hostroute-", 10, lambda envoy, s: probe(
+            envoy, plane, s, listen, table, activator, settle))
     finally:
-        if envoy is not None:
-            await envoy.stop()
-        await server.stop(1)
         for b in (backend, activator):
             await b.stop()
 
@@ -192,6 +170,7 @@ async def run(n: int, evicted: int, settle: float, lb: str) -> None:
 async def probe(envoy: Envoy, plane: HostPlane, s: aiohttp.ClientSession, listen: int,
                 table: list[RoutedService], activator: Backend, settle: float) -> None:
     t0 = time.perf_counter()
+    plane.admin_port = envoy.admin
     await envoy.start()
     await wait_for(lambda: envoy.ready(s), 30, "envoy /ready")
 

@@ -32,7 +32,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -384,19 +384,31 @@ async def run(n: int, mode: str, catch_all: bool, not_found: str, remove: str,
     print(f"build {time.perf_counter() - t0:.2f} s; base route config "
           f"{plane.base_route.ByteSize()} B, one vhost "
           f"{plane.vhosts[table[0].host].ByteSize()} B")
+    try:
+        await serve_to_envoy(plane, "ondemand-", REQ_TIMEOUT, lambda envoy, s: probe(
+            envoy, plane, s, listen, table, n, activator, remove, load_upto, remove_by))
+    finally:
+        for b in (backend, other, activator):
+            await b.stop()
+
+
+async def serve_to_envoy(plane: Plane, prefix: str, timeout: float,
+                         body: Callable[[Envoy, aiohttp.ClientSession], Awaitable[None]]
+                         ) -> None:
+    """Serve `plane` over delta ADS to a fresh Envoy and run `body(envoy, session)`; then
+    print the NACKs and the end of Envoy's log, and stop Envoy and the server."""
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Servicer(plane), server)
     xds_port = server.add_insecure_port(f"{LOOPBACK}:0")
     await server.start()
     envoy: Envoy | None = None
     try:
-        with tempfile.TemporaryDirectory(prefix="ondemand-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
             envoy = Envoy(Path(tmp), xds_port)
-            timeout = aiohttp.ClientTimeout(total=REQ_TIMEOUT)
-            async with aiohttp.ClientSession(timeout=timeout) as s:
+            async with aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=timeout)) as s:
                 try:
-                    await probe(envoy, plane, s, listen, table, n, activator, remove, load_upto,
-                                remove_by)
+                    await body(envoy, s)
                 finally:
                     nacks = [x for st in plane.streams for x in st.nacks]
                     print(f"NACKs: {len(nacks)} {nacks[:3]}")
@@ -408,8 +420,6 @@ async def run(n: int, mode: str, catch_all: bool, not_found: str, remove: str,
         if envoy is not None:
             await envoy.stop()
         await server.stop(1)
-        for b in (backend, other, activator):
-            await b.stop()
 
 
 async def probe(envoy: Envoy, plane: Plane, s: aiohttp.ClientSession, listen: int,

@@ -17,16 +17,14 @@ import pytest
 
 from tests.support.backends import Backend, start_backends
 from tests.support.configs import model_service, write_config
-from tests.support.envoy import Envoy, stop_envoy
-from tests.support.net import free_port, wait_until
+from tests.support.envoy import Envoy
+from tests.support.net import wait_until
 from tests.support.up import Up, UpRuns, wait_state
 from tests.support.xds import XdsHarness, hibernated, svc
 from torpor.config import XDS_PROTOCOLS, Config, load_config
 from torpor.gateway import admin_session, admin_url
 from torpor.model import Endpoint
 from xds_server.resources import RoutedService
-
-FLUSH = 1.0
 
 
 @pytest.fixture(params=XDS_PROTOCOLS)
@@ -49,23 +47,6 @@ async def backends() -> AsyncIterator[tuple[Backend, Backend]]:
     await b.stop()
 
 
-@pytest.fixture
-async def envoy(tmp_path: Path, harness: XdsHarness, xds_protocol: str
-                ) -> AsyncIterator[Callable[[], Envoy]]:
-    started: list[Envoy] = []
-
-    def start() -> Envoy:
-        e = Envoy(tmp_path, "by-host", free_port(), harness.xds_port, stats_flush=FLUSH,
-                  xds_protocol=xds_protocol)
-        started.append(e)
-        e.start()
-        return e
-
-    yield start
-    for e in started:
-        await stop_envoy(e)
-
-
 def table(harness: XdsHarness, a: Endpoint, b: Endpoint) -> list[RoutedService]:
     return [svc("awake", a), hibernated(harness, "sleepy"),
             RoutedService("paths", "paths.test", (b,), paths=("/v2",))]
@@ -85,12 +66,12 @@ async def route_updates(envoy: Envoy) -> int:
 
 
 async def test_services_are_reached_by_host_and_an_add_changes_no_route(
-        harness: XdsHarness, envoy: Callable[[], Envoy], backends: tuple[Backend, Backend],
+        harness: XdsHarness, envoys: Callable[[int, str], Envoy], backends: tuple[Backend, Backend],
         activator_backend: Backend) -> None:
     a, b = backends
     services = table(harness, a.endpoint, b.endpoint)
     await harness.start(services)
-    e = envoy()
+    e = envoys(harness.xds_port, "by-host")
     await e.wait_ready()
     port = harness.listen_port
     assert (await get(port, "awake.test"))[:2] == (200, "awake")
@@ -131,7 +112,7 @@ async def test_services_are_reached_by_host_and_an_add_changes_no_route(
 
 
 async def test_calls_are_counted_by_service_and_unknown_hosts_by_host(
-        harness: XdsHarness, envoy: Callable[[], Envoy],
+        harness: XdsHarness, envoys: Callable[[int, str], Envoy],
         backends: tuple[Backend, Backend]) -> None:
     a, b = backends
     await harness.start(table(harness, a.endpoint, b.endpoint))
@@ -139,7 +120,7 @@ async def test_calls_are_counted_by_service_and_unknown_hosts_by_host(
     for name in ("awake", "sleepy", "paths"):
         collector.ensure(name, created_at=time.time() - 3600)
     collector.set_hosts({f"{n}.test": n for n in ("awake", "sleepy", "paths")})
-    e = envoy()
+    e = envoys(harness.xds_port, "by-host")
     await e.wait_ready()
     port = harness.listen_port
     for _ in range(4):

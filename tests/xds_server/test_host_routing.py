@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from tests.support.workloads import FixedWorkloads
 from tests.xds_server.test_resources import addresses, main_routes, route_config, unpack
-from tests.xds_server.test_validation_shapes import ENDPOINTS, HOSTS, NAMES, PROPERTY
+from tests.xds_server.test_validation_shapes import PROPERTY
 from torpor.catalog import ServiceCatalog
 from torpor.clock import ManualClock
 from torpor.config import LocalServiceConfig, ServiceConfig, load_config
@@ -215,35 +215,35 @@ def test_a_plain_service_sharing_its_host_is_routed_by_the_shared_virtual_host()
 
 # --- changes ------------------------------------------------------------------------------
 
+def renamed(builder: ResourceBuilder, svc: RoutedService, old: str, new: str,
+            endpoints: set[str]) -> Mapping[str, Mapping[str, Resource]]:
+    """Update `svc`, whose cluster `old` becomes `new`: the resources now, after checking
+    what was touched (both cluster names, its endpoints' name, the route table)."""
+    builder.update({svc.name: svc})
+    desired = builder.desired()
+    now, touched = desired.resources, desired.touched
+    assert touched is not None
+    assert old not in now[types.CLUSTER] and new in now[types.CLUSTER]
+    assert {old, new} <= touched[types.CLUSTER]
+    assert set(now[types.ENDPOINT]) == endpoints
+    assert touched[types.ENDPOINT] == {svc.name}
+    assert touched[types.ROUTE] == {ROUTE_CONFIG_NAME}
+    return now
+
+
 def test_a_plain_service_becoming_pathed_and_back_renames_its_cluster() -> None:
     builder = ResourceBuilder(BY_HOST)
     builder.build([PLAIN, OTHER])
     pathed = dataclasses.replace(PLAIN, paths=("/v1",))
 
-    builder.update({"echo": pathed})
-    desired = builder.desired()
-    now, touched = desired.resources, desired.touched
-    assert touched is not None
-    assert "echo.test" not in now[types.CLUSTER] and "echo" in now[types.CLUSTER]
-    assert {"echo", "echo.test"} <= touched[types.CLUSTER]
-    assert set(now[types.ENDPOINT]) == {ACTIVATOR_CLUSTER, "echo"}
-    assert touched[types.ENDPOINT] == {"echo"}
+    now = renamed(builder, pathed, "echo.test", "echo", endpoints={ACTIVATOR_CLUSTER, "echo"})
     assert unpack(now[types.ENDPOINT]["echo"],
                   endpoint_pb2.ClusterLoadAssignment()).cluster_name == "echo"
-    assert touched[types.ROUTE] == {ROUTE_CONFIG_NAME}
     found = vhosts({t: dict(rs) for t, rs in now.items()})
     assert list(found) == ["echo", HOST_VHOST]
     assert {r.route.cluster for r in main_routes(found["echo"])} == {"echo"}
 
-    builder.update({"echo": PLAIN})
-    desired = builder.desired()
-    now, touched = desired.resources, desired.touched
-    assert touched is not None
-    assert "echo" not in now[types.CLUSTER] and "echo.test" in now[types.CLUSTER]
-    assert {"echo", "echo.test"} <= touched[types.CLUSTER]
-    assert set(now[types.ENDPOINT]) == {ACTIVATOR_CLUSTER}
-    assert touched[types.ENDPOINT] == {"echo"}
-    assert touched[types.ROUTE] == {ROUTE_CONFIG_NAME}
+    now = renamed(builder, PLAIN, "echo", "echo.test", endpoints={ACTIVATOR_CLUSTER})
     assert list(vhosts({t: dict(rs) for t, rs in now.items()})) == [HOST_VHOST]
     # Nothing of the old name is kept (and no assignment of a STATIC cluster).
     assert set(builder._endpoints) == set()
@@ -429,53 +429,6 @@ def test_a_plain_service_with_a_broken_host_is_quarantined_not_published(host: s
     assert set(builder.quarantined()) == {"bad"}
     assert set(built[types.CLUSTER]) == {ACTIVATOR_CLUSTER, *(plain(i).host for i in range(3))}
     assert set(built[types.ENDPOINT]) == {ACTIVATOR_CLUSTER}
-
-
-@st.composite
-def maybe_plain(draw: st.DrawFn) -> RoutedService:
-    """Services most of which are plain, with names and hosts good and bad."""
-    host = draw(st.one_of(HOSTS, HOSTS.map(str.upper), st.sampled_from(
-        ["a.test", "svc.test", "nodot", "x.test:8080", "h.test."])))
-    return RoutedService(
-        draw(NAMES), host, tuple(draw(ENDPOINTS)),
-        max_concurrent=draw(st.sampled_from([None, 1, 100])),
-        http2=draw(st.sampled_from([False, False, False, True])),
-        paths=draw(st.sampled_from([(), (), (), ("/v1",)])))
-
-
-@PROPERTY
-@given(st.lists(maybe_plain(), min_size=1, max_size=8))
-def test_in_host_mode_a_resource_rendered_from_its_shape_is_the_one_built(
-        table: list[RoutedService]) -> None:
-    builder = ResourceBuilder(BY_HOST)
-    for svc in table:
-        for part in ("cds", "eds", "rds"):
-            assert builder._made(part, svc) == builder._direct(part, svc), (part, svc)
-
-
-@PROPERTY
-@given(st.lists(maybe_plain(), min_size=1, max_size=8))
-def test_in_host_mode_a_table_built_by_shape_is_the_table_built(
-        table: list[RoutedService]) -> None:
-    table = list({s.name: s for s in table}.values())
-    by_shape, built = ResourceBuilder(BY_HOST), ResourceBuilder(BY_HOST)
-    built._made = built._direct  # type: ignore[method-assign]
-    assert {t: {n: r.body for n, r in rs.items()}
-            for t, rs in by_shape.build([*table, *table[:1]]).items()} == \
-        {t: {n: r.body for n, r in rs.items()} for t, rs in built.build(table).items()}
-
-
-@PROPERTY
-@given(st.lists(maybe_plain(), min_size=1, max_size=8))
-def test_in_host_mode_a_quarantine_by_shape_is_the_quarantine_by_walk(
-        table: list[RoutedService]) -> None:
-    table = list({s.name: s for s in table}.values())
-    by_shape, by_walk = QuarantineBuilder(BY_HOST), QuarantineBuilder(BY_HOST)
-    by_walk._passes_by_shape = lambda *_: False  # type: ignore[method-assign]
-    built = [b.build(table) for b in (by_shape, by_walk)]
-    assert by_shape.quarantined() == by_walk.quarantined()
-    assert {t: {n: r.digest for n, r in rs.items()} for t, rs in built[0].items()} == \
-        {t: {n: r.digest for n, r in rs.items()} for t, rs in built[1].items()}
 
 
 _POOL_HOSTS = ("h1.test", "h2.test", "h3.test", "nodot", "Up.test")

@@ -27,6 +27,10 @@ from xds_server.validation import Shape, check_endpoint_addresses, check_message
 
 SETTINGS = GatewaySettings(listen=Endpoint("127.0.0.1", 8080),
                            activators=(Endpoint("127.0.0.1", 9),))
+#: `gateway.routing: host_header`: a plain service's cluster is named by its host (STATIC).
+BY_HOST = dataclasses.replace(SETTINGS, routing="host_header")
+ROUTINGS = pytest.mark.parametrize("gateway", [SETTINGS, BY_HOST],
+                                   ids=["virtual_hosts", "host_header"])
 PROPERTY = settings(max_examples=150, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -57,6 +61,23 @@ def services(draw: st.DrawFn, name: str | None = None) -> RoutedService:
         version_of=draw(st.sampled_from([None, None, "parent"])),
         weight=draw(st.sampled_from([0, 50])),
         split=draw(st.sampled_from([(), (("v1", 90), ("v2", 10))])))
+
+
+@st.composite
+def maybe_plain(draw: st.DrawFn) -> RoutedService:
+    """Services most of which are plain (`host_routed` with host_header), with names and
+    hosts good and bad."""
+    host = draw(st.one_of(HOSTS, HOSTS.map(str.upper), st.sampled_from(
+        ["a.test", "svc.test", "nodot", "x.test:8080", "h.test."])))
+    return RoutedService(
+        draw(NAMES), host, tuple(draw(ENDPOINTS)),
+        max_concurrent=draw(st.sampled_from([None, 1, 100])),
+        http2=draw(st.sampled_from([False, False, False, True])),
+        paths=draw(st.sampled_from([(), (), (), ("/v1",)])))
+
+
+#: Tables of every kind of service, plain ones often.
+ANY_SERVICE = st.one_of(services(), maybe_plain())
 
 
 def walked(builder: QuarantineBuilder, part: str, svc: RoutedService) -> list[str]:
@@ -107,15 +128,17 @@ def test_an_ordinary_service_is_judged_by_its_shape(template: RoutedService, fir
             assert builder._passes_by_shape(part, two, serialized(builder, part, two)), part
 
 
+@ROUTINGS
 @PROPERTY
-@given(st.lists(services(), min_size=1, max_size=8),
-       st.lists(st.tuples(st.integers(0, 7), services()), max_size=4))
+@given(st.lists(ANY_SERVICE, min_size=1, max_size=8),
+       st.lists(st.tuples(st.integers(0, 7), ANY_SERVICE), max_size=4))
 def test_a_quarantine_by_shape_is_the_quarantine_by_walk(
-        table: list[RoutedService], edits: list[tuple[int, RoutedService]]) -> None:
+        gateway: GatewaySettings, table: list[RoutedService],
+        edits: list[tuple[int, RoutedService]]) -> None:
     """Verdicts, words and what is published are the same as when every resource is
     walked, on a first build and after edits."""
     table = list({s.name: s for s in table}.values())
-    by_shape, by_walk = QuarantineBuilder(SETTINGS), QuarantineBuilder(SETTINGS)
+    by_shape, by_walk = QuarantineBuilder(gateway), QuarantineBuilder(gateway)
     by_walk._passes_by_shape = lambda *_: False  # type: ignore[method-assign]
     for step in range(len(edits) + 1):
         if step:
@@ -179,23 +202,27 @@ def test_the_shape_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert builder.quarantined() == {}
 
 
+@ROUTINGS
 @PROPERTY
-@given(st.lists(services(), min_size=1, max_size=8))
-def test_a_resource_rendered_from_its_shape_is_the_one_built(table: list[RoutedService]) -> None:
+@given(st.lists(ANY_SERVICE, min_size=1, max_size=8))
+def test_a_resource_rendered_from_its_shape_is_the_one_built(
+        gateway: GatewaySettings, table: list[RoutedService]) -> None:
     """The builder renders each service's cluster, endpoints and virtual host from the
     shape of an earlier one: the bytes are those that building it gives (the first of a
     shape is built and checked against the render; the others must match too)."""
-    builder = ResourceBuilder(SETTINGS)
+    builder = ResourceBuilder(gateway)
     for svc in table:
         for part in ("cds", "eds", "rds"):
             assert builder._made(part, svc) == builder._direct(part, svc), (part, svc)
 
 
+@ROUTINGS
 @PROPERTY
-@given(st.lists(services(), min_size=1, max_size=8))
-def test_a_table_built_by_shape_is_the_table_built(table: list[RoutedService]) -> None:
+@given(st.lists(ANY_SERVICE, min_size=1, max_size=8))
+def test_a_table_built_by_shape_is_the_table_built(
+        gateway: GatewaySettings, table: list[RoutedService]) -> None:
     table = list({s.name: s for s in table}.values())
-    by_shape, built = ResourceBuilder(SETTINGS), ResourceBuilder(SETTINGS)
+    by_shape, built = ResourceBuilder(gateway), ResourceBuilder(gateway)
     built._made = built._direct  # type: ignore[method-assign]
     assert {t: {n: r.body for n, r in rs.items()}
             for t, rs in by_shape.build([*table, *table[:1]]).items()} == \
