@@ -119,7 +119,8 @@ class ControlPlane:
             self.table, workloads, self.quarantine,
             self.cache, self.ads, Publisher(self.cache, self.ads, config.control_plane.ack_timeout),
             configured, confirm_timeout=config.control_plane.ack_timeout,
-            auth_of=self.credentials.route_auth, weight_of=self.traffic.weight)
+            auth_of=self.credentials.route_auth, weight_of=self.traffic.weight,
+            gateway_auth=self.credentials.gateway_auth)
         self.traffic_control = TrafficControl(self.traffic, self.catalog, self.routing)
         self.waker = Waker(store, workloads, self.locks, wake_timeout=config.activator.wake_timeout,
                            flip_when=config.wake.flip_when, clock=self.clock,

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from torpor import metrics
-from torpor.config import GatewayConfig, JwtConfig, ServiceConfig, service_auth
+from torpor.config import (
+    NO_AUTH,
+    AuthConfig,
+    GatewayConfig,
+    JwtConfig,
+    ServiceConfig,
+    service_auth,
+)
 from torpor.credentials_files import jwks_ca_file, read_api_keys, read_ca_bundle, read_jwks
 from torpor.logs import event
 from xds_server.resources import ApiKeys, JwksHost, JwtRule, RemoteJwks, RouteAuth
@@ -43,7 +50,15 @@ class Credentials:
 
     def route_auth(self, service: ServiceConfig) -> RouteAuth | None:
         """What Envoy asks of `service`'s callers (None: nothing)."""
-        auth = service_auth(service, self._gateway)
+        return self._route_auth(service_auth(service, self._gateway))
+
+    def gateway_auth(self) -> RouteAuth | None:
+        """What gateway.auth asks of callers (None: nothing): the services that have no
+        `auth` of their own ask the same."""
+        auth = self._gateway.auth
+        return self._route_auth(None if auth == NO_AUTH else auth)
+
+    def _route_auth(self, auth: AuthConfig | None) -> RouteAuth | None:
         if auth is None:
             return None
         if auth.api_keys is not None:

@@ -184,11 +184,16 @@ def _features_of(service: RoutedService) -> tuple[Feature, ...]:
     out: list[Feature] = []
     if service.rate_limit is not None:
         out.append(RATE_LIMITED)
-    if isinstance(service.auth, ApiKeys):
-        out.append(API_KEYS)
-    elif isinstance(service.auth, JwtRule):
-        out.append(service.auth)
+    out.extend(_auth_features(service.auth))
     return tuple(out)
+
+
+def _auth_features(auth: RouteAuth | None) -> tuple[Feature, ...]:
+    if isinstance(auth, ApiKeys):
+        return (API_KEYS,)
+    if isinstance(auth, JwtRule):
+        return (auth,)
+    return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,13 +267,16 @@ def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
     return service.http2, service.max_concurrent
 
 
-def host_routed(service: RoutedService) -> bool:
+def host_routed(service: RoutedService, gateway_auth: RouteAuth | None = None) -> bool:
     """Whether, with `routing: host_header`, Envoy reaches `service` as the cluster named
     by the request's Host (no virtual host of its own): a service whose routes are the
-    gateway's defaults, on one exact lower-case host. A host with a dot: a service name
-    has none, so a host-named cluster never takes another service's cluster name."""
+    gateway's defaults (who may call it too: `gateway_auth`, what gateway.auth asks), on
+    one exact lower-case host. A host with a dot: a service name has none, so a
+    host-named cluster never takes another service's cluster name."""
+    auth = service.auth
     return (not service.hosts and not service.paths and service.rewrite is None
-            and service.rate_limit is None and service.auth is None and not service.split
+            and service.rate_limit is None and (auth is gateway_auth or auth == gateway_auth)
+            and not service.split
             and service.version_of is None and service.route_timeout is None
             and not service.retry_non_idempotent and not service.http2
             and "." in service.host and not service.host.startswith("*")
@@ -357,7 +365,7 @@ class ResourceBuilder:
         self.settings = settings
         self._shapes: dict[str, RoutedService] = {}  # what is built now, by name
         # name -> (host and retry choice it was built for, its VirtualHost serialized)
-        self._vhost_serialized: dict[str, tuple[RouteKey, bytes]] = {}
+        self._vhost_serialized: dict[str, tuple[tuple[RouteKey, bool], bytes]] = {}
         # Resources by shape (`shape_of`): a service's resource is rendered from the
         # Shape of its kind with its names, not built (None: a shape that renders wrong).
         self._shapes_by_key: dict[Hashable, validation.Shape | None] = {}
@@ -370,6 +378,10 @@ class ResourceBuilder:
         # service -> its cluster's name, where that is not the service's (`cluster_name`)
         self._cluster_names: dict[str, str] = {}
         self._last_by_host: tuple[RoutedService, bool] | None = None
+        # What gateway.auth asks of callers (`set_gateway_auth`): with host_header, the
+        # by-Host virtual host asks it, and a service that asks the same is found by Host.
+        self._gateway_auth: RouteAuth | None = None
+        self._recheck_all = False
         # What services need of the listener's filters (`_note_features`).
         self._feature_of: dict[str, tuple[Feature, ...]] = {}
         self._features: collections.Counter[Feature] = collections.Counter()
@@ -413,6 +425,22 @@ class ResourceBuilder:
             self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
             self._routes_stale = True
 
+    def set_gateway_auth(self, auth: RouteAuth | None) -> None:
+        """What gateway.auth asks of callers now (credentials.py; its files change). With
+        host_header the by-Host virtual host asks it, and which services it reaches (those
+        that ask the same) may change: every service is looked at again."""
+        if auth is self._gateway_auth or auth == self._gateway_auth:
+            return
+        self._gateway_auth = auth
+        if self.settings.routing != "host_header":
+            return
+        self._last_by_host = None
+        self._last_shape_of.clear()  # shapes of the last service asked, by the old answer
+        self._catch_all_bytes = self._catch_all().SerializeToString(deterministic=True)
+        self._routes_stale = True
+        self._refresh_listener()
+        self._recheck_all = True  # the next `update` looks at every service
+
     def set_activators(self, http1: tuple[Endpoint, ...], h2: tuple[Endpoint, ...]) -> bool:
         """Replace the activator replicas (fleet mode: they come and go). True if the set
         changed. Rebuilds only the activator's CLA; the caller must rebuild the table with
@@ -446,7 +474,11 @@ class ResourceBuilder:
     @pausing_gc
     def update(self, services: Mapping[str, RoutedService | None]) -> None:
         """Rebuild the resources of these services (None: the service left the table);
-        every other service's resources are kept as they are."""
+        every other service's resources are kept as they are (all of them are looked at
+        again once after gateway.auth changed, `set_gateway_auth`)."""
+        if self._recheck_all:
+            self._recheck_all = False
+            services = {**self._shapes, **services}
         clusters: dict[str, Resource | None] = {}
         endpoints: dict[str, Resource | None] = {}
         units: set[str] = set()  # route units (a service, or a service with versions) touched
@@ -540,8 +572,7 @@ class ResourceBuilder:
         """Whether `unit` is in no virtual host (`routing: host_header`: `host_routed`,
         alone on its host): its coming, going or changing between such shapes leaves the
         route table as it is (no rebuild of it, nothing touched)."""
-        return (self.settings.routing == "host_header" and host_routed(unit)
-                and self._host_members.get(unit.host) == {unit.name})
+        return self._by_host(unit) and self._host_members.get(unit.host) == {unit.name}
 
     def set_certificates(self, certificates: Mapping[str, tuple[bytes, bytes]]) -> None:
         """The listener's certificates by SDS secret name: (PEM chain, PEM key). Only a
@@ -575,7 +606,14 @@ class ResourceBuilder:
         if new:
             self._feature_of[name] = new
             self._features.update(new)
+        self._refresh_listener()
+
+    def _refresh_listener(self) -> None:
+        """The listener again when the filters in use changed: those the services ask for,
+        and, with host_header, those of gateway.auth (the by-Host virtual host's)."""
         used = frozenset(f for f, count in self._features.items() if count > 0)
+        if self.settings.routing == "host_header" and self._gateway_auth is not None:
+            used |= frozenset(_auth_features(self._gateway_auth))
         if used != self._listener_features:
             self._listener_features = used
             self._put(types.LISTENER, {LISTENER_NAME: Resource.pack(
@@ -640,22 +678,22 @@ class ResourceBuilder:
         by_host = self.settings.routing == "host_header"
         for name, service in self._units.items():
             own = tuple(h for h in service.all_hosts() if len(self._host_members[h]) == 1)
-            if by_host and own and host_routed(service):
+            if by_host and own and self._by_host(service):
                 continue  # the `*` virtual host reaches it by its Host (`_host_vhost`)
             if own == service.all_hosts() and self._shapes.get(name) is service:
                 # A service alone on its hosts: the virtual host the quarantine checked.
                 units.append((name, self._cached_vhost(
-                    name, (route_key(service), own),
+                    name, (route_key(service), own, self._by_host(service)),
                     functools.partial(self._vhost_bytes, service))))
             elif own:
                 units.append((name, self._cached_vhost(
-                    name, (route_key(service), own),
+                    name, (route_key(service), own, self._by_host(service)),
                     functools.partial(self._service_vhost_bytes, service, own))))
         for host, members in self._host_members.items():
             if len(members) > 1:
                 shared = [self._units[m] for m in sorted(members)]
                 units.append((_shared_name(host), self._cached_vhost(
-                    _shared_name(host), tuple(route_key(s) for s in shared),
+                    _shared_name(host), tuple((route_key(s), self._by_host(s)) for s in shared),
                     functools.partial(self._shared_vhost_bytes, host, shared))))
         units.sort()
         live = {name for name, _ in units}
@@ -706,7 +744,7 @@ class ResourceBuilder:
         last = self._last_by_host
         if last is not None and last[0] is service:
             return last[1]
-        found = host_routed(service)
+        found = host_routed(service, self._gateway_auth)
         self._last_by_host = (service, found)
         return found
 
@@ -722,7 +760,7 @@ class ResourceBuilder:
         """`_vhost`'s deterministic serialization, kept: the quarantine compares it and the
         RouteConfiguration is joined from it, so each virtual host is made once (measured
         at 10k services: building them twice was ~0.4 s of a first build)."""
-        key = route_key(service)
+        key = (route_key(service), self._by_host(service))
         cached = self._vhost_serialized.get(service.name)
         if cached is None or cached[0] != key:
             cached = self._vhost_serialized[service.name] = (key, self._made("rds", service))
@@ -1027,8 +1065,9 @@ class ResourceBuilder:
         changes no route. A Host no cluster has is answered 404 by Envoy (`unknown_host`,
         logged to the control plane like the catch-all's requests): evicted services stay
         routed to the activator in this mode (routing.py), so no known service is one."""
-        placeholder = RoutedService(HOST_VHOST, "*", ())
-        routes = [*self._status_route(HOST_VHOST),
+        auth = self._gateway_auth
+        placeholder = RoutedService(HOST_VHOST, "*", (), auth=auth)
+        routes = [*self._status_route(HOST_VHOST, auth),
                   *self._routes_to(placeholder, ROOT)]
         for route in routes:
             if route.route.cluster == HOST_VHOST:

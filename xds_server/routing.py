@@ -69,10 +69,13 @@ class EnvoyRouting:
                  configured_activator: tuple[Endpoint, Endpoint],
                  confirm_timeout: float,
                  auth_of: Callable[[ServiceConfig], RouteAuth | None] = lambda s: None,
-                 weight_of: Callable[[ServiceConfig], int] = lambda s: s.weight) -> None:
-        """`auth_of(service)`: what Envoy asks of its callers (credentials.py);
+                 weight_of: Callable[[ServiceConfig], int] = lambda s: s.weight,
+                 gateway_auth: Callable[[], RouteAuth | None] = lambda: None) -> None:
+        """`auth_of(service)`: what Envoy asks of its callers (credentials.py), and
+        `gateway_auth()` what gateway.auth asks (the by-Host virtual host's);
         `weight_of(version)`: its share of its service's traffic now (torpor/traffic.py)."""
         self._auth_of = auth_of
+        self._gateway_auth = gateway_auth
         self._weight_of = weight_of
         self._table = table
         self._workloads = workloads
@@ -102,6 +105,7 @@ class EnvoyRouting:
         else:
             names = self._dirty_names
         self._all_dirty, self._dirty_names = False, set()
+        self.builder.set_gateway_auth(self._gateway_auth())
         changed: dict[str, RoutedService | None] = {}
         for name in names:
             self._note_long_wait(name)

@@ -24,7 +24,7 @@ from tests.support.xds import XdsHarness, hibernated, svc
 from torpor.config import XDS_PROTOCOLS, Config, load_config
 from torpor.gateway import admin_session, admin_url
 from torpor.model import Endpoint
-from xds_server.resources import RoutedService
+from xds_server.resources import ApiKeys, RoutedService
 
 
 @pytest.fixture(params=XDS_PROTOCOLS)
@@ -214,3 +214,30 @@ async def test_whole_loop_by_host_hibernate_wake_evict_wake(
         async with session.get(f"{url}/predict", headers={"Host": "nobody.localhost"}) as r:
             assert r.status == 404
             assert (await r.json())["error"] == "unknown_host"
+
+
+async def test_gateway_auth_is_asked_by_the_host_route(
+        harness: XdsHarness, envoys: Callable[[int, str], Envoy],
+        backends: tuple[Backend, Backend]) -> None:
+    """gateway.auth with host_header: a service that asks the gateway's keys is found by
+    Host and Envoy asks for the keys first; an unknown Host is asked for them too (a
+    caller without a key learns nothing of which hosts exist)."""
+    a, _ = backends
+    keys = ApiKeys((("client", "s3cret"),))
+    harness.builder.set_gateway_auth(keys)
+    await harness.start([RoutedService("awake", "awake.test", (a.endpoint,), auth=keys)])
+    e = envoys(harness.xds_port, "by-host-auth")
+    await e.wait_ready()
+    port = harness.listen_port
+
+    async def status(host: str, key: str | None) -> int:
+        headers = {"Host": host, **({"x-api-key": key} if key else {})}
+        async with aiohttp.ClientSession() as s, s.get(
+                f"http://127.0.0.1:{port}/v1/predict", headers=headers) as r:
+            return r.status
+
+    assert await status("awake.test", None) == 401
+    assert await status("awake.test", "wrong") == 401
+    assert await status("awake.test", "s3cret") == 200
+    assert await status("stranger.test", None) == 401
+    assert await status("stranger.test", "s3cret") == 404

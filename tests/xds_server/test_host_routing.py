@@ -17,6 +17,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.api_key_auth.v3 import api_key_auth_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -38,6 +39,7 @@ from xds_server.cache import Resource, SnapshotCache
 from xds_server.quarantine import QuarantineBuilder
 from xds_server.resources import (
     ACTIVATOR_CLUSTER,
+    API_KEY_FILTER,
     CATCH_ALL_MARKER,
     CATCH_ALL_VHOST,
     HOST_VHOST,
@@ -455,18 +457,27 @@ def tables(draw: st.DrawFn) -> dict[str, RoutedService]:
     return table
 
 
+_GATEWAY_AUTHS = st.sampled_from([None, None, ApiKeys((("c", "k1"),)), ApiKeys((("c", "k2"),))])
+
+
 @PROPERTY
-@given(st.lists(st.tuples(tables(), st.randoms(use_true_random=False)), min_size=1,
-                max_size=5))
+@given(st.lists(st.tuples(tables(), st.randoms(use_true_random=False), _GATEWAY_AUTHS),
+                min_size=1, max_size=5))
 def test_in_host_mode_updates_in_any_order_give_the_table_built_afresh(
-        steps: list[tuple[dict[str, RoutedService], random.Random]]) -> None:
+        steps: list[tuple[dict[str, RoutedService], random.Random, ApiKeys | None]]) -> None:
     """Whatever order an update's changes come in (services renamed, moved between hosts,
-    plain or not): the resources are those of the table built afresh, and every name whose
-    resource came, changed or went is among the touched ones (what the publisher sends)."""
+    plain or not, gateway.auth changed: services a-c ask it, d and e have `auth: none`):
+    the resources are those of the table built afresh, and every name whose resource
+    came, changed or went is among the touched ones (what the publisher sends)."""
     builder = ResourceBuilder(BY_HOST)
     current: dict[str, RoutedService] = {}
     before = digests(builder.build([]))
-    for table, rnd in steps:
+    for plain_table, rnd, gateway in steps:
+        table = {n: dataclasses.replace(s, auth=gateway) if n in "abc" else s
+                 for n, s in plain_table.items()}
+        builder.set_gateway_auth(gateway)
+        fresh = ResourceBuilder(BY_HOST)
+        fresh.set_gateway_auth(gateway)
         changes: dict[str, RoutedService | None] = {
             **{n: None for n in current if n not in table},
             **{n: s for n, s in table.items() if current.get(n) != s}}
@@ -475,7 +486,7 @@ def test_in_host_mode_updates_in_any_order_give_the_table_built_afresh(
         builder.update({n: changes[n] for n in order})
         desired = builder.desired()
         now = digests(desired.resources)
-        assert now == digests(ResourceBuilder(BY_HOST).build(list(table.values()))), order
+        assert now == digests(fresh.build(list(table.values()))), order
         assert desired.touched is not None
         for type_url in now:
             moved = {n for n in now[type_url].keys() | before.get(type_url, {}).keys()
@@ -615,3 +626,71 @@ def test_a_service_that_becomes_a_version_in_place_leaves_no_route_of_its_own(
         {t: {n: r.digest for n, r in rs.items()} for t, rs in fresh.items()}
     assert set(vhosts({t: dict(rs) for t, rs in now.items()})) == {
         "p", HOST_VHOST if settings is BY_HOST else "torpor_catch_all"}
+
+
+# --- gateway.auth ---------------------------------------------------------------------------
+
+KEYS = ApiKeys((("client", "s3cret"),))
+
+
+def api_keys_of(route: route_components_pb2.Route) -> list[str]:
+    """The keys a route asks for (none: the route asks for nothing)."""
+    found = route.typed_per_filter_config.get(API_KEY_FILTER)
+    if found is None:
+        return []
+    turned_on = route_components_pb2.FilterConfig()
+    found.Unpack(turned_on)
+    per_route = api_key_auth_pb2.ApiKeyAuthPerRoute()
+    turned_on.config.Unpack(per_route)
+    return [c.key for c in per_route.credentials]
+
+
+def test_with_gateway_auth_the_services_asking_it_are_found_by_host() -> None:
+    """gateway.auth: the by-Host virtual host asks for its keys, and a service that asks
+    the same (no auth of its own) is found by Host; one with `auth: none` has a virtual
+    host of its own, which asks nothing; the listener has the API key filter."""
+    builder = ResourceBuilder(BY_HOST)
+    builder.set_gateway_auth(KEYS)
+    open_one = dataclasses.replace(OTHER, auth=None)
+    built = {t: dict(rs) for t, rs in builder.build(
+        [dataclasses.replace(PLAIN, auth=KEYS), open_one]).items()}
+    assert set(built[types.CLUSTER]) == {ACTIVATOR_CLUSTER, "echo.test", "sentiment"}
+    found = vhosts(built)
+    assert set(found) == {"sentiment", HOST_VHOST}
+    assert all(api_keys_of(r) == ["s3cret"] for r in found[HOST_VHOST].routes)
+    assert all(api_keys_of(r) == [] for r in found["sentiment"].routes)
+    listener = unpack(built[types.LISTENER][LISTENER_NAME], listener_pb2.Listener())
+    assert API_KEY_FILTER in json_format.MessageToJson(listener)
+
+
+def test_a_change_of_gateway_auth_gives_the_table_built_with_it() -> None:
+    """The keys file changes: every service that asks the gateway's keys asks the new ones
+    and stays found by Host; a service whose own keys equal the new gateway keys joins."""
+    new = ApiKeys((("client", "n3w"),))
+    own_new = RoutedService("own", "own.test", (Endpoint("10.0.0.8", 80),), auth=new)
+    builder = ResourceBuilder(BY_HOST)
+    builder.set_gateway_auth(KEYS)
+    builder.build([dataclasses.replace(PLAIN, auth=KEYS), own_new])
+    assert builder.cluster_name(own_new) == "own"
+    builder.set_gateway_auth(new)
+    builder.update({"echo": dataclasses.replace(PLAIN, auth=new)})
+    now = builder.desired().resources
+    fresh = ResourceBuilder(BY_HOST)
+    fresh.set_gateway_auth(new)
+    expected = fresh.build([dataclasses.replace(PLAIN, auth=new), own_new])
+    assert {t: {n: r.digest for n, r in rs.items()} for t, rs in now.items()} == \
+        {t: {n: r.digest for n, r in rs.items()} for t, rs in expected.items()}
+    assert set(now[types.CLUSTER]) == {ACTIVATOR_CLUSTER, "echo.test", "own.test"}
+    assert all(api_keys_of(r) == ["n3w"] for r in vhosts(
+        {t: dict(rs) for t, rs in now.items()})[HOST_VHOST].routes)
+
+
+def test_gateway_auth_changes_nothing_with_virtual_hosts() -> None:
+    builder = ResourceBuilder(BY_NAME)
+    table = [dataclasses.replace(PLAIN, auth=KEYS), OTHER]
+    before = builder.build(table)
+    builder.set_gateway_auth(KEYS)
+    builder.update({})
+    after = builder.desired().resources
+    assert {t: {n: r.digest for n, r in rs.items()} for t, rs in before.items()} == \
+        {t: {n: r.digest for n, r in rs.items()} for t, rs in after.items()}
