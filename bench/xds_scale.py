@@ -534,13 +534,15 @@ async def adds(res: Result, session: aiohttp.ClientSession, url: str,
 # --- the control plane alone -------------------------------------------------------------
 
 
-async def control_plane_only(n: int, a: Backend, b: Backend) -> None:
+async def control_plane_only(n: int, a: Backend, b: Backend,
+                             routing: str = "virtual_hosts") -> None:
     """The control plane's side of N services with no Envoy: the first build, its memory,
     and what one flip and one add cost it (build, stage deltas, the cache's new version,
     and encoding the delta response a stream would be sent)."""
     gc.collect()
     baseline = rss_kb()
-    settings = GatewaySettings(listen=Endpoint(LOOPBACK, 10000), activators=(a.endpoint,))
+    settings = GatewaySettings(listen=Endpoint(LOOPBACK, 10000), activators=(a.endpoint,),
+                               routing=routing)
     builder = QuarantineBuilder(settings)
     cache = SnapshotCache()
     ads = AdsServer(cache)
@@ -564,10 +566,12 @@ async def control_plane_only(n: int, a: Backend, b: Backend) -> None:
         assert snapshot is not None and snapshot.changes is not None
         flips.append(time.perf_counter() - started)
         started = time.perf_counter()
-        changed = snapshot.changes[types.ENDPOINT].changed
-        resources = snapshot.of_type(types.ENDPOINT)
+        # a flip is the service's endpoints, or (host_header) its cluster that holds them
+        flipped = types.ENDPOINT if types.ENDPOINT in snapshot.changes else types.CLUSTER
+        changed = snapshot.changes[flipped].changed
+        resources = snapshot.of_type(flipped)
         DeltaDiscoveryResponse(
-            system_version_info=str(snapshot.version), type_url=types.ENDPOINT, nonce="1",
+            system_version_info=str(snapshot.version), type_url=flipped, nonce="1",
             resources=[ResourceMessage(name=name, version=resources[name].version,
                                        resource=resources[name].body)
                        for name in sorted(changed)]).SerializeToString()
@@ -578,21 +582,23 @@ async def control_plane_only(n: int, a: Backend, b: Backend) -> None:
         started = time.perf_counter()
         await publisher.publish(timed_update(builder, {new.name: new}, []))
         adds.append(time.perf_counter() - started)
-    print(f"{n:>8} {build_s:>8.2f} {mb(baseline):>8} {mb(after):>7} {mb(after - baseline):>7} "
+    print(f"{n:>8} {ROUTING_SHORT[routing]:>7} {build_s:>8.2f} {mb(baseline):>8} {mb(after):>7} "
+          f"{mb(after - baseline):>7} "
           f"{ms(med(flips)):>9} {ms(p99(flips)):>8} {ms(med(encodes)):>9} {ms(med(adds)):>8}",
           flush=True)
 
 
-async def main_control_plane_only(sizes: list[int]) -> int:
+async def main_control_plane_only(sizes: list[int], routings: list[str]) -> int:
     print(f"xds_scale --control-plane-only: sizes {sizes}, no Envoy, {os.cpu_count()} CPUs")
-    print(f"{'services':>8} {'build s':>8} {'RSS0 MB':>8} {'RSS MB':>7} {'grew MB':>7} "
-          f"{'flip ms':>9} {'p99 ms':>8} {'encode ms':>9} {'add ms':>8}")
+    print(f"{'services':>8} {'routing':>7} {'build s':>8} {'RSS0 MB':>8} {'RSS MB':>7} "
+          f"{'grew MB':>7} {'flip ms':>9} {'p99 ms':>8} {'encode ms':>9} {'add ms':>8}")
     a, b = Backend("A"), Backend("B")
     try:
         await a.start()
         await b.start()
         for n in sizes:
-            await control_plane_only(n, a, b)
+            for routing in routings:
+                await control_plane_only(n, a, b, routing)
     finally:
         await a.stop()
         await b.stop()
@@ -756,6 +762,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     options = parse_args(sys.argv[1:])
     if options.control_plane_only:
-        sys.exit(asyncio.run(main_control_plane_only(options.sizes)))
+        sys.exit(asyncio.run(main_control_plane_only(options.sizes, options.routing)))
     sys.exit(asyncio.run(main(options.sizes, options.envoys, options.protocols,
                               options.routing)))
