@@ -3,8 +3,9 @@ real Envoy accepts (ACK, never NACK).
 
 One Envoy for the whole property, fed by the test ADS harness (tests/support/xds.py).
 Hypothesis generates config files (services with hosts, replicas, protocol and policy
-values; gateway and activator values that reach Envoy: wake_timeout → route timeout,
-max_held_per_service → circuit breakers, retry buffer, header limits), Deployment
+values; gateway and activator values that reach Envoy: gateway.routing (both ways),
+wake_timeout → route timeout, max_held_per_service → circuit breakers, retry buffer,
+header limits), Deployment
 annotations, and the endpoints the workloads report. What the loader or parser refuses is
 counted and dropped; the rest goes through the QuarantineBuilder (the validator leaves out
 what it refuses) and is pushed; Envoy must apply it. Reproducible: derandomized, no
@@ -131,8 +132,10 @@ def config_text(draw: st.DrawFn) -> str:
         return "\n".join(lines) + "\n"
 
     services = [service(i) for i in range(draw(st.integers(1, 4)))]
+    routing = draw(st.sampled_from(["", "routing: host_header, "]))
     return f"""
-gateway: {{listen: 127.0.0.1:1, admin: 127.0.0.1:2, retry_buffer_bytes: {value('retry_buffer')},
+gateway: {{{routing}listen: 127.0.0.1:1, admin: 127.0.0.1:2,
+          retry_buffer_bytes: {value('retry_buffer')},
           max_request_headers_kb: {value('headers_kb')}}}
 control_plane: {{xds: 127.0.0.1:3, admin_api: 127.0.0.1:4, metrics: 127.0.0.1:5}}
 activator: {{listen: 127.0.0.1:6, metrics: 127.0.0.1:7, listen_h2: 127.0.0.1:8,
