@@ -111,6 +111,7 @@ async def test_services_are_reached_by_host_and_an_add_changes_no_route(
     assert activator_backend.requests == 2
 
 
+@pytest.mark.parametrize("xds_protocol", ["delta"])  # counting does not depend on it
 async def test_calls_are_counted_by_service_and_unknown_hosts_by_host(
         harness: XdsHarness, envoys: Callable[[int, str], Envoy],
         backends: tuple[Backend, Backend]) -> None:
@@ -150,7 +151,7 @@ async def test_calls_are_counted_by_service_and_unknown_hosts_by_host(
 @pytest.fixture
 async def up_by_host(tmp_path: Path) -> AsyncIterator[tuple[Up, Config]]:
     path = write_config(tmp_path, model_service("sleepy", 2, load_seconds=1.0),
-                        "policy: {kind: fixed, idle_after: 4s, evict_after: 8s, "
+                        "policy: {kind: fixed, idle_after: 3s, evict_after: 6s, "
                         "creation_grace: 0s, check_every: 250ms}")
     text = path.read_text()
     assert "gateway: {listen:" in text
@@ -216,6 +217,7 @@ async def test_whole_loop_by_host_hibernate_wake_evict_wake(
             assert (await r.json())["error"] == "unknown_host"
 
 
+@pytest.mark.parametrize("xds_protocol", ["delta"])  # Envoy checks it, not the protocol
 async def test_gateway_auth_is_asked_by_the_host_route(
         harness: XdsHarness, envoys: Callable[[int, str], Envoy],
         backends: tuple[Backend, Backend]) -> None:

@@ -34,7 +34,7 @@ from torpor.credentials import admin_target
 pytestmark = pytest.mark.envoy
 
 #: Seconds between the starts of two bursts.
-PERIOD = 25.0
+PERIOD = 20.0
 IDLE_AFTER = 60.0
 POLICY = (f"policy: {{kind: learned, cold_start_price: 10s, idle_after: {IDLE_AFTER:g}s, "
           "evict_after: 1h, creation_grace: 1s, check_every: 300ms}")
