@@ -39,7 +39,7 @@ import immutables
 from torpor import metrics
 from torpor.logs import event
 from xds_server import types, validation
-from xds_server.cache import Desired, ResourceMap, Snapshot
+from xds_server.cache import Desired, Resource, ResourceMap, Snapshot
 from xds_server.resources import (
     CATCH_ALL_VHOST,
     GatewaySettings,
@@ -224,18 +224,18 @@ class QuarantineBuilder(ResourceBuilder):
         """The validator's verdict on one service's cluster, endpoints and virtual host
         (cached by their digests: a 10k-service rebuild checks only what changed)."""
         cluster = self._cluster(svc)
-        named = self.cluster_name(svc)
-        cla = self._load_assignment(named, svc.endpoints)
-        key = (cluster.digest, cla.digest, route_key(svc))
+        if self._by_host(svc):  # its endpoints are in its cluster (STATIC): checked there
+            endpoints: Resource | None = None
+            key: tuple[object, ...] = (cluster.digest, route_key(svc))
+        else:
+            endpoints = self._load_assignment(svc.name, svc.endpoints)
+            key = (cluster.digest, endpoints.digest, route_key(svc))
         cached = self._checked.get(svc.name)
         if cached is None or cached[0] != key:
             found = {
                 "cds": [] if self._passes_by_shape("cds", svc, cluster.body.value) else
                 validation.check_message(cluster.body, f"cluster {svc.name}"),
-                "eds": [] if self._passes_by_shape(
-                    "eds", RoutedService(named, "", svc.endpoints), cla.body.value) else
-                (validation.check_message(cla.body, f"endpoints of {svc.name}")
-                 or validation.check_endpoint_addresses(cla.body, svc.name)),
+                "eds": self._endpoint_problems(svc, cluster, endpoints),
                 "rds": [] if self._passes_by_shape("rds", svc, self._vhost_bytes(svc)) else
                 validation.check_message(self._vhost(svc), f"virtual host {svc.name}"),
             }
@@ -245,6 +245,23 @@ class QuarantineBuilder(ResourceBuilder):
             return None
         text = "; ".join(p for found in problems.values() for p in found)
         return Problem(text, "validator", frozenset(problems), svc)
+
+    def _endpoint_problems(self, svc: RoutedService, cluster: Resource,
+                           endpoints: Resource | None) -> list[str]:
+        """What is wrong with `svc`'s endpoints: in its ClusterLoadAssignment, or (None:
+        a cluster found by Host holds them) the addresses in its cluster, whose other
+        rules the cluster's own check covers."""
+        if endpoints is None:
+            shape, values = self.shape("cds", svc)
+            if (shape is not None and shape.clean
+                    and shape.render(values) == cluster.body.value
+                    and shape.addresses_pass(values)):
+                return []
+            return validation.check_endpoint_addresses(cluster.body, svc.name)
+        if self._passes_by_shape("eds", svc, endpoints.body.value):
+            return []
+        return (validation.check_message(endpoints.body, f"endpoints of {svc.name}")
+                or validation.check_endpoint_addresses(endpoints.body, svc.name))
 
     def _passes_by_shape(self, part: str, svc: RoutedService, serialized: bytes) -> bool:
         """True when `svc`'s resource of `part` (its `serialized` bytes) is its shape's

@@ -1015,6 +1015,9 @@ def check_endpoint_addresses(message: Message, name: str) -> list[str]:
 
 
 def _endpoint_addresses(message: Message) -> list[str]:
+    """The addresses of a ClusterLoadAssignment, or of the one inside a (STATIC) Cluster."""
+    if message.DESCRIPTOR.name == "Cluster":
+        message = message.load_assignment  # type: ignore[attr-defined]
     return [lb_endpoint.endpoint.address.socket_address.address
             for locality in getattr(message, "endpoints", ())
             for lb_endpoint in locality.lb_endpoints]
