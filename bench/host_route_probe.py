@@ -170,7 +170,7 @@ async def run(n: int, evicted: int, settle: float, lb: str) -> None:
 async def probe(envoy: Envoy, plane: HostPlane, s: aiohttp.ClientSession, listen: int,
                 table: list[RoutedService], activator: Backend, settle: float) -> None:
     t0 = time.perf_counter()
-    plane.admin_port = envoy.admin
+    plane.admin_port = envoy.admin_port
     await envoy.start()
     await wait_for(lambda: envoy.ready(s), 30, "envoy /ready")
 
@@ -183,10 +183,10 @@ async def probe(envoy: Envoy, plane: HostPlane, s: aiohttp.ClientSession, listen
     await asyncio.sleep(settle)
     print(f"   {settle:.0f} s later: RSS {envoy.rss_mb():.0f} MB, heap "
           f"{await envoy.heap_mb(s):.0f} MB")
-    async with s.get(f"http://{LOOPBACK}:{envoy.admin}/memory") as r:
+    async with s.get(f"http://{LOOPBACK}:{envoy.admin_port}/memory") as r:
         print(f"   /memory {' '.join((await r.text()).split())}")
     if "tcmalloc" in VARIANTS:
-        async with s.get(f"http://{LOOPBACK}:{envoy.admin}/memory/tcmalloc") as r:
+        async with s.get(f"http://{LOOPBACK}:{envoy.admin_port}/memory/tcmalloc") as r:
             print((await r.text())[:6000])
 
     print("2. requests by host:")

@@ -49,10 +49,9 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from xds_scale import Backend, free_port, load_average, rss_kb
+from xds_scale import Backend, EnvoyProcess, free_port, load_average, rss_kb
 
 from torpor.config import Address
-from torpor.gateway import envoy_binary
 from torpor.model import Endpoint
 from xds_server import types
 from xds_server.bootstrap import bootstrap
@@ -284,47 +283,34 @@ class Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore
 # --- Envoy -------------------------------------------------------------------------------
 
 
-class Envoy:
+class Envoy(EnvoyProcess):
+    """xds_scale's Envoy on a bootstrap of torpor's, to this probe's control plane, with its
+    admin on `admin_port` and its output in `log`."""
+
     def __init__(self, workdir: Path, xds_port: int) -> None:
-        self.admin = free_port()
-        self.boot = workdir / "bootstrap.json"
-        self.boot.write_text(json.dumps(bootstrap("probe", Address(LOOPBACK, self.admin),
-                                                  Address(LOOPBACK, xds_port))))
+        self.admin_port = free_port()
+        boot = workdir / "bootstrap.json"
+        boot.write_text(json.dumps(bootstrap("probe", Address(LOOPBACK, self.admin_port),
+                                             Address(LOOPBACK, xds_port))))
         self.log = workdir / "envoy.log"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                envoy_binary(), "-c", str(self.boot), "--disable-hot-restart",
-                "--concurrency", "2", "--log-level", "warn", "--base-id", str(self.admin),
-                stdout=log, stderr=asyncio.subprocess.STDOUT)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        super().__init__(boot, self.log, Address(LOOPBACK, self.admin_port))
 
     def rss_mb(self) -> float:
         return rss_kb(self.proc.pid) / 1024 if self.proc else 0.0
 
     async def heap_mb(self, s: aiohttp.ClientSession) -> float:
-        async with s.get(f"http://{LOOPBACK}:{self.admin}/memory") as r:
+        async with s.get(f"http://{LOOPBACK}:{self.admin_port}/memory") as r:
             return int((await r.json())["allocated"]) / 1048576
 
     async def ready(self, s: aiohttp.ClientSession) -> bool:
         try:
-            async with s.get(f"http://{LOOPBACK}:{self.admin}/ready") as r:
+            async with s.get(f"http://{LOOPBACK}:{self.admin_port}/ready") as r:
                 return r.status == 200
         except aiohttp.ClientError:
             return False
 
     async def stat(self, s: aiohttp.ClientSession, name: str) -> str:
-        async with s.get(f"http://{LOOPBACK}:{self.admin}/stats?filter={name}") as r:
+        async with s.get(f"http://{LOOPBACK}:{self.admin_port}/stats?filter={name}") as r:
             return (await r.text()).strip()
 
 

@@ -252,10 +252,7 @@ class QuarantineBuilder(ResourceBuilder):
         a cluster found by Host holds them) the addresses in its cluster, whose other
         rules the cluster's own check covers."""
         if endpoints is None:
-            shape, values = self.shape("cds", svc)
-            if (shape is not None and shape.clean
-                    and shape.render(values) == cluster.body.value
-                    and shape.addresses_pass(values)):
+            if self._passes_by_shape("cds", svc, cluster.body.value, addresses=True):
                 return []
             return validation.check_endpoint_addresses(cluster.body, svc.name)
         if self._passes_by_shape("eds", svc, endpoints.body.value):
@@ -263,15 +260,16 @@ class QuarantineBuilder(ResourceBuilder):
         return (validation.check_message(endpoints.body, f"endpoints of {svc.name}")
                 or validation.check_endpoint_addresses(endpoints.body, svc.name))
 
-    def _passes_by_shape(self, part: str, svc: RoutedService, serialized: bytes) -> bool:
+    def _passes_by_shape(self, part: str, svc: RoutedService, serialized: bytes,
+                         addresses: bool = False) -> bool:
         """True when `svc`'s resource of `part` (its `serialized` bytes) is its shape's
-        with its own names and passes every check (validation.Shape; for endpoints, the
-        EDS address rule too): the same verdict as walking it, at a fraction of the
-        cost. False: walk it (for the words)."""
+        with its own names and passes every check (validation.Shape; for endpoints, and
+        with `addresses` for a cluster that holds them, the address rule too): the same
+        verdict as walking it, at a fraction of the cost. False: walk it (for the words)."""
         shape, values = self.shape(part, svc)
         return (shape is not None and shape.clean
                 and shape.render(values) == serialized and shape.passes(values)
-                and (part != "eds" or shape.addresses_pass(values)))
+                and (not (addresses or part == "eds") or shape.addresses_pass(values)))
 
     def _note_changes(self, decided: Iterable[str], quarantined: dict[str, Problem]) -> None:
         """Log and count each of the `decided` services entering or leaving quarantine,

@@ -139,7 +139,7 @@ def test_a_quarantine_by_shape_is_the_quarantine_by_walk(
     walked, on a first build and after edits."""
     table = list({s.name: s for s in table}.values())
     by_shape, by_walk = QuarantineBuilder(gateway), QuarantineBuilder(gateway)
-    by_walk._passes_by_shape = lambda *_: False  # type: ignore[method-assign]
+    by_walk._passes_by_shape = lambda *_, **__: False  # type: ignore[method-assign]
     for step in range(len(edits) + 1):
         if step:
             index, svc = edits[step - 1]
