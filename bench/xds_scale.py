@@ -8,7 +8,7 @@ bootstrapped with that ADS variant (`ads_config.api_type` DELTA_GRPC or GRPC), t
   (a) time to full sync: from building the first snapshot of N services (one EDS cluster,
       one ClusterLoadAssignment and one virtual host each) until every Envoy has ACKed
       every type at that version and answers /ready;
-  (b) one endpoint flip (EDS only) through Publisher.publish, FLIPS times: push -> all
+  (b) one endpoint flip through Publisher.publish, --flips times: push -> all
       Envoys ACKed, and push -> first response from the new backend seen by a client
       polling that service through Envoy's listener (median, p99, max), and what the
       control plane sent for it (resources and their bytes, summed over the Envoys);
@@ -51,7 +51,7 @@ from torpor.config import ROUTING_MODES, XDS_PROTOCOLS, Address
 from torpor.gateway import envoy_binary
 from torpor.model import Endpoint
 from xds_server import types
-from xds_server.bootstrap import bootstrap
+from xds_server.bootstrap import bootstrap, releases_memory
 from xds_server.cache import Desired, SnapshotCache
 from xds_server.collector import CallCollector
 from xds_server.publisher import Publisher
@@ -61,7 +61,8 @@ from xds_server.server import AdsServer
 from xds_server.serving import start_xds_listener
 
 LOOPBACK = "127.0.0.1"
-FLIPS = 50
+#: Flips per run (--flips): a p99 needs ~100 samples or more to be more than the largest.
+FLIPS = 200
 ADDS = 3
 FLIP_VISIBLE_DEADLINE = 5.0  # s: a flip that never shows within this is reported, not waited on
 ACK_TIMEOUT = 30.0  # s: the publisher's wait for every Envoy to apply a stage
@@ -217,13 +218,15 @@ class EnvoyProcess:
 class Envoys:
     """K Envoys bootstrapped to one xDS port; all share the listener from the snapshot."""
 
-    def __init__(self, workdir: Path, count: int, xds_port: int, protocol: str) -> None:
+    def __init__(self, workdir: Path, count: int, xds_port: int, protocol: str,
+                 routing: str = "virtual_hosts") -> None:
         self.processes: list[EnvoyProcess] = []
         for i in range(count):
             admin = Address(LOOPBACK, free_port())
             boot = workdir / f"envoy-{i}.json"
-            boot.write_text(json.dumps(bootstrap(f"bench-{i}", admin, Address(LOOPBACK, xds_port),
-                                                 xds_protocol=protocol)))
+            boot.write_text(json.dumps(bootstrap(
+                f"bench-{i}", admin, Address(LOOPBACK, xds_port), xds_protocol=protocol,
+                release_memory=releases_memory(routing))))
             self.processes.append(EnvoyProcess(boot, workdir / f"envoy-{i}.log", admin))
 
     async def start(self) -> None:
@@ -340,7 +343,8 @@ def sent(ads: AdsServer) -> tuple[int, int]:
 
 
 async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backend,
-                   monitor: LoopMonitor, routing: str = "virtual_hosts") -> Result:
+                   monitor: LoopMonitor, routing: str = "virtual_hosts",
+                   flip_count: int = FLIPS) -> Result:
     res = Result(size=n, envoys=envoy_count, protocol=protocol, routing=routing)
     deadline_sync = 30.0 + n * 0.004  # generous: Envoy takes ~4-5 s to load 10k
     gc.collect()
@@ -370,7 +374,7 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
                 gc.freeze()  # as the control plane does after its first load
                 server, xds_port = await start_xds_listener(f"{LOOPBACK}:0", ads,
                                                             CallCollector())
-                envoys = Envoys(Path(tmp), envoy_count, xds_port, protocol)
+                envoys = Envoys(Path(tmp), envoy_count, xds_port, protocol, routing)
                 spawned = time.perf_counter()
                 await envoys.start()
                 deadline = started + deadline_sync
@@ -419,7 +423,8 @@ async def run_size(n: int, envoy_count: int, protocol: str, a: Backend, b: Backe
                     raise RuntimeError(f"{target.host} answered {body!r} after sync, not A")
 
                 # (b) endpoint flips ----------------------------------------------------
-                await flips(res, session, url, target, table, builder, publisher, ads, a, b)
+                await flips(res, session, url, target, table, builder, publisher, ads, a, b,
+                            flip_count)
                 res.stall_flip = monitor.take()
                 res.envoy_rss_later_kb = [rss_kb(pid) for pid in envoys.pids()]
 
@@ -460,8 +465,9 @@ def timed_update(builder: QuarantineBuilder, changed: dict[str, RoutedService | 
 
 async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: RoutedService,
                 table: list[RoutedService], builder: QuarantineBuilder, publisher: Publisher,
-                ads: AdsServer, a: Backend, b: Backend) -> None:
-    """Flip `target` between A and B while two clients poll it through Envoy."""
+                ads: AdsServer, a: Backend, b: Backend, count: int) -> None:
+    """Flip `target` between A and B `count` times while two clients poll it through
+    Envoy."""
     latest: dict[str, float] = {}  # backend name -> perf_counter of its latest answer
     stop = asyncio.Event()
     index = table.index(target)
@@ -476,7 +482,7 @@ async def flips(res: Result, session: aiohttp.ClientSession, url: str, target: R
     pollers = [asyncio.create_task(poll()) for _ in range(2)]
     try:
         await asyncio.sleep(0.2)  # traffic established before the first flip
-        for flip in range(FLIPS):
+        for flip in range(count):
             to = b if flip % 2 == 0 else a
             table[index] = flipped = dataclasses.replace(target, endpoints=(to.endpoint,))
             before = sent(ads)
@@ -535,7 +541,7 @@ async def adds(res: Result, session: aiohttp.ClientSession, url: str,
 
 
 async def control_plane_only(n: int, a: Backend, b: Backend,
-                             routing: str = "virtual_hosts") -> None:
+                             routing: str = "virtual_hosts", flip_count: int = FLIPS) -> None:
     """The control plane's side of N services with no Envoy: the first build, its memory,
     and what one flip and one add cost it (build, stage deltas, the cache's new version,
     and encoding the delta response a stream would be sent)."""
@@ -557,7 +563,7 @@ async def control_plane_only(n: int, a: Backend, b: Backend,
     flips: list[float] = []
     encodes: list[float] = []
     target = table[n // 2]
-    for flip in range(FLIPS):
+    for flip in range(flip_count):
         to = b if flip % 2 == 0 else a
         shape = dataclasses.replace(target, endpoints=(to.endpoint,))
         started = time.perf_counter()
@@ -588,7 +594,8 @@ async def control_plane_only(n: int, a: Backend, b: Backend,
           flush=True)
 
 
-async def main_control_plane_only(sizes: list[int], routings: list[str]) -> int:
+async def main_control_plane_only(sizes: list[int], routings: list[str],
+                                  flip_count: int = FLIPS) -> int:
     print(f"xds_scale --control-plane-only: sizes {sizes}, no Envoy, {os.cpu_count()} CPUs")
     print(f"{'services':>8} {'routing':>7} {'build s':>8} {'RSS0 MB':>8} {'RSS MB':>7} "
           f"{'grew MB':>7} {'flip ms':>9} {'p99 ms':>8} {'encode ms':>9} {'add ms':>8}")
@@ -598,11 +605,11 @@ async def main_control_plane_only(sizes: list[int], routings: list[str]) -> int:
         await b.start()
         for n in sizes:
             for routing in routings:
-                await control_plane_only(n, a, b, routing)
+                await control_plane_only(n, a, b, routing, flip_count)
     finally:
         await a.stop()
         await b.stop()
-    print(f"(flip: the control plane's work for one endpoint flip, median and p99 of {FLIPS}: "
+    print(f"(flip: the control plane's work for one endpoint flip, median and p99 of {flip_count}: "
           "rebuild and check the service, stage deltas, the cache's new version; encode: "
           "serializing the delta response a stream is sent; add: one new service, all stages, "
           f"median of {ADDS}; RSS after gc, this process)")
@@ -662,7 +669,8 @@ def report(results: list[Result]) -> None:
               f"{flip_ack:>15} {flip_seen:>15} "
               f"{per_push(r.flip_sent):>18} {ms(med(r.add_ack)):>11} "
               f"{per_push(r.add_sent):>20} {envoy:>9} {r.rds_bytes / 1024:>7.0f}")
-    print(f"(flip columns: median/p99 over {FLIPS} flips; add: median over {ADDS} adds; sent: "
+    print(f"(flip columns: median/p99 over {len(results[0].flip_ack)} flips; add: median over "
+          f"{ADDS} adds; sent: "
           "resources and their serialized bytes the control plane sent, all Envoys together; "
           "envoy MB: the largest Envoy's VmRSS after the full sync)")
     for r in results:
@@ -706,8 +714,30 @@ def report(results: list[Result]) -> None:
               f"sync {ratio(delta.sync_s, sotw.sync_s)}")
 
 
+def report_spread(results: list[Result]) -> None:
+    """Each figure's median and worst over the runs of one size, routing and protocol:
+    on a shared machine one run's wall-clock figures move with what else runs."""
+    groups: dict[tuple[int, str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.size, r.routing, r.protocol), []).append(r)
+    header = (f"{'services':>8} {'routing':>7} {'ADS':>5} {'runs':>4} {'sync s':>11} "
+              f"{'envoy part s':>12} {'flip ack p99 ms':>15} {'add ack ms':>10} "
+              f"{'envoy MB':>9}")
+    print(f"\nover the runs (median / worst):\n{header}\n{'-' * len(header)}")
+    for (size, routing, protocol), runs in groups.items():
+        def spread(values: list[float], fmt: str = ".2f") -> str:
+            return f"{med(values):{fmt}}/{max(values):{fmt}}"
+
+        print(f"{size:>8} {ROUTING_SHORT[routing]:>7} {protocol:>5} {len(runs):>4} "
+              f"{spread([r.sync_s for r in runs]):>11} "
+              f"{spread([r.envoy_sync_s for r in runs]):>12} "
+              f"{spread([p99(r.flip_ack) * 1000 for r in runs], '.1f'):>15} "
+              f"{spread([med(r.add_ack) * 1000 for r in runs], '.1f'):>10} "
+              f"{spread([max(r.envoy_rss_kb) / 1024 for r in runs], '.0f'):>9}")
+
+
 async def main(sizes: list[int], envoy_count: int, protocols: list[str],
-               routings: list[str]) -> int:
+               routings: list[str], flip_count: int = FLIPS, repeat: int = 1) -> int:
     print(f"xds_scale: sizes {sizes}, protocols {protocols}, routing {routings}, "
           f"{envoy_count} Envoy(s) "
           f"--concurrency 2, {os.cpu_count()} CPUs, pid {os.getpid()}", flush=True)
@@ -721,16 +751,20 @@ async def main(sizes: list[int], envoy_count: int, protocols: list[str],
         for n in sizes:
             for routing in routings:
                 for protocol in protocols:
-                    began = time.perf_counter()
-                    print(f"  {n} services, {routing}, {protocol} ...", end="", flush=True)
-                    results.append(await run_size(n, envoy_count, protocol, a, b, monitor,
-                                                  routing))
-                    print(f" done in {time.perf_counter() - began:.1f} s", flush=True)
+                    for run in range(repeat):
+                        began = time.perf_counter()
+                        print(f"  {n} services, {routing}, {protocol}, run {run + 1} ...",
+                              end="", flush=True)
+                        results.append(await run_size(n, envoy_count, protocol, a, b,
+                                                      monitor, routing, flip_count))
+                        print(f" done in {time.perf_counter() - began:.1f} s", flush=True)
     finally:
         await a.stop()
         await b.stop()
         await monitor.stop()
     report(results)
+    if repeat > 1:
+        report_spread(results)
     return 0
 
 
@@ -743,13 +777,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="comma-separated ADS variants (default delta,sotw)")
     parser.add_argument("--routing", default=",".join(ROUTING_MODES),
                         help="comma-separated gateway.routing modes (default: both)")
+    parser.add_argument("--flips", type=int, default=FLIPS,
+                        help=f"endpoint flips per run (default {FLIPS})")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each size, routing and protocol, one after the other; "
+                             "with more than one, a last table gives each figure's median "
+                             "and worst over the runs (default 1)")
     parser.add_argument("--control-plane-only", action="store_true",
                         help="no Envoy: the control plane's build, memory and per-flip work "
                              "at each size (e.g. --sizes 10000,50000)")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    if not args.sizes or min(args.sizes) < 1 or args.envoys < 1:
-        parser.error("sizes and --envoys must be positive")
+    if not args.sizes or min(args.sizes) < 1 or min(args.envoys, args.flips, args.repeat) < 1:
+        parser.error("sizes, --envoys, --flips and --repeat must be positive")
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not args.protocols or not set(args.protocols) <= set(XDS_PROTOCOLS):
         parser.error(f"protocols are among {', '.join(XDS_PROTOCOLS)}")
@@ -762,6 +802,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     options = parse_args(sys.argv[1:])
     if options.control_plane_only:
-        sys.exit(asyncio.run(main_control_plane_only(options.sizes, options.routing)))
+        sys.exit(asyncio.run(main_control_plane_only(options.sizes, options.routing,
+                                                     options.flips)))
     sys.exit(asyncio.run(main(options.sizes, options.envoys, options.protocols,
-                              options.routing)))
+                              options.routing, options.flips, options.repeat)))
