@@ -47,6 +47,7 @@ from xds_server.resources import (
     RoutedService,
     pausing_gc,
     route_key,
+    service_domains,
 )
 from xds_server.server import Rejection
 
@@ -204,7 +205,7 @@ class QuarantineBuilder(ResourceBuilder):
         return chosen, quarantined
 
     def _domains_of(self, svc: RoutedService) -> list[str]:
-        return list(self._vhost(svc).domains)
+        return service_domains(svc)
 
     def _fallback(self, svc: RoutedService, problem: Problem) -> RoutedService | None:
         """`svc` with its last good values in the parts at fault, if that passes."""
@@ -222,7 +223,8 @@ class QuarantineBuilder(ResourceBuilder):
 
     def _validate(self, svc: RoutedService) -> Problem | None:
         """The validator's verdict on one service's cluster, endpoints and virtual host
-        (cached by their digests: a 10k-service rebuild checks only what changed)."""
+        (a service found by Host has none of its own; cached by their digests: a
+        10k-service rebuild checks only what changed)."""
         cluster = self._cluster(svc)
         if self._by_host(svc):  # its endpoints are in its cluster (STATIC): checked there
             endpoints: Resource | None = None
@@ -232,10 +234,10 @@ class QuarantineBuilder(ResourceBuilder):
             key = (cluster.digest, endpoints.digest, route_key(svc))
         cached = self._checked.get(svc.name)
         if cached is None or cached[0] != key:
-            found = {
+            found = self._host_routed_problems(svc, cluster) if endpoints is None else {
                 "cds": [] if self._passes_by_shape("cds", svc, cluster.body.value) else
                 validation.check_message(cluster.body, f"cluster {svc.name}"),
-                "eds": self._endpoint_problems(svc, cluster, endpoints),
+                "eds": self._endpoint_problems(svc, endpoints),
                 "rds": [] if self._passes_by_shape("rds", svc, self._vhost_bytes(svc)) else
                 validation.check_message(self._vhost(svc), f"virtual host {svc.name}"),
             }
@@ -246,15 +248,18 @@ class QuarantineBuilder(ResourceBuilder):
         text = "; ".join(p for found in problems.values() for p in found)
         return Problem(text, "validator", frozenset(problems), svc)
 
-    def _endpoint_problems(self, svc: RoutedService, cluster: Resource,
-                           endpoints: Resource | None) -> list[str]:
-        """What is wrong with `svc`'s endpoints: in its ClusterLoadAssignment, or (None:
-        a cluster found by Host holds them) the addresses in its cluster, whose other
-        rules the cluster's own check covers."""
-        if endpoints is None:
-            if self._passes_by_shape("cds", svc, cluster.body.value, addresses=True):
-                return []
-            return validation.check_endpoint_addresses(cluster.body, svc.name)
+    def _host_routed_problems(self, svc: RoutedService, cluster: Resource
+                              ) -> dict[str, list[str]]:
+        """What is wrong with a service found by Host: its cluster, and the addresses of
+        the endpoints in it (one check by shape covers both). It has no virtual host of
+        its own, and its host is a valid domain by construction (`host_routed`)."""
+        if self._passes_by_shape("cds", svc, cluster.body.value, addresses=True):
+            return {}
+        return {"cds": validation.check_message(cluster.body, f"cluster {svc.name}"),
+                "eds": validation.check_endpoint_addresses(cluster.body, svc.name)}
+
+    def _endpoint_problems(self, svc: RoutedService, endpoints: Resource) -> list[str]:
+        """What is wrong with `svc`'s endpoints in its ClusterLoadAssignment."""
         if self._passes_by_shape("eds", svc, endpoints.body.value):
             return []
         return (validation.check_message(endpoints.body, f"endpoints of {svc.name}")

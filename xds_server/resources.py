@@ -267,20 +267,26 @@ def _cluster_key(service: RoutedService) -> tuple[bool, int | None]:
     return service.http2, service.max_concurrent
 
 
+#: A host Envoy can find a service's cluster by (`host_routed`): lower-case DNS labels,
+#: at least two. A dot: a service name has none, so a host-named cluster never takes
+#: another service's cluster name. Only such characters: the host is then a valid virtual
+#: host domain by construction, and the service's own virtual host, which Envoy never
+#: gets, need not be checked (anything else keeps its virtual host, checked with words).
+_PLAIN_HOST = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)+")
+
+
 def host_routed(service: RoutedService, gateway_auth: RouteAuth | None = None) -> bool:
     """Whether, with `routing: host_header`, Envoy reaches `service` as the cluster named
     by the request's Host (no virtual host of its own): a service whose routes are the
     gateway's defaults (who may call it too: `gateway_auth`, what gateway.auth asks), on
-    one exact lower-case host. A host with a dot: a service name has none, so a
-    host-named cluster never takes another service's cluster name."""
+    one exact plain host (`_PLAIN_HOST`)."""
     auth = service.auth
     return (not service.hosts and not service.paths and service.rewrite is None
             and service.rate_limit is None and (auth is gateway_auth or auth == gateway_auth)
             and not service.split
             and service.version_of is None and service.route_timeout is None
             and not service.retry_non_idempotent and not service.http2
-            and "." in service.host and not service.host.startswith("*")
-            and service.host == service.host.lower())
+            and _PLAIN_HOST.fullmatch(service.host) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1370,6 +1376,11 @@ def _jwks_cluster(host: JwksHost, connect_timeout: float) -> cluster_pb2.Cluster
             name="envoy.transport_sockets.tls", typed_config=_any(context)))
     return cluster
 
+
+
+def service_domains(service: RoutedService) -> list[str]:
+    """The domains of `service`'s own virtual host (over all its hosts)."""
+    return _domains(service.all_hosts())
 
 
 def _domains(hosts: Iterable[str]) -> list[str]:
