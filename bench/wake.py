@@ -1022,7 +1022,8 @@ def torpor_static_envoy(port: int, backend_port: int, admin_port: int,
         return d
 
     builder = resources.ResourceBuilder(resources.GatewaySettings(
-        listen=Endpoint(LOOPBACK, port), activators=(Endpoint(LOOPBACK, sink_port),)))
+        listen=Endpoint(LOOPBACK, port), activators=(Endpoint(LOOPBACK, sink_port),),
+        routing=ROUTING[0]))
     built = builder.build([resources.RoutedService(
         "warm", "warm.localhost", (Endpoint(LOOPBACK, backend_port),))])
     listener = plain(built[types.LISTENER][resources.LISTENER_NAME])
@@ -1032,12 +1033,14 @@ def torpor_static_envoy(port: int, backend_port: int, admin_port: int,
     clusters = []
     for name, packed in built[types.CLUSTER].items():
         cluster = plain(packed)
-        cluster.pop("eds_cluster_config")
-        cluster["type"] = "STATIC"
-        cluster["load_assignment"] = plain(built[types.ENDPOINT][name])
+        if "eds_cluster_config" in cluster:  # found by Host, a cluster is STATIC already
+            cluster.pop("eds_cluster_config")
+            cluster["type"] = "STATIC"
+            cluster["load_assignment"] = plain(built[types.ENDPOINT][name])
         clusters.append(cluster)
     boot = bootstrap.bootstrap("bench-torpor-static", Address(LOOPBACK, admin_port),
-                               Address(LOOPBACK, sink_port))
+                               Address(LOOPBACK, sink_port),
+                               release_memory=bootstrap.releases_memory(ROUTING[0]))
     boot.pop("dynamic_resources")
     boot["static_resources"]["clusters"] += clusters
     boot["static_resources"]["listeners"] = [listener]
