@@ -41,7 +41,7 @@ from torpor.reload import ReloadPlan, ServiceChanges
 from torpor.wake_settings import group_members, settings_lookup
 from torpor.workloads import make_workloads
 from torpor.workloads.base import Discovery, Workloads
-from xds_server.bootstrap import add_stats_listener, bootstrap, envoy_xds_tls, releases_memory
+from xds_server.bootstrap import config_bootstrap
 from xds_server.control_plane import BoundPorts, ControlPlane
 
 log = logging.getLogger("torpor.assembly")
@@ -303,13 +303,7 @@ class Assembly:
                   why="anyone who can reach Envoy's admin port can stop the gateway (POST "
                       "/quitquitquit) or change its state; use gateway.admin: unix:PATH "
                       "(the default)")
-        boot = bootstrap(config.control_plane.node_id, config.gateway.admin,
-                         xds if xds.is_unix else Address(xds.host, xds_port),
-                         envoy_xds_tls(config),
-                         stats_flush=config.gateway.stats_flush_interval,
-                         xds_protocol=config.control_plane.xds_protocol,
-                         release_memory=releases_memory(config.gateway.routing))
-        add_stats_listener(boot, config.gateway.stats_listen, config.gateway.admin)
+        boot = config_bootstrap(config, xds=xds if xds.is_unix else Address(xds.host, xds_port))
         path = self._logs / "envoy-bootstrap.json"
         path.write_text(json.dumps(boot, indent=2))
         envoy = SupervisedEnvoy(path, self._logs / "envoy.log", config.gateway.admin, say=say)

@@ -142,18 +142,25 @@ def _memory_release() -> dict[str, Any]:
     return {"bytes_to_release": str(RELEASE_BYTES), "memory_release_interval": RELEASE_INTERVAL}
 
 
-def bootstrap_json(config: Config, node_id: str | None = None, xds: Address | None = None,
-                   admin: Address | None = None) -> str:
-    """What `torpor envoy-bootstrap` prints for this config. `xds` and `admin` override the
-    config's addresses: in Kubernetes, Envoy dials the control plane's Service name, not the
-    0.0.0.0 the control plane binds."""
-    boot = bootstrap(node_id or config.control_plane.node_id, admin or config.gateway.admin,
+def config_bootstrap(config: Config, node_id: str | None = None, xds: Address | None = None,
+                     admin: Address | None = None) -> dict[str, Any]:
+    """The bootstrap of the Envoy in front of this config, with its stats listener. `xds`
+    and `admin` override the config's addresses (`torpor up` dials the port it bound; in
+    Kubernetes Envoy dials the control plane's Service name, not the 0.0.0.0 it binds)."""
+    admin = admin or config.gateway.admin
+    boot = bootstrap(node_id or config.control_plane.node_id, admin,
                      xds or config.control_plane.xds, envoy_xds_tls(config),
                      stats_flush=config.gateway.stats_flush_interval,
                      xds_protocol=config.control_plane.xds_protocol,
                      release_memory=releases_memory(config.gateway.routing))
-    add_stats_listener(boot, config.gateway.stats_listen, admin or config.gateway.admin)
-    return json.dumps(boot, indent=2, sort_keys=True)
+    add_stats_listener(boot, config.gateway.stats_listen, admin)
+    return boot
+
+
+def bootstrap_json(config: Config, node_id: str | None = None, xds: Address | None = None,
+                   admin: Address | None = None) -> str:
+    """What `torpor envoy-bootstrap` prints for this config (`config_bootstrap`)."""
+    return json.dumps(config_bootstrap(config, node_id, xds, admin), indent=2, sort_keys=True)
 
 
 def envoy_xds_tls(config: Config) -> ClientTlsConfig | None:
