@@ -46,6 +46,10 @@ from xds_server.control_plane import BoundPorts, ControlPlane
 
 log = logging.getLogger("torpor.assembly")
 
+#: After the drain grace: how long Envoy may still take to pass on the answers the
+#: activator gave at the grace's end, before it is stopped (and what it still answers cut).
+RELAY_SECONDS = 1.0
+
 
 class Role(enum.StrEnum):
     """What one torpor process runs."""
@@ -84,6 +88,7 @@ class Assembly:
         self.activator: ActivatorServer | None = None
         self.envoy: SupervisedEnvoy | None = None
         self.ports: BoundPorts | None = None
+        self._grace_over = asyncio.Event()  # a second signal: stop waiting in the drain
         self._stack = contextlib.AsyncExitStack()
 
     @property
@@ -108,9 +113,14 @@ class Assembly:
         the fleet's endpoints and `up`'s Envoy closes its listeners (nothing new comes in),
         then the activator lets its held requests finish (their wakes need the control
         plane, the replicas and Envoy, all still up) for up to `activator.drain_grace` and
-        answers what is left 503 + Retry-After. `close` follows."""
+        answers what is left 503 + Retry-After. Last, Envoy finishes what it is still
+        answering: requests to active services on open connections, and the activator's
+        answers on their way to the client (stopping Envoy the moment the activator is idle
+        would cut those), within what is left of the grace. `close` follows."""
         if self.activator is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.activator.drain_grace
         fleet = self.coordination
         if fleet is not None and fleet.registry is not None:
             await fleet.registry.deregister()  # idempotent: close does it again
@@ -120,10 +130,30 @@ class Assembly:
         say(f"draining: new requests refused; {self.activator.held.total()} held may finish "
             f"within {self.config.activator.drain_grace:g}s (activator.drain_grace)")
         await self.activator.drain()
+        if self.envoy is not None:
+            await self._envoy_finishes(self.envoy, deadline - loop.time(), say)
+
+    async def _envoy_finishes(self, envoy: SupervisedEnvoy, grace_left: float,
+                              say: Callable[[str], None]) -> None:
+        """Wait for Envoy's requests in flight until the grace ends (or a second signal),
+        then RELAY_SECONDS more: the activator's last answers, given at the grace's end,
+        still have to pass through Envoy."""
+        in_flight = await envoy.requests_in_flight()
+        if not in_flight:
+            return
+        say(f"draining: {in_flight} request(s) still in flight through Envoy")
+        left = await envoy.wait_requests_done(grace_left, self._grace_over)
+        if left:
+            left = await envoy.wait_requests_done(RELAY_SECONDS, asyncio.Event())
+        event(log, "gateway.drained", in_flight_cut=left)
+        if left:
+            say(f"drain grace over: {left} request(s) in flight through Envoy are cut")
 
     def end_grace(self) -> None:
         """Cut a running drain's grace short (a second signal): the activator answers what
-        it holds 503 + Retry-After now."""
+        it holds 503 + Retry-After now, and Envoy is stopped without waiting for what it
+        still answers."""
+        self._grace_over.set()
         if self.activator is not None:
             self.activator.end_grace()
 

@@ -41,6 +41,12 @@ log = logging.getLogger("torpor.envoy")
 #: How long a (re)started Envoy may take to become LIVE before it counts as failed.
 READY_TIMEOUT = 60.0
 
+#: How often a drain asks Envoy's admin whether requests are still in flight.
+IN_FLIGHT_POLL_SECONDS = 0.05
+
+#: Envoy's admin `/stats` filter (a regex) for the requests its listeners are answering.
+_ACTIVE_REQUESTS = r"^http\..*\.downstream_rq_active$"
+
 
 class SupervisedEnvoy:
     """One Envoy, restarted when it dies; a process group of its own, so that nothing of
@@ -115,6 +121,36 @@ class SupervisedEnvoy:
             async with admin_session(self.admin, timeout=5) as session, \
                     session.post(url) as response:
                 await response.read()
+
+    async def requests_in_flight(self) -> int | None:
+        """How many requests Envoy's listeners are still answering (the sum of every
+        `http.<prefix>.downstream_rq_active` but the admin's own), or None when Envoy is
+        gone or its admin does not answer."""
+        if self.child is None or self.child.returncode is not None:
+            return None
+        url = admin_url(self.admin, f"/stats?format=json&filter={_ACTIVE_REQUESTS}")
+        try:
+            async with admin_session(self.admin, timeout=2) as session, \
+                    session.get(url) as response:
+                stats = (await response.json(content_type=None)).get("stats", [])
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return active_requests(stats)
+
+    async def wait_requests_done(self, seconds: float, cut: asyncio.Event) -> int:
+        """Wait until Envoy answers no request any more (after `stop_listening`: the ones
+        on open connections, to active services or relayed from the activator), for at
+        most `seconds` or until `cut` is set. Returns how many were still in flight (0
+        also when Envoy or its admin is gone: nothing more to wait for)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            left = await self.requests_in_flight()
+            if not left or cut.is_set() or loop.time() >= deadline:
+                return left or 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cut.wait(), min(IN_FLIGHT_POLL_SECONDS,
+                                                       deadline - loop.time()))
 
     async def stop(self, grace: float = 10.0) -> None:
         """No more restarts; SIGTERM to Envoy's group, SIGKILL after `grace`. Idempotent."""
@@ -208,3 +244,12 @@ class SupervisedEnvoy:
         assert self._failed is not None
         if not self._failed.done():
             self._failed.set_result(message)
+
+
+def active_requests(stats: list[dict[str, object]]) -> int:
+    """The requests in flight on Envoy's listeners, from admin `/stats?format=json`
+    entries: every HTTP connection manager's `downstream_rq_active` except the admin's
+    own (which counts the very request asking)."""
+    return sum(int(str(entry.get("value", 0))) for entry in stats
+               if str(entry.get("name", "")).endswith(".downstream_rq_active")
+               and not str(entry.get("name", "")).startswith("http.admin."))

@@ -6,7 +6,8 @@ service, and `torpor up` exits 0; (b) the wake takes longer than the grace: ever
 request gets 503 + Retry-After (none cut), and the process exits within grace + a few
 seconds; (c) a request sent after SIGTERM is refused at once (connection refused or 503),
 not held; a second signal ends the grace at once; gRPC calls held on the h2 holder are
-replayed when woken within the grace, answered UNAVAILABLE when not.
+replayed when woken within the grace, answered UNAVAILABLE when not; (d) a request to an
+awake service still in flight at SIGTERM is answered whole before Envoy stops.
 """
 
 from __future__ import annotations
@@ -121,6 +122,57 @@ async def test_sigterm_lets_held_requests_finish(start_up: Any) -> None:
         assert int(headers["x-torpor-cold-start-ms"]) >= 1000  # it waited for the wake
     assert await asyncio.to_thread(up.proc.wait, 30) == 0, up.text()[-3000:]
     assert not processes_mentioning("--name drowsy ")
+
+
+async def test_sigterm_lets_requests_to_active_services_finish(start_up: Any) -> None:
+    """A request already on its way to an awake replica (its body still being sent) when
+    SIGTERM comes is answered whole: Envoy is stopped only once it answers nothing."""
+    up, config = await start_up(model_service("brisk", 1), "drain_grace: 20s")
+    rest_of_body = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first "
+        await rest_of_body.wait()
+        yield b"last"
+
+    async with session() as client, \
+            client.post(f"http://{config.gateway.listen}/echo", data=body(),
+                        headers={"Host": "brisk.localhost"}) as r:
+        assert r.status == 200
+        assert await r.content.readexactly(6) == b"first "  # through Envoy to the replica
+        assert up.proc is not None
+        up.proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: "request(s) still in flight through Envoy" in up.text(), 10,
+                         "up to wait for the request in flight")
+        rest_of_body.set()
+        assert await r.read() == b"last"
+    assert await asyncio.to_thread(up.proc.wait, 30) == 0, up.text()[-3000:]
+    assert "are cut" not in up.text()
+
+
+async def test_a_request_longer_than_the_grace_is_cut_when_it_ends(start_up: Any) -> None:
+    grace = 2.0
+    up, config = await start_up(model_service("chatty", 1), f"drain_grace: {grace:g}s")
+    never = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first "
+        await never.wait()
+        yield b"never sent"
+
+    async with session() as client, \
+            client.post(f"http://{config.gateway.listen}/echo", data=body(),
+                        headers={"Host": "chatty.localhost"}) as r:
+        assert await r.content.readexactly(6) == b"first "
+        assert up.proc is not None
+        signalled = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()  # cut: the chunked body never ends
+        cut = time.monotonic() - signalled
+    assert await asyncio.to_thread(up.proc.wait, 30) == 0, up.text()[-3000:]
+    assert grace - 0.5 <= cut < grace + 5, cut
+    assert "drain grace over: 1 request(s) in flight through Envoy are cut" in up.text()
 
 
 async def test_wake_longer_than_grace_answers_503(start_up: Any) -> None:
