@@ -13,6 +13,7 @@ awake service still in flight at SIGTERM is answered whole before Envoy stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import signal
@@ -124,22 +125,32 @@ async def test_sigterm_lets_held_requests_finish(start_up: Any) -> None:
     assert not processes_mentioning("--name drowsy ")
 
 
+@contextlib.asynccontextmanager
+async def echo_in_flight(client: aiohttp.ClientSession, config: Config, name: str,
+                         rest: asyncio.Event) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST /echo to the awake `name` with a body whose first part goes at once and whose
+    rest ("last") only once `rest` is set; yields the response once the first part has
+    come back through Envoy from the replica: a request in flight."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first "
+        await rest.wait()
+        yield b"last"
+
+    async with client.post(f"http://{config.gateway.listen}/echo", data=body(),
+                           headers={"Host": f"{name}.localhost"}) as r:
+        assert r.status == 200
+        assert await r.content.readexactly(6) == b"first "
+        yield r
+
+
 async def test_sigterm_lets_requests_to_active_services_finish(start_up: Any) -> None:
     """A request already on its way to an awake replica (its body still being sent) when
     SIGTERM comes is answered whole: Envoy is stopped only once it answers nothing."""
     up, config = await start_up(model_service("brisk", 1), "drain_grace: 20s")
     rest_of_body = asyncio.Event()
-
-    async def body() -> AsyncIterator[bytes]:
-        yield b"first "
-        await rest_of_body.wait()
-        yield b"last"
-
     async with session() as client, \
-            client.post(f"http://{config.gateway.listen}/echo", data=body(),
-                        headers={"Host": "brisk.localhost"}) as r:
-        assert r.status == 200
-        assert await r.content.readexactly(6) == b"first "  # through Envoy to the replica
+            echo_in_flight(client, config, "brisk", rest_of_body) as r:
         assert up.proc is not None
         up.proc.send_signal(signal.SIGTERM)
         await wait_until(lambda: "request(s) still in flight through Envoy" in up.text(), 10,
@@ -153,17 +164,8 @@ async def test_sigterm_lets_requests_to_active_services_finish(start_up: Any) ->
 async def test_a_request_longer_than_the_grace_is_cut_when_it_ends(start_up: Any) -> None:
     grace = 2.0
     up, config = await start_up(model_service("chatty", 1), f"drain_grace: {grace:g}s")
-    never = asyncio.Event()
-
-    async def body() -> AsyncIterator[bytes]:
-        yield b"first "
-        await never.wait()
-        yield b"never sent"
-
     async with session() as client, \
-            client.post(f"http://{config.gateway.listen}/echo", data=body(),
-                        headers={"Host": "chatty.localhost"}) as r:
-        assert await r.content.readexactly(6) == b"first "
+            echo_in_flight(client, config, "chatty", asyncio.Event()) as r:
         assert up.proc is not None
         signalled = time.monotonic()
         up.proc.send_signal(signal.SIGTERM)
