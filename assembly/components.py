@@ -151,8 +151,8 @@ class Assembly:
 
     def end_grace(self) -> None:
         """Cut a running drain's grace short (a second signal): the activator answers what
-        it holds 503 + Retry-After now, and Envoy is stopped without waiting for what it
-        still answers."""
+        it holds 503 + Retry-After now, and Envoy is given only RELAY_SECONDS more to pass
+        on what it is still answering."""
         self._grace_over.set()
         if self.activator is not None:
             self.activator.end_grace()

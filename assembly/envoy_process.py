@@ -27,6 +27,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 
@@ -128,7 +129,7 @@ class SupervisedEnvoy:
         gone or its admin does not answer."""
         if self.child is None or self.child.returncode is not None:
             return None
-        url = admin_url(self.admin, f"/stats?format=json&filter={_ACTIVE_REQUESTS}")
+        url = admin_url(self.admin, f"/stats?format=json&filter={quote(_ACTIVE_REQUESTS)}")
         try:
             async with admin_session(self.admin, timeout=2) as session, \
                     session.get(url) as response:
