@@ -127,16 +127,8 @@ class SupervisedEnvoy:
         """How many requests Envoy's listeners are still answering (the sum of every
         `http.<prefix>.downstream_rq_active` but the admin's own), or None when Envoy is
         gone or its admin does not answer."""
-        if self.child is None or self.child.returncode is not None:
-            return None
-        url = admin_url(self.admin, f"/stats?format=json&filter={quote(_ACTIVE_REQUESTS)}")
-        try:
-            async with admin_session(self.admin, timeout=2) as session, \
-                    session.get(url) as response:
-                stats = (await response.json(content_type=None)).get("stats", [])
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        return active_requests(stats)
+        async with admin_session(self.admin, timeout=2) as session:
+            return await self._in_flight(session)
 
     async def wait_requests_done(self, seconds: float, cut: asyncio.Event) -> int:
         """Wait until Envoy answers no request any more (after `stop_listening`: the ones
@@ -145,13 +137,25 @@ class SupervisedEnvoy:
         also when Envoy or its admin is gone: nothing more to wait for)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while True:
-            left = await self.requests_in_flight()
-            if not left or cut.is_set() or loop.time() >= deadline:
-                return left or 0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cut.wait(), min(IN_FLIGHT_POLL_SECONDS,
-                                                       deadline - loop.time()))
+        async with admin_session(self.admin, timeout=2) as session:
+            while True:
+                left = await self._in_flight(session)
+                if not left or cut.is_set() or loop.time() >= deadline:
+                    return left or 0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cut.wait(), min(IN_FLIGHT_POLL_SECONDS,
+                                                           deadline - loop.time()))
+
+    async def _in_flight(self, session: aiohttp.ClientSession) -> int | None:
+        if self.child is None or self.child.returncode is not None:
+            return None
+        url = admin_url(self.admin, f"/stats?format=json&filter={quote(_ACTIVE_REQUESTS)}")
+        try:
+            async with session.get(url) as response:
+                stats = (await response.json(content_type=None)).get("stats", [])
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        return active_requests(stats)
 
     async def stop(self, grace: float = 10.0) -> None:
         """No more restarts; SIGTERM to Envoy's group, SIGKILL after `grace`. Idempotent."""

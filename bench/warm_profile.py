@@ -110,10 +110,12 @@ WITHOUT: dict[str, Callable[[dict[str, Any]], None]] = {
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of process `pid`, every thread."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    """(user, system) CPU seconds of process `pid`, every thread (wake.cpu_seconds gives
+    only their sum)."""
+    fields = wake.proc_stat(pid)
+    if fields is None:
+        raise RuntimeError(f"process {pid} is gone")
+    return int(fields[11]) / wake.CLK_TCK, int(fields[12]) / wake.CLK_TCK
 
 
 @contextlib.contextmanager
